@@ -1,0 +1,27 @@
+"""jacli: Jacobians of saved neural-network models, from the command line or Python.
+
+    >>> import jacli
+    >>> model = jacli.load("sample_models/mlp.onnx")
+    >>> J = jacli.jacobian(model, x)          # (B, 10, 500) per-sample Jacobians
+
+Imports no framework: each backend is imported when a model of its format is loaded.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["load", "jacobian", "__version__"]
+
+
+def load(path, format=None, trust=False):
+    from .api import load as _load
+
+    return _load(path, format=format, trust=trust)
+
+
+def jacobian(model, x, **kwargs):
+    from .api import jacobian as _jacobian
+
+    return _jacobian(model, x, **kwargs)
+
+
+load.__doc__ = "Load a saved model; see jacli.api.load."
+jacobian.__doc__ = "The Jacobian of a model at x; see jacli.api.jacobian."

@@ -1,0 +1,136 @@
+"""The facade the CLI and Python users call. Plain numpy in and out."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from . import __version__
+from .engine import jacobian as jac
+from .engine.stats import StatsSink, Summary
+from .errors import InputError
+from .model import Model
+
+
+def load(path: str, format: str | None = None, trust: bool = False) -> Model:
+    """Load a saved model (Keras .keras/.h5, SavedModel dir, TorchScript, ONNX).
+    ``trust=True`` allows formats that can run code on load (see docs/security.md)."""
+    from . import backends
+
+    return backends.load(str(path), fmt=format, trust=trust)
+
+
+def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
+    """An array (single-input model) or a mapping name -> array, checked against the model."""
+    from .io.readers import match_inputs
+
+    arrays = dict(x) if isinstance(x, Mapping) else {"": np.asarray(x)}
+    xs = match_inputs(arrays, model)
+    if not model.outputs:  # TorchScript: shapes and output names come from a real input
+        model.bind(xs)
+    return xs
+
+
+def plan(model: Model, x, wrt=None, of=None, mode: str = "auto", batch: bool = True) -> jac.Plan:
+    xs = as_inputs(model, x)
+    return jac.plan(model, xs, _names(wrt), _names(of), mode=mode, batch=batch)
+
+
+def jacobian(
+    model: Model,
+    x,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    mode: str = "auto",
+    method: str = "ad",
+    batch: bool = True,
+    chunk_size: int | None = None,
+    max_memory: int = jac.DEFAULT_BUDGET,
+):
+    """The Jacobian of ``model`` at ``x``. Layout: (B, *out, *in) per sample with
+    ``batch=True``, (*out, *in) with ``batch=False``. Returns an ndarray when there is one
+    (output, input) pair, else a dict keyed ``d{out}/d{in}``."""
+    p = plan(model, x, wrt, of, mode, batch)
+    sink = jac.ArraySink(p)
+    jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory)
+    return next(iter(sink.arrays.values())) if len(sink.arrays) == 1 else sink.arrays
+
+
+@dataclass
+class ComputeResult:
+    plan: jac.Plan
+    summaries: list[Summary] = field(default_factory=list)
+    output: str | None = None
+
+
+def compute(
+    model: Model,
+    p: jac.Plan,
+    output: str | None = None,
+    method: str = "ad",
+    chunk_size: int | None = None,
+    max_memory: int = jac.DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+    heat: bool = True,
+) -> ComputeResult:
+    """Run a plan, streaming to ``output`` (a path, ``-`` or None) and summarising each sample."""
+    from .io.writers import open_writer
+
+    if method == "ad" and not model.supports_ad:
+        raise model._no_ad()
+    shapes = {q.key: q.shape for q in p.pairs}
+    if output is None:
+        stats = StatsSink(p.pairs, heat=heat)
+        jac.run(model, p, stats, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+        return ComputeResult(p, stats.ordered())
+    with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch) as writer:
+        stats = StatsSink(p.pairs, inner=writer, heat=heat)
+        jac.run(model, p, stats, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+    return ComputeResult(p, stats.ordered(), output)
+
+
+def metadata(model: Model, p: jac.Plan, method: str) -> dict:
+    """What every output file records about how its numbers were made."""
+    return {
+        "model": str(model.path),
+        "model_sha256": sha256(model.path),
+        "format": model.format,
+        "backend": model.backend,
+        "inputs": [s.describe() for s in model.inputs],
+        "outputs": [s.describe() for s in model.outputs],
+        "method": method,
+        "mode": p.mode if method == "ad" else "finite-differences",
+        "batch": p.batch,
+        "samples": p.samples,
+        "dtype": str(p.dtype),
+        "jacobians": {q.key: {"of": q.of, "wrt": q.wrt, "shape": list(q.shape)} for q in p.pairs},
+        "jacli_version": __version__,
+    }
+
+
+def sha256(path: str) -> str:
+    """Of a file, or of a directory's files (names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    for f in files:
+        if root.is_dir():
+            h.update(str(f.relative_to(root)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _names(v) -> list[str] | None:
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    names = list(v)
+    if not all(isinstance(n, str) for n in names):
+        raise InputError("wrt/of take input/output names")
+    return names

@@ -1,0 +1,81 @@
+"""Loaders, one module per format family, imported only when a model of that format is
+loaded. ``load(path)`` detects the format from the path (extension, directory contents,
+magic bytes) unless ``fmt`` is given."""
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+
+from ..errors import ModelLoadError, UnsafeModelError
+from ..model import Model
+
+LOADERS = {
+    "onnx": "jacli.backends.onnx:load",
+    "torchscript": "jacli.backends.torchscript:load",
+    "torch-pickle": "jacli.backends.torchscript:load_pickle",
+    "keras": "jacli.backends.tf:load_keras",
+    "savedmodel": "jacli.backends.tf:load_savedmodel",
+}
+FORMATS = ("onnx", "torchscript", "keras", "savedmodel")
+
+
+def detect_format(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"model not found: {path}")
+    if p.is_dir():
+        if (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists():
+            return "savedmodel"
+        raise ModelLoadError(f"{path} is a directory without saved_model.pb; it is not a TensorFlow SavedModel")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    suffix = p.suffix.lower()
+    if not magic:
+        raise ModelLoadError(f"model file {path} is empty")
+    if magic.startswith(b"\x89HDF"):
+        return "keras"
+    if magic.startswith(b"PK"):
+        return _zip_format(p)
+    if suffix == ".onnx":
+        return "onnx"
+    if suffix in (".pt", ".pth", ".pkl", ".bin") and magic[:1] == b"\x80":
+        return "torch-pickle"
+    if suffix in (".h5", ".hdf5", ".keras", ".pt", ".pth", ".pt2", ".ts"):
+        raise ModelLoadError(f"{path} is not a valid {suffix} file (unexpected contents; truncated or corrupt?)")
+    raise ModelLoadError(
+        f"cannot tell the format of {path}; supported: .keras/.h5 (Keras), SavedModel directories, "
+        ".pt/.pth (TorchScript), .onnx — or pass --format"
+    )
+
+
+def _zip_format(p: Path) -> str:
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ModelLoadError(f"cannot read model {p}: corrupt or truncated archive ({e})") from None
+    if "config.json" in names and any(n.startswith("model.weights") for n in names):
+        return "keras"
+    if any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch-pickle"
+    raise ModelLoadError(f"{p} is a zip archive but neither a .keras model nor a TorchScript archive")
+
+
+def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:
+    """Load a model; ``trust`` allows formats that run code on load (see docs/security.md)."""
+    detected = detect_format(path) if fmt is None else fmt
+    if fmt is not None and fmt not in FORMATS:
+        raise ModelLoadError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt is None and detected == "torch-pickle" and not trust:
+        raise UnsafeModelError(
+            f"{path} is a plain torch.save pickle, which can run arbitrary code when loaded; "
+            "save it with torch.jit.save (TorchScript) instead, or pass --trust-model if you trust its source"
+        )
+    module, func = LOADERS[detected].split(":")
+    return getattr(importlib.import_module(module), func)(str(path), trust=trust)

@@ -1,0 +1,110 @@
+"""ONNX models run by onnxruntime (CPU). Exact derivatives come from VJP/JVP graphs that
+``jacli.backends.onnx_grad`` builds from the model's graph (themselves ONNX models run by
+the same runtime); a graph with an operator that has no rule says so and points to
+``--method fd``."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
+from ..model import Model, TensorSpec
+from ._common import require, short
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
+_STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
+
+
+def load(path: str, trust: bool = False) -> "OnnxModel":
+    onnx = require("onnx", "onnx", "onnx", "ONNX")
+    require("onnxruntime", "onnxruntime", "onnx", "ONNX")
+    try:
+        proto = onnx.load(path)
+        onnx.checker.check_model(proto)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(proto.graph) if n.domain not in _STANDARD_DOMAINS})
+    if custom and not trust:
+        raise UnsafeModelError(
+            f"{path} uses custom-domain operators ({', '.join(custom)}) that need native plugin code; "
+            "pass --trust-model if you have and trust their implementation"
+        )
+    init = {i.name for i in proto.graph.initializer}
+    inputs = [_spec(v) for v in proto.graph.input if v.name not in init]
+    outputs = [_spec(v) for v in proto.graph.output]
+    m = OnnxModel(path=path, format="onnx", backend="onnxruntime", inputs=inputs, outputs=outputs, supports_float64=True)
+    m.proto = proto
+    m.session = _session(proto.SerializeToString())
+    m._graphs = {}
+    return m
+
+
+class OnnxModel(Model):
+    def _forward(self, xs):
+        return self._run(self.session, xs, [s.name for s in self.outputs])
+
+    def _forward64(self, xs):
+        if "f64" not in self._graphs:
+            from .onnx_grad import to_float64
+
+            self._graphs["f64"] = _session(to_float64(self.proto).SerializeToString())
+        xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
+        return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])
+
+    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        key = (kind, tuple(wrt), tuple(of))
+        if key not in self._graphs:
+            try:
+                from . import onnx_grad
+            except ImportError:
+                raise UnsupportedError("exact ONNX derivatives are not available in this build; use --method fd") from None
+            build = onnx_grad.build_vjp if kind == "vjp" else onnx_grad.build_jvp
+            self._graphs[key] = _session(build(self.proto, list(wrt), list(of)).SerializeToString())
+        return self._graphs[key]
+
+    def _vjp(self, xs, cts, wrt: Sequence[str]):
+        sess = self._derivative("vjp", wrt, list(cts))
+        feeds = {**xs, **{f"ct:{k}": v for k, v in cts.items()}}
+        out = self._run(sess, feeds, [f"grad:{n}" for n in wrt])
+        return {k[len("grad:"):]: v for k, v in out.items()}
+
+    def _jvp(self, xs, ts, of: Sequence[str]):
+        sess = self._derivative("jvp", list(ts), of)
+        feeds = {**xs, **{f"tan:{k}": v for k, v in ts.items()}}
+        out = self._run(sess, feeds, [f"jvp:{n}" for n in of])
+        return {k[len("jvp:"):]: v for k, v in out.items()}
+
+    @staticmethod
+    def _run(sess, feeds, names):
+        wanted = {i.name for i in sess.get_inputs()}
+        try:
+            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted})
+        except Exception as e:
+            raise InputError(f"the model rejected the input: {short(e)}") from None
+        return dict(zip(names, values))
+
+
+def _session(data: bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
+
+
+def _spec(value_info) -> TensorSpec:
+    t = value_info.type.tensor_type
+    shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim) if t.HasField("shape") else None
+    return TensorSpec(value_info.name, shape, _ONNX_DTYPES.get(t.elem_type, "float32"))
+
+
+def _all_nodes(graph):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in [a.g, *a.graphs] if a.HasField("g") else a.graphs:
+                yield from _all_nodes(g)

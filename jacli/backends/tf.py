@@ -1,0 +1,165 @@
+"""Keras (``.keras``, ``.h5`` from Keras 3 or Keras 2/tf_keras) and TensorFlow SavedModel
+directories (Keras 3 ``model.export()``, Keras 2 ``model.save(dir)``, ``tf.saved_model.save``).
+
+Derivatives come from TensorFlow's autodiff inside ``tf.function``: VJPs with
+``GradientTape.gradient(output_gradients=...)``, JVPs with ``ForwardAccumulator``; each
+compiled once per input signature and reused, so repeated blocks do not re-trace.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelLoadError, UnsafeModelError
+from ..model import Model, TensorSpec
+from ._common import require, short
+
+
+def _tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    tf = require("tensorflow", "tensorflow", "tf", "Keras/TensorFlow")
+    tf.get_logger().setLevel("ERROR")
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+    return tf
+
+
+def load_keras(path: str, trust: bool = False) -> "TFModel":
+    tf = _tf()
+    keras = require("keras", "keras", "tf", "Keras")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=not trust)
+    except ValueError as e:
+        if "safe_mode" in str(e) or "lambda" in str(e).lower():
+            raise UnsafeModelError(
+                f"{path} contains a Lambda layer whose Python bytecode would run on load; "
+                "pass --trust-model if you trust its source"
+            ) from None
+        model = _load_tf_keras(path, trust, e)
+    except Exception as e:
+        model = _load_tf_keras(path, trust, e)
+    fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
+    inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
+    outputs = [
+        TensorSpec(name, tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name)
+        for name, t in zip(_output_names(model), model.outputs)
+    ]
+    return TFModel(path=path, format="keras", backend="tensorflow", inputs=inputs, outputs=outputs, fn=fn, kwargs=False)
+
+
+def _load_tf_keras(path: str, trust: bool, first: Exception):
+    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read."""
+    if not path.lower().endswith((".h5", ".hdf5")):
+        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)}") from None
+    try:
+        import tf_keras
+    except ImportError:
+        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)} (installing tf_keras may help)") from None
+    try:
+        return tf_keras.models.load_model(path, compile=False, safe_mode=not trust)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load Keras model {path}: {short(e)}") from None
+
+
+def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
+    tf = _tf()
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load SavedModel {path}: {short(e)}") from None
+    sigs = getattr(loaded, "signatures", {})
+    if "serving_default" not in sigs:
+        raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")
+    sig = sigs["serving_default"]
+    _, kw = sig.structured_input_signature
+    inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
+    outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
+    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs, fn=sig, kwargs=True)
+    m._keep = loaded  # the signature's variables live as long as the loaded object
+    return m
+
+
+class TFModel(Model):
+    def __init__(self, *, fn, kwargs: bool, **kw):
+        super().__init__(**kw)
+        self.fn, self.kwargs = fn, kwargs
+        tf = _tf()
+        names = [s.name for s in self.inputs]
+
+        def call(xs):
+            out = self.fn(**dict(zip(names, xs))) if self.kwargs else self.fn(*xs)
+            if isinstance(out, dict):
+                return out
+            out = out if isinstance(out, (list, tuple)) else [out]
+            return dict(zip([s.name for s in self.outputs], out))
+
+        @tf.function(reduce_retracing=True)
+        def vjp(xs, cts, wrt_mask):
+            with tf.GradientTape(watch_accessed_variables=False) as tape:
+                for x, on in zip(xs, wrt_mask):
+                    if on:
+                        tape.watch(x)
+                ys = call(xs)
+            keys = [k for k in ys if k in cts]
+            targets = [x for x, on in zip(xs, wrt_mask) if on]
+            return tape.gradient(
+                [ys[k] for k in keys], targets, output_gradients=[cts[k] for k in keys],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+
+        @tf.function(reduce_retracing=True)
+        def jvp(xs, ts, of):
+            primals = [x for x, t in zip(xs, ts) if t is not None]
+            tangents = [t for t in ts if t is not None]
+            with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+                ys = call(xs)
+            return {k: acc.jvp(ys[k], unconnected_gradients=tf.UnconnectedGradients.ZERO) for k in of}
+
+        self._call_fn = tf.function(call, reduce_retracing=True)
+        self._vjp_fn, self._jvp_fn = vjp, jvp
+
+    def _xs(self, xs):
+        return [xs[s.name] for s in self.inputs]
+
+    def _run(self, f, *args):
+        try:
+            return f(*args)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"the model rejected the input: {short(e)}") from None
+        except Exception as e:  # tf.errors.* on bad shapes reach here
+            if type(e).__module__.startswith("tensorflow"):
+                raise InputError(f"the model rejected the input: {short(e)}") from None
+            raise
+
+    def _forward(self, xs):
+        ys = self._run(self._call_fn, self._xs(xs))
+        return {k: np.asarray(v) for k, v in ys.items()}
+
+    def _vjp(self, xs, cts, wrt: Sequence[str]):
+        mask = tuple(s.name in wrt for s in self.inputs)
+        grads = self._run(self._vjp_fn, self._xs(xs), dict(cts), mask)
+        names = [s.name for s in self.inputs if s.name in wrt]
+        return {n: np.asarray(g) for n, g in zip(names, grads)}
+
+    def _jvp(self, xs, ts, of: Sequence[str]):
+        tan = [ts.get(s.name) for s in self.inputs]
+        outs = self._run(self._jvp_fn, self._xs(xs), tan, tuple(of))
+        return {k: np.asarray(v) for k, v in outs.items()}
+
+
+def _clean(name: str) -> str:
+    return name.split(":")[0]
+
+
+def _output_names(model) -> list[str]:
+    names = getattr(model, "output_names", None)
+    if names:
+        return list(names)
+    return [_clean(t.name.split("/")[0]) for t in model.outputs]

@@ -1,0 +1,182 @@
+"""TorchScript archives (``torch.jit.save``, traced or scripted) and, only with
+``--trust-model``, plain ``torch.save`` pickles of an ``nn.Module``.
+
+Derivatives come from torch's own autodiff: VJPs by ``torch.autograd.grad`` (batched
+cotangents with ``is_grads_batched`` for the exact, unfolded product), JVPs by
+forward-mode AD (dual tensors), falling back to the double-VJP trick when an operator
+lacks a forward-mode formula.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import InputError, ModelLoadError
+from ..model import Model, TensorSpec
+from ._common import require, short
+
+
+def load(path: str, trust: bool = False) -> "TorchModel":
+    torch = require("torch", "torch", "torch", "TorchScript")
+    try:
+        module = torch.jit.load(path, map_location="cpu")
+    except Exception as e:
+        raise ModelLoadError(f"cannot load TorchScript model {path}: {short(e)}") from None
+    return TorchModel.wrap(module, path, "torchscript")
+
+
+def load_pickle(path: str, trust: bool = False) -> "TorchModel":
+    torch = require("torch", "torch", "torch", "PyTorch")
+    try:
+        module = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load PyTorch model {path}: {short(e)}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a torch.nn.Module (a state_dict has no architecture)")
+    return TorchModel.wrap(module, path, "torch-pickle")
+
+
+class TorchModel(Model):
+    @classmethod
+    def wrap(cls, module, path: str, fmt: str) -> "TorchModel":
+        module.eval()
+        names = _argument_names(module)
+        m = cls(path=path, format=fmt, backend="torch", supports_float64=True)
+        m.module = module
+        floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
+        dtype = str(floats[0]).replace("torch.", "") if floats else "float32"
+        m.inputs = [TensorSpec(n, None, dtype) for n in names]
+        return m
+
+    # --- helpers ------------------------------------------------------------------------
+    def bind(self, xs) -> None:
+        """Learn input dtypes/shapes and output names from a real input (TorchScript has no signature)."""
+        self.inputs = [TensorSpec(s.name, (None, *xs[s.name].shape[1:]), str(xs[s.name].dtype)) for s in self.inputs]
+        ys = self._forward(xs)
+        self.outputs = [TensorSpec(n, (None, *v.shape[1:]), str(v.dtype)) for n, v in ys.items()]
+
+    def _call(self, tensors):
+        torch = _torch()
+        try:
+            out = self.module(*tensors)
+        except Exception as e:
+            raise InputError(f"the model rejected the input: {short(e)}") from None
+        if isinstance(out, torch.Tensor):
+            names, outs = ["output"], [out]
+        elif isinstance(out, dict):
+            names, outs = list(out), list(out.values())
+        elif isinstance(out, (tuple, list)):
+            names, outs = [f"output_{i}" for i in range(len(out))], list(out)
+        else:
+            raise ModelLoadError(f"the model returns a {type(out).__name__}; jacli needs tensors, tuples or dicts of them")
+        return names, outs
+
+    def _tensors(self, xs, requires_grad=(), dtype=None):
+        torch = _torch()
+        ts = []
+        for s in self.inputs:
+            a = np.asarray(xs[s.name])
+            t = torch.from_numpy(np.ascontiguousarray(a if dtype is None or a.dtype.kind != "f" else a.astype(dtype)))
+            if s.name in requires_grad:
+                t.requires_grad_(True)
+            ts.append(t)
+        return ts
+
+    # --- the protocol -------------------------------------------------------------------
+    def _forward(self, xs):
+        torch = _torch()
+        with torch.no_grad():
+            names, outs = self._call(self._tensors(xs))
+        return {n: o.numpy() for n, o in zip(names, outs)}
+
+    def _forward64(self, xs):
+        torch = _torch()
+        module64 = getattr(self, "_module64", None)
+        if module64 is None:
+            import copy
+
+            module64 = self._module64 = copy.deepcopy(self.module).double()
+        main, self.module = self.module, module64
+        try:
+            with torch.no_grad():
+                names, outs = self._call(self._tensors(xs, dtype=np.float64))
+        finally:
+            self.module = main
+        return {n: o.numpy() for n, o in zip(names, outs)}
+
+    def _vjp(self, xs, cts, wrt: Sequence[str]):
+        return self._pullback(xs, cts, wrt, batched=False)
+
+    def _vjp_jvp_map(self, prim, xs, seeds, names):
+        if prim == self._vjp:  # one backward pass for all k cotangents (vmap inside autograd)
+            return self._pullback(xs, seeds, names, batched=True)
+        return super()._vjp_jvp_map(prim, xs, seeds, names)
+
+    def _pullback(self, xs, cts, wrt, batched: bool):
+        torch = _torch()
+        with torch.enable_grad():
+            ts = self._tensors(xs, requires_grad=wrt)
+            names, outs = self._call(ts)
+            pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n]))) for n, o in zip(names, outs) if n in cts]
+            targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
+            grads = torch.autograd.grad(
+                [o for o, _ in pairs], targets, [c for _, c in pairs], allow_unused=True, is_grads_batched=batched
+            )
+        lead = (next(iter(cts.values())).shape[0],) if batched else ()
+        return {
+            n: (np.zeros(lead + xs[n].shape, xs[n].dtype) if g is None else g.detach().numpy())
+            for n, g in zip(wrt, grads)
+        }
+
+    def _jvp(self, xs, ts, of: Sequence[str]):
+        torch = _torch()
+        import torch.autograd.forward_ad as fwAD
+
+        try:
+            with fwAD.dual_level(), torch.no_grad():
+                duals = [
+                    fwAD.make_dual(t, torch.from_numpy(np.ascontiguousarray(ts[s.name]))) if s.name in ts else t
+                    for s, t in zip(self.inputs, self._tensors(xs))
+                ]
+                names, outs = self._call(duals)
+                result = {}
+                for n, o in zip(names, outs):
+                    if n in of:
+                        tangent = fwAD.unpack_dual(o).tangent
+                        result[n] = np.zeros(o.shape, np.dtype(str(o.dtype).replace("torch.", ""))) if tangent is None else tangent.numpy().copy()
+                return result
+        except (RuntimeError, NotImplementedError):
+            return self._jvp_by_double_vjp(xs, ts, of)
+
+    def _jvp_by_double_vjp(self, xs, ts, of):
+        """J t = d/du <J^T u, t>: two reverse passes, for operators without forward-mode rules."""
+        torch = _torch()
+        with torch.enable_grad():
+            tx = self._tensors(xs, requires_grad=list(ts))
+            names, outs = self._call(tx)
+            outs = {n: o for n, o in zip(names, outs) if n in of}
+            us = {n: torch.zeros_like(o, requires_grad=True) for n, o in outs.items()}
+            targets = [t for s, t in zip(self.inputs, tx) if s.name in ts]
+            g = torch.autograd.grad(list(outs.values()), targets, list(us.values()), create_graph=True, allow_unused=True)
+            pairs = [(gi, torch.from_numpy(ts[s.name])) for gi, s in zip(g, [s for s in self.inputs if s.name in ts]) if gi is not None]
+            if not pairs:
+                return {n: np.zeros(o.shape, o.detach().numpy().dtype) for n, o in outs.items()}
+            jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs], allow_unused=True)
+        return {n: (np.zeros(outs[n].shape, np.float32) if v is None else v.numpy()) for n, v in zip(us, jt)}
+
+
+def _argument_names(module) -> list[str]:
+    try:
+        args = module.forward.schema.arguments[1:]  # TorchScript: skip self
+        return [a.name for a in args]
+    except AttributeError:
+        import inspect
+
+        return [p for p in inspect.signature(module.forward).parameters]
+
+
+def _torch():
+    import torch
+
+    return torch

@@ -1,0 +1,245 @@
+"""Per-sample (or whole-input) Jacobians from the model protocol's VJP/JVP, in blocks.
+
+Layout: for a batch of B samples, ``d{out}/d{in}`` has shape
+``(B, *out_sample_shape, *in_sample_shape)``; with ``batch=False`` it is
+``(*out_shape, *in_shape)`` (the whole arrays as one vector each).
+
+The engine works on a buffer of shape ``(samples, m, n)`` (m = output elements, n =
+input elements per sample), fills it row block by row block (reverse mode, one VJP per
+block of k rows for every sample at once) or column block by column block (forward mode,
+one JVP per block of k columns), and hands complete sample blocks to a sink, so a
+Jacobian larger than memory can be streamed to disk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..model import Model
+
+DEFAULT_BUDGET = 1 << 30  # bytes of working memory per block
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One (output, input) block of the Jacobian. ``out_shape``/``in_shape`` are per sample
+    (whole arrays with batch=False); ``shape`` is the final layout."""
+
+    of: str
+    wrt: str
+    out_shape: tuple[int, ...]
+    in_shape: tuple[int, ...]
+    samples: int | None  # None with batch=False
+
+    @property
+    def key(self) -> str:
+        return f"d{self.of}/d{self.wrt}"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (() if self.samples is None else (self.samples,)) + self.out_shape + self.in_shape
+
+    @property
+    def m(self) -> int:
+        return prod(self.out_shape)
+
+    @property
+    def n(self) -> int:
+        return prod(self.in_shape)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything about a Jacobian computation that is known before it starts."""
+
+    xs: dict[str, np.ndarray]
+    ys: dict[str, np.ndarray]  # outputs at xs (one forward pass)
+    wrt: list[str]
+    of: list[str]
+    pairs: list[Pair]
+    batch: bool
+    samples: int  # B (1 with batch=False)
+    mode: str  # "forward" | "reverse"
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(prod(p.shape) for p in self.pairs) * self.dtype.itemsize
+
+
+class Sink(Protocol):
+    """Receives complete sample blocks: ``block`` has shape ``(s1 - s0, *per-sample
+    layout)`` (with batch=False: the full layout, s0=0, s1=1)."""
+
+    def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None: ...
+
+
+class ArraySink:
+    """Collects everything in memory (the Python API's default)."""
+
+    def __init__(self, plan: Plan):
+        self.arrays = {p.key: np.empty(p.shape, plan.dtype) for p in plan.pairs}
+        self.batch = plan.batch
+
+    def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
+        if self.batch:
+            self.arrays[key][s0:s1] = block
+        else:
+            self.arrays[key][...] = block[0]
+
+
+def plan(
+    model: Model,
+    xs: Mapping[str, np.ndarray],
+    wrt: Sequence[str] | None = None,
+    of: Sequence[str] | None = None,
+    mode: str = "auto",
+    batch: bool = True,
+) -> Plan:
+    xs = {k: np.asarray(v) for k, v in xs.items()}
+    ys = model.forward(xs)
+    wrt = _choose(wrt, [n for n in xs if np.asarray(xs[n]).dtype.kind == "f"], list(xs), "input", "--wrt")
+    of = _choose(of, [n for n in ys if ys[n].dtype.kind == "f"], list(ys), "output", "--of")
+    if batch:
+        sizes = {v.shape[0] if v.ndim else None for v in [*xs.values(), *ys.values()]}
+        if len(sizes) != 1 or None in sizes:
+            raise InputError(
+                "inputs and outputs do not share a leading batch axis (sizes "
+                f"{sorted(str(s) for s in sizes)}); use --no-batch to treat each array as one vector"
+            )
+        samples = sizes.pop()
+        out_shape = {o: ys[o].shape[1:] for o in of}
+        in_shape = {i: xs[i].shape[1:] for i in wrt}
+    else:
+        samples = 1
+        out_shape = {o: ys[o].shape for o in of}
+        in_shape = {i: xs[i].shape for i in wrt}
+    pairs = [Pair(o, i, out_shape[o], in_shape[i], samples if batch else None) for o in of for i in wrt]
+    if mode == "auto":
+        rows = sum(prod(out_shape[o]) for o in of)
+        cols = sum(prod(in_shape[i]) for i in wrt)
+        mode = "reverse" if rows <= cols else "forward"
+    if mode not in ("forward", "reverse"):
+        raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
+    dtype = np.result_type(*[ys[o].dtype for o in of], np.float32)
+    return Plan(xs, ys, wrt, of, pairs, batch, samples, mode, np.dtype(dtype))
+
+
+def _choose(asked, default, available, what, flag) -> list[str]:
+    if not asked:
+        if not default:
+            raise InputError(f"the model has no floating-point {what} to differentiate")
+        return list(default)
+    for name in asked:
+        if name not in available:
+            raise InputError(f"{flag} {name!r}: the model has no {what} of that name (it has: {', '.join(available)})")
+    return list(asked)
+
+
+def sample_block(plan: Plan, budget: int = DEFAULT_BUDGET) -> int:
+    """How many samples to hold at once so the per-sample Jacobian buffers fit in half the budget."""
+    per_sample = sum(p.m * p.n for p in plan.pairs) * plan.dtype.itemsize
+    return int(max(1, min(plan.samples, (budget // 2) // max(per_sample, 1))))
+
+
+def seed_block(plan: Plan, samples: int, budget: int = DEFAULT_BUDGET, chunk: int | None = None) -> int:
+    """Rows (reverse) or columns (forward) per backend call: seeds and results for every
+    sample of the block, times a factor for the model's own intermediates."""
+    if chunk:
+        return int(chunk)
+    width = sum(plan.xs[i][:1].size if plan.batch else plan.xs[i].size for i in plan.wrt)
+    width += sum(plan.ys[o][:1].size if plan.batch else plan.ys[o].size for o in plan.of)
+    per_seed = samples * width * plan.dtype.itemsize * 8
+    return int(max(1, (budget // 2) // max(per_seed, 1)))
+
+
+def run(
+    model: Model,
+    plan: Plan,
+    sink: Sink,
+    method: str = "ad",
+    chunk: int | None = None,
+    budget: int = DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """Compute every pair of the plan and write it to ``sink`` sample block by sample block.
+    ``progress(n)`` is called with the number of samples just finished."""
+    if method == "fd":
+        from .fd import fd_columns
+
+        fill = lambda xs, bufs, k: _fill_fd(model, plan, xs, bufs, k, fd_columns)  # noqa: E731
+    elif method == "ad":
+        if not model.supports_ad:
+            raise model._no_ad()
+        fill = lambda xs, bufs, k: (_fill_reverse if plan.mode == "reverse" else _fill_forward)(  # noqa: E731
+            model, plan, xs, bufs, k
+        )
+    else:
+        raise InputError(f"--method must be ad or fd, not {method!r}")
+    step = sample_block(plan, budget) if plan.batch else 1
+    for s0 in range(0, plan.samples, step):
+        s1 = min(plan.samples, s0 + step)
+        xs = {k: v[s0:s1] for k, v in plan.xs.items()} if plan.batch else plan.xs
+        bufs = {p.key: np.empty((s1 - s0, p.m, p.n), plan.dtype) for p in plan.pairs}
+        fill(xs, bufs, seed_block(plan, s1 - s0, budget, chunk))
+        for p in plan.pairs:
+            sink.write(p.key, s0, s1, bufs[p.key].reshape((s1 - s0,) + p.out_shape + p.in_shape))
+        if progress:
+            progress(s1 - s0)
+
+
+def _fill_reverse(model: Model, plan: Plan, xs, bufs, k: int) -> None:
+    """Row blocks: a one-hot cotangent on rows r0:r1 of one output, for every sample."""
+    lead = _lead(xs, plan.batch)
+    for o in plan.of:
+        shape = plan.ys[o].shape[1:] if plan.batch else plan.ys[o].shape
+        m = prod(shape)
+        for r0 in range(0, m, k):
+            r1 = min(m, r0 + k)
+            ct = _one_hot(r1 - r0, lead, m, r0, plan.dtype).reshape((r1 - r0,) + lead + shape)
+            grads = model.vjp(xs, {o: ct}, plan.wrt, per_sample=plan.batch)
+            for i in plan.wrt:
+                g = grads[i].reshape(r1 - r0, _samples(lead), -1)  # (k, S, n)
+                bufs[f"d{o}/d{i}"][:, r0:r1, :] = g.transpose(1, 0, 2)
+
+
+def _fill_forward(model: Model, plan: Plan, xs, bufs, k: int) -> None:
+    """Column blocks: a one-hot tangent on columns c0:c1 of one input, for every sample."""
+    lead = _lead(xs, plan.batch)
+    for i in plan.wrt:
+        shape = xs[i].shape[1:] if plan.batch else xs[i].shape
+        n = prod(shape)
+        for c0 in range(0, n, k):
+            c1 = min(n, c0 + k)
+            t = _one_hot(c1 - c0, lead, n, c0, xs[i].dtype).reshape((c1 - c0,) + lead + shape)
+            outs = model.jvp(xs, {i: t}, plan.of, per_sample=plan.batch)
+            for o in plan.of:
+                v = outs[o].reshape(c1 - c0, _samples(lead), -1)  # (k, S, m)
+                bufs[f"d{o}/d{i}"][:, :, c0:c1] = v.transpose(1, 2, 0)
+
+
+def _fill_fd(model: Model, plan: Plan, xs, bufs, k: int, fd_columns) -> None:
+    for i in plan.wrt:
+        for o, cols in fd_columns(model, xs, i, plan.of, batch=plan.batch, k=k):
+            c0, block = cols  # block: (S, m, kc)
+            bufs[f"d{o}/d{i}"][:, :, c0 : c0 + block.shape[2]] = block
+
+
+def _lead(xs, batch: bool) -> tuple[int, ...]:
+    return (next(iter(xs.values())).shape[0],) if batch else ()
+
+
+def _samples(lead: tuple[int, ...]) -> int:
+    return lead[0] if lead else 1
+
+
+def _one_hot(k: int, lead: tuple[int, ...], size: int, start: int, dtype) -> np.ndarray:
+    """Seeds e_{start..start+k} for every sample: shape (k, *lead, size)."""
+    seeds = np.zeros((k, _samples(lead), size), dtype)
+    idx = np.arange(k)
+    seeds[idx, :, start + idx] = 1
+    return seeds.reshape((k,) + lead + (size,))

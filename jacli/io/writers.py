@@ -1,0 +1,206 @@
+"""Jacobian writers: ``.npy`` (memory-mapped, one pair), ``.npz`` and ``.h5`` (one array
+per pair, named ``d{out}/d{in}``), ``-`` (``.npy`` bytes on stdout).
+
+Every writer streams sample blocks into a temporary file in the target's directory and
+renames it over the target only when everything is written; on any failure (including
+Ctrl-C) the temporary file is removed and an existing file of that name is untouched.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError
+
+SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
+
+
+class Writer(abc.ABC):
+    """Base: a temporary file next to ``path``; ``commit`` renames it into place."""
+
+    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool):
+        self.path, self.shapes, self.dtype, self.meta, self.batch = Path(path), shapes, np.dtype(dtype), meta, batch
+        directory = self.path.parent
+        if not directory.is_dir():
+            raise OutputError(f"cannot write {path}: directory {directory} does not exist")
+        if self.path.is_dir():
+            raise OutputError(f"cannot write {path}: it is a directory")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".part")
+            os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        self.tmp = Path(tmp)
+        self._open()
+
+    def _open(self) -> None:
+        """Prepare the temporary file for streaming."""
+
+    @abc.abstractmethod
+    def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
+        """Store samples s0:s1 of one Jacobian."""
+
+    def _finish(self) -> None:
+        """Flush and close the temporary file."""
+
+    def commit(self) -> None:
+        try:
+            self._finish()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+
+    def abort(self) -> None:
+        self._close_quietly()
+        self.tmp.unlink(missing_ok=True)
+
+    def _close_quietly(self) -> None:
+        """Release open handles before the temporary file is removed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+    def _store(self, target: np.ndarray, s0: int, s1: int, block: np.ndarray) -> None:
+        if self.batch:
+            target[s0:s1] = block
+        else:
+            target[...] = block[0]
+
+
+class NpyWriter(Writer):
+    def _open(self):
+        if len(self.shapes) != 1:
+            raise OutputError(
+                f"a .npy file holds one array but there are {len(self.shapes)} Jacobians "
+                f"({', '.join(self.shapes)}); choose one with --of/--wrt or write .npz/.h5"
+            )
+        (shape,) = self.shapes.values()
+        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=shape)
+
+    def write(self, key, s0, s1, block):
+        self._store(self.mm, s0, s1, block)
+
+    def _finish(self):
+        self.mm.flush()
+        del self.mm
+
+    def _close_quietly(self):
+        self.__dict__.pop("mm", None)
+
+
+class NpzWriter(Writer):
+    """Streams each array into a memory-mapped scratch .npy, then stores them uncompressed
+    in the zip (``np.load`` reads it as usual, keys ``d{out}/d{in}`` and ``jacli_meta``)."""
+
+    def _open(self):
+        self.scratch = {}
+        for i, (key, shape) in enumerate(self.shapes.items()):
+            fd, name = tempfile.mkstemp(dir=self.tmp.parent, prefix=f".{self.path.name}.{i}.", suffix=".part")
+            os.close(fd)
+            self.scratch[key] = (Path(name), np.lib.format.open_memmap(name, mode="w+", dtype=self.dtype, shape=shape))
+
+    def write(self, key, s0, s1, block):
+        self._store(self.scratch[key][1], s0, s1, block)
+
+    def _finish(self):
+        with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for key, (name, mm) in self.scratch.items():
+                mm.flush()
+                z.write(name, key + ".npy")
+            meta = np.array(json.dumps(self.meta))
+            with z.open("jacli_meta.npy", "w") as f:
+                np.lib.format.write_array(f, meta, allow_pickle=False)
+        self._close_quietly()
+
+    def _close_quietly(self):
+        for name, _ in getattr(self, "scratch", {}).values():
+            name.unlink(missing_ok=True)
+        self.scratch = {}
+
+
+class H5Writer(Writer):
+    """Chunked datasets (one sample per chunk along the batch axis), metadata as attributes."""
+
+    def _open(self):
+        try:
+            import h5py
+        except ImportError:
+            raise OutputError("writing .h5 needs h5py: pip install h5py") from None
+        self.f = h5py.File(self.tmp, "w")
+        for k, v in self.meta.items():
+            self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+        self.ds = {}
+        for key, shape in self.shapes.items():
+            chunk = _h5_chunks(shape, self.dtype.itemsize, self.batch)
+            self.ds[key] = self.f.create_dataset(key, shape=shape, dtype=self.dtype, chunks=chunk)
+            for attr, value in self.meta.get("jacobians", {}).get(key, {}).items():
+                self.ds[key].attrs[attr] = value if isinstance(value, str) else json.dumps(value)
+
+    def write(self, key, s0, s1, block):
+        self._store(self.ds[key], s0, s1, block)
+
+    def _finish(self):
+        self.f.close()
+
+    def _close_quietly(self):
+        f = getattr(self, "f", None)
+        if f is not None and f.id.valid:
+            f.close()
+
+
+class StdoutWriter:
+    """``.npy`` bytes on stdout (one pair); built in memory, written at the end."""
+
+    def __init__(self, path, shapes, dtype, meta, batch):
+        if len(shapes) != 1:
+            raise OutputError(f"-o - writes one .npy array but there are {len(shapes)} Jacobians; choose one with --of/--wrt")
+        (shape,) = shapes.values()
+        self.array, self.batch = np.empty(shape, dtype), batch
+
+    def write(self, key, s0, s1, block):
+        Writer._store(self, self.array, s0, s1, block)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            np.lib.format.write_array(sys.stdout.buffer, self.array, allow_pickle=False)
+            sys.stdout.buffer.flush()
+        return False
+
+
+def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool = True):
+    """A writer for ``path`` chosen by its extension (``-`` for stdout)."""
+    if path == "-":
+        return StdoutWriter(path, shapes, dtype, meta, batch)
+    suffix = Path(path).suffix.lower()
+    cls = {".npy": NpyWriter, ".npz": NpzWriter, ".h5": H5Writer, ".hdf5": H5Writer}.get(suffix)
+    if cls is None:
+        raise OutputError(f"cannot write {path}: unknown extension {suffix or '(none)'}; use .npy, .npz or .h5")
+    return cls(path, shapes, dtype, meta, batch)
+
+
+def _h5_chunks(shape, itemsize: int, batch: bool) -> tuple[int, ...] | bool:
+    """Chunks of about 1 MiB: whole trailing axes, one or more samples along the batch axis."""
+    if not shape or 0 in shape:
+        return True
+    per = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if len(shape) > 1 else itemsize
+    if not batch or per > (4 << 20):
+        return True  # let h5py pick
+    return (max(1, min(shape[0], (1 << 20) // max(per, 1))),) + tuple(shape[1:])

@@ -1,0 +1,176 @@
+"""The model protocol: the only thing the engine sees.
+
+Everything crosses this boundary as numpy arrays keyed by tensor name, with the batch
+axis first.
+
+* ``forward(xs) -> ys``
+* ``vjp(xs, cotangents, wrt) -> grads``: each cotangent has a leading block axis k in
+  front of its output's batched shape; each gradient has the same k in front of its
+  input's batched shape. One call gives k Jacobian rows, for every sample at once.
+* ``jvp(xs, tangents, of) -> out_tangents``: the same with tangents on the inputs.
+
+``per_sample=True`` (the default) promises that samples along the batch axis are
+independent, so the k axis can be folded into the batch axis: one batched call of k*B
+samples. ``per_sample=False`` (``--no-batch``) asks for the exact product with no such
+assumption; backends vectorise with their own map or fall back to a loop over k.
+
+Backends implement ``_forward``/``_vjp``/``_jvp`` on a plain batch (no k axis); this
+class does folding, and chunking for models whose batch axis is fixed (e.g. to 1).
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InputError
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output. ``shape`` is the full shape including the batch axis;
+    ``None`` entries are dynamic; ``shape=None`` means unknown rank (TorchScript)."""
+
+    name: str
+    shape: tuple[int | None, ...] | None
+    dtype: str
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """Size of the leading axis when the model fixes it, else None."""
+        return self.shape[0] if self.shape else None
+
+    @property
+    def is_float(self) -> bool:
+        return np.dtype(self.dtype).kind == "f"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "shape": None if self.shape is None else list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class Model(abc.ABC):
+    """A loaded model. Subclasses fill in specs and the three private primitives."""
+
+    path: str
+    format: str
+    backend: str
+    inputs: list[TensorSpec] = field(default_factory=list)
+    outputs: list[TensorSpec] = field(default_factory=list)
+    supports_ad: bool = True  # False: only finite differences (the reason is in ad_unavailable)
+    ad_unavailable: str = ""
+    supports_float64: bool = False  # forward64 is available
+
+    # --- what backends implement (on one plain batch) -----------------------------------
+    @abc.abstractmethod
+    def _forward(self, xs: Arrays) -> dict[str, np.ndarray]:
+        """Outputs for one batch."""
+
+    def _vjp(self, xs: Arrays, cts: Arrays, wrt: Sequence[str]) -> dict[str, np.ndarray]:
+        """Input gradients for one batch and one cotangent per output (no k axis)."""
+        raise self._no_ad()
+
+    def _jvp(self, xs: Arrays, ts: Arrays, of: Sequence[str]) -> dict[str, np.ndarray]:
+        """Output tangents for one batch and one tangent per input (no k axis)."""
+        raise self._no_ad()
+
+    def _forward64(self, xs: Arrays) -> dict[str, np.ndarray]:
+        """The forward pass evaluated in float64 (only when supports_float64)."""
+        raise self._no_ad()
+
+    def _no_ad(self):
+        from .errors import UnsupportedError
+
+        return UnsupportedError(self.ad_unavailable or f"{self.backend} cannot differentiate this model; use --method fd")
+
+    def bind(self, xs: Arrays) -> None:
+        """Learn what the signature does not say (shapes, output names) from a real input.
+        Formats with a full signature need nothing."""
+
+    # --- the protocol -----------------------------------------------------------------
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def spec(self, name: str) -> TensorSpec:
+        for s in [*self.inputs, *self.outputs]:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def forward(self, xs: Arrays) -> dict[str, np.ndarray]:
+        return self._chunked(self._forward, xs)
+
+    def forward64(self, xs: Arrays) -> dict[str, np.ndarray]:
+        return self._chunked(self._forward64, xs)
+
+    def vjp(self, xs: Arrays, cotangents: Arrays, wrt: Sequence[str], per_sample: bool = True) -> dict[str, np.ndarray]:
+        return self._blocked(self._vjp, xs, cotangents, list(wrt), per_sample)
+
+    def jvp(self, xs: Arrays, tangents: Arrays, of: Sequence[str], per_sample: bool = True) -> dict[str, np.ndarray]:
+        return self._blocked(self._jvp, xs, tangents, list(of), per_sample)
+
+    def describe(self) -> dict:
+        return {
+            "model": self.path,
+            "format": self.format,
+            "backend": self.backend,
+            "inputs": [s.describe() for s in self.inputs],
+            "outputs": [s.describe() for s in self.outputs],
+        }
+
+    # --- folding and chunking -----------------------------------------------------------
+    def _fixed_batch(self) -> int | None:
+        sizes = {s.fixed_batch for s in self.inputs if s.fixed_batch is not None}
+        return min(sizes) if sizes else None
+
+    def _chunked(self, fn: Callable[..., dict], *groups: Arrays) -> dict[str, np.ndarray]:
+        """Call ``fn(*groups)`` on the whole batch, or in pieces of the model's fixed
+        batch size (the last piece padded with copies of its last sample, then trimmed)."""
+        fixed = self._fixed_batch()
+        n = _leading(groups[0])
+        if fixed is None or n == fixed:
+            return fn(*[dict(g) for g in groups])
+        parts = []
+        for s in range(0, n, fixed):
+            short = fixed - min(fixed, n - s)
+            pieces = [{k: _pad(v[s : s + fixed], short) for k, v in g.items()} for g in groups]
+            out = fn(*pieces)
+            parts.append({k: v[: fixed - short] for k, v in out.items()})
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _blocked(self, prim, xs: Arrays, seeds: Arrays, names: list[str], per_sample: bool) -> dict[str, np.ndarray]:
+        k = _leading(seeds)
+        if per_sample:  # fold k into the batch axis: k*B independent samples in one call
+            big_x = {n: np.broadcast_to(v, (k, *v.shape)).reshape(-1, *v.shape[1:]) for n, v in xs.items()}
+            big_s = {n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}
+            out = self._chunked(lambda bx, bs: prim(bx, bs, names), big_x, big_s)
+            return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
+        fixed = self._fixed_batch()
+        if fixed is not None and _leading(xs) != fixed:
+            raise InputError(
+                f"this model's batch axis is fixed at {fixed}, so --no-batch needs exactly {fixed} sample(s), "
+                f"got {_leading(xs)}"
+            )
+        return self._vjp_jvp_map(prim, xs, seeds, names)
+
+    def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
+        """Exact (no folding) product over the k axis; backends with a vectorising map
+        override this, the default loops over k."""
+        k = _leading(seeds)
+        outs = [prim(xs, {n: v[i] for n, v in seeds.items()}, names) for i in range(k)]
+        return {n: np.stack([o[n] for o in outs]) for n in outs[0]}
+
+
+def _leading(arrays: Arrays) -> int:
+    return next(iter(arrays.values())).shape[0]
+
+
+def _pad(v: np.ndarray, short: int) -> np.ndarray:
+    return np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) if short else v
