@@ -1,0 +1,65 @@
+"""What every command does the same way: load the model, read the input, report."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+from .. import api
+from ..errors import InputError
+
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, no_color=bool(os.environ.get("NO_COLOR")) or None)
+
+
+def warn(message: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"Warning: {message}", err=True)
+
+
+def load_model(model_path: str, fmt: str | None, trust_model: bool):
+    return api.load(model_path, format=fmt, trust=trust_model)
+
+
+def load_input(model, input_path: str | None, random_n: int | None, seed: int, quiet: bool) -> dict[str, np.ndarray]:
+    from ..io.readers import nonfinite, random_input, read_input
+
+    if input_path is not None and random_n is not None:
+        raise InputError("give either INPUT or --random N, not both")
+    if input_path is None and random_n is None:
+        raise InputError("no input: give an INPUT file (.npy, .npz, .h5, or - for stdin) or --random N")
+    xs = random_input(model, random_n, seed) if random_n is not None else read_input(input_path, model)
+    for note in nonfinite(xs):
+        warn(f"input {note}; the Jacobian there will hold NaN/Inf", quiet)
+    return xs
+
+
+def emit_json(doc: dict) -> None:
+    click.echo(json.dumps(doc, indent=2, default=_plain))
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(type(v).__name__)
+
+
+def stdout_is_data(output: str | None) -> bool:
+    return output == "-"
+
+
+def fail_if_json_and_stdout(as_json: bool, output: str | None) -> None:
+    if as_json and stdout_is_data(output):
+        raise InputError("--json and -o - both want stdout; write the Jacobian to a file instead")
+
+
+def is_terminal() -> bool:
+    return sys.stdout.isatty()

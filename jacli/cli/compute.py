@@ -1,0 +1,43 @@
+import click
+
+from .. import api
+from . import options
+from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model
+
+
+@click.command("compute")
+@options.model
+@options.data
+@options.output
+@options.select
+@options.engine
+@options.method
+@options.common
+def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wrt, of, mode, no_batch, chunk_size,
+            max_memory, method, as_json, quiet, debug):
+    """Compute the Jacobian d(outputs)/d(inputs) of MODEL at INPUT.
+
+    Per-sample Jacobians of a batch, shape (B, *output, *input), unless --no-batch.
+    Without -o, prints a summary per sample; with -o, writes .npy/.npz/.h5 (or - for stdout).
+    """
+    from ..render.progress import Progress
+    from ..render.summary import compute_view
+
+    fail_if_json_and_stdout(as_json, output)
+    model = load_model(model_path, fmt, trust_model)
+    xs = load_input(model, input_path, random_n, seed, quiet)
+    plan = api.plan(model, xs, wrt or None, of or None, mode=mode, batch=not no_batch)
+    with Progress(plan.samples, enabled=not quiet) as progress:
+        result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
+                             progress=progress, heat=not as_json)
+    meta = api.metadata(model, plan, method)
+    if as_json:
+        emit_json({**{k: meta[k] for k in ("model", "format", "backend", "method", "mode", "batch", "dtype")},
+                   "output": output, "jacobians": meta["jacobians"],
+                   "samples": [s.to_json() for s in result.summaries]})
+    elif output == "-" or quiet:
+        return
+    else:
+        console().print(compute_view(result.summaries, meta))
+        if output:
+            click.echo(f"Wrote {', '.join(meta['jacobians'])} to {output}", err=True)

@@ -1,0 +1,67 @@
+"""Entry point: the command group, and the one place errors become exit codes.
+
+JacliError (and click usage errors) -> one ``Error:`` line on stderr, exit 2.
+Anything else is a bug -> one ``Error: internal error`` line, exit 3 (traceback with --debug).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from .. import __version__
+from .compute import compute
+from .inspect_cmd import inspect_cmd
+
+COMMANDS = [inspect_cmd, compute]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="jacli")
+def cli():
+    """jacli: Jacobians of saved neural-network models.
+
+    Formats: Keras .keras/.h5, TensorFlow SavedModel directories, TorchScript .pt, ONNX .onnx.
+    """
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or bool(os.environ.get("JACLI_DEBUG"))
+    from ..errors import JacliError
+
+    try:
+        code = cli.main(args=argv, prog_name="jacli", standalone_mode=False)
+    except JacliError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        hint = f" (see 'jacli {e.ctx.info_name} --help')" if getattr(e, "ctx", None) is not None else ""
+        click.echo(f"Error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    except MemoryError:
+        click.echo("Error: out of memory; lower --max-memory or the batch size", err=True)
+        sys.exit(2)
+    except Exception as e:  # a bug: say so, keep the traceback behind --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"Error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                   "rerun with --debug for the traceback and please report it", err=True)
+        sys.exit(3)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,68 @@
+"""Each option is defined once here and stacked on the commands that use it."""
+from __future__ import annotations
+
+import re
+
+import click
+
+from ..engine.jacobian import DEFAULT_BUDGET
+
+
+def _stack(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+def _memory(ctx, param, value):
+    if value is None:
+        return DEFAULT_BUDGET
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*", value, re.I)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a size; use e.g. 512M or 2G")
+    unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
+    factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
+    return int(float(m.group(1)) * factor)
+
+
+model = _stack(
+    click.argument("model_path", metavar="MODEL"),
+    click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "torchscript", "onnx"]),
+                 help="Model format (default: detected from the path)."),
+    click.option("--trust-model", is_flag=True,
+                 help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers)."),
+)
+
+data = _stack(
+    click.argument("input_path", metavar="INPUT", required=False),
+    click.option("--random", "random_n", type=click.IntRange(min=1), metavar="N",
+                 help="Instead of INPUT, draw N samples from N(0,1) shaped by the model's signature."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for --random."),
+)
+
+select = _stack(
+    click.option("--wrt", multiple=True, metavar="NAME", help="Input(s) to differentiate with respect to (default: all float inputs)."),
+    click.option("--of", "of", multiple=True, metavar="NAME", help="Output(s) to differentiate (default: all float outputs)."),
+)
+
+engine = _stack(
+    click.option("--mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
+                 help="Forward mode (one JVP per input column) or reverse mode (one VJP per output row); auto picks the fewer."),
+    click.option("--no-batch", is_flag=True,
+                 help="Treat each array as one vector (cross-sample derivatives) instead of per-sample Jacobians."),
+    click.option("--chunk-size", type=click.IntRange(min=1), metavar="K",
+                 help="Jacobian rows (reverse) or columns (forward) per backend call (default: sized to --max-memory)."),
+    click.option("--max-memory", callback=_memory, metavar="SIZE", help="Working-memory budget, e.g. 512M, 2G (default 1G)."),
+)
+
+method = click.option("--method", type=click.Choice(["ad", "fd"]), default="ad", show_default=True,
+                      help="Automatic differentiation, or central finite differences.")
+output = click.option("-o", "--output", metavar="OUT", help="Write to OUT (.npy, .npz, .h5) or - for .npy on stdout.")
+common = _stack(
+    click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout."),
+    click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (and requested data)."),
+    click.option("--debug", is_flag=True, help="Show tracebacks."),
+)

@@ -1,0 +1,1 @@
+"""Rich renderables built from results. Nothing here prints: the CLI does."""
