@@ -46,8 +46,10 @@ class OnnxModel(Model):
 
     def _forward64(self, xs):
         if "f64" not in self._graphs:
-            from .onnx_grad import to_float64
-
+            try:
+                from .onnx_grad import to_float64
+            except ImportError:
+                raise UnsupportedError("float64 evaluation of ONNX models is not available in this build") from None
             self._graphs["f64"] = _session(to_float64(self.proto).SerializeToString())
         xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
         return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])

@@ -7,7 +7,9 @@ compiled once per input signature and reused, so repeated blocks do not re-trace
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -20,6 +22,9 @@ from ._common import require, short
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" not in sys.modules:
+        with _native_stderr_silenced():  # TF's C++ start-up chatter bypasses TF_CPP_MIN_LOG_LEVEL
+            require("tensorflow", "tensorflow", "tf", "Keras/TensorFlow")
     tf = require("tensorflow", "tensorflow", "tf", "Keras/TensorFlow")
     tf.get_logger().setLevel("ERROR")
     try:
@@ -152,6 +157,20 @@ class TFModel(Model):
         tan = [ts.get(s.name) for s in self.inputs]
         outs = self._run(self._jvp_fn, self._xs(xs), tan, tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while native libraries initialise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _clean(name: str) -> str:

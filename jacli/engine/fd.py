@@ -12,13 +12,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from ..errors import UnsupportedError
 from ..model import Model
 
 
-def forward_fn(model: Model, prefer64: bool = True):
-    """The most precise forward pass the backend offers, and the dtype it computes in."""
+def forward_fn(model: Model, xs: dict, prefer64: bool = True):
+    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes in."""
     if prefer64 and model.supports_float64:
-        return model.forward64, np.dtype(np.float64)
+        try:
+            model.forward64({k: v[:1] for k, v in xs.items()})
+            return model.forward64, np.dtype(np.float64)
+        except UnsupportedError:
+            pass  # e.g. an operator without a float64 kernel: differences in the model's dtype
     dtypes = [np.dtype(s.dtype) for s in model.inputs if s.is_float]
     return model.forward, (max(dtypes, key=lambda d: d.itemsize) if dtypes else np.dtype(np.float32))
 
@@ -49,7 +54,7 @@ def fd_columns(
 ) -> Iterator[tuple[str, tuple[int, np.ndarray]]]:
     """Yield ``(output, (c0, block))`` with block of shape (S, m, kc): columns c0:c0+kc of
     the per-sample (S samples) or whole (S=1) Jacobian by central differences."""
-    fwd, dtype = forward_fn(model, prefer64)
+    fwd, dtype = forward_fn(model, xs, prefer64)
     x = xs[wrt]
     lead = x.shape[:1] if batch else ()
     flat = x.reshape(lead + (-1,)) if batch else x.reshape(1, -1)
