@@ -77,6 +77,8 @@ class TorchModel(Model):
         ts = []
         for s in self.inputs:
             a = np.asarray(xs[s.name])
+            if not a.flags.writeable:  # torch.from_numpy wants writable memory
+                a = a.copy()
             t = torch.from_numpy(np.ascontiguousarray(a if dtype is None or a.dtype.kind != "f" else a.astype(dtype)))
             if s.name in requires_grad:
                 t.requires_grad_(True)
@@ -95,8 +97,11 @@ class TorchModel(Model):
         module64 = getattr(self, "_module64", None)
         if module64 is None:
             import copy
+            import warnings
 
-            module64 = self._module64 = copy.deepcopy(self.module).double()
+            with warnings.catch_warnings():  # deepcopy touches .grad of non-leaf parameters
+                warnings.simplefilter("ignore")
+                module64 = self._module64 = copy.deepcopy(self.module).double()
         main, self.module = self.module, module64
         try:
             with torch.no_grad():
