@@ -35,7 +35,7 @@ def run_jacli(*args: str, stdin: bytes = b"") -> Result:
     out, err = io.BytesIO(), io.StringIO()
     saved = sys.stdin, sys.stdout, sys.stderr
     sys.stdin = io.TextIOWrapper(io.BytesIO(stdin))
-    sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    wrapper = sys.stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
     sys.stderr = err
     code = 0
     try:
@@ -43,7 +43,8 @@ def run_jacli(*args: str, stdin: bytes = b"") -> Result:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
-        sys.stdout.flush()
+        wrapper.flush()
+        wrapper.detach()  # keep ``out`` open when the wrapper is collected
         sys.stdin, sys.stdout, sys.stderr = saved
     return Result(code, out.getvalue(), err.getvalue())
 

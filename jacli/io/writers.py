@@ -38,7 +38,11 @@ class Writer(abc.ABC):
         except OSError as e:
             raise OutputError(f"cannot write {path}: {e.strerror}") from None
         self.tmp = Path(tmp)
-        self._open()
+        try:
+            self._open()
+        except BaseException:
+            self.abort()
+            raise
 
     def _open(self) -> None:
         """Prepare the temporary file for streaming."""
