@@ -8,7 +8,7 @@ Imports no framework: each backend is imported when a model of its format is loa
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "jacobian", "__version__"]
+__all__ = ["load", "jacobian", "check", "__version__"]
 
 
 def load(path, format=None, trust=False):
@@ -25,3 +25,12 @@ def jacobian(model, x, **kwargs):
 
 load.__doc__ = "Load a saved model; see jacli.api.load."
 jacobian.__doc__ = "The Jacobian of a model at x; see jacli.api.jacobian."
+
+
+def check(model, x, **kwargs):
+    from .api import check as _check
+
+    return _check(model, x, **kwargs)
+
+
+check.__doc__ = "Check a model's automatic derivatives against finite differences at x; see jacli.api.check."

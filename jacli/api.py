@@ -134,3 +134,27 @@ def _names(v) -> list[str] | None:
     if not all(isinstance(n, str) for n in names):
         raise InputError("wrt/of take input/output names")
     return names
+
+
+def check(
+    model: Model,
+    x,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    eps: float | None = None,
+    directions: int | None = None,
+    seed: int = 0,
+    max_memory: int = jac.DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+):
+    """Check the model's automatic derivatives against finite differences at ``x``, per
+    sample: every Jacobian entry, or ``directions`` random directional derivatives per
+    sample. Tolerances default by dtype. Returns a ``jacli.engine.check.CheckResult``
+    (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md."""
+    from .engine import check as chk
+
+    p = plan(model, x, wrt, of, "auto", True)
+    return chk.check(model, p, rtol=rtol, atol=atol, eps=eps, directions=directions, seed=seed, budget=max_memory,
+                     progress=progress)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsafeModelError
+from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ..model import Model, TensorSpec
 from ._common import require, short
 
@@ -56,7 +56,10 @@ def load_keras(path: str, trust: bool = False) -> "TFModel":
         TensorSpec(name, tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name)
         for name, t in zip(_output_names(model), model.outputs)
     ]
-    return TFModel(path=path, format="keras", backend="tensorflow", inputs=inputs, outputs=outputs, fn=fn, kwargs=False)
+    m = TFModel(path=path, format="keras", backend="tensorflow", inputs=inputs, outputs=outputs, fn=fn, kwargs=False,
+                supports_float64=True)
+    m.keras_model = model  # rebuilt in float64 when first needed (_forward64)
+    return m
 
 
 def _load_tf_keras(path: str, trust: bool, first: Exception):
@@ -147,6 +150,17 @@ class TFModel(Model):
         ys = self._run(self._call_fn, self._xs(xs))
         return {k: np.asarray(v) for k, v in ys.items()}
 
+    def _forward64(self, xs):
+        """Keras models only: the same layers rebuilt with a float64 dtype policy, weights copied."""
+        if getattr(self, "_fn64", None) is None:
+            model64 = _float64_keras(self.keras_model)
+            self._fn64 = _tf().function(lambda *a: model64(list(a) if len(a) > 1 else a[0], training=False),
+                                        reduce_retracing=True)
+        out = self._run(self._fn64, *[v.astype(np.float64) if v.dtype.kind == "f" else v for v in self._xs(xs)])
+        if not isinstance(out, dict):
+            out = dict(zip(self.output_names(), out if isinstance(out, (list, tuple)) else [out]))
+        return {k: np.asarray(v) for k, v in out.items()}
+
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         mask = tuple(s.name in wrt for s in self.inputs)
         grads = self._run(self._vjp_fn, self._xs(xs), dict(cts), mask)
@@ -182,3 +196,34 @@ def _output_names(model) -> list[str]:
     if names:
         return list(names)
     return [_clean(t.name.split("/")[0]) for t in model.outputs]
+
+
+_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "mixed_float16", "mixed_bfloat16"}
+
+
+def _float64_keras(model):
+    """The Keras model rebuilt from its config with every float dtype set to float64, and its weights copied."""
+    try:
+        clone = model.__class__.from_config(_retype(model.get_config()))
+        clone.set_weights([w.astype(np.float64) if w.dtype.kind == "f" else w for w in model.get_weights()])
+    except Exception as e:
+        raise UnsupportedError(f"cannot rebuild this Keras model in float64: {short(e)}") from None
+    return clone
+
+
+def _retype(config):
+    """A Keras config with every float ``dtype`` (a name or a DTypePolicy) replaced by float64."""
+    if isinstance(config, list):
+        return [_retype(v) for v in config]
+    if not isinstance(config, dict):
+        return config
+    out = {}
+    for k, v in config.items():
+        if k == "dtype" and isinstance(v, str) and v in _FLOAT_DTYPES:
+            v = "float64"
+        elif k == "dtype" and isinstance(v, dict) and v.get("config", {}).get("name") in _FLOAT_DTYPES:
+            v = {**v, "config": {**v["config"], "name": "float64"}}
+        else:
+            v = _retype(v)
+        out[k] = v
+    return out

@@ -8,11 +8,12 @@ batch axis (samples are independent), so k columns cost two batched forward call
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import UnsupportedError
+from ..errors import InputError, UnsupportedError
 from ..model import Model
 
 
@@ -74,3 +75,105 @@ def fd_columns(
             diff = (plus[o].reshape(kc, samples, -1) - minus[o].reshape(kc, samples, -1)).astype(np.float64)
             block = diff / (2 * h[:, c0:c1].T.astype(np.float64))[:, :, None]  # (kc, S, m)
             yield o, (c0, block.transpose(1, 2, 0))
+
+
+# --- Richardson-extrapolated estimates with error estimates (used by the gradient check) ---
+FACTORS = np.array([1.0, -1.0, 0.5, -0.5])  # the points x + t*delta evaluated for each estimate
+ROUNDING = 4.0  # a forward pass is trusted to ROUNDING * eps * |f|
+
+
+def default_eps(dtype) -> float:
+    """The relative step eps^(1/3) of the dtype the forward pass computes in."""
+    return float(np.cbrt(np.finfo(dtype).eps))
+
+
+@dataclass
+class Estimate:
+    """Finite-difference derivatives along k directions for S samples and m outputs, each
+    array (S, m, k), float64.
+
+    ``value``: Richardson extrapolation (4 D(h/2) - D(h)) / 3 of the central differences at
+    steps h and h/2. ``error``: an estimate of |value - true derivative|: |D(h) - D(h/2)|
+    (three times the estimated truncation error of D(h/2)) plus the rounding bound
+    3 r / h with r = ROUNDING * eps * |f|. ``forward``/``backward``: the one-sided
+    differences (f(x + h/2) - f(x)) / (h/2) and (f(x) - f(x - h/2)) / (h/2), which disagree at
+    a kink."""
+
+    value: np.ndarray
+    error: np.ndarray
+    forward: np.ndarray
+    backward: np.ndarray
+
+
+def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[dict, dict]:
+    """f at xs + t * deltas for every t in FACTORS, in one forward call on the stacked batch
+    (samples are independent). ``deltas``: input name -> (k, *x.shape), float64. Returns
+    outputs ``o -> (4, k, S, m)`` (float64) and the displacements actually applied once the
+    points are rounded to ``dtype``, ``name -> (4, k, *x.shape)`` (float64, exact)."""
+    k = next(iter(deltas.values())).shape[0]
+    samples = next(iter(xs.values())).shape[0]
+    big, moved = {}, {}
+    for n, v in xs.items():
+        v = v.astype(dtype) if v.dtype.kind == "f" else v
+        if n in deltas:
+            v64 = v.astype(np.float64)
+            points = (v64 + FACTORS.reshape((4, 1) + (1,) * v.ndim) * deltas[n]).astype(dtype)
+            moved[n] = points.astype(np.float64) - v64
+        else:
+            points = np.broadcast_to(v, (4, k, *v.shape))
+        big[n] = points.reshape(-1, *v.shape[1:])
+    ys = fwd(big)
+    return {o: ys[o].reshape(4, k, samples, -1).astype(np.float64) for o in of}, moved
+
+
+def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) -> Estimate:
+    """``f0`` (S, m): f at x; ``outs`` (4, k, S, m): f at the FACTORS points; ``spans``
+    (4, k, S): the signed length of each displacement along its direction; ``eps``: the
+    machine epsilon of the dtype f was computed in."""
+    fp1, fm1, fp2, fm2 = outs
+    s = spans[..., None]
+    d1 = (fp1 - fm1) / (s[0] - s[1])
+    d2 = (fp2 - fm2) / (s[2] - s[3])
+    r = ROUNDING * eps * np.maximum(np.abs(f0)[None], np.maximum(np.abs(fp1), np.abs(fm1)))
+    error = np.abs(d1 - d2) + 3 * r / np.abs(s[2] - s[3])
+    forward = (fp2 - f0[None]) / s[2]
+    backward = (f0[None] - fm2) / -s[3]
+
+    def layout(a):  # (k, S, m) -> (S, m, k)
+        return np.ascontiguousarray(np.moveaxis(a, 0, -1))
+
+    return Estimate(layout((4 * d2 - d1) / 3), layout(error), layout(forward), layout(backward))
+
+
+def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64):
+    """Yield ``(c0, c1, {output: Estimate})``: columns c0:c1 of every sample's Jacobian
+    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element."""
+    x = xs[wrt]
+    samples = x.shape[0]
+    n = x[0].size
+    h = rel * np.maximum(np.abs(x.reshape(samples, n).astype(dtype).astype(np.float64)), 1.0)
+    eps = float(np.finfo(dtype).eps)
+    for c0 in range(0, n, k):
+        c1 = min(n, c0 + k)
+        idx = np.arange(c1 - c0)
+        deltas = np.zeros((c1 - c0, samples, n))
+        deltas[idx, :, c0 + idx] = h[:, c0:c1].T
+        outs, moved = shifted_all(fwd, xs, dtype, {wrt: deltas.reshape((c1 - c0,) + x.shape)}, of)
+        flat = moved[wrt].reshape(4, c1 - c0, samples, n)
+        spans = np.stack([flat[t][idx, :, c0 + idx] for t in range(4)])  # (4, kc, S)
+        if np.any(spans[0] == spans[1]) or np.any(spans[2] == spans[3]):
+            raise InputError(f"the finite-difference step {rel:g} is too small for {np.dtype(dtype)}: x ± h rounds to x")
+        yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps) for o in of}
+
+
+def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype, h: float, f0: dict):
+    """Directional derivatives along ``tangents`` (input name -> (k, *x.shape)): returns
+    ``({output: Estimate}, realized)`` where the estimates are of J · realized[name], the
+    tangents actually realised once x ± h t is rounded to ``dtype`` (so that an exact J·t
+    is comparable to them to second order)."""
+    outs, moved = shifted_all(fwd, xs, dtype, {n: h * t for n, t in tangents.items()}, of)
+    k, samples = next(iter(tangents.values())).shape[:2]
+    spans = np.broadcast_to((FACTORS * h)[:, None, None], (4, k, samples))
+    realized = {n: (4 * (m[2] - m[3]) / h - (m[0] - m[1]) / (2 * h)) / 3 for n, m in moved.items()}
+    eps = float(np.finfo(dtype).eps)
+    return {o: richardson(f0[o], outs[o], spans, eps) for o in of}, realized

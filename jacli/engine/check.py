@@ -1,0 +1,524 @@
+"""Gradient checks: a model's automatic derivatives (AD) against finite differences (FD).
+
+Two kinds of check, both per sample of a batch:
+
+* columns (the default): every entry of every sample's Jacobian, the AD Jacobian from
+  ``jacobian.run`` against FD column by column;
+* ``directions=K``: K random directional derivatives J·v per sample (the protocol's
+  ``jvp``) against (f(x+hv) − f(x−hv)) / 2h — four forward passes per direction, whatever
+  the input size — plus the dot-product identity <J t, c> = <t, Jᵀc>, which checks the
+  VJP against the JVP.
+
+FD uses central differences at steps h = eps·max(|x|, 1) and h/2 combined by Richardson
+extrapolation, with an error estimate (``fd.Estimate``), evaluated in float64 when the
+backend can. An entry passes when
+
+    |AD − FD| ≤ atol + rtol·|FD| + err_FD
+
+where atol, unless given, is rtol × the largest |FD| entry of the same output row plus the
+resolution of the AD dtype, 16·ε·|y| / max(|x|, 1). A failing entry is diagnosed: a
+**kink** (the one-sided differences disagree and AD agrees with one of them: a ReLU/max
+switch point within the step; does not fail the check), **fd-noise** (the FD error
+estimate alone exceeds the tolerance and the mismatch is of its size: inconclusive),
+**non-finite**, or a **wrong gradient**.
+
+Before comparing anything the batch is tested for cross-sample leakage: perturbing some
+samples must not move the outputs of the others, or per-sample Jacobians are undefined.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil, log2
+
+import numpy as np
+
+from ..errors import InputError, UnsupportedError
+from ..model import Model
+from . import jacobian as jac
+from .fd import Estimate, default_eps, estimate_columns, estimate_directions, forward_fn
+
+RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
+RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
+RESOLUTION = 16  # AD cannot resolve derivatives below RESOLUTION * eps * |y| / max(|x|, 1)
+LISTED = 20  # mismatches (and kinks) kept in the report, worst first
+LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
+
+OK, KINK, NOISE, WRONG, NONFINITE = range(5)
+DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float
+    atol: float | None  # None: per row (see the module docstring)
+    eps: float  # relative FD step
+    ad_dtype: str
+    fd_dtype: str
+
+    def to_json(self) -> dict:
+        return {"rtol": self.rtol, "atol": self.atol, "eps": self.eps, "ad_dtype": self.ad_dtype, "fd_dtype": self.fd_dtype}
+
+
+def tolerance(ad_dtype, fd_dtype, rtol: float | None = None, atol: float | None = None, eps: float | None = None) -> Tolerance:
+    """Defaults by dtype: rtol from the AD dtype, widened when FD cannot run in float64."""
+    ad, fd = np.dtype(ad_dtype), np.dtype(fd_dtype)
+    if rtol is None:
+        rtol = max(RTOL.get(ad.itemsize, RTOL[2]), RTOL_FD.get(fd.itemsize, RTOL_FD[2]))
+    eps = default_eps(fd) if eps is None else eps
+    if not (rtol >= 0 and (atol is None or atol >= 0)):
+        raise InputError("--rtol and --atol must be non-negative")
+    if not 0 < eps < 1:
+        raise InputError(f"--eps must be between 0 and 1 (a step relative to max(|x|, 1)), not {eps:g}")
+    return Tolerance(float(rtol), None if atol is None else float(atol), float(eps), str(ad), str(fd))
+
+
+@dataclass
+class Entry:
+    """One compared entry: J[sample][output_index, input_index] (columns) or the
+    output_index element of J·v for random direction ``direction``."""
+
+    sample: int
+    of: str
+    wrt: str | None
+    output_index: list[int]
+    input_index: list[int] | None
+    direction: int | None
+    ad: float
+    fd: float
+    fd_error: float
+    forward_difference: float
+    backward_difference: float
+    abs_error: float
+    rel_error: float
+    allowed: float
+    diagnosis: str
+
+    @property
+    def ratio(self) -> float:
+        """abs_error / allowed: above 1 fails (unless a kink)."""
+        return _ratio(self.abs_error, self.allowed)
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "ratio": self.ratio}
+
+
+@dataclass
+class Adjoint:
+    """A failed dot-product test <J t, c> = <t, Jᵀ c> for one sample and direction."""
+
+    sample: int
+    direction: int
+    jvp: float  # <J t, c> from the JVP
+    vjp: float  # <t, Jᵀ c> from the VJP
+    abs_error: float
+    allowed: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Leakage:
+    """Output ``of``[output_index] of ``sample`` moved although only other samples moved."""
+
+    sample: int
+    of: str
+    output_index: list[int]
+    change: float
+    threshold: float
+    perturbed: list[int] | None  # the moved samples; None: perturbed copies appended to the batch
+
+    def describe(self) -> str:
+        moved = ("perturbed copies of the batch were appended to it" if self.perturbed is None
+                 else f"only sample(s) {_few(self.perturbed)} moved")
+        return (f"cross-sample leakage: output {self.of!r}{list(self.output_index)} of sample {self.sample} changed by "
+                f"{self.change:.3g} (noise threshold {self.threshold:.3g}) when {moved}; the model mixes samples "
+                "along the batch axis (batch statistics, e.g. batch norm in training mode), so per-sample Jacobians "
+                "are not defined — use the model in inference mode, or `jacli compute --no-batch` for the "
+                "whole-batch Jacobian")
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "message": self.describe()}
+
+
+@dataclass
+class SampleReport:
+    index: int
+    checked: int = 0
+    failures: int = 0
+    kinks: int = 0
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    worst: Entry | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failures == 0
+
+    def to_json(self) -> dict:
+        return {"index": self.index, "passed": self.passed, "checked": self.checked, "failures": self.failures,
+                "kinks": self.kinks, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "worst": None if self.worst is None else self.worst.to_json()}
+
+
+@dataclass
+class CheckResult:
+    kind: str  # "columns" | "directions"
+    tolerance: Tolerance
+    directions: int | None = None
+    samples: list[SampleReport] = field(default_factory=list)
+    mismatches: list[Entry] = field(default_factory=list)  # worst first, at most LISTED
+    kinks: list[Entry] = field(default_factory=list)
+    adjoint: list[Adjoint] = field(default_factory=list)  # failed dot-product tests
+    leakage: Leakage | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.leakage is None and all(s.passed for s in self.samples)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((s.max_abs_error for s in self.samples), default=0.0)
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((s.max_rel_error for s in self.samples), default=0.0)
+
+    @property
+    def worst(self) -> Entry | None:
+        entries = [s.worst for s in self.samples if s.worst is not None]
+        return max(entries, key=lambda e: e.ratio, default=None)
+
+    def to_json(self) -> dict:
+        worst = self.worst
+        return {
+            "passed": self.passed,
+            "check": "fd",
+            "kind": self.kind,
+            "directions": self.directions,
+            **self.tolerance.to_json(),
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "worst": None if worst is None else worst.to_json(),
+            "checked": sum(s.checked for s in self.samples),
+            "failures": sum(s.failures for s in self.samples),
+            "kinks": sum(s.kinks for s in self.samples),
+            "leakage": None if self.leakage is None else self.leakage.to_json(),
+            "mismatches": [e.to_json() for e in self.mismatches],
+            "kink_entries": [e.to_json() for e in self.kinks],
+            "adjoint_failures": [a.to_json() for a in self.adjoint],
+            "notes": list(self.notes),
+            "samples": [s.to_json() for s in self.samples],
+        }
+
+
+def check(
+    model: Model,
+    plan: jac.Plan,
+    rtol: float | None = None,
+    atol: float | None = None,
+    eps: float | None = None,
+    directions: int | None = None,
+    seed: int = 0,
+    budget: int = jac.DEFAULT_BUDGET,
+    progress=None,
+) -> CheckResult:
+    """Check ``model``'s AD against FD at ``plan.xs`` (a per-sample plan from ``jacobian.plan``).
+    ``progress(n)`` is called with the number of samples just finished."""
+    if not plan.batch:
+        raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
+    if directions is not None and directions < 1:
+        raise InputError(f"--directions must be at least 1, not {directions}")
+    _probe_ad(model, plan, directions is not None)
+    fwd, fd_dtype, notes = fd_forward(model, plan)
+    tol = tolerance(plan.dtype, fd_dtype, rtol, atol, eps)
+    result = CheckResult("directions" if directions else "columns", tol, directions, notes=notes)
+    result.leakage = leakage(model, plan, seed)
+    if result.leakage is not None:
+        return result
+    tally = _Tally(plan.samples, tol)
+    if directions:
+        _directions(model, plan, fwd, tol, directions, seed, tally, budget, progress)
+    else:
+        _columns(model, plan, fwd, tol, tally, budget, progress)
+    result.samples, result.mismatches, result.kinks, result.adjoint = tally.samples, tally.mismatches, tally.kinks, tally.adjoint
+    return result
+
+
+# --- set-up -------------------------------------------------------------------------------
+def _probe_ad(model: Model, plan: jac.Plan, directions: bool) -> None:
+    """Fail early, with a message about the check, when the model has no AD to check."""
+    one = {k: v[:1] for k, v in plan.xs.items()}
+    o, i = plan.of[0], plan.wrt[0]
+    try:
+        if not model.supports_ad:
+            raise model._no_ad()
+        if directions or plan.mode == "forward":
+            model.jvp(one, {i: np.zeros((1,) + one[i].shape, one[i].dtype)}, plan.of)
+        if directions or plan.mode == "reverse":
+            model.vjp(one, {o: np.zeros((1,) + plan.ys[o][:1].shape, plan.ys[o].dtype)}, plan.wrt)
+    except UnsupportedError as e:
+        reason = str(e).split("; use --method fd")[0]
+        raise UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})") from None
+
+
+def fd_forward(model: Model, plan: jac.Plan):
+    """The forward pass FD uses — float64 when the backend offers it and it agrees with the
+    model — its dtype, and notes on why not float64."""
+    native, dtype = forward_fn(model, plan.xs, prefer64=False)
+    if not model.supports_float64:
+        return native, dtype, [f"{model.backend} cannot evaluate this model in float64: finite differences run in {dtype} "
+                               "with wider tolerances"]
+    try:
+        y64 = model.forward64(plan.xs)
+    except Exception as e:  # noqa: BLE001 — any failure of the float64 path falls back to the model's dtype
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        return native, dtype, [f"float64 evaluation failed ({type(e).__name__}: {why}): finite differences run in "
+                               f"{dtype} with wider tolerances"]
+    for o in plan.of:
+        y = plan.ys[o].astype(np.float64)
+        gap = float(np.max(np.abs(y64[o] - y), initial=0.0))
+        if not gap <= np.sqrt(np.finfo(plan.ys[o].dtype).eps) * max(float(np.max(np.abs(y), initial=0.0)), 1e-30):
+            return native, dtype, [f"the float64 evaluation of output {o!r} differs from the model's by {gap:.3g}: "
+                                   f"finite differences run in {dtype} with wider tolerances"]
+    return model.forward64, np.dtype(np.float64), []
+
+
+def leakage(model: Model, plan: jac.Plan, seed: int = 0) -> Leakage | None:
+    """Does any sample's output depend on another sample's input? Perturbs (1) copies of the
+    batch appended to it — what stacking perturbed copies for AD and FD does — and (2) for
+    every bit of the sample index, the samples with the bit set, then those with it clear,
+    so every pair (i, j) is separated once. Raises when the model is not deterministic."""
+    xs, of = plan.xs, plan.of
+    y0, again = plan.ys, model.forward(xs)
+    noise = {}
+    for o in of:
+        noise[o] = float(np.max(_moved(y0[o], again[o]), initial=0.0))
+        if noise[o] > 64 * np.finfo(y0[o].dtype).eps * _scale(y0[o]).max():
+            raise UnsupportedError(
+                f"the model is not deterministic: two forward passes at the same input differ by {noise[o]:.3g} in "
+                f"output {o!r} (dropout or other randomness active?); finite differences cannot check it")
+    rng = np.random.default_rng([seed, 1])
+    bump = {n: (LEAK_STEP * np.maximum(np.abs(v), 1) * rng.standard_normal(v.shape)).astype(v.dtype)
+            for n, v in xs.items() if v.dtype.kind == "f"}
+    samples = plan.samples
+
+    def find(ys, rows, slack, perturbed):
+        worst = None
+        for o in of:
+            eps = np.finfo(y0[o].dtype).eps
+            change = _moved(ys[o][rows], y0[o][rows]).reshape(len(rows), -1)
+            limit = 2 * noise[o] + slack * eps * _scale(y0[o])[rows][:, None]
+            ratio = change / limit
+            if ratio.size and np.max(ratio) > 1 and (worst is None or np.max(ratio) > worst[0]):
+                s, r = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+                index = [int(i) for i in np.unravel_index(r, y0[o].shape[1:])]
+                worst = (float(np.max(ratio)), Leakage(int(rows[s]), o, index, float(change[s, r]), float(limit[s, 0]),
+                                                      perturbed))
+        return None if worst is None else worst[1]
+
+    stacked = {n: np.concatenate([v, v + bump[n] if n in bump else v]) for n, v in xs.items()}
+    found = find({o: y[:samples] for o, y in model.forward(stacked).items()}, np.arange(samples), 1 / np.sqrt(np.finfo(
+        plan.dtype).eps), None)
+    index = np.arange(samples)
+    for bit in range(ceil(log2(samples)) if samples > 1 else 0):
+        for side in (1, 0):
+            if found is not None:
+                return found
+            moved = ((index >> bit) & 1) == side
+            xp = {n: np.where(moved.reshape((-1,) + (1,) * (v.ndim - 1)), v + bump[n], v) if n in bump else v
+                  for n, v in xs.items()}
+            found = find(model.forward(xp), index[~moved], 64, index[moved].tolist())
+    return found
+
+
+def _moved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a − b| in float64, 0 where both hold the same non-finite value, inf where only one is finite."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    return np.where(same, 0.0, np.abs(a - b))
+
+
+def _scale(y: np.ndarray) -> np.ndarray:
+    """Per sample: the largest finite |output| (the batch's if a sample's is 0)."""
+    a = np.where(np.isfinite(y), np.abs(y.astype(np.float64)), 0).reshape(len(y), -1)
+    per = a.max(axis=1, initial=0.0)
+    return np.where(per > 0, per, max(float(per.max(initial=0.0)), 1e-30))
+
+
+# --- comparing ----------------------------------------------------------------------------
+class _Tally:
+    """Judges blocks of entries and keeps per-sample statistics and the worst entries."""
+
+    def __init__(self, samples: int, tol: Tolerance):
+        self.tol = tol
+        self.samples = [SampleReport(i) for i in range(samples)]
+        self.mismatches: list[Entry] = []
+        self.kinks: list[Entry] = []
+        self.adjoint: list[Adjoint] = []
+
+    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, row_scale, out_shape, in_shape):
+        """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
+        ``row_scale`` (S, m); ``in_shape`` None for directions (k is then the direction)."""
+        a = ad.astype(np.float64)
+        d = est.value
+        err = np.abs(a - d)
+        band = tol_abs + self.tol.rtol * np.abs(d)
+        allowed = band + est.error
+        finite = np.isfinite(a) & np.isfinite(d) & np.isfinite(est.error)
+        bad = ~(err <= allowed)
+        gap = np.abs(est.forward - est.backward)
+        side = np.minimum(np.abs(a - est.forward), np.abs(a - est.backward))
+        kink = bad & finite & (gap > allowed) & (side <= 0.25 * gap)
+        noise = bad & finite & ~kink & (est.error > band) & (err <= 4 * allowed)
+        code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
+        err = np.where(finite, err, np.inf)
+        rel = err / np.maximum(np.abs(d), row_scale[:, :, None])
+        ratio = _ratio(err, allowed)
+        counted = code != KINK
+
+        def entry(j, r, c):
+            return Entry(
+                s0 + j, of, wrt, _index(r, out_shape), None if in_shape is None else _index(c, in_shape),
+                int(c) if in_shape is None else None, float(a[j, r, c]), float(d[j, r, c]), float(est.error[j, r, c]),
+                float(est.forward[j, r, c]), float(est.backward[j, r, c]), float(err[j, r, c]),
+                float(np.nan_to_num(rel[j, r, c], nan=np.inf)), float(allowed[j, r, c]), DIAGNOSES[code[j, r, c]])
+
+        for j in range(a.shape[0]):
+            rep = self.samples[s0 + j]
+            rep.checked += int(code[j].size)
+            rep.failures += int(np.count_nonzero(code[j] >= NOISE))
+            rep.kinks += int(np.count_nonzero(code[j] == KINK))
+            if counted[j].any():
+                rep.max_abs_error = max(rep.max_abs_error, float(err[j][counted[j]].max()))
+                rep.max_rel_error = max(rep.max_rel_error, float(np.nan_to_num(rel[j][counted[j]], nan=np.inf).max()))
+                r, c = np.unravel_index(int(np.argmax(np.where(counted[j], ratio[j], -1))), ratio[j].shape)
+                if rep.worst is None or ratio[j, r, c] > rep.worst.ratio:
+                    rep.worst = entry(j, r, c)
+        self.mismatches = _keep(self.mismatches, code >= NOISE, ratio, entry)
+        self.kinks = _keep(self.kinks, code == KINK, ratio, entry)
+
+    def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray):
+        """Dot products (k, S) from both sides; ``scale``: the sums of |terms| bounding their rounding."""
+        err = np.abs(jvp_side - vjp_side)
+        allowed = self.tol.rtol * scale + (self.tol.atol or 0.0)
+        for k, j in zip(*np.nonzero(~(err <= allowed))):
+            self.samples[s0 + j].failures += 1
+            self.adjoint.append(Adjoint(int(s0 + j), int(k), float(jvp_side[k, j]), float(vjp_side[k, j]),
+                                        float(err[k, j]), float(allowed[k, j])))
+        self.adjoint = sorted(self.adjoint, key=lambda x: -_ratio(x.abs_error, x.allowed))[:LISTED]
+
+
+def _ratio(err, allowed):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(err == 0, 0.0, np.divide(err, allowed))
+    return float(r) if np.ndim(r) == 0 else r
+
+
+def _keep(kept: list[Entry], mask: np.ndarray, ratio: np.ndarray, entry) -> list[Entry]:
+    """The LISTED entries with the largest ratio among ``kept`` and the masked new ones."""
+    where = np.nonzero(mask)
+    if where[0].size > LISTED:
+        top = np.argpartition(-ratio[where], LISTED)[:LISTED]
+        where = tuple(w[top] for w in where)
+    new = [entry(j, r, c) for j, r, c in zip(*where)]
+    return sorted(kept + new, key=lambda e: -e.ratio)[:LISTED]
+
+
+def _index(flat: int, shape: tuple[int, ...]) -> list[int]:
+    return [int(i) for i in np.unravel_index(int(flat), shape)] if shape else []
+
+
+def _few(items: list[int], n: int = 8) -> str:
+    return ", ".join(map(str, items[:n])) + (f", … ({len(items)} in all)" if len(items) > n else "")
+
+
+def _resolution(tol: Tolerance, y: np.ndarray) -> np.ndarray:
+    """The smallest derivative the AD dtype resolves, per (sample, output element), for a
+    relative input change of 1."""
+    return RESOLUTION * np.finfo(tol.ad_dtype).eps * np.abs(y.reshape(len(y), -1).astype(np.float64))
+
+
+def _width(plan: jac.Plan) -> int:
+    """Input plus output elements per sample."""
+    return sum(plan.xs[i][:1].size for i in plan.xs) + sum(plan.ys[o][:1].size for o in plan.of)
+
+
+def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: int, progress) -> None:
+    """Every entry: AD Jacobians sample block by sample block (a sink on ``jacobian.run``),
+    each block compared with FD as soon as all its (output, input) pairs are in."""
+    pairs = {p.key: p for p in plan.pairs}
+    pending: dict[str, np.ndarray] = {}
+    fd_dtype = np.dtype(tol.fd_dtype)
+
+    class Sink:
+        def write(self, key, s0, s1, block):
+            pending[key] = block.reshape(s1 - s0, pairs[key].m, pairs[key].n)
+            if len(pending) == len(pairs):
+                compare(s0, s1, dict(pending))
+                pending.clear()
+                if progress:
+                    progress(s1 - s0)
+
+    def compare(s0, s1, ad):
+        xs = {k: v[s0:s1] for k, v in plan.xs.items()}
+        f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
+        k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
+        est = {}
+        for i in plan.wrt:
+            arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in range(4)] for o in plan.of}
+            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k):
+                for o, e in block.items():
+                    for dst, src in zip(arrays[o], (e.value, e.error, e.forward, e.backward)):
+                        dst[:, :, c0:c1] = src
+            for o in plan.of:
+                est[f"d{o}/d{i}"] = Estimate(*arrays[o])
+        for o in plan.of:
+            row = np.max([np.abs(est[f"d{o}/d{i}"].value).max(axis=2) for i in plan.wrt], axis=0)  # (S, m)
+            res = _resolution(tol, plan.ys[o][s0:s1])
+            for i in plan.wrt:
+                p = pairs[f"d{o}/d{i}"]
+                if tol.atol is None:
+                    xscale = np.maximum(np.abs(xs[i].reshape(s1 - s0, -1).astype(np.float64)), 1.0)
+                    tol_abs = tol.rtol * row[:, :, None] + res[:, :, None] / xscale[:, None, :]
+                else:
+                    tol_abs = tol.atol
+                tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, row, p.out_shape, p.in_shape)
+
+    jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))
+
+
+def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _Tally, budget: int, progress):
+    """K random directions per sample, scaled by max(|x|, 1) and of unit norm in that scale."""
+    rng = np.random.default_rng([seed, 2])
+    step = int(max(1, min(plan.samples, (budget // 2) // (4 * k * _width(plan) * 8 * 8))))
+    fd_dtype = np.dtype(tol.fd_dtype)
+    for s0 in range(0, plan.samples, step):
+        s1 = min(plan.samples, s0 + step)
+        xs = {n: v[s0:s1] for n, v in plan.xs.items()}
+        f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
+        z = {i: rng.standard_normal((k,) + xs[i].shape) for i in plan.wrt}
+        norm = np.sqrt(sum(np.square(v).reshape(k, s1 - s0, -1).sum(axis=2) for v in z.values()))  # (k, S)
+        tangents = {i: v / norm.reshape(norm.shape + (1,) * (v.ndim - 2)) * np.maximum(np.abs(xs[i].astype(np.float64)), 1)
+                    for i, v in z.items()}
+        est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0)
+        t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
+        jv = model.jvp(xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
+        for o in plan.of:
+            a = np.moveaxis(jv[o].reshape(k, s1 - s0, -1), 0, -1)  # (S, m, k)
+            row = np.abs(est[o].value).max(axis=2)
+            tol_abs = tol.rtol * row[:, :, None] + _resolution(tol, plan.ys[o][s0:s1])[:, :, None] if tol.atol is None else tol.atol
+            tally.add(s0, o, None, a, est[o], tol_abs, row, plan.ys[o].shape[1:], None)
+        cts = {o: rng.standard_normal(jv[o].shape).astype(plan.ys[o].dtype) for o in plan.of}
+        grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
+
+        def dots(us, vs):
+            terms = [(us[n].astype(np.float64) * vs[n]).reshape(k, s1 - s0, -1) for n in us]
+            return sum(t.sum(axis=2) for t in terms), sum(np.abs(t).sum(axis=2) for t in terms)
+
+        (lhs, lscale), (rhs, rscale) = dots({o: jv[o] for o in plan.of}, cts), dots(t, grads)
+        tally.add_adjoint(s0, lhs, rhs, lscale + rscale)
+        if progress:
+            progress(s1 - s0)
+
