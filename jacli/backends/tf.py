@@ -108,30 +108,36 @@ class TFModel(Model):
             out = out if isinstance(out, (list, tuple)) else [out]
             return dict(zip([s.name for s in self.outputs], out))
 
-        @tf.function(reduce_retracing=True)
-        def vjp(xs, cts, wrt_mask):
-            with tf.GradientTape(watch_accessed_variables=False) as tape:
+        def pullback(xs, wrt_mask, persistent=False):
+            with tf.GradientTape(persistent=persistent, watch_accessed_variables=False) as tape:
                 for x, on in zip(xs, wrt_mask):
                     if on:
                         tape.watch(x)
                 ys = call(xs)
-            keys = [k for k in ys if k in cts]
             targets = [x for x, on in zip(xs, wrt_mask) if on]
-            return tape.gradient(
-                [ys[k] for k in keys], targets, output_gradients=[cts[k] for k in keys],
-                unconnected_gradients=tf.UnconnectedGradients.ZERO,
-            )
 
-        @tf.function(reduce_retracing=True)
-        def jvp(xs, ts, of):
-            primals = [x for x, t in zip(xs, ts) if t is not None]
-            tangents = [t for t in ts if t is not None]
-            with tf.autodiff.ForwardAccumulator(primals, tangents) as acc:
+            def grads(cts):
+                keys = [k for k in ys if k in cts]
+                return tape.gradient([ys[k] for k in keys], targets, output_gradients=[cts[k] for k in keys],
+                                     unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+            return grads
+
+        def pushforward(xs, ts, of):
+            names_in = [s.name for s in self.inputs]
+            primals = [x for n, x in zip(names_in, xs) if n in ts]
+            with tf.autodiff.ForwardAccumulator(primals, [ts[n] for n in names_in if n in ts]) as acc:
                 ys = call(xs)
             return {k: acc.jvp(ys[k], unconnected_gradients=tf.UnconnectedGradients.ZERO) for k in of}
 
+        # one cotangent/tangent per call, and k of them vectorised with pfor (--no-batch)
+        self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
+        self._vjp_map_fn = tf.function(
+            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask, persistent=True), cts), reduce_retracing=True)
+        self._jvp_fn = tf.function(pushforward, reduce_retracing=True)
+        self._jvp_map_fn = tf.function(
+            lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
         self._call_fn = tf.function(call, reduce_retracing=True)
-        self._vjp_fn, self._jvp_fn = vjp, jvp
 
     def _xs(self, xs):
         return [xs[s.name] for s in self.inputs]
@@ -161,16 +167,20 @@ class TFModel(Model):
             out = dict(zip(self.output_names(), out if isinstance(out, (list, tuple)) else [out]))
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _vjp(self, xs, cts, wrt: Sequence[str]):
+    def _vjp(self, xs, cts, wrt: Sequence[str], fn=None):
         mask = tuple(s.name in wrt for s in self.inputs)
-        grads = self._run(self._vjp_fn, self._xs(xs), dict(cts), mask)
+        grads = self._run(fn or self._vjp_fn, self._xs(xs), dict(cts), mask)
         names = [s.name for s in self.inputs if s.name in wrt]
         return {n: np.asarray(g) for n, g in zip(names, grads)}
 
-    def _jvp(self, xs, ts, of: Sequence[str]):
-        tan = [ts.get(s.name) for s in self.inputs]
-        outs = self._run(self._jvp_fn, self._xs(xs), tan, tuple(of))
+    def _jvp(self, xs, ts, of: Sequence[str], fn=None):
+        outs = self._run(fn or self._jvp_fn, self._xs(xs), dict(ts), tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
+
+    def _vjp_jvp_map(self, prim, xs, seeds, names):
+        if prim == self._vjp:
+            return self._vjp(xs, seeds, names, fn=self._vjp_map_fn)
+        return self._jvp(xs, seeds, names, fn=self._jvp_map_fn)
 
 
 @contextlib.contextmanager
