@@ -92,6 +92,28 @@ def compute(
     return ComputeResult(p, stats.ordered(), output)
 
 
+def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
+    """Write an ONNX model's VJP (or JVP) graph as a standalone ONNX model; returns its
+    signature (the graph's inputs and outputs)."""
+    from .errors import UnsupportedError
+    from .io.writers import write_bytes_atomic
+
+    if model.format != "onnx":
+        raise UnsupportedError(f"export-grad works on ONNX models; {model.path} is {model.format}")
+    if mode not in ("vjp", "jvp"):
+        raise InputError(f"--mode must be vjp or jvp, not {mode!r}")
+    floats_in = [s.name for s in model.inputs if s.is_float]
+    floats_out = [s.name for s in model.outputs if s.is_float]
+    wrt, of = _names(wrt) or floats_in, _names(of) or floats_out
+    for name, have, flag in [*((n, floats_in, "--wrt") for n in wrt), *((n, floats_out, "--of") for n in of)]:
+        if name not in have:
+            raise InputError(f"{flag} {name!r}: no floating-point tensor of that name (there are: {', '.join(have)})")
+    graph = model.derivative_graph(mode, wrt, of)
+    write_bytes_atomic(output, graph.SerializeToString())
+    spec = lambda vi: {"name": vi.name, "shape": [d.dim_value or d.dim_param or None for d in vi.type.tensor_type.shape.dim]}  # noqa: E731
+    return {"inputs": [spec(v) for v in graph.graph.input], "outputs": [spec(v) for v in graph.graph.output]}
+
+
 def metadata(model: Model, p: jac.Plan, method: str) -> dict:
     """What every output file records about how its numbers were made."""
     return {

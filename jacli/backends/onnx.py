@@ -46,23 +46,24 @@ class OnnxModel(Model):
 
     def _forward64(self, xs):
         if "f64" not in self._graphs:
-            try:
-                from .onnx_grad import to_float64
-            except ImportError:
-                raise UnsupportedError("float64 evaluation of ONNX models is not available in this build") from None
+            from .onnx_grad import to_float64
+
             self._graphs["f64"] = _session(to_float64(self.proto).SerializeToString())
         xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
         return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])
 
+    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
+        from . import onnx_grad
+
+        build = onnx_grad.build_vjp if kind == "vjp" else onnx_grad.build_jvp
+        return build(self.proto, list(wrt), list(of))
+
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        """A cached session running the derivative graph (one per kind and selection)."""
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
-            try:
-                from . import onnx_grad
-            except ImportError:
-                raise UnsupportedError("exact ONNX derivatives are not available in this build; use --method fd") from None
-            build = onnx_grad.build_vjp if kind == "vjp" else onnx_grad.build_jvp
-            self._graphs[key] = _session(build(self.proto, list(wrt), list(of)).SerializeToString())
+            self._graphs[key] = _session(self.derivative_graph(kind, wrt, of).SerializeToString())
         return self._graphs[key]
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):

@@ -208,3 +208,23 @@ def _h5_chunks(shape, itemsize: int, batch: bool) -> tuple[int, ...] | bool:
     if not batch or per > (4 << 20):
         return True  # let h5py pick
     return (max(1, min(shape[0], (1 << 20) // max(per, 1))),) + tuple(shape[1:])
+
+
+def write_bytes_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write {path}: directory {target.parent} does not exist")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        raise
