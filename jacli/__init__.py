@@ -8,7 +8,7 @@ Imports no framework: each backend is imported when a model of its format is loa
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "jacobian", "check", "__version__"]
+__all__ = ["load", "jacobian", "check", "svd", "det", "__version__"]
 
 
 def load(path, format=None, trust=False):
@@ -34,3 +34,19 @@ def check(model, x, **kwargs):
 
 
 check.__doc__ = "Check a model's automatic derivatives against finite differences at x; see jacli.api.check."
+
+
+def svd(model, x, **kwargs):
+    from .api import svd as _svd
+
+    return _svd(model, x, **kwargs)
+
+
+def det(model, x, **kwargs):
+    from .api import det as _det
+
+    return _det(model, x, **kwargs)
+
+
+svd.__doc__ = "Singular values and condition numbers of a model's per-sample Jacobians at x; see jacli.api.svd."
+det.__doc__ = "sign, log|det| and det of a model's square per-sample Jacobians at x; see jacli.api.det."

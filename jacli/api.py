@@ -180,3 +180,78 @@ def check(
     p = plan(model, x, wrt, of, "auto", True)
     return chk.check(model, p, rtol=rtol, atol=atol, eps=eps, directions=directions, seed=seed, budget=max_memory,
                      progress=progress)
+
+
+# --- spectra: singular values, condition numbers, determinants -------------------------
+def svd(
+    model: Model,
+    x,
+    k: int | None = None,
+    smallest: bool = False,
+    vectors: bool = False,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    batch: bool = True,
+    solver: str = "auto",
+    method: str = "ad",
+    tol: float | None = None,
+    output: str | None = None,
+    chunk_size: int | None = None,
+    max_memory: int = jac.DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+):
+    """Singular values (largest first) and condition number of each sample's Jacobian
+    (all selected outputs by all selected inputs, flattened). ``x``: an input, or a plan
+    from ``plan()``. ``k``: only the top k (and with ``smallest`` the bottom k);
+    ``solver``: auto | full | matrix-free (J never formed); ``vectors``: write the top
+    singular vectors to ``output`` (.npz/.h5). Returns a ``jacli.engine.spectral.SvdResult``."""
+    from .engine import spectral
+
+    p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
+    tol = spectral.DEFAULT_TOL if tol is None else tol
+    chosen = spectral.choose_solver(model, p, k, solver, method, max_memory)
+    if vectors and output is None:
+        raise InputError("singular vectors go to a file: give -o OUT.npz or OUT.h5 with --vectors")
+    meta = {**metadata(model, p, method), "command": "svd", "solver": chosen, "k": k, "smallest": smallest, "tol": tol}
+    with _spectral_writer(output, spectral.svd_arrays(p, chosen, k, smallest, vectors), meta, p.batch) as sink:
+        return spectral.svd(model, p, k, smallest, vectors, chosen, method, tol, max_memory, chunk_size, sink, progress)
+
+
+def det(
+    model: Model,
+    x,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    batch: bool = True,
+    method: str = "ad",
+    singular_tol: float | None = None,
+    output: str | None = None,
+    chunk_size: int | None = None,
+    max_memory: int = jac.DEFAULT_BUDGET,
+    progress: Callable[[int], None] | None = None,
+):
+    """sign, log|det J| and det J of each sample's square Jacobian, by LU; a Jacobian whose
+    reciprocal condition estimate is at most ``singular_tol`` (default n·eps of the model's
+    dtype) is reported singular. Returns a ``jacli.engine.spectral.DetResult``."""
+    from .engine import spectral
+
+    p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
+    if singular_tol is None:
+        singular_tol = spectral.default_singular_tol(p)
+    meta = {**metadata(model, p, method), "command": "det", "singular_tol": singular_tol}
+    with _spectral_writer(output, spectral.det_arrays(p), meta, p.batch) as sink:
+        return spectral.det(model, p, method, singular_tol, max_memory, chunk_size, sink, progress)
+
+
+def _spectral_writer(output: str | None, arrays: dict, meta: dict, batch: bool):
+    """An atomic .npz/.h5 writer for the named float64 arrays, or nothing without ``output``."""
+    import contextlib
+
+    from .errors import OutputError
+    from .io.writers import open_writer
+
+    if output is None:
+        return contextlib.nullcontext(None)
+    if output == "-" or Path(output).suffix.lower() not in (".npz", ".h5", ".hdf5"):
+        raise OutputError(f"cannot write {output}: svd and det write several arrays; use a .npz or .h5 file")
+    return open_writer(output, arrays, np.float64, meta, batch=batch)

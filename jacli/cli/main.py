@@ -14,8 +14,9 @@ import click
 from .. import __version__
 from .compute import compute
 from .inspect_cmd import inspect_cmd
+from .spectral import det, svd
 
-COMMANDS = [inspect_cmd, compute]
+COMMANDS = [inspect_cmd, compute, svd, det]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -66,3 +66,24 @@ common = _stack(
     click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors (and requested data)."),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 )
+
+# svd / det
+spectral_output = click.option("-o", "--output", metavar="OUT",
+                               help="Write the per-sample results (and --vectors) to OUT (.npz or .h5), with metadata.")
+svd = _stack(
+    click.option("-k", "k", type=click.IntRange(min=1), metavar="K",
+                 help="Only the top K singular values (matrix-free when J is large)."),
+    click.option("--smallest", is_flag=True,
+                 help="Also the bottom K: gives the condition number when matrix-free (slower to converge)."),
+    click.option("--vectors", is_flag=True,
+                 help="Also write the top singular vectors to -o: right ones in each input's shape (the most "
+                      "sensitive input directions), left ones in each output's shape."),
+    click.option("--solver", type=click.Choice(["auto", "full", "matrix-free"]), default="auto", show_default=True,
+                 help="full: form J and decompose it (exact); matrix-free: JVP/VJP products only, J never formed; "
+                      "auto: full unless J is large (or -k asks for a few values of a big J)."),
+    click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+                 help="Relative accuracy asked of matrix-free singular values (certified by residuals)."),
+)
+singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
+                            help="J counts as singular when its reciprocal condition number estimate is at most R "
+                                 "(default: n·eps of the model's dtype).")

@@ -1,0 +1,106 @@
+import click
+
+from .. import api
+from . import options
+from .common import console, emit_json, load_input, load_model, warn
+
+
+def _prepare(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, mode, no_batch, quiet):
+    model = load_model(model_path, fmt, trust_model)
+    xs = load_input(model, input_path, random_n, seed, quiet)
+    return model, api.plan(model, xs, wrt or None, of or None, mode=mode, batch=not no_batch)
+
+
+def _header(plan, meta: dict, result, output) -> dict:
+    return {**{k: meta[k] for k in ("model", "format", "backend", "method", "batch", "dtype")},
+            "of": plan.of, "wrt": plan.wrt, "output": output, "jacobians": meta["jacobians"],
+            "summary": result.summary(), "samples": result.samples_json()}
+
+
+@click.command("svd")
+@options.model
+@options.data
+@options.select
+@options.svd
+@options.spectral_output
+@options.engine
+@options.method
+@options.common
+def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, smallest, vectors, solver, tol, output,
+        mode, no_batch, chunk_size, max_memory, method, as_json, quiet, debug):
+    """Singular values and condition number of each sample's Jacobian at INPUT.
+
+    J is every selected output (flattened) by every selected input (flattened). σ_max is
+    the local Lipschitz constant at the sample; σ_max/σ_min the condition number. Small J:
+    full SVD (all values). Large J, or -k K with min(m, n) > 512: the top K values (and with
+    --smallest the bottom K) by a matrix-free Krylov method on JVP/VJP products, J never
+    formed. See docs/spectral.md.
+    """
+    from ..render.progress import Progress
+    from ..render.spectral import svd_view
+
+    model, plan = _prepare(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, mode, no_batch, quiet)
+    with Progress(plan.samples, enabled=not quiet) as progress:
+        result = api.svd(model, plan, k=k, smallest=smallest, vectors=vectors, solver=solver, method=method, tol=tol,
+                         output=output, chunk_size=chunk_size, max_memory=max_memory, progress=progress)
+    if result.solver == "matrix-free" and k is None:
+        warn(f"J is {result.m}x{result.n} per sample, too large to decompose in full; computed the top "
+             f"{result.singular_values.shape[1]} singular values matrix-free (choose with -k; --smallest for the "
+             "condition number)", quiet)
+    if result.converged is not None and not result.converged.all():
+        warn(f"the matrix-free solver did not converge for {int((~result.converged).sum())} sample(s) within "
+             f"{result.iterations} iterations; see error_bound", quiet)
+    meta = api.metadata(model, plan, method)
+    doc = {**_header(plan, meta, result, output), "solver": result.solver, "shape": [result.m, result.n],
+           "k": k, "tol": tol if result.solver == "matrix-free" else None}
+    if result.solver == "matrix-free":
+        doc.update(iterations=result.iterations, products=result.products)
+    if as_json:
+        emit_json(doc)
+    elif not quiet:
+        console().print(svd_view(doc))
+    if output and not as_json:
+        _wrote(output, quiet)
+
+
+@click.command("det")
+@options.model
+@options.data
+@options.select
+@options.singular_tol
+@options.spectral_output
+@options.engine
+@options.method
+@options.common
+def det(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, singular_tol, output, mode, no_batch,
+        chunk_size, max_memory, method, as_json, quiet, debug):
+    """sign, log|det J| and det J of each sample's square Jacobian at INPUT, by LU.
+
+    For invertible maps such as normalizing flows (output size = input size). A Jacobian
+    that is singular at the model's precision is reported as such (det 0, logabsdet -inf),
+    not as a tiny rounding-noise determinant. In --json, non-finite numbers are the strings
+    "Infinity", "-Infinity" and "NaN". See docs/spectral.md.
+    """
+    from ..render.progress import Progress
+    from ..render.spectral import det_view
+
+    model, plan = _prepare(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, mode, no_batch, quiet)
+    with Progress(plan.samples, enabled=not quiet) as progress:
+        result = api.det(model, plan, method=method, singular_tol=singular_tol, output=output, chunk_size=chunk_size,
+                         max_memory=max_memory, progress=progress)
+    if result.overflow.any():
+        warn(f"|det J| exceeds the float64 range for {int(result.overflow.sum())} sample(s): det is ±inf there; "
+             "logabsdet is exact", quiet)
+    meta = api.metadata(model, plan, method)
+    doc = {**_header(plan, meta, result, output), "shape": [result.n, result.n], "singular_tol": result.tol}
+    if as_json:
+        emit_json(doc)
+    elif not quiet:
+        console().print(det_view(doc))
+    if output and not as_json:
+        _wrote(output, quiet)
+
+
+def _wrote(output: str, quiet: bool) -> None:
+    if not quiet:
+        click.echo(f"Wrote {output}", err=True)

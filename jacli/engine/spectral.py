@@ -1,0 +1,536 @@
+"""Singular values, condition numbers and log-determinants of per-sample Jacobians.
+
+The Jacobian of a sample is the matrix J (m x n) of all selected outputs, flattened and
+concatenated, with respect to all selected inputs, flattened and concatenated (one pair:
+the usual per-sample Jacobian, flattened).
+
+Two solvers:
+
+* **full** — J is materialised (by the block-wise engine in ``jacobian.py``) one block of
+  samples at a time, and decomposed by LAPACK in float64: every singular value (``svd``),
+  or an LU factorisation (``det``).
+* **matrix-free** — J is never formed. Only the protocol's JVP (J V) and VJP (Jᵀ U) are
+  used, on blocks of vectors for every sample at once (the block axis folds into the batch
+  axis, so one backend call serves all samples). A block Krylov method with thick restarts
+  (block Lanczos with full reorthogonalisation, Rayleigh–Ritz on the Gram operator of the
+  smaller side) finds the top (and optionally bottom) k singular values. Convergence is
+  certified: for a Ritz pair of the Gram operator with residual e, some true singular value
+  lies within min(‖e‖/σ, √‖e‖) of σ; iteration stops when that bound is below
+  ``tol``·σ plus a noise floor set by the model's precision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import prod
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..model import Model
+from . import jacobian as jac
+
+DEFAULT_K = 6  # singular values computed matrix-free when J is too large and no -k is given
+FULL_MAX_DIM = 512  # with -k, the full SVD is used (exact, and cheaper) when min(m, n) is at most this
+DEFAULT_TOL = 1e-6  # relative accuracy asked of matrix-free singular values
+NOISE = 30  # matrix-free accuracy is never asked beyond NOISE * eps(model dtype) * sigma_max ...
+GRAM_FLOOR = 4  # ... nor Gram residuals below GRAM_FLOOR * eps * sigma_max², the rounding level of AᵀA v
+MAX_ITER = 500
+LOG_MAX = float(np.log(np.finfo(np.float64).max))
+LOG_TINY = float(np.log(np.finfo(np.float64).smallest_subnormal))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each selected input/output sits in the flat per-sample vectors of J."""
+
+    ins: list[tuple[str, tuple[int, ...], int]]  # (name, per-sample shape, offset)
+    outs: list[tuple[str, tuple[int, ...], int]]
+    m: int
+    n: int
+
+    @classmethod
+    def of(cls, plan: jac.Plan) -> "Layout":
+        def place(shapes):
+            out, off = [], 0
+            for name, shape in shapes:
+                out.append((name, tuple(shape), off))
+                off += prod(shape)
+            return out, off
+
+        first = plan.pairs[0].of
+        ins, n = place([(p.wrt, p.in_shape) for p in plan.pairs if p.of == first])
+        outs, m = place([(o, next(p.out_shape for p in plan.pairs if p.of == o)) for o in plan.of])
+        return cls(ins, outs, m, n)
+
+
+def eps(plan: jac.Plan) -> float:
+    """Unit roundoff of the precision the model computes in."""
+    return float(np.finfo(plan.dtype).eps)
+
+
+def default_singular_tol(plan: jac.Plan) -> float:
+    """Default threshold of ``det``: rcond at most n·eps means numerically singular."""
+    return Layout.of(plan).n * eps(plan)
+
+
+# --- results --------------------------------------------------------------------------
+@dataclass
+class SvdResult:
+    """Singular values per sample, largest first. ``smallest``: the bottom k (ascending
+    order reversed, i.e. largest first, ending at σ_min) when asked for matrix-free.
+    ``condition_number`` is σ_max/σ_min (inf for a rank-deficient J, NaN when σ_min is
+    unknown). ``rank`` (full solver) counts σ > max(m, n)·eps·σ_max. ``error_bound``
+    (matrix-free) is the certified absolute error bound of each sample's worst value."""
+
+    solver: str
+    m: int
+    n: int
+    k: int | None
+    singular_values: np.ndarray  # (S, r)
+    condition_number: np.ndarray  # (S,)
+    smallest: np.ndarray | None = None  # (S, k)
+    rank: np.ndarray | None = None  # (S,)
+    converged: np.ndarray | None = None  # (S,) bool
+    error_bound: np.ndarray | None = None  # (S,)
+    iterations: int = 0
+    products: int = 0  # J·V and Jᵀ·U vectors per sample (matrix-free)
+
+    @property
+    def sigma_max(self) -> np.ndarray:
+        return self.singular_values[:, 0]
+
+    def samples_json(self) -> list[dict]:
+        out = []
+        for i in range(len(self.singular_values)):
+            d = {"index": i, "singular_values": _num(self.singular_values[i]),
+                 "condition_number": _num(self.condition_number[i])}
+            if self.smallest is not None:
+                d["smallest_singular_values"] = _num(self.smallest[i])
+            if self.rank is not None:
+                d["rank"] = int(self.rank[i])
+            if self.converged is not None:
+                d["converged"] = bool(self.converged[i])
+                d["error_bound"] = _num(self.error_bound[i])
+            out.append(d)
+        return out
+
+    def summary(self) -> dict:
+        return {"sigma_max": spread(self.sigma_max), "condition_number": spread(self.condition_number)}
+
+
+@dataclass
+class DetResult:
+    """Per sample: ``sign`` (-1, 0, +1), ``logabsdet`` = log|det J|, ``det`` =
+    sign·exp(logabsdet) (±inf only where |det J| exceeds float64's range, see
+    ``overflow``; 0 where it underflows, see ``underflow``), ``rcond`` (LAPACK's estimate of
+    1/κ₁(J)). ``singular`` where rcond ≤ ``tol``: then sign = 0, det = 0, logabsdet = -inf."""
+
+    n: int
+    tol: float
+    sign: np.ndarray
+    logabsdet: np.ndarray
+    det: np.ndarray
+    rcond: np.ndarray
+    singular: np.ndarray = field(init=False)
+    overflow: np.ndarray = field(init=False)
+    underflow: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        finite = np.isfinite(self.logabsdet)
+        self.singular = self.sign == 0
+        self.overflow = finite & (self.logabsdet > LOG_MAX)
+        self.underflow = finite & (self.logabsdet < LOG_TINY)
+
+    def samples_json(self) -> list[dict]:
+        return [{"index": i, "sign": _num(self.sign[i]), "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
+                 "singular": bool(self.singular[i]), "rcond": _num(self.rcond[i]),
+                 "det_overflow": bool(self.overflow[i]), "det_underflow": bool(self.underflow[i])}
+                for i in range(len(self.sign))]
+
+    def summary(self) -> dict:
+        return {"logabsdet": spread(self.logabsdet), "singular": int(self.singular.sum())}
+
+
+def spread(values: np.ndarray) -> dict:
+    """max / median / min over samples, ignoring NaN (NaN if nothing is left)."""
+    v = np.asarray(values, np.float64)
+    v = v[~np.isnan(v)]
+    if not v.size:
+        return {"max": "NaN", "median": "NaN", "min": "NaN"}
+    return {"max": _num(v.max()), "median": _num(np.median(v)), "min": _num(v.min())}
+
+
+def _num(v):
+    """JSON-ready numbers: non-finite floats become the strings "Infinity", "-Infinity", "NaN"."""
+    if isinstance(v, np.ndarray):
+        return [_num(x) for x in v.tolist()]
+    v = float(v)
+    if np.isnan(v):
+        return "NaN"
+    if np.isinf(v):
+        return "Infinity" if v > 0 else "-Infinity"
+    return v
+
+
+# --- choosing a solver and naming the output arrays -------------------------------------
+def choose_solver(model: Model, plan: jac.Plan, k: int | None, solver: str, method: str, budget: int) -> str:
+    """``full`` or ``matrix-free``, from what was asked and the size of J."""
+    lay = Layout.of(plan)
+    d = min(lay.m, lay.n)
+    if k is not None and not 1 <= k <= d:
+        raise InputError(f"-k {k}: J has min(m, n) = {d} singular values per sample (J is {lay.m}x{lay.n})")
+    fits = _dense_bytes(plan, lay) <= budget
+    if solver == "auto":
+        small = k is None or d <= FULL_MAX_DIM
+        solver = "full" if (fits and small) or method == "fd" else "matrix-free"
+    if solver == "full" and not fits:
+        raise InputError(
+            f"J is {lay.m}x{lay.n} per sample ({_dense_bytes(plan, lay) / 2**20:.0f} MiB to decompose), more than "
+            "--max-memory allows; use -k K for the top K singular values matrix-free, or raise --max-memory"
+        )
+    if solver == "matrix-free" and method != "ad":
+        raise InputError("the matrix-free solver needs automatic differentiation (JVP and VJP); drop --method fd, "
+                         "or use --solver full")
+    if solver == "matrix-free" and not model.supports_ad:
+        raise model._no_ad()
+    return solver
+
+
+def svd_arrays(plan: jac.Plan, solver: str, k: int | None, smallest: bool, vectors: bool) -> dict[str, tuple]:
+    """Names and shapes (with the sample axis when batched) of what ``svd`` writes."""
+    lay = Layout.of(plan)
+    r = k or (min(lay.m, lay.n) if solver == "full" else DEFAULT_K)
+    lead = (plan.samples,) if plan.batch else ()
+    arrays = {"singular_values": lead + (r,), "condition_number": lead}
+    if smallest:
+        arrays["smallest_singular_values"] = lead + (r,)
+    if vectors:
+        arrays.update({f"right_vectors/{name}": lead + (r,) + shape for name, shape, _ in lay.ins})
+        arrays.update({f"left_vectors/{name}": lead + (r,) + shape for name, shape, _ in lay.outs})
+    return arrays
+
+
+def det_arrays(plan: jac.Plan) -> dict[str, tuple]:
+    lead = (plan.samples,) if plan.batch else ()
+    return {name: lead for name in ("sign", "logabsdet", "det", "rcond")}
+
+
+def _dense_bytes(plan: jac.Plan, lay: Layout) -> int:
+    """Memory to materialise and decompose one sample's J: the engine's buffer, a float64
+    copy, and LAPACK's workspace — about three float64 copies."""
+    return 3 * lay.m * lay.n * 8
+
+
+# --- svd ------------------------------------------------------------------------------
+def svd(
+    model: Model,
+    plan: jac.Plan,
+    k: int | None = None,
+    smallest: bool = False,
+    vectors: bool = False,
+    solver: str = "auto",
+    method: str = "ad",
+    tol: float = DEFAULT_TOL,
+    budget: int = jac.DEFAULT_BUDGET,
+    chunk: int | None = None,
+    sink: jac.Sink | None = None,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> SvdResult:
+    """Singular values of each sample's J (see the module docstring). ``sink`` receives
+    the arrays named by ``svd_arrays`` sample block by sample block."""
+    solver = choose_solver(model, plan, k, solver, method, budget)
+    if solver == "full":
+        return _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, progress)
+    return _svd_matrix_free(model, plan, k or DEFAULT_K, smallest, vectors, tol, budget, sink, progress, seed)
+
+
+def _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, progress) -> SvdResult:
+    lay = Layout.of(plan)
+    d = min(lay.m, lay.n)
+    r = k or d
+    parts: dict[str, list] = {"s": [], "cond": [], "rank": [], "low": []}
+
+    def consume(s0: int, s1: int, J: np.ndarray) -> None:
+        ok = np.isfinite(J).all(axis=(1, 2))
+        s = np.full((len(J), d), np.nan)
+        U = V = None
+        if vectors:
+            U = np.full((len(J), lay.m, d), np.nan)
+            V = np.full((len(J), d, lay.n), np.nan)
+            if ok.any():
+                U[ok], s[ok], V[ok] = np.linalg.svd(J[ok], full_matrices=False)
+        elif ok.any():
+            s[ok] = np.linalg.svd(J[ok], compute_uv=False)
+        floor = max(lay.m, lay.n) * eps(plan) * s[:, :1]  # numpy's matrix_rank tolerance
+        rank = (s > floor).sum(axis=1)
+        cond = _condition(s[:, 0], s[:, -1], floor[:, 0])
+        parts["s"].append(s[:, :r])
+        parts["cond"].append(cond)
+        parts["rank"].append(rank)
+        parts["low"].append(s[:, -r:])
+        if sink is not None:
+            _emit(sink, s0, s1, lay, s[:, :r], cond, s[:, -r:] if smallest else None,
+                  (V[:, :r, :], U[:, :, :r].transpose(0, 2, 1)) if vectors else None)
+        if progress:
+            progress(s1 - s0)
+
+    _dense(model, plan, lay, method, budget, chunk, consume)
+    cat = {key: np.concatenate(v) for key, v in parts.items()}
+    return SvdResult("full", lay.m, lay.n, k, cat["s"], cat["cond"], cat["low"] if smallest else None, cat["rank"])
+
+
+def _condition(smax: np.ndarray, smin: np.ndarray, floor: np.ndarray) -> np.ndarray:
+    """σ_max/σ_min; inf where σ_min cannot be told apart from 0 (σ_min ≤ floor), NaN where unknown."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = np.where(smin > floor, smax / smin, np.inf)
+    return np.where(np.isnan(smax) | np.isnan(smin), np.nan, cond)
+
+
+def _emit(sink, s0, s1, lay: Layout, top, cond, low, vecs) -> None:
+    sink.write("singular_values", s0, s1, top)
+    sink.write("condition_number", s0, s1, cond)
+    if low is not None:
+        sink.write("smallest_singular_values", s0, s1, low)
+    if vecs is not None:
+        right, left = vecs  # (S, r, n), (S, r, m)
+        for name, shape, off in lay.ins:
+            sink.write(f"right_vectors/{name}", s0, s1, right[:, :, off:off + prod(shape)].reshape(right.shape[:2] + shape))
+        for name, shape, off in lay.outs:
+            sink.write(f"left_vectors/{name}", s0, s1, left[:, :, off:off + prod(shape)].reshape(left.shape[:2] + shape))
+
+
+def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
+    """Materialise J sample block by sample block as (S, m, n) float64 and hand it to
+    ``consume(s0, s1, J)``."""
+    pairs = {p.key: p for p in plan.pairs}
+    ins = {name: (off, prod(shape)) for name, shape, off in lay.ins}
+    outs = {name: (off, prod(shape)) for name, shape, off in lay.outs}
+
+    class Assemble:
+        held: dict[str, np.ndarray] = {}
+
+        def write(self, key, s0, s1, block):
+            self.held[key] = block.reshape(s1 - s0, pairs[key].m, pairs[key].n)
+            if len(self.held) < len(pairs):
+                return
+            J = np.empty((s1 - s0, lay.m, lay.n))
+            for key, b in self.held.items():
+                (r0, m), (c0, n) = outs[pairs[key].of], ins[pairs[key].wrt]
+                J[:, r0:r0 + m, c0:c0 + n] = b
+            self.held = {}
+            consume(s0, s1, J)
+
+    jac.run(model, plan, Assemble(), method=method, chunk=chunk, budget=budget // 3)
+
+
+# --- matrix-free ------------------------------------------------------------------------
+class LinearMap:
+    """J of a group of samples as a batched map on flat vectors, built on the protocol:
+    ``jvp``: (S, n, b) -> (S, m, b); ``vjp``: (S, m, b) -> (S, n, b). One backend call per
+    product serves all b vectors of all S samples."""
+
+    def __init__(self, model: Model, plan: jac.Plan, xs: dict[str, np.ndarray], lay: Layout):
+        self.model, self.plan, self.xs, self.lay = model, plan, xs, lay
+        self.lead = (next(iter(xs.values())).shape[0],) if plan.batch else ()
+        self.products = 0
+
+    def jvp(self, V: np.ndarray) -> np.ndarray:
+        tangents = self._split(V, self.lay.ins, {n: self.xs[n].dtype for n in self.plan.wrt})
+        outs = self.model.jvp(self.xs, tangents, self.plan.of, per_sample=self.plan.batch)
+        return self._join(outs, self.lay.outs)
+
+    def vjp(self, U: np.ndarray) -> np.ndarray:
+        cotangents = self._split(U, self.lay.outs, {n: self.plan.ys[n].dtype for n in self.plan.of})
+        grads = self.model.vjp(self.xs, cotangents, self.plan.wrt, per_sample=self.plan.batch)
+        return self._join(grads, self.lay.ins)
+
+    def _split(self, V, places, dtypes) -> dict[str, np.ndarray]:
+        b = V.shape[2]
+        self.products += b
+        T = V.transpose(2, 0, 1)  # (b, S, size)
+        return {name: np.ascontiguousarray(T[:, :, off:off + prod(shape)]).astype(dtypes[name])
+                .reshape((b,) + self.lead + shape) for name, shape, off in places}
+
+    def _join(self, arrays, places) -> np.ndarray:
+        S = self.lead[0] if self.lead else 1
+        parts = [arrays[name].reshape(arrays[name].shape[0], S, -1) for name, _, _ in places]
+        return np.concatenate(parts, axis=2).transpose(1, 2, 0).astype(np.float64)
+
+
+def _svd_matrix_free(model, plan, k, smallest, vectors, tol, budget, sink, progress, seed) -> SvdResult:
+    lay = Layout.of(plan)
+    d, other = min(lay.m, lay.n), max(lay.m, lay.n)
+    rng = np.random.default_rng(seed)
+    block = _block(k) * (2 if smallest else 1)
+    cols = _max_cols(d, block, k, smallest)
+    group = plan.samples if not plan.batch else max(1, min(plan.samples, budget // (cols * (2 * d + other) * 8 * 4)))
+    pieces: dict[str, list] = {"top": [], "low": [], "cond": [], "conv": [], "err": []}
+    iterations = products = 0
+    for s0 in range(0, plan.samples, group):
+        s1 = min(plan.samples, s0 + group)
+        xs = {name: v[s0:s1] for name, v in plan.xs.items()} if plan.batch else plan.xs
+        op = LinearMap(model, plan, xs, lay)
+        # Work in the smaller space: A maps it to the larger one.
+        A, At = (op.jvp, op.vjp) if lay.n <= lay.m else (op.vjp, op.jvp)
+        top, low, right, left, conv, bound, it = _krylov(A, At, s1 - s0, d, k, smallest, tol, eps(plan), cols,
+                                                          rng, progress)
+        iterations, products = max(iterations, it), max(products, op.products)
+        cond = _condition(top[:, 0], low[:, -1], bound[:, -1]) if smallest else np.full(s1 - s0, np.nan)
+        err = bound.max(axis=1)
+        for key, v in {"top": top, "low": low, "cond": cond, "conv": conv, "err": err}.items():
+            if v is not None:
+                pieces[key].append(v)
+        if sink is not None:
+            vecs = None
+            if vectors:  # right: (S, k, d) in the basis space, left: (S, k, other)
+                vecs = (right, left) if lay.n <= lay.m else (left, right)
+            _emit(sink, s0, s1, lay, top, cond, low if smallest else None, vecs)
+    cat = {key: np.concatenate(v) for key, v in pieces.items() if v}
+    return SvdResult("matrix-free", lay.m, lay.n, k, cat["top"], cat["cond"], cat.get("low"),
+                     converged=cat["conv"], error_bound=cat["err"], iterations=iterations, products=products)
+
+
+def _block(k: int) -> int:
+    """Vectors added per iteration for k wanted values (more than k speeds convergence)."""
+    return k + max(2, k // 2)
+
+
+def _max_cols(d: int, block: int, k: int, smallest: bool) -> int:
+    """Basis size at which the method restarts."""
+    return min(d, max(8 * block, 4 * k * (2 if smallest else 1)))
+
+
+def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
+    """Top (and with ``smallest`` bottom) k singular values of S matrices of which we can
+    only apply A (d -> other, d <= other) and Aᵀ, by block Krylov on the Gram operator AᵀA
+    with thick restarts. Returns (top (S, k), bottom (S, k) or None, right vectors (S, k, d),
+    left vectors (S, k, other), converged (S,), error bound (S, k[+k]), iterations)."""
+    sides = 2 if smallest else 1
+    b = _block(k)
+    Q = _orthonormalize(rng.standard_normal((S, d, min(b * sides, d))), None, rng)
+    Z = At(A(Q))  # AᵀA Q, kept alongside Q so that restarts cost no products
+    done_before = np.zeros(S, bool)
+    it = 0
+    while True:
+        c = Q.shape[2]
+        H = Q.transpose(0, 2, 1) @ Z
+        theta, W = np.linalg.eigh((H + H.transpose(0, 2, 1)) / 2)
+        theta, W = np.clip(theta[:, ::-1], 0, None), W[:, :, ::-1]  # descending
+        wanted = _wanted(c, k, smallest)
+        Ww = W[:, :, wanted]
+        e = np.linalg.norm(Z @ Ww - (Q @ Ww) * theta[:, None, wanted], axis=1)  # Gram residuals
+        sigma = np.sqrt(theta[:, wanted])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = np.minimum(np.where(sigma > 0, e / sigma, np.inf), np.sqrt(e))
+        # a pair is done when its bound meets the tolerance, or its residual is down to rounding noise
+        ok = (bound <= tol * sigma + NOISE * eps * sigma[:, :1]) | (e <= GRAM_FLOOR * eps * theta[:, :1])
+        done = ok.all(axis=1) | (c >= d)
+        if progress and (done & ~done_before).any():
+            progress(int((done & ~done_before).sum()))
+        done_before = done
+        if done.all() or it >= MAX_ITER:
+            break
+        if max_cols < d and c + b * sides > max_cols:  # thick restart: keep the best Ritz vectors
+            keep = _wanted(c, max_cols // (2 * sides), smallest)
+            Q, Z, theta, W = Q @ W[:, :, keep], Z @ W[:, :, keep], theta[:, keep], np.eye(len(keep))[None]
+            c = len(keep)
+        grow = _wanted(c, b, smallest)[: d - c]
+        Wg = W[:, :, grow]
+        P = _orthonormalize(Z @ Wg - (Q @ Wg) * theta[:, None, grow], Q, rng)  # residuals: new directions
+        Q, Z = np.concatenate([Q, P], axis=2), np.concatenate([Z, At(A(P))], axis=2)
+        it += 1
+    if progress and not done.all():
+        progress(int((~done).sum()))
+    # Final triplets from the SVD of A on the wanted Ritz vectors (no squaring, so small
+    # singular values keep their accuracy), certified by one more product: with
+    # A v = σ u, r = Aᵀu - σ v, some singular value of A lies within ‖r‖ of σ.
+    V = Q @ Ww
+    U, s, Wt = np.linalg.svd(A(V), full_matrices=False)
+    V = V @ Wt.transpose(0, 2, 1)
+    bound = np.linalg.norm(At(U) - V * s[:, None, :], axis=1)
+    keep = np.r_[0:k, s.shape[1] - k:s.shape[1]] if smallest else np.r_[0:k]
+    top, low = s[:, :k], (s[:, -k:] if smallest else None)
+    return top, low, V[:, :, :k].transpose(0, 2, 1), U[:, :, :k].transpose(0, 2, 1), done, bound[:, keep], it
+
+
+def _wanted(c: int, k: int, bottom: bool) -> np.ndarray:
+    """Indices (into Ritz values sorted descending) of the top k, and the bottom k too."""
+    top = np.arange(min(k, c))
+    return np.union1d(top, np.arange(max(0, c - k), c)) if bottom else top
+
+
+def _orthonormalize(P: np.ndarray, Q: np.ndarray | None, rng) -> np.ndarray:
+    """Orthonormal columns spanning P with Q projected out (twice, for stability); columns
+    that vanish (already in span Q) are replaced by random directions."""
+    for _ in range(2):
+        if Q is not None:
+            P = P - Q @ (Q.transpose(0, 2, 1) @ P)
+            P = P - Q @ (Q.transpose(0, 2, 1) @ P)
+        norms = np.linalg.norm(P, axis=1, keepdims=True)
+        P, R = np.linalg.qr(P / np.where(norms > 0, norms, 1))
+        weak = np.abs(np.diagonal(R, axis1=1, axis2=2)) < 1e-8
+        if not weak.any():
+            return P
+        P = np.where(weak[:, None, :], rng.standard_normal(P.shape), P)
+    return P
+
+
+# --- det --------------------------------------------------------------------------------
+def det(
+    model: Model,
+    plan: jac.Plan,
+    method: str = "ad",
+    singular_tol: float | None = None,
+    budget: int = jac.DEFAULT_BUDGET,
+    chunk: int | None = None,
+    sink: jac.Sink | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DetResult:
+    """sign, log|det J| and det J of each sample's square J, by LU in float64.
+
+    J counts as singular when LAPACK's reciprocal condition estimate rcond ≤
+    ``singular_tol`` (default n·eps of the model's dtype): at that precision J cannot be
+    told apart from a singular matrix, and its LU determinant would be rounding noise."""
+    from scipy.linalg import lapack, lu_factor
+
+    lay = Layout.of(plan)
+    if lay.m != lay.n:
+        pairs = ", ".join(f"{p.key} is {p.m}x{p.n}" for p in plan.pairs)
+        raise InputError(f"det needs a square Jacobian, but J is {lay.m}x{lay.n} per sample ({pairs}); "
+                         "use 'jacli svd' for singular values and the condition number")
+    if 3 * lay.n * lay.n * 8 > budget:
+        raise InputError(f"J is {lay.n}x{lay.n} per sample ({3 * lay.n * lay.n * 8 / 2**20:.0f} MiB to factorise), "
+                         "more than --max-memory allows; raise --max-memory")
+    tol = default_singular_tol(plan) if singular_tol is None else singular_tol
+    parts: dict[str, list] = {"sign": [], "logabsdet": [], "det": [], "rcond": []}
+
+    def consume(s0: int, s1: int, J: np.ndarray) -> None:
+        out = {key: np.full(s1 - s0, np.nan) for key in parts}
+        for j, a in enumerate(J):
+            if not np.isfinite(a).all():
+                continue
+            lu, piv = lu_factor(a, check_finite=False)
+            diag = np.diagonal(lu)
+            rcond, _ = lapack.dgecon(lu, np.abs(a).sum(axis=0).max(), norm="1")
+            swaps = np.count_nonzero(piv != np.arange(len(piv)))
+            if rcond <= tol or not diag.all():
+                out["sign"][j], out["logabsdet"][j], out["rcond"][j] = 0.0, -np.inf, rcond
+                continue
+            out["sign"][j] = (-1.0) ** swaps * np.prod(np.sign(diag))
+            out["logabsdet"][j] = np.log(np.abs(diag)).sum()
+            out["rcond"][j] = rcond
+        with np.errstate(over="ignore"):
+            out["det"] = np.where(out["sign"] == 0, 0.0, out["sign"] * np.exp(out["logabsdet"]))
+        for key, v in out.items():
+            parts[key].append(v)
+            if sink is not None:
+                sink.write(key, s0, s1, v)
+        if progress:
+            progress(s1 - s0)
+
+    _dense(model, plan, lay, method, budget, chunk, consume)
+    cat = {key: np.concatenate(v) for key, v in parts.items()}
+    return DetResult(lay.n, tol, cat["sign"], cat["logabsdet"], cat["det"], cat["rcond"])
+
