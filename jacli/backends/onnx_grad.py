@@ -129,15 +129,9 @@ class _Info:
             inferred = graph
         self.types: dict[str, int] = {}
         self.dims: dict[str, list | None] = {}
-        for vi in itertools.chain(inferred.value_info, inferred.output, graph.output, graph.input):
-            t = vi.type.tensor_type
-            if not vi.type.HasField("tensor_type"):
-                continue
-            if t.elem_type:
-                self.types[vi.name] = t.elem_type
-            if t.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-                self.dims[vi.name] = dims
+        self._record(itertools.chain(inferred.value_info, inferred.output, graph.output, graph.input))
+        if any(o and o not in self.dims for node in graph.node for o in node.output):
+            self._record(_symbolic_value_infos(model), missing_only=True)
         self.consts: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
@@ -151,8 +145,30 @@ class _Info:
         self.inputs = {vi.name: vi for vi in graph.input}
         self.outputs = {vi.name: vi for vi in graph.output}
 
+    def _record(self, value_infos, missing_only: bool = False) -> None:
+        for vi in value_infos:
+            t = vi.type.tensor_type
+            if not vi.type.HasField("tensor_type") or (missing_only and vi.name in self.dims):
+                continue
+            if t.elem_type and not (missing_only and vi.name in self.types):
+                self.types[vi.name] = t.elem_type
+            if t.HasField("shape"):
+                self.dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                      for d in t.shape.dim]
+
     def is_float(self, name: str) -> bool:
         return self.types.get(name, TensorProto.FLOAT) in FLOAT_TYPES
+
+
+def _symbolic_value_infos(model: onnx.ModelProto) -> list:
+    """onnxruntime's symbolic shape inference, which resolves ranks that onnx's leaves open
+    (e.g. Reshape to a shape computed from Shape ops); [] where it is unavailable or fails."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return list(SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph.value_info)
+    except Exception:  # optional refinement: rules needing a rank then say so themselves
+        return []
 
 
 def _constant_value(node: NodeProto) -> np.ndarray | None:
@@ -1046,7 +1062,9 @@ def _vjp_tile(b, n, gs):
 
 @_vjp("Concat")
 def _vjp_concat(b, n, gs):
-    axis = n.attr("axis") % b.rank(n.y, n)
+    axis = n.attr("axis")
+    if axis < 0:
+        axis %= b.rank(next((i for i in n.inputs if b.dims(i) is not None), n.y), n)
     out, start = {}, 0
     for i, x in enumerate(n.inputs):
         end = b.iadd(start, b.dim(x, axis))
@@ -1320,39 +1338,55 @@ def _window_geometry(b: _Builder, n: _Node) -> tuple[_Window, list[int]]:
     return win, kernel
 
 
-def _max_pool_mask(b: _Builder, n: _Node, win: _Window, kernel: list[int]) -> tuple[str, str]:
-    """The one-hot kernel and, per output, a (N*C, K, *out) mask of the first window
-    element equal to the maximum (the exact copies made by a one-hot Conv compare equal)."""
-    k = len(kernel)
-    eye = _one_hot_kernel(b, n, kernel)
+def _window_views(b: _Builder, n: _Node, v: str, win: _Window, pad_value: str | None) -> list[str]:
+    """The strided views of v (padded like the pool's input), one per window element in
+    row-major kernel order: view j holds element j of every output window."""
+    k = len(win.kernel)
+    padded = _pad_spatial(b, v, win.begin, win.end, pad_value)
+    outs = _spatial(b, n.y, k)
+    views = []
+    for offset in itertools.product(*(range(size) for size in win.kernel)):
+        starts = [o * d for o, d in zip(offset, win.dilations)]
+        ends = [b.iadd(b.imul(b.isub(out, 1), s), start + 1) for out, s, start in zip(outs, win.strides, starts)]
+        views.append(b.op("Slice", padded, b.ints(starts), b.ivec(ends), b.ints(range(2, 2 + k)), b.ints(win.strides)))
+    return views
+
+
+def _max_pool_masks(b: _Builder, n: _Node, win: _Window) -> list[str]:
+    """Per window element, where it is the first maximum of its window (exact: slices are
+    copies, so they compare equal to MaxPool's output)."""
     lowest = b.scalar(float(np.finfo(helper.tensor_dtype_to_np_dtype(n.dtype)).min), n.dtype)
-    padded = _pad_spatial(b, _planes(b, n.x, n.x, k), win.begin, win.end, lowest)
-    windows = b.op("Conv", padded, eye, strides=win.strides, dilations=win.dilations)
-    hit = b.op("Equal", windows, _planes(b, n.y, n.y, k))
-    running = b.op("CumSum", b.op("Cast", hit, to=n.dtype), b.const(np.array(1, np.int64)))
-    first = b.op("And", hit, b.op("Equal", running, _c(b, n, 1.0)))
-    return eye, b.op("Cast", first, to=n.dtype)
+    masks, taken = [], None
+    for view in _window_views(b, n, n.x, win, lowest):
+        hit = b.op("Equal", view, n.y)
+        if taken is not None:
+            hit = b.op("And", hit, b.op("Not", taken))
+        taken = hit if taken is None else b.op("Or", taken, hit)
+        masks.append(hit)
+    return masks
 
 
 @_vjp("MaxPool")
 def _vjp_max_pool(b, n, gs):
+    if n.dtype == TensorProto.DOUBLE:
+        raise n.unsupported("has no double-precision reverse rule (onnxruntime has no double ConvTranspose)")
     win, kernel = _window_geometry(b, n)
-    eye, mask = _max_pool_mask(b, n, win, kernel)
-    routed = b.op("Mul", _planes(b, gs[0], n.y, len(kernel)), mask)
-    k = len(kernel)
-    grad = _window_adjoint(b, routed, eye, _spatial(b, n.x, k), _spatial(b, n.y, k), win, 1)
+    k, zero = len(kernel), _c(b, n, 0.0)
+    masks = _max_pool_masks(b, n, win)
+    routed = b.op("Concat", *[b.unsqueeze(b.op("Where", m, gs[0], zero), [2]) for m in masks], axis=2)
+    outs = _spatial(b, n.y, k)
+    planes = b.op("Reshape", routed, b.ivec([-1, len(masks)] + outs))  # (N*C, K, *out)
+    grad = _window_adjoint(b, planes, _one_hot_kernel(b, n, kernel), _spatial(b, n.x, k), outs, win, 1)
     return {0: b.reshape_like(grad, n.x)}
 
 
 @_jvp("MaxPool")
 def _jvp_max_pool(b, n, ts):
-    win, kernel = _window_geometry(b, n)
-    k = len(kernel)
-    eye, mask = _max_pool_mask(b, n, win, kernel)
-    padded = _pad_spatial(b, _planes(b, ts[0], n.x, k), win.begin, win.end, None)
-    windows = b.op("Conv", padded, eye, strides=win.strides, dilations=win.dilations)
-    picked = b.reduce("ReduceSum", b.op("Mul", windows, mask), [1], keepdims=1)
-    return [b.reshape_like(picked, n.y)] + [None] * (len(n.outputs) - 1)
+    win, _ = _window_geometry(b, n)
+    zero = _c(b, n, 0.0)
+    picked = [b.op("Where", m, view, zero)
+              for m, view in zip(_max_pool_masks(b, n, win), _window_views(b, n, ts[0], win, None))]
+    return [b.add(*picked)] + [None] * (len(n.outputs) - 1)
 
 
 @_vjp("AveragePool")
