@@ -247,24 +247,34 @@ MAX_POOLS = [
 
 
 @pytest.mark.parametrize("attrs", MAX_POOLS, ids=[f"MaxPool-{i}" for i in range(len(MAX_POOLS))])
-@pytest.mark.parametrize("indices", [False, True])
-def test_max_pool_against_float64_finite_differences(attrs, indices):
+@pytest.mark.parametrize("opset, indices", [(12, False), (12, True), (17, False)])
+def test_max_pool_against_float64_finite_differences(attrs, opset, indices):
+    """Opset >= 16 or disjoint windows: scatter to MaxPool's Indices (any float type);
+    overlapping windows before opset 16: masks + ConvTranspose (float32 only)."""
     shape = [2, 2, 7] if len(attrs["kernel_shape"]) == 1 else [1, 2, 6, 5]
-    model, _ = node_model("MaxPool", {"x": shape}, attrs, 12, outputs=("y", "idx") if indices else ("y",))
+    model, _ = node_model("MaxPool", {"x": shape}, attrs, opset, outputs=("y", "idx") if indices else ("y",))
     if indices:
         model.graph.output[1].type.tensor_type.elem_type = TP.INT64
     x = distinct(shape)  # no ties: the maximum of each window is unique
-    model64 = to_float64(model)
-    expected = fd_jacobian(model64, {"x": x.astype(np.float64)})
+    model64, x64 = to_float64(model), {"x": x.astype(np.float64)}
+    expected = fd_jacobian(model64, x64)
     rows, cols = jacobians(model, {"x": x})
     assert_close(rows, expected, 1e-5)
     assert_close(cols, expected, 1e-5)
-    with pytest.raises(UnsupportedError, match="no double-precision reverse rule"):
-        build_vjp(model64, ["x"], ["y"])
+    extents = [(k - 1) * d + 1 for k, d in zip(attrs["kernel_shape"], attrs.get("dilations", [1, 1]))]
+    overlapping = any(s < e for s, e in zip(attrs.get("strides", [1, 1]), extents))
+    if overlapping and opset < 16:
+        with pytest.raises(UnsupportedError, match="no double-precision reverse rule"):
+            build_vjp(model64, ["x"], ["y"])
+    else:
+        rows, cols = jacobians(model64, x64)
+        assert_close(rows, expected, 1e-6)
+        assert_close(cols, expected, 1e-6)
 
 
-def test_max_pool_ties_go_to_the_first_maximum_like_torch():
-    model, _ = node_model("MaxPool", {"x": [1, 1, 3, 4]}, {"kernel_shape": [2, 2], "strides": [1, 2]})
+@pytest.mark.parametrize("opset", [12, 17])
+def test_max_pool_ties_go_to_the_first_maximum_like_torch(opset):
+    model, _ = node_model("MaxPool", {"x": [1, 1, 3, 4]}, {"kernel_shape": [2, 2], "strides": [1, 2]}, opset)
     x = np.array([[[[1, 3, 3, 0], [3, 2, 1, 3], [0, 3, 3, 3]]]], np.float32)
     rows, cols = jacobians(model, {"x": x})
     xt = torch.from_numpy(x)

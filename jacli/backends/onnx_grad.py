@@ -484,8 +484,21 @@ def _c(b: _Builder, n: _Node, value: float) -> str:
     return b.scalar(value, n.dtype)
 
 
+def _mask(b: _Builder, n: _Node, condition: str) -> str:
+    """A bool condition as 1.0/0.0 in the derivative's dtype. Rules select with masks
+    (v * m, or a m + c (1 - m), both exact for finite values) rather than Where, which
+    onnxruntime runs several times slower than arithmetic."""
+    return b.op("Cast", condition, to=n.dtype)
+
+
 def _positive(b: _Builder, n: _Node) -> str:
-    return b.op("Greater", n.x, _c(b, n, 0.0))
+    """1 where x > 0, else 0."""
+    return _mask(b, n, b.op("Greater", n.x, _c(b, n, 0.0)))
+
+
+def _blend(b: _Builder, n: _Node, m: str, a: str, c: str) -> str:
+    """a where the mask m is 1, c where it is 0."""
+    return b.op("Add", b.op("Mul", a, m), b.op("Mul", c, b.op("Sub", _c(b, n, 1.0), m)))
 
 
 @_unary("Identity")
@@ -525,25 +538,25 @@ def _d_reciprocal(b, n, v):
 
 @_unary("Relu")
 def _d_relu(b, n, v):
-    return b.op("Where", _positive(b, n), v, _c(b, n, 0.0))
+    return b.op("Mul", v, _positive(b, n))
 
 
 @_unary("LeakyRelu")
 def _d_leaky_relu(b, n, v):
-    return b.op("Where", _positive(b, n), v, b.op("Mul", v, _c(b, n, n.attr("alpha", 0.01))))
+    return b.op("Mul", v, _blend(b, n, _positive(b, n), _c(b, n, 1.0), _c(b, n, n.attr("alpha", 0.01))))
 
 
 @_unary("Elu")
 def _d_elu(b, n, v):
-    slope = b.op("Add", n.y, _c(b, n, n.attr("alpha", 1.0)))  # alpha*exp(x) for x <= 0
-    return b.op("Where", _positive(b, n), v, b.op("Mul", v, slope))
+    negative = b.op("Add", n.y, _c(b, n, n.attr("alpha", 1.0)))  # alpha*exp(x) for x <= 0
+    return b.op("Mul", v, _blend(b, n, _positive(b, n), _c(b, n, 1.0), negative))
 
 
 @_unary("Selu")
 def _d_selu(b, n, v):
     alpha, gamma = n.attr("alpha", 1.67326319217681884765625), n.attr("gamma", 1.05070102214813232421875)
-    slope = b.op("Add", n.y, _c(b, n, alpha * gamma))  # gamma*alpha*exp(x) for x <= 0
-    return b.op("Where", _positive(b, n), b.op("Mul", v, _c(b, n, gamma)), b.op("Mul", v, slope))
+    negative = b.op("Add", n.y, _c(b, n, alpha * gamma))  # gamma*alpha*exp(x) for x <= 0
+    return b.op("Mul", v, _blend(b, n, _positive(b, n), _c(b, n, gamma), negative))
 
 
 @_unary("Sigmoid")
@@ -553,8 +566,8 @@ def _d_sigmoid(b, n, v):
 
 @_unary("HardSigmoid")
 def _d_hard_sigmoid(b, n, v):
-    inside = b.op("And", b.op("Greater", n.y, _c(b, n, 0.0)), b.op("Less", n.y, _c(b, n, 1.0)))
-    return b.op("Where", inside, b.op("Mul", v, _c(b, n, n.attr("alpha", 0.2))), _c(b, n, 0.0))
+    inside = _mask(b, n, b.op("And", b.op("Greater", n.y, _c(b, n, 0.0)), b.op("Less", n.y, _c(b, n, 1.0))))
+    return b.op("Mul", v, b.op("Mul", inside, _c(b, n, n.attr("alpha", 0.2))))
 
 
 @_unary("HardSwish")
@@ -562,8 +575,8 @@ def _d_hard_swish(b, n, v):
     # y = x * clip(u, 0, 1) with u = x/6 + 1/2; dy/dx = 0 (u < 0), 2u - 1/2 (u <= 1), 1 (u > 1)
     u = b.op("Add", b.op("Mul", n.x, _c(b, n, 1.0 / 6.0)), _c(b, n, 0.5))
     mid = b.op("Sub", b.op("Add", u, u), _c(b, n, 0.5))
-    slope = b.op("Where", b.op("Less", u, _c(b, n, 0.0)), _c(b, n, 0.0),
-                 b.op("Where", b.op("Greater", u, _c(b, n, 1.0)), _c(b, n, 1.0), mid))
+    above = _mask(b, n, b.op("Greater", u, _c(b, n, 1.0)))
+    slope = _blend(b, n, above, _c(b, n, 1.0), b.op("Mul", mid, _mask(b, n, b.op("Not", b.op("Less", u, _c(b, n, 0.0))))))
     return b.op("Mul", v, slope)
 
 
@@ -766,20 +779,22 @@ def _jvp_max(b, n, ts):
 
 @_vjp("Where")
 def _vjp_where(b, n, gs):
-    cond, zero = n.inputs[0], _c(b, n, 0.0)
+    m = _mask(b, n, n.inputs[0])
     out = {}
     if 1 in n.active:
-        out[1] = b.unbroadcast(b.op("Where", cond, gs[0], zero), b.dims(n.y), n.inputs[1], n)
+        out[1] = b.unbroadcast(b.op("Mul", gs[0], m), b.dims(n.y), n.inputs[1], n)
     if 2 in n.active:
-        out[2] = b.unbroadcast(b.op("Where", cond, zero, gs[0]), b.dims(n.y), n.inputs[2], n)
+        out[2] = b.unbroadcast(b.op("Mul", gs[0], b.op("Sub", _c(b, n, 1.0), m)), b.dims(n.y), n.inputs[2], n)
     return out
 
 
 @_jvp("Where")
 def _jvp_where(b, n, ts):
-    zero = _c(b, n, 0.0)
+    m = _mask(b, n, n.inputs[0])
+    terms = [b.op("Mul", ts[1], m) if ts[1] else None,
+             b.op("Mul", ts[2], b.op("Sub", _c(b, n, 1.0), m)) if ts[2] else None]
     dims = [b.dims(name) for name, t in zip(n.inputs, [1] + ts[1:]) if t is not None]
-    return [b.expand_to(b.op("Where", n.inputs[0], ts[1] or zero, ts[2] or zero), _broadcast_dims(dims), n.y)]
+    return [b.expand_to(b.add(*terms), _broadcast_dims(dims), n.y)]
 
 
 @_vjp("PRelu")
@@ -788,9 +803,10 @@ def _vjp_prelu(b, n, gs):
     pos, g = _positive(b, n), gs[0]
     out = {}
     if 0 in n.active:
-        out[0] = b.op("Where", pos, g, b.op("Mul", g, slope))
+        out[0] = b.op("Mul", g, _blend(b, n, pos, _c(b, n, 1.0), slope))
     if 1 in n.active:
-        out[1] = b.unbroadcast(b.op("Where", pos, _c(b, n, 0.0), b.op("Mul", g, x)), b.dims(n.y), slope, n)
+        negative = b.op("Sub", _c(b, n, 1.0), pos)
+        out[1] = b.unbroadcast(b.op("Mul", b.op("Mul", g, x), negative), b.dims(n.y), slope, n)
     return out
 
 
@@ -798,8 +814,8 @@ def _vjp_prelu(b, n, gs):
 def _jvp_prelu(b, n, ts):
     x, slope = n.inputs
     pos = _positive(b, n)
-    terms = [b.op("Where", pos, ts[0], b.op("Mul", ts[0], slope)) if ts[0] else None,
-             b.op("Where", pos, _c(b, n, 0.0), b.op("Mul", x, ts[1])) if ts[1] else None]
+    terms = [b.op("Mul", ts[0], _blend(b, n, pos, _c(b, n, 1.0), slope)) if ts[0] else None,
+             b.op("Mul", b.op("Mul", x, ts[1]), b.op("Sub", _c(b, n, 1.0), pos)) if ts[1] else None]
     return [b.add(*terms)]
 
 
@@ -811,19 +827,19 @@ def _clip_mask(b: _Builder, n: _Node) -> str | None:
     parts = [p for p in parts if p]
     if not parts:
         return None
-    return parts[0] if len(parts) == 1 else b.op("And", *parts)
+    return _mask(b, n, parts[0] if len(parts) == 1 else b.op("And", *parts))
 
 
 @_vjp("Clip")
 def _vjp_clip(b, n, gs):
     mask = _clip_mask(b, n)
-    return {0: gs[0] if mask is None else b.op("Where", mask, gs[0], _c(b, n, 0.0))}
+    return {0: gs[0] if mask is None else b.op("Mul", gs[0], mask)}
 
 
 @_jvp("Clip")
 def _jvp_clip(b, n, ts):
     mask = _clip_mask(b, n)
-    return [ts[0] if mask is None else b.op("Where", mask, ts[0], _c(b, n, 0.0))]
+    return [ts[0] if mask is None else b.op("Mul", ts[0], mask)]
 
 
 # --- linear algebra ---------------------------------------------------------------------
@@ -1338,55 +1354,80 @@ def _window_geometry(b: _Builder, n: _Node) -> tuple[_Window, list[int]]:
     return win, kernel
 
 
-def _window_views(b: _Builder, n: _Node, v: str, win: _Window, pad_value: str | None) -> list[str]:
-    """The strided views of v (padded like the pool's input), one per window element in
-    row-major kernel order: view j holds element j of every output window."""
-    k = len(win.kernel)
-    padded = _pad_spatial(b, v, win.begin, win.end, pad_value)
-    outs = _spatial(b, n.y, k)
-    views = []
-    for offset in itertools.product(*(range(size) for size in win.kernel)):
-        starts = [o * d for o, d in zip(offset, win.dilations)]
-        ends = [b.iadd(b.imul(b.isub(out, 1), s), start + 1) for out, s, start in zip(outs, win.strides, starts)]
-        views.append(b.op("Slice", padded, b.ints(starts), b.ivec(ends), b.ints(range(2, 2 + k)), b.ints(win.strides)))
-    return views
+def _max_pool_indices(b: _Builder, n: _Node) -> str:
+    """Flat positions in x of the maxima MaxPool selected: its Indices output (row-major,
+    batch and channel included). When the model does not use it, the forward node is
+    asked for it too, which changes nothing else it computes."""
+    if len(n.outputs) > 1 and n.outputs[1]:
+        if not n.attr("storage_order", 0):
+            return n.outputs[1]
+        twin = b.same(n, n.x, n_out=2)  # the model uses column-major indices: a row-major twin
+        _drop_attribute(b.nodes[-1], "storage_order")
+        return twin[1]
+    name = b.fresh("MaxPool_indices")
+    _drop_attribute(n.proto, "storage_order")
+    n.proto.output.append(name)
+    n.outputs.append(name)
+    return name
 
 
-def _max_pool_masks(b: _Builder, n: _Node, win: _Window) -> list[str]:
-    """Per window element, where it is the first maximum of its window (exact: slices are
-    copies, so they compare equal to MaxPool's output)."""
-    lowest = b.scalar(float(np.finfo(helper.tensor_dtype_to_np_dtype(n.dtype)).min), n.dtype)
-    masks, taken = [], None
-    for view in _window_views(b, n, n.x, win, lowest):
-        hit = b.op("Equal", view, n.y)
-        if taken is not None:
-            hit = b.op("And", hit, b.op("Not", taken))
-        taken = hit if taken is None else b.op("Or", taken, hit)
-        masks.append(hit)
-    return masks
+def _drop_attribute(node: NodeProto, name: str) -> None:
+    for attr in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(attr)
+
+
+def _overlapping(win: _Window) -> bool:
+    return any(s < win.extent(i) for i, s in enumerate(win.strides))
 
 
 @_vjp("MaxPool")
 def _vjp_max_pool(b, n, gs):
-    if n.dtype == TensorProto.DOUBLE:
-        raise n.unsupported("has no double-precision reverse rule (onnxruntime has no double ConvTranspose)")
+    """Scatter g to the selected positions (ties: the first maximum in row-major window
+    order, as onnxruntime's forward pass and torch pick it). Overlapping windows may pick
+    an element twice, which needs ScatterElements(add) (opset 16); before that a
+    mask-and-ConvTranspose construction is used."""
     win, kernel = _window_geometry(b, n)
-    k, zero = len(kernel), _c(b, n, 0.0)
-    masks = _max_pool_masks(b, n, win)
-    routed = b.op("Concat", *[b.unsqueeze(b.op("Where", m, gs[0], zero), [2]) for m in masks], axis=2)
-    outs = _spatial(b, n.y, k)
-    planes = b.op("Reshape", routed, b.ivec([-1, len(masks)] + outs))  # (N*C, K, *out)
-    grad = _window_adjoint(b, planes, _one_hot_kernel(b, n, kernel), _spatial(b, n.x, k), outs, win, 1)
-    return {0: b.reshape_like(grad, n.x)}
+    overlapping = _overlapping(win)
+    if overlapping and b.opset < 16:
+        return {0: _max_pool_vjp_by_masks(b, n, gs[0], win, kernel)}
+    zeros = b.op("ConstantOfShape", b.op("Reshape", b.op("Size", n.x), b.ints([1])),
+                 value=helper.make_tensor("value", n.dtype, [1], [0.0]))
+    flat = b.op("ScatterElements", zeros, b.op("Reshape", _max_pool_indices(b, n), b.ints([-1])),
+                b.op("Reshape", gs[0], b.ints([-1])), axis=0, reduction="add" if overlapping else None)
+    return {0: b.reshape_like(flat, n.x)}
 
 
 @_jvp("MaxPool")
 def _jvp_max_pool(b, n, ts):
-    win, _ = _window_geometry(b, n)
-    zero = _c(b, n, 0.0)
-    picked = [b.op("Where", m, view, zero)
-              for m, view in zip(_max_pool_masks(b, n, win), _window_views(b, n, ts[0], win, None))]
-    return [b.add(*picked)] + [None] * (len(n.outputs) - 1)
+    picked = b.op("Gather", b.op("Reshape", ts[0], b.ints([-1])), _max_pool_indices(b, n))
+    return [picked] + [None] * (len(n.outputs) - 1)
+
+
+def _max_pool_vjp_by_masks(b: _Builder, n: _Node, g: str, win: _Window, kernel: list[int]) -> str:
+    """Opset < 16, overlapping windows: strided slices of the padded input (exact copies)
+    compared with y give, per window element, where it is the first maximum; g routed by
+    those masks goes back through the adjoint of the window extraction (a ConvTranspose
+    with one-hot filters, float kernels only)."""
+    if n.dtype == TensorProto.DOUBLE:
+        raise n.unsupported("with overlapping windows before opset 16 has no double-precision reverse rule "
+                            "(onnxruntime has no double ConvTranspose)")
+    k = len(kernel)
+    lowest = b.scalar(float(np.finfo(helper.tensor_dtype_to_np_dtype(n.dtype)).min), n.dtype)
+    padded = _pad_spatial(b, n.x, win.begin, win.end, lowest)
+    outs = _spatial(b, n.y, k)
+    routed, taken = [], None
+    for offset in itertools.product(*(range(size) for size in kernel)):
+        starts = [o * d for o, d in zip(offset, win.dilations)]
+        ends = [b.iadd(b.imul(b.isub(out, 1), s), start + 1) for out, s, start in zip(outs, win.strides, starts)]
+        view = b.op("Slice", padded, b.ints(starts), b.ivec(ends), b.ints(range(2, 2 + k)), b.ints(win.strides))
+        hit = b.op("Equal", view, n.y)
+        if taken is not None:
+            hit = b.op("And", hit, b.op("Not", taken))
+        taken = hit if taken is None else b.op("Or", taken, hit)
+        routed.append(b.unsqueeze(b.op("Mul", g, _mask(b, n, hit)), [2]))
+    planes = b.op("Reshape", b.op("Concat", *routed, axis=2), b.ivec([-1, len(routed)] + outs))  # (N*C, K, *out)
+    grad = _window_adjoint(b, planes, _one_hot_kernel(b, n, kernel), _spatial(b, n.x, k), outs, win, 1)
+    return b.reshape_like(grad, n.x)
 
 
 @_vjp("AveragePool")

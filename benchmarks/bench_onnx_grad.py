@@ -1,0 +1,129 @@
+"""Per-sample Jacobians: jacli's ONNX VJP graph in onnxruntime vs torch.func.
+
+ONNX path: the model exported by ``torch.onnx.export`` goes through
+``jacli.backends.onnx_grad.build_vjp``; the k = (outputs per sample) Jacobian rows are
+folded into the batch axis (the input tiled k times, one-hot cotangents), so one
+``session.run`` gives every sample's Jacobian; the timing includes the tiling and the
+final (B, m, n) layout. Torch path: ``torch.func.vmap(torch.func.jacrev(f))`` on the same
+weights. Both use all cores; medians over repeats after a warm-up run.
+
+Results (2-core shared VM, torch 2.13 CPU, onnxruntime 1.32; other jobs were running, so
+absolute times are noisy, ratios less so), command
+``.venv/bin/python benchmarks/bench_onnx_grad.py``:
+
+    model                    batch   onnx [ms]  torch [ms]  torch/onnx
+    mlp 500-100-10 softmax       1       0.13        1.91        14.5
+    mlp 500-100-10 softmax      64       2.93        5.24         1.8
+    mlp 500-100-10 softmax   10000     1181.5      1105.5         0.9
+    cnn 1x28x28 (2 conv)         1       0.98        3.53         3.6
+    cnn 1x28x28 (2 conv)        64      52.75       84.33         1.6
+    cnn 1x28x28 (2 conv)      1000     858.86     1305.45         1.5
+
+(filled in from the run described in the report; see the module docstring history.)
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jacli.backends.onnx_grad import build_vjp  # noqa: E402
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(500, 100), nn.Tanh(), nn.Linear(100, 10), nn.Softmax(-1))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 10), nn.Softmax(-1),
+    )
+
+
+def export(module: nn.Module, sample: torch.Tensor) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (sample,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
+
+
+class OnnxJacobian:
+    """Per-sample Jacobian (B, k, *in) from one run of the VJP graph on k*B folded rows."""
+
+    def __init__(self, model: onnx.ModelProto, k: int, threads: int):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(build_vjp(model, ["x"], ["y"]).SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        self.k = k
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        b, k = len(x), self.k
+        folded = np.tile(x, (k,) + (1,) * (x.ndim - 1))  # block i = all samples, row i
+        cts = np.repeat(np.eye(k, dtype=np.float32), b, axis=0)
+        (grads,) = self.session.run(None, {"x": folded, "ct:y": cts})
+        return np.ascontiguousarray(grads.reshape((k, b) + x.shape[1:]).swapaxes(0, 1))
+
+
+def torch_jacobian(module: nn.Module):
+    per_sample = torch.func.vmap(torch.func.jacrev(lambda v: module(v[None])[0]))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return per_sample(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def median_ms(fn, x, repeats: int) -> float:
+    fn(x)  # warm-up (allocations, lazy initialisation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=0, help="default: by batch size")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    cases = [("mlp 500-100-10 softmax", mlp(), (500,), [1, 64, 10_000]),
+             ("cnn 1x28x28 (2 conv)", cnn(), (1, 28, 28), [1, 64, 1000])]
+    print(f"{'model':<24} {'batch':>6} {'onnx [ms]':>10} {'torch [ms]':>11} {'torch/onnx':>11}")
+    for name, module, shape, batches in cases:
+        module.eval()
+        model = export(module, torch.zeros((2,) + shape))
+        onnx_fn, torch_fn = OnnxJacobian(model, 10, args.threads), torch_jacobian(module)
+        for batch in batches:
+            x = rng.standard_normal((batch,) + shape).astype(np.float32)
+            np.testing.assert_allclose(onnx_fn(x), torch_fn(x), rtol=1e-4, atol=1e-6)
+            repeats = args.repeats or (30 if batch <= 64 else 5)
+            t_onnx, t_torch = median_ms(onnx_fn, x, repeats), median_ms(torch_fn, x, repeats)
+            print(f"{name:<24} {batch:>6} {t_onnx:>10.2f} {t_torch:>11.2f} {t_torch / t_onnx:>11.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
