@@ -67,6 +67,19 @@ common = _stack(
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 )
 
+check = _stack(
+    click.option("--fd", is_flag=True, help="Check automatic derivatives against finite differences (required; the only check so far)."),
+    click.option("--rtol", type=click.FloatRange(min=0), metavar="R",
+                 help="Relative tolerance (default by dtype: 2e-3 float32, 1e-6 float64; at least 1e-2 when FD cannot run in float64)."),
+    click.option("--atol", type=click.FloatRange(min=0), metavar="A",
+                 help="Absolute tolerance (default: rtol × the largest |entry| of the same output row, plus the AD dtype's resolution)."),
+    click.option("--eps", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), metavar="E",
+                 help="Relative FD step, h = E·max(|x|, 1) (default: eps^(1/3) of the dtype FD runs in)."),
+    click.option("--directions", type=click.IntRange(min=1), metavar="K",
+                 help="Check K random directional derivatives per sample (JVP, and VJP by <Jt, c> = <t, Jᵀc>) instead of every entry; "
+                      "directions are drawn with --seed."),
+)
+
 # svd / det
 spectral_output = click.option("-o", "--output", metavar="OUT",
                                help="Write the per-sample results (and --vectors) to OUT (.npz or .h5), with metadata.")

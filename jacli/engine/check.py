@@ -15,18 +15,21 @@ backend can. An entry passes when
 
     |AD − FD| ≤ atol + rtol·|FD| + err_FD
 
-where atol, unless given, is rtol × the largest |FD| entry of the same output row plus the
-resolution of the AD dtype, 16·ε·|y| / max(|x|, 1). A failing entry is diagnosed: a
-**kink** (the one-sided differences disagree and AD agrees with one of them: a ReLU/max
-switch point within the step; does not fail the check), **fd-noise** (the FD error
-estimate alone exceeds the tolerance and the mismatch is of its size: inconclusive),
-**non-finite**, or a **wrong gradient**.
+where atol, unless given, is rtol × the largest |FD| entry of the same output row plus
+what the AD dtype resolves, 16·(ε·(the sample's largest |FD| entry + |y|) + the dtype's
+smallest normal number). A failing entry is diagnosed: a **kink** (f is not smooth within
+the step, e.g. a ReLU/max switch point: the one-sided differences disagree and AD equals
+one of them, or, extrapolated to second order, they disagree beyond their error
+estimates), **fd-noise** (the FD error estimate alone exceeds the tolerance and the
+mismatch is of its size), **non-finite**, or a **wrong gradient**. Kinks and fd-noise are
+places FD cannot judge: reported, but only wrong gradients and non-finite values fail.
 
 Before comparing anything the batch is tested for cross-sample leakage: perturbing some
 samples must not move the outputs of the others, or per-sample Jacobians are undefined.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from math import ceil, log2
 
@@ -39,8 +42,8 @@ from .fd import Estimate, default_eps, estimate_columns, estimate_directions, fo
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
-RESOLUTION = 16  # AD cannot resolve derivatives below RESOLUTION * eps * |y| / max(|x|, 1)
-LISTED = 20  # mismatches (and kinks) kept in the report, worst first
+RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest entry + |y|) + tiny)
+LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
@@ -95,7 +98,7 @@ class Entry:
 
     @property
     def ratio(self) -> float:
-        """abs_error / allowed: above 1 fails (unless a kink)."""
+        """abs_error / allowed: above 1 fails (unless a kink or fd-noise)."""
         return _ratio(self.abs_error, self.allowed)
 
     def to_json(self) -> dict:
@@ -131,8 +134,10 @@ class Leakage:
     def describe(self) -> str:
         moved = ("perturbed copies of the batch were appended to it" if self.perturbed is None
                  else f"only sample(s) {_few(self.perturbed)} moved")
-        return (f"cross-sample leakage: output {self.of!r}{list(self.output_index)} of sample {self.sample} changed by "
-                f"{self.change:.3g} (noise threshold {self.threshold:.3g}) when {moved}; the model mixes samples "
+        how = (f"changed by {self.change:.3g} (noise threshold {self.threshold:.3g})" if np.isfinite(self.change)
+               else "changed between a finite and a non-finite value")
+        return (f"cross-sample leakage: output {self.of!r}{list(self.output_index)} of sample {self.sample} {how} "
+                f"when {moved}; the model mixes samples "
                 "along the batch axis (batch statistics, e.g. batch norm in training mode), so per-sample Jacobians "
                 "are not defined — use the model in inference mode, or `jacli compute --no-batch` for the "
                 "whole-batch Jacobian")
@@ -147,6 +152,7 @@ class SampleReport:
     checked: int = 0
     failures: int = 0
     kinks: int = 0
+    fd_noise: int = 0
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
     worst: Entry | None = None
@@ -157,7 +163,7 @@ class SampleReport:
 
     def to_json(self) -> dict:
         return {"index": self.index, "passed": self.passed, "checked": self.checked, "failures": self.failures,
-                "kinks": self.kinks, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
+                "kinks": self.kinks, "fd_noise": self.fd_noise, "max_abs_error": self.max_abs_error, "max_rel_error": self.max_rel_error,
                 "worst": None if self.worst is None else self.worst.to_json()}
 
 
@@ -167,8 +173,8 @@ class CheckResult:
     tolerance: Tolerance
     directions: int | None = None
     samples: list[SampleReport] = field(default_factory=list)
-    mismatches: list[Entry] = field(default_factory=list)  # worst first, at most LISTED
-    kinks: list[Entry] = field(default_factory=list)
+    mismatches: list[Entry] = field(default_factory=list)  # failing entries, worst first, at most LISTED
+    unresolved: list[Entry] = field(default_factory=list)  # kinks and fd-noise, the same way
     adjoint: list[Adjoint] = field(default_factory=list)  # failed dot-product tests
     leakage: Leakage | None = None
     notes: list[str] = field(default_factory=list)
@@ -204,9 +210,10 @@ class CheckResult:
             "checked": sum(s.checked for s in self.samples),
             "failures": sum(s.failures for s in self.samples),
             "kinks": sum(s.kinks for s in self.samples),
+            "fd_noise": sum(s.fd_noise for s in self.samples),
             "leakage": None if self.leakage is None else self.leakage.to_json(),
             "mismatches": [e.to_json() for e in self.mismatches],
-            "kink_entries": [e.to_json() for e in self.kinks],
+            "unresolved": [e.to_json() for e in self.unresolved],
             "adjoint_failures": [a.to_json() for a in self.adjoint],
             "notes": list(self.notes),
             "samples": [s.to_json() for s in self.samples],
@@ -242,7 +249,8 @@ def check(
         _directions(model, plan, fwd, tol, directions, seed, tally, budget, progress)
     else:
         _columns(model, plan, fwd, tol, tally, budget, progress)
-    result.samples, result.mismatches, result.kinks, result.adjoint = tally.samples, tally.mismatches, tally.kinks, tally.adjoint
+    result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved
+    result.adjoint = tally.adjoint
     return result
 
 
@@ -337,7 +345,8 @@ def _moved(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """|a − b| in float64, 0 where both hold the same non-finite value, inf where only one is finite."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     same = (a == b) | (np.isnan(a) & np.isnan(b))
-    return np.where(same, 0.0, np.abs(a - b))
+    with np.errstate(invalid="ignore"):
+        return np.where(same, 0.0, np.where(np.isfinite(a) & np.isfinite(b), np.abs(a - b), np.inf))
 
 
 def _scale(y: np.ndarray) -> np.ndarray:
@@ -355,7 +364,7 @@ class _Tally:
         self.tol = tol
         self.samples = [SampleReport(i) for i in range(samples)]
         self.mismatches: list[Entry] = []
-        self.kinks: list[Entry] = []
+        self.unresolved: list[Entry] = []
         self.adjoint: list[Adjoint] = []
 
     def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, row_scale, out_shape, in_shape):
@@ -369,14 +378,15 @@ class _Tally:
         finite = np.isfinite(a) & np.isfinite(d) & np.isfinite(est.error)
         bad = ~(err <= allowed)
         gap = np.abs(est.forward - est.backward)
-        side = np.minimum(np.abs(a - est.forward), np.abs(a - est.backward))
-        kink = bad & finite & (gap > allowed) & (side <= 0.25 * gap)
+        one_sided = (gap > allowed) & (np.minimum(np.abs(a - est.forward), np.abs(a - est.backward)) <= 0.25 * gap)
+        kink = bad & finite & ((est.excess > band) | one_sided)
         noise = bad & finite & ~kink & (est.error > band) & (err <= 4 * allowed)
         code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
         err = np.where(finite, err, np.inf)
-        rel = err / np.maximum(np.abs(d), row_scale[:, :, None])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = err / np.maximum(np.abs(d), row_scale[:, :, None])
         ratio = _ratio(err, allowed)
-        counted = code != KINK
+        counted = (code != KINK) & (code != NOISE)
 
         def entry(j, r, c):
             return Entry(
@@ -388,21 +398,23 @@ class _Tally:
         for j in range(a.shape[0]):
             rep = self.samples[s0 + j]
             rep.checked += int(code[j].size)
-            rep.failures += int(np.count_nonzero(code[j] >= NOISE))
+            rep.failures += int(np.count_nonzero(code[j] >= WRONG))
             rep.kinks += int(np.count_nonzero(code[j] == KINK))
+            rep.fd_noise += int(np.count_nonzero(code[j] == NOISE))
             if counted[j].any():
                 rep.max_abs_error = max(rep.max_abs_error, float(err[j][counted[j]].max()))
                 rep.max_rel_error = max(rep.max_rel_error, float(np.nan_to_num(rel[j][counted[j]], nan=np.inf).max()))
                 r, c = np.unravel_index(int(np.argmax(np.where(counted[j], ratio[j], -1))), ratio[j].shape)
                 if rep.worst is None or ratio[j, r, c] > rep.worst.ratio:
                     rep.worst = entry(j, r, c)
-        self.mismatches = _keep(self.mismatches, code >= NOISE, ratio, entry)
-        self.kinks = _keep(self.kinks, code == KINK, ratio, entry)
+        self.mismatches = _keep(self.mismatches, code >= WRONG, ratio, entry)
+        self.unresolved = _keep(self.unresolved, ~counted, ratio, entry)
 
-    def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray):
-        """Dot products (k, S) from both sides; ``scale``: the sums of |terms| bounding their rounding."""
+    def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray, floor: np.ndarray):
+        """Dot products (k, S) from both sides; ``scale``: the sums of |terms| bounding their
+        rounding; ``floor``: what the AD dtype resolves of them."""
         err = np.abs(jvp_side - vjp_side)
-        allowed = self.tol.rtol * scale + (self.tol.atol or 0.0)
+        allowed = self.tol.rtol * scale + (floor if self.tol.atol is None else self.tol.atol)
         for k, j in zip(*np.nonzero(~(err <= allowed))):
             self.samples[s0 + j].failures += 1
             self.adjoint.append(Adjoint(int(s0 + j), int(k), float(jvp_side[k, j]), float(vjp_side[k, j]),
@@ -434,10 +446,13 @@ def _few(items: list[int], n: int = 8) -> str:
     return ", ".join(map(str, items[:n])) + (f", … ({len(items)} in all)" if len(items) > n else "")
 
 
-def _resolution(tol: Tolerance, y: np.ndarray) -> np.ndarray:
-    """The smallest derivative the AD dtype resolves, per (sample, output element), for a
-    relative input change of 1."""
-    return RESOLUTION * np.finfo(tol.ad_dtype).eps * np.abs(y.reshape(len(y), -1).astype(np.float64))
+def _resolution(tol: Tolerance, y: np.ndarray, largest: np.ndarray) -> np.ndarray:
+    """What the AD dtype resolves, per (sample, output element): derivatives are computed
+    from intermediates known to eps relative to the Jacobian's largest entries (``largest``,
+    per sample) and to the output, and nothing below the smallest normal number."""
+    info = np.finfo(tol.ad_dtype)
+    return RESOLUTION * (info.eps * largest[:, None] + info.tiny), RESOLUTION * info.eps * np.abs(
+        y.reshape(len(y), -1).astype(np.float64))
 
 
 def _width(plan: jac.Plan) -> int:
@@ -467,23 +482,21 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
         k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
         est = {}
         for i in plan.wrt:
-            arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in range(4)] for o in plan.of}
+            fields = [f.name for f in dataclasses.fields(Estimate)]
+            arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in fields] for o in plan.of}
             for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k):
                 for o, e in block.items():
-                    for dst, src in zip(arrays[o], (e.value, e.error, e.forward, e.backward)):
-                        dst[:, :, c0:c1] = src
+                    for dst, name in zip(arrays[o], fields):
+                        dst[:, :, c0:c1] = getattr(e, name)
             for o in plan.of:
                 est[f"d{o}/d{i}"] = Estimate(*arrays[o])
+        largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
         for o in plan.of:
             row = np.max([np.abs(est[f"d{o}/d{i}"].value).max(axis=2) for i in plan.wrt], axis=0)  # (S, m)
-            res = _resolution(tol, plan.ys[o][s0:s1])
+            floor, res = _resolution(tol, plan.ys[o][s0:s1], largest)
             for i in plan.wrt:
                 p = pairs[f"d{o}/d{i}"]
-                if tol.atol is None:
-                    xscale = np.maximum(np.abs(xs[i].reshape(s1 - s0, -1).astype(np.float64)), 1.0)
-                    tol_abs = tol.rtol * row[:, :, None] + res[:, :, None] / xscale[:, None, :]
-                else:
-                    tol_abs = tol.atol
+                tol_abs = (tol.rtol * row + floor + res)[:, :, None] if tol.atol is None else tol.atol
                 tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, row, p.out_shape, p.in_shape)
 
     jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))
@@ -505,10 +518,15 @@ def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, t
         est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0)
         t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
         jv = model.jvp(xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
+        largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
+        norm1 = sum(np.abs(v.astype(np.float64)).reshape(k, s1 - s0, -1).sum(axis=2) for v in t.values()).T  # (S, k)
+        res = {}
         for o in plan.of:
             a = np.moveaxis(jv[o].reshape(k, s1 - s0, -1), 0, -1)  # (S, m, k)
             row = np.abs(est[o].value).max(axis=2)
-            tol_abs = tol.rtol * row[:, :, None] + _resolution(tol, plan.ys[o][s0:s1])[:, :, None] if tol.atol is None else tol.atol
+            floor, out_res = _resolution(tol, plan.ys[o][s0:s1], largest)
+            res[o] = floor[:, :, None] + out_res[:, :, None] * norm1[:, None, :]  # (S, m, k): per entry, times |v|_1
+            tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
             tally.add(s0, o, None, a, est[o], tol_abs, row, plan.ys[o].shape[1:], None)
         cts = {o: rng.standard_normal(jv[o].shape).astype(plan.ys[o].dtype) for o in plan.of}
         grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
@@ -518,7 +536,8 @@ def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, t
             return sum(t.sum(axis=2) for t in terms), sum(np.abs(t).sum(axis=2) for t in terms)
 
         (lhs, lscale), (rhs, rscale) = dots({o: jv[o] for o in plan.of}, cts), dots(t, grads)
-        tally.add_adjoint(s0, lhs, rhs, lscale + rscale)
+        floor = sum((np.abs(cts[o]).reshape(k, s1 - s0, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
+        tally.add_adjoint(s0, lhs, rhs, lscale + rscale, floor)
         if progress:
             progress(s1 - s0)
 

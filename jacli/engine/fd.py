@@ -96,13 +96,15 @@ class Estimate:
     steps h and h/2. ``error``: an estimate of |value - true derivative|: |D(h) - D(h/2)|
     (three times the estimated truncation error of D(h/2)) plus the rounding bound
     3 r / h with r = ROUNDING * eps * |f|. ``forward``/``backward``: the one-sided
-    differences (f(x + h/2) - f(x)) / (h/2) and (f(x) - f(x - h/2)) / (h/2), which disagree at
-    a kink."""
+    differences (f(x + h/2) - f(x)) / (h/2) and (f(x) - f(x - h/2)) / (h/2). ``excess``: how
+    far the one-sided differences extrapolated to second order (2 F(h/2) - F(h)) disagree
+    beyond their error estimates; positive only where f is not smooth within the step."""
 
     value: np.ndarray
     error: np.ndarray
     forward: np.ndarray
     backward: np.ndarray
+    excess: np.ndarray
 
 
 def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[dict, dict]:
@@ -135,14 +137,16 @@ def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) 
     d1 = (fp1 - fm1) / (s[0] - s[1])
     d2 = (fp2 - fm2) / (s[2] - s[3])
     r = ROUNDING * eps * np.maximum(np.abs(f0)[None], np.maximum(np.abs(fp1), np.abs(fm1)))
-    error = np.abs(d1 - d2) + 3 * r / np.abs(s[2] - s[3])
-    forward = (fp2 - f0[None]) / s[2]
-    backward = (f0[None] - fm2) / -s[3]
+    truncation, h = np.abs(d1 - d2), np.abs(s[2] - s[3])
+    forward, backward = (fp2 - f0[None]) / s[2], (f0[None] - fm2) / -s[3]
+    extrapolated_gap = (2 * forward - (fp1 - f0[None]) / s[0]) - (2 * backward - (f0[None] - fm1) / -s[1])
+    excess = np.abs(extrapolated_gap) - 2 * (truncation + 10 * r / h)  # each side: truncation and rounding 10 r / h
 
     def layout(a):  # (k, S, m) -> (S, m, k)
         return np.ascontiguousarray(np.moveaxis(a, 0, -1))
 
-    return Estimate(layout((4 * d2 - d1) / 3), layout(error), layout(forward), layout(backward))
+    return Estimate(layout((4 * d2 - d1) / 3), layout(truncation + 3 * r / h), layout(forward), layout(backward),
+                    layout(excess))
 
 
 def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64):
