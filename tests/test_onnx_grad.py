@@ -780,6 +780,24 @@ def test_several_inputs_and_outputs():
     assert_close(tu, sech2 * t1 + t1 * x2 + x1 * t2, 1e-6)
 
 
+@pytest.mark.parametrize("opset", [11, 13])
+def test_broadcasting_decided_at_run_time(opset):
+    """Operand dims that may or may not be 1 (different symbols): the sum-reduction back to
+    the operand's shape is computed at run time (ReduceSum with axes input, opset >= 13)."""
+    model = _graph([oh.make_node("Mul", ["x", "b"], ["y"], name="mul")],
+                   [("x", ["n", 3]), ("b", ["m", 3])], [("y", [None, 3])], opset=opset)
+    if opset < 13:
+        with pytest.raises(UnsupportedError, match=r"'Mul' \(node 'mul'\).*run-time broadcasting"):
+            build_vjp(model, ["b"], ["y"])
+        return
+    for m in (1, 2):  # b broadcast along axis 0, or not
+        feeds = {"x": distinct([2, 3]), "b": distinct([m, 3])}
+        expected = fd_jacobian(to_float64(model), as64(feeds), "b")
+        rows, cols = jacobians(model, feeds, "b")
+        assert_close(rows, expected, 1e-5)
+        assert_close(cols, expected, 1e-5)
+
+
 def test_unknown_names_and_integer_tensors_are_input_errors():
     model = _graph([oh.make_node("Relu", ["x"], ["y"])], [("x", [2])], [("y", [2])])
     with pytest.raises(InputError, match="'nope' is not an input"):
