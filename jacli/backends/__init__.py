@@ -42,7 +42,7 @@ def detect_format(path: str) -> str:
         return _zip_format(p)
     if suffix == ".onnx":
         return "onnx"
-    if suffix in (".pt", ".pth", ".pkl", ".bin") and magic[:1] == b"\x80":
+    if suffix in (".pt", ".pth", ".pkl", ".bin", ".ckpt") and magic[:1] == b"\x80":
         return "torch-pickle"
     if suffix in (".h5", ".hdf5", ".keras", ".pt", ".pth", ".pt2", ".ts"):
         raise ModelLoadError(f"{path} is not a valid {suffix} file (unexpected contents; truncated or corrupt?)")
@@ -69,13 +69,22 @@ def _zip_format(p: Path) -> str:
 
 def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:
     """Load a model; ``trust`` allows formats that run code on load (see docs/security.md)."""
-    detected = detect_format(path) if fmt is None else fmt
     if fmt is not None and fmt not in FORMATS:
         raise ModelLoadError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt is None and detected == "torch-pickle" and not trust:
+    detected = detect_format(path) if fmt is None else fmt
+    if detected == "torchscript" and _is_torch_pickle(path):  # --format torchscript on a pickle
+        detected = "torch-pickle"
+    if detected == "torch-pickle" and not trust:
         raise UnsafeModelError(
             f"{path} is a plain torch.save pickle, which can run arbitrary code when loaded; "
             "save it with torch.jit.save (TorchScript) instead, or pass --trust-model if you trust its source"
         )
     module, func = LOADERS[detected].split(":")
     return getattr(importlib.import_module(module), func)(str(path), trust=trust)
+
+
+def _is_torch_pickle(path: str) -> bool:
+    try:
+        return detect_format(path) == "torch-pickle"
+    except ModelLoadError:
+        return False

@@ -4,6 +4,7 @@ the same runtime); a graph with an operator that has no rule says so and points 
 ``--method fd``."""
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,16 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     onnx = require("onnx", "onnx", "onnx", "ONNX")
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
     try:
-        proto = onnx.load(path)
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
+    model_dir = os.path.dirname(os.path.abspath(path))
+    if not trust:
+        from .safety import onnx_external_data_problems, refuse
+
+        refuse(path, onnx_external_data_problems(proto, model_dir))
+    try:
+        onnx.load_external_data_for_model(proto, model_dir)
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None

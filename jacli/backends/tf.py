@@ -37,6 +37,10 @@ def _tf():
 
 
 def load_keras(path: str, trust: bool = False) -> "TFModel":
+    if not trust:  # before Keras sees the file; safe_mode below is the second line of defence
+        from .safety import keras_problems, refuse
+
+        refuse(path, keras_problems(path))
     tf = _tf()
     keras = require("keras", "keras", "tf", "Keras")
     try:
@@ -78,6 +82,10 @@ def _load_tf_keras(path: str, trust: bool, first: Exception):
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     tf = _tf()
+    if not trust:  # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops)
+        from .safety import refuse, savedmodel_problems
+
+        refuse(path, savedmodel_problems(path))
     try:
         loaded = tf.saved_model.load(path)
     except Exception as e:

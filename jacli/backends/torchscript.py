@@ -18,6 +18,10 @@ from ._common import require, short
 
 
 def load(path: str, trust: bool = False) -> "TorchModel":
+    if not trust:  # torch.jit.load compiles the archive's code and runs any __setstate__
+        from .safety import refuse, torchscript_problems
+
+        refuse(path, torchscript_problems(path))
     torch = require("torch", "torch", "torch", "TorchScript")
     try:
         module = torch.jit.load(path, map_location="cpu")

@@ -6,7 +6,9 @@ Anything else is a bug -> one ``Error: internal error`` line, exit 3 (traceback 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 
 import click
@@ -33,13 +35,29 @@ for _command in COMMANDS:
     cli.add_command(_command)
 
 
+class Terminated(SystemExit):
+    """SIGTERM/SIGHUP raised as an exception, so that cleanup (removing a half-written
+    temporary output file) runs as it does for Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("JACLI_DEBUG"))
     from ..errors import JacliError
 
+    signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if threading.current_thread() is not threading.main_thread():
+        signals = []  # handlers can only be set from the main thread
+    previous = {s: signal.signal(s, _terminate) for s in signals}
     try:
         code = cli.main(args=argv, prog_name="jacli", standalone_mode=False)
+    except Terminated as e:
+        click.echo("Error: terminated", err=True)
+        sys.exit(e.code)
     except JacliError as e:
         if debug:
             traceback.print_exc()
@@ -66,4 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                    "rerun with --debug for the traceback and please report it", err=True)
         sys.exit(3)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     sys.exit(code if isinstance(code, int) else 0)

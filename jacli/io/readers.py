@@ -3,6 +3,7 @@ names), ``-`` (``.npy`` bytes on stdin), or random samples drawn from the signat
 from __future__ import annotations
 
 import io
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -12,7 +13,31 @@ import numpy as np
 from ..errors import InputError
 from ..model import Model
 
-MAX_INPUT_BYTES = 8 << 30  # refuse headers that announce more than this
+MEMORY_SHARE = 0.5  # inputs may take at most this share of the available memory
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: the system's available memory (psutil, or
+    MemAvailable from /proc/meminfo), lowered by a cgroup v2 limit (containers, CI)."""
+    avail = None
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            headroom = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = headroom if avail is None else min(avail, headroom)
+    except (OSError, ValueError):
+        pass
+    return max(0, avail) if avail is not None else 1 << 62  # unknown: no limit
 
 
 def read_input(path: str, model: Model) -> dict[str, np.ndarray]:
@@ -44,7 +69,7 @@ def _read_arrays(path: str) -> dict[str, np.ndarray]:
     raise InputError(f"cannot read {path}: not a .npy, .npz or .h5 file (unrecognised contents)")
 
 
-def _load_npy(f, what: str) -> np.ndarray:
+def _load_npy(f, what: str, used: int = 0) -> np.ndarray:
     try:
         version = np.lib.format.read_magic(f)
         shape, fortran, dtype = (
@@ -52,7 +77,7 @@ def _load_npy(f, what: str) -> np.ndarray:
         )
     except Exception as e:
         raise InputError(f"cannot read {what}: corrupt .npy header ({_short(e)})") from None
-    _check_header(shape, dtype, what)
+    _check_header(shape, dtype, what, used)
     f.seek(0)
     try:
         return np.load(f, allow_pickle=False)
@@ -67,8 +92,8 @@ def _load_npz(p: Path) -> dict[str, np.ndarray]:
             for name in z.namelist():
                 if not name.endswith(".npy"):
                     continue
-                with z.open(name) as f:
-                    out[name[: -len(".npy")]] = _load_npy(io.BytesIO(f.read()), f"{p}:{name}")
+                with z.open(name) as f:  # header first: nothing is inflated before the size check
+                    out[name[: -len(".npy")]] = _load_npy(f, f"{p}:{name}", sum(a.nbytes for a in out.values()))
     except InputError:
         raise
     except Exception as e:
@@ -89,7 +114,9 @@ def _load_h5(p: Path) -> dict[str, np.ndarray]:
 
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
-                    _check_header(obj.shape, obj.dtype, f"{p}:{name}")
+                    if obj.external or obj.is_virtual:
+                        raise InputError(f"{p}:{name} keeps its data in other files; jacli reads only self-contained .h5 input")
+                    _check_header(obj.shape or (), obj.dtype, f"{p}:{name}", sum(a.nbytes for a in out.values()))
                     out[name] = obj[()]
 
             f.visititems(visit)
@@ -102,13 +129,26 @@ def _load_h5(p: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _check_header(shape, dtype, what: str) -> None:
+def _check_header(shape, dtype, what: str, used: int = 0) -> None:
+    """Refuse, before anything is allocated, arrays jacli cannot use or hold in memory
+    (``used``: bytes already taken by other arrays of the same input)."""
     dtype = np.dtype(dtype)
     if dtype.kind not in "biuf":
-        raise InputError(f"{what}: dtype {dtype} is not numeric; jacli needs a numeric array (e.g. float32)")
-    nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if nbytes > MAX_INPUT_BYTES:
-        raise InputError(f"{what}: shape {tuple(shape)} would need {nbytes / 2**30:.1f} GiB; refusing")
+        raise InputError(f"{what}: dtype {dtype} is not numeric; jacli needs real numbers (float, int, uint or bool)")
+    shape = tuple(int(d) for d in shape)
+    if any(d < 0 for d in shape):
+        raise InputError(f"{what}: shape {shape} has a negative dimension (corrupt header?)")
+    check_memory(math.prod(shape) * dtype.itemsize + used, f"{what}: shape {shape} of {dtype}")
+
+
+def check_memory(nbytes: int, what: str) -> None:
+    """Refuse arrays that would take more than MEMORY_SHARE of the available memory."""
+    avail = available_memory()
+    if nbytes > MEMORY_SHARE * avail:
+        raise InputError(
+            f"{what} would need {_size(nbytes)} of memory, more than {MEMORY_SHARE:.0%} of the "
+            f"{_size(avail)} available; use fewer samples"
+        )
 
 
 def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "input") -> dict[str, np.ndarray]:
@@ -135,8 +175,10 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
         spec = model.spec(n)
         if a.dtype.kind not in "biuf":
             raise InputError(f"input {n!r}: dtype {a.dtype} is not numeric")
-        if a.ndim == 0 or a.size == 0:
-            raise InputError(f"input {n!r} has shape {a.shape}; it needs a batch of at least one sample")
+        if a.ndim == 0:
+            raise InputError(f"input {n!r} is a scalar; it needs a batch of at least one sample, shape (batch, ...)")
+        if a.size == 0:
+            raise InputError(f"input {n!r} has shape {a.shape}, which holds no values; it needs a batch of at least one sample")
         if spec.shape is not None:
             want = spec.shape
             if a.ndim != len(want) or any(w is not None and w != d for w, d in zip(want[1:], a.shape[1:])):
@@ -167,6 +209,7 @@ def random_input(model: Model, samples: int, seed: int = 0) -> dict[str, np.ndar
             )
         shape = (samples, *spec.shape[1:])
         dtype = np.dtype(spec.dtype)
+        check_memory(math.prod(shape) * max(dtype.itemsize, 8), f"--random {samples} for input {spec.name!r}")
         out[spec.name] = (
             rng.standard_normal(shape).astype(dtype) if dtype.kind == "f" else rng.integers(0, 2, shape).astype(dtype)
         )
@@ -187,6 +230,13 @@ def nonfinite(xs: dict[str, np.ndarray]) -> list[str]:
 
 def _fmt_shape(shape) -> str:
     return "(" + ", ".join("batch" if i == 0 and d is None else ("?" if d is None else str(d)) for i, d in enumerate(shape)) + ")"
+
+
+def _size(nbytes: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):,.1f} {unit}"
+    return f"{nbytes} bytes"
 
 
 def _short(e: Exception) -> str:

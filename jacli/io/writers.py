@@ -58,9 +58,11 @@ class Writer(abc.ABC):
         try:
             self._finish()
             os.replace(self.tmp, self.path)
-        except OSError as e:
+        except BaseException as e:  # also Ctrl-C/SIGTERM while finishing: no temporary file is left
             self.abort()
-            raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+            raise
 
     def abort(self) -> None:
         self._close_quietly()

@@ -1,0 +1,265 @@
+"""Malicious (and matching harmless) model files for tests/test_security.py.
+
+Every malicious payload does one visible, harmless thing: it creates the file ``marker``.
+A test that loads such a model without --trust-model asserts that the marker does not
+exist; the same model with --trust-model must create it, which proves the payload is live
+and that the refusal is what stopped it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+W = np.array([[1.0, -2.0], [0.5, 3.0], [-1.5, 0.25]], np.float32)  # 3 -> 2 weights shared by the TF models
+
+
+# --- torch ------------------------------------------------------------------------------
+class _OpensMarker:
+    """Unpickling this calls open(marker, "w"), creating the marker file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def torch_pickles(d: Path, marker: str) -> dict[str, Path]:
+    import torch
+
+    files = {"zip": d / "evil_zip.pt", "legacy": d / "evil_legacy.pt", "legacy_pkl": d / "evil_legacy.pkl"}
+    torch.save({"model": _OpensMarker(marker)}, files["zip"])
+    torch.save({"model": _OpensMarker(marker)}, files["legacy"], _use_new_zipfile_serialization=False)
+    torch.save({"model": _OpensMarker(marker)}, files["legacy_pkl"], _use_new_zipfile_serialization=False)
+    return files
+
+
+def torch_sequential(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A plain torch.save of Linear(3, 2) + Tanh; returns its weight and bias."""
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh())
+    torch.save(module, path)
+    return module[0].weight.detach().numpy().copy(), module[0].bias.detach().numpy().copy()
+
+
+def torchscript_from_file(path: Path, marker: str) -> None:
+    """A TorchScript archive whose __setstate__ (run by torch.jit.load) calls torch.from_file,
+    which creates ``marker``. TorchScript's compiler drops an unused from_file, so the
+    archive's code is edited the way an attacker would write it."""
+    import torch
+    from typing import Tuple
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+        @torch.jit.export
+        def __getstate__(self):
+            return (self.w, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, bool]):
+            self.w = state[0]
+            self.training = state[1]
+
+    clean = path.with_name("clean_" + path.name)
+    torch.jit.save(torch.jit.script(Scale()), clean)
+    payload = f'    t = torch.from_file("{marker}", True, 16, dtype=0)\n    self.w = torch.add((state)[0], torch.sum(t))\n'
+    edited = 0
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if "/code/" in info.filename and info.filename.endswith(".py") and b"    self.w = (state)[0]\n" in data:
+                data = data.replace(b"    self.w = (state)[0]\n", payload.encode())
+                edited += 1
+            dst.writestr(info, data)
+    assert edited == 1
+
+
+# --- keras ----------------------------------------------------------------------------------
+def keras_lambdas(d: Path, marker: str) -> dict[str, Path]:
+    """The same Lambda model as Keras 3 .keras, Keras 3 legacy .h5 and tf_keras .h5. The
+    lambda's body creates ``marker``; Keras calls it while rebuilding the model."""
+    import keras
+    import tf_keras
+
+    body = f"lambda t: __import__('pathlib').Path({marker!r}).write_text('pwned') and t * 2"
+
+    def build(k):
+        x = k.Input((3,), name="x")
+        y = k.layers.Lambda(eval(body))(x)
+        return k.Model(x, k.layers.Dense(2, name="dense")(y))
+
+    files = {"keras": d / "lambda.keras", "keras3_h5": d / "lambda_k3.h5", "tf_keras_h5": d / "lambda_tfk.h5"}
+    build(keras).save(files["keras"])
+    build(keras).save(files["keras3_h5"])
+    build(tf_keras).save(files["tf_keras_h5"])
+    Path(marker).unlink(missing_ok=True)  # building the models ran the lambda
+    return files
+
+
+def keras_with_config(src: Path, dst: Path, edit) -> None:
+    """A copy of the .keras archive ``src`` whose config.json went through ``edit``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename == "config.json":
+                config = json.loads(data)
+                edit(config)
+                data = json.dumps(config).encode()
+            zout.writestr(info, data)
+
+
+# --- tensorflow SavedModel ------------------------------------------------------------------
+def savedmodels(d: Path, marker: str) -> dict[str, Path]:
+    """TF2 SavedModels (y = x @ W) that write ``marker`` from different places, plus clean
+    ones, and TF1 SavedModels with and without a writing init op."""
+    import tensorflow as tf
+
+    sig = [tf.TensorSpec([None, 3], tf.float32, name="x")]
+
+    class Clean(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(W)
+
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            return {"y": tf.matmul(x, self.w)}
+
+    class WritesInServe(Clean):
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            tf.io.write_file(marker, "pwned")
+            return {"y": tf.matmul(x, self.w)}
+
+    class PyFuncInServe(Clean):
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            y = tf.py_function(lambda t: t, [x], tf.float32)
+            return {"y": tf.matmul(tf.reshape(y, [-1, 3]), self.w)}
+
+    class UnreachableWriter(Clean):  # a function nothing in loading or serving calls
+        @tf.function(input_signature=[])
+        def dump(self):
+            tf.io.write_file(marker, "pwned")
+            return tf.constant(0)
+
+    @tf.custom_gradient
+    def identity_writing_gradient(x):
+        def grad(dy):
+            tf.io.write_file(marker, "pwned")
+            return dy
+
+        return tf.identity(x), grad
+
+    class WritesInGradient(Clean):
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            return {"y": tf.matmul(identity_writing_gradient(x), self.w)}
+
+    class WritingResource(tf.saved_model.experimental.TrackableResource):
+        def _create_resource(self):
+            return tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="jacli_test_resource")
+
+        def _initialize(self):  # tf.saved_model.load runs this
+            tf.io.write_file(marker, "pwned")
+            return tf.constant(0)
+
+    class WritesOnLoad(Clean):
+        def __init__(self):
+            super().__init__()
+            self.resource = WritingResource()
+
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            _ = self.resource.resource_handle
+            return {"y": tf.matmul(x, self.w)}
+
+    out = {}
+    for cls in (Clean, WritesInServe, PyFuncInServe, UnreachableWriter, WritesInGradient, WritesOnLoad):
+        m = cls()
+        out[cls.__name__] = d / cls.__name__
+        tf.saved_model.save(m, str(out[cls.__name__]), signatures={"serving_default": m.serve})
+    for name, writes in (("TF1Clean", False), ("TF1WritesOnLoad", True)):
+        out[name] = d / name
+        _tf1_savedmodel(out[name], marker if writes else None)
+    Path(marker).unlink(missing_ok=True)
+    return out
+
+
+def _tf1_savedmodel(path: Path, marker: str | None) -> None:
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    with tf.Graph().as_default():
+        x = v1.placeholder(tf.float32, [None, 3], name="x")
+        w = v1.get_variable("w", initializer=tf.constant(W))
+        y = tf.matmul(x, w)
+        main_op = tf.group(tf.io.write_file(marker, "pwned")) if marker else None
+        with v1.Session() as s:
+            s.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(str(path))
+            signature = v1.saved_model.predict_signature_def({"x": x}, {"y": y})
+            builder.add_meta_graph_and_variables(s, ["serve"], signature_def_map={"serving_default": signature},
+                                                 main_op=main_op)
+            builder.save()
+
+
+def savedmodel_with_asset(src: Path, dst: Path, filename: str) -> None:
+    """A copy of the SavedModel ``src`` that declares an asset file named ``filename``."""
+    import shutil
+
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    shutil.copytree(src, dst)
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((dst / "saved_model.pb").read_bytes())
+    asset = sm.meta_graphs[0].asset_file_def.add()
+    asset.filename = filename
+    asset.tensor_info.name = "asset_path:0"
+    (dst / "saved_model.pb").write_bytes(sm.SerializeToString())
+
+
+# --- onnx -----------------------------------------------------------------------------------
+def onnx_matmul(path: Path, external_location: str | None = None, custom_domain: str | None = None) -> None:
+    """y = x @ W (x: (batch, 3)); W inline, or stored as external data at ``external_location``
+    (relative to the model's directory); with ``custom_domain``, an extra op from that domain."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"])]
+    opsets = [helper.make_opsetid("", 17)]
+    if custom_domain:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y0"]),
+                 helper.make_node("Evil", ["y0"], ["y"], domain=custom_domain)]
+        opsets.append(helper.make_opsetid(custom_domain, 1))
+    graph = helper.make_graph(nodes, "matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+                              [numpy_helper.from_array(W, "W")])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    if external_location is not None:
+        tensor = model.graph.initializer[0]
+        data_file = (path.parent / external_location)
+        if not data_file.exists():
+            data_file.parent.mkdir(parents=True, exist_ok=True)
+            data_file.write_bytes(W.tobytes())
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", external_location), ("offset", "0"), ("length", str(W.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    onnx.save(model, path)
