@@ -398,35 +398,35 @@ def test_float32_only_ops_against_torch_definition(op, attrs, opset, reference):
     assert_close(cols, expected, 1e-4)
 
 
+@pytest.mark.parametrize("op, reference", [
+    ("PRelu", lambda a, s: torch.where(a > 0, a, s * a)),  # slope broadcast per channel
+    ("Mean", lambda a, s: (a + s) / 2),
+])
 @pytest.mark.parametrize("wrt", ["x", "s"])
-def test_parametrised_float32_ops_against_torch_definition(wrt):
-    """PRelu (slope broadcast per channel), InstanceNormalization, Mean with broadcasting."""
-    shape, slope = [2, 3, 2, 2], distinct([3, 1, 1], 0.1, 0.9)
-    x = distinct(shape)
-    refs = {
-        "PRelu": (lambda a, s: torch.where(a > 0, a, s * a)),
-        "Mean": (lambda a, s: (a + s) / 2),
-    }
-    for op, ref in refs.items():
-        model, _ = node_model(op, {"x": shape, "s": [3, 1, 1]})
-        feeds = {"x": x, "s": slope}
-        args = [torch.from_numpy(feeds[k].astype(np.float64)) for k in ("x", "s")]
-        pos = ["x", "s"].index(wrt)
-        f = (lambda v: ref(v, args[1])) if pos == 0 else (lambda v: ref(args[0], v))
-        expected = torch.autograd.functional.jacobian(f, args[pos]).reshape(-1, args[pos].numel()).numpy()
-        rows, cols = jacobians(model, feeds, x=wrt)
-        assert_close(rows, expected, 1e-4)
-        assert_close(cols, expected, 1e-4)
+def test_two_input_float32_ops_against_torch_definition(op, reference, wrt):
+    shape = [2, 3, 2, 2]
+    model, _ = node_model(op, {"x": shape, "s": [3, 1, 1]})
+    feeds = {"x": distinct(shape), "s": distinct([3, 1, 1], 0.1, 0.9)}
+    a, s = (torch.from_numpy(feeds[k].astype(np.float64)) for k in ("x", "s"))
     if wrt == "x":
-        scale, bias = F32(0.5, 1.0, 2.0), F32(0.1, 0.0, -0.1)
-        model, _ = node_model("InstanceNormalization", {"x": shape, "s": scale, "b": bias}, {"epsilon": 1e-3})
-        ref = lambda v: F.instance_norm(v, weight=torch.tensor(scale, dtype=torch.float64),  # noqa: E731
-                                        bias=torch.tensor(bias, dtype=torch.float64), eps=1e-3)
-        x64 = torch.from_numpy(x.astype(np.float64))
-        expected = torch.autograd.functional.jacobian(ref, x64).reshape(x.size, x.size).numpy()
-        rows, cols = jacobians(model, {"x": x})
-        assert_close(rows, expected, 1e-4)
-        assert_close(cols, expected, 1e-4)
+        expected = torch.autograd.functional.jacobian(lambda v: reference(v, s), a)
+    else:
+        expected = torch.autograd.functional.jacobian(lambda v: reference(a, v), s)
+    rows, cols = jacobians(model, feeds, x=wrt)
+    assert_close(rows, expected.reshape(rows.shape).numpy(), 1e-4)
+    assert_close(cols, expected.reshape(rows.shape).numpy(), 1e-4)
+
+
+def test_instance_normalization_against_torch_definition():
+    scale, bias = F32(0.5, 1.0, 2.0), F32(0.1, 0.0, -0.1)
+    model, _ = node_model("InstanceNormalization", {"x": [2, 3, 2, 2], "s": scale, "b": bias}, {"epsilon": 1e-3})
+    x = distinct([2, 3, 2, 2])
+    expected = torch.autograd.functional.jacobian(
+        lambda v: F.instance_norm(v, weight=torch.from_numpy(scale).double(), bias=torch.from_numpy(bias).double(),
+                                  eps=1e-3), torch.from_numpy(x.astype(np.float64))).reshape(x.size, x.size)
+    rows, cols = jacobians(model, {"x": x})
+    assert_close(rows, expected.numpy(), 1e-4)
+    assert_close(cols, expected.numpy(), 1e-4)
 
 
 # ------------------------------------------------------------ torch.onnx.export modules

@@ -166,7 +166,13 @@ def _symbolic_value_infos(model: onnx.ModelProto) -> list:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        return list(SymbolicShapeInference.infer_shapes(model, auto_merge=True).graph.value_info)
+        # the loop of SymbolicShapeInference.infer_shapes, which on an incomplete result
+        # raises (dropping what it found) after saving a file in the working directory
+        inference = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        inference._preprocess(model)
+        while inference.run_:
+            inference._infer_impl()
+        return list(inference.out_mp_.graph.value_info)
     except Exception:  # optional refinement: rules needing a rank then say so themselves
         return []
 
@@ -318,7 +324,7 @@ class _Builder:
             self._cache[key] = self.op("Shape", x)
         return self._cache[key]
 
-    def dim(self, x: str, axis: int) -> "Dim":
+    def dim(self, x: str, axis: int) -> Dim:
         """Size of ``x`` along ``axis`` (non-negative): an int when static."""
         dims = self.dims(x)
         if dims is not None and isinstance(dims[axis], int):
@@ -328,29 +334,33 @@ class _Builder:
             self._cache[key] = self.op("Slice", self.shape(x), self.ints([axis]), self.ints([axis + 1]))
         return self._cache[key]
 
-    def _itensor(self, a: "Dim") -> str:
+    def _itensor(self, a: Dim) -> str:
         return self.ints([a]) if isinstance(a, int) else a
 
-    def iadd(self, a: "Dim", c: "Dim") -> "Dim":
-        return a + c if isinstance(a, int) and isinstance(c, int) else self.op("Add", self._itensor(a), self._itensor(c))
+    def iadd(self, a: Dim, c: Dim) -> Dim:
+        if isinstance(a, int) and isinstance(c, int):
+            return a + c
+        return self.op("Add", self._itensor(a), self._itensor(c))
 
-    def isub(self, a: "Dim", c: "Dim") -> "Dim":
-        return a - c if isinstance(a, int) and isinstance(c, int) else self.op("Sub", self._itensor(a), self._itensor(c))
+    def isub(self, a: Dim, c: Dim) -> Dim:
+        if isinstance(a, int) and isinstance(c, int):
+            return a - c
+        return self.op("Sub", self._itensor(a), self._itensor(c))
 
-    def imul(self, a: "Dim", c: int) -> "Dim":
+    def imul(self, a: Dim, c: int) -> Dim:
         return a * c if isinstance(a, int) else (a if c == 1 else self.op("Mul", a, self.ints([c])))
 
-    def idiv(self, a: "Dim", c: int) -> "Dim":
+    def idiv(self, a: Dim, c: int) -> Dim:
         """Floor division of a non-negative size."""
         return a // c if isinstance(a, int) else (a if c == 1 else self.op("Div", a, self.ints([c])))
 
-    def imax(self, a: "Dim", c: "Dim") -> "Dim":
+    def imax(self, a: Dim, c: Dim) -> Dim:
         if isinstance(a, int) and isinstance(c, int):
             return max(a, c)
         a, c = self._itensor(a), self._itensor(c)
         return self.op("Where", self.op("Greater", a, c), a, c)
 
-    def ivec(self, items: Sequence["Dim"]) -> str:
+    def ivec(self, items: Sequence[Dim]) -> str:
         """A 1-D int64 tensor from static and dynamic sizes."""
         if all(isinstance(i, int) for i in items):
             return self.ints(items)
@@ -576,7 +586,8 @@ def _d_hard_swish(b, n, v):
     u = b.op("Add", b.op("Mul", n.x, _c(b, n, 1.0 / 6.0)), _c(b, n, 0.5))
     mid = b.op("Sub", b.op("Add", u, u), _c(b, n, 0.5))
     above = _mask(b, n, b.op("Greater", u, _c(b, n, 1.0)))
-    slope = _blend(b, n, above, _c(b, n, 1.0), b.op("Mul", mid, _mask(b, n, b.op("Not", b.op("Less", u, _c(b, n, 0.0))))))
+    inside = b.op("Mul", mid, _mask(b, n, b.op("Not", b.op("Less", u, _c(b, n, 0.0)))))
+    slope = _blend(b, n, above, _c(b, n, 1.0), inside)
     return b.op("Mul", v, slope)
 
 
@@ -1194,7 +1205,7 @@ class _Window:
     """Geometry of a sliding-window op along its spatial axes (sizes are Dims)."""
 
     def __init__(self, kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int],
-                 begin: Sequence["Dim"], end: Sequence["Dim"]):
+                 begin: Sequence[Dim], end: Sequence[Dim]):
         self.kernel, self.strides, self.dilations = list(kernel), list(strides), list(dilations)
         self.begin, self.end = list(begin), list(end)
 
@@ -1232,7 +1243,7 @@ def _window(b: _Builder, n: _Node, kernel: list[int]) -> _Window:
     return win
 
 
-def _pad_spatial(b: _Builder, x: str, begin: Sequence["Dim"], end: Sequence["Dim"], value: str | None) -> str:
+def _pad_spatial(b: _Builder, x: str, begin: Sequence[Dim], end: Sequence[Dim], value: str | None) -> str:
     if all(isinstance(p, int) and p == 0 for p in list(begin) + list(end)):
         return x
     pads = b.ivec([0, 0, *begin, 0, 0, *end])
@@ -1376,8 +1387,11 @@ def _drop_attribute(node: NodeProto, name: str) -> None:
         node.attribute.remove(attr)
 
 
-def _overlapping(win: _Window) -> bool:
-    return any(s < win.extent(i) for i, s in enumerate(win.strides))
+def _overlapping(n: _Node) -> bool:
+    """Whether MaxPool's windows overlap (an element can be the maximum of two)."""
+    kernel = n.attr("kernel_shape")
+    strides, dilations = n.attr("strides") or [1] * len(kernel), n.attr("dilations") or [1] * len(kernel)
+    return any(s < (k - 1) * d + 1 for k, s, d in zip(kernel, strides, dilations))
 
 
 @_vjp("MaxPool")
@@ -1386,10 +1400,9 @@ def _vjp_max_pool(b, n, gs):
     order, as onnxruntime's forward pass and torch pick it). Overlapping windows may pick
     an element twice, which needs ScatterElements(add) (opset 16); before that a
     mask-and-ConvTranspose construction is used."""
-    win, kernel = _window_geometry(b, n)
-    overlapping = _overlapping(win)
+    overlapping = _overlapping(n)
     if overlapping and b.opset < 16:
-        return {0: _max_pool_vjp_by_masks(b, n, gs[0], win, kernel)}
+        return {0: _max_pool_vjp_by_masks(b, n, gs[0])}
     zeros = b.op("ConstantOfShape", b.op("Reshape", b.op("Size", n.x), b.ints([1])),
                  value=helper.make_tensor("value", n.dtype, [1], [0.0]))
     flat = b.op("ScatterElements", zeros, b.op("Reshape", _max_pool_indices(b, n), b.ints([-1])),
@@ -1403,7 +1416,7 @@ def _jvp_max_pool(b, n, ts):
     return [picked] + [None] * (len(n.outputs) - 1)
 
 
-def _max_pool_vjp_by_masks(b: _Builder, n: _Node, g: str, win: _Window, kernel: list[int]) -> str:
+def _max_pool_vjp_by_masks(b: _Builder, n: _Node, g: str) -> str:
     """Opset < 16, overlapping windows: strided slices of the padded input (exact copies)
     compared with y give, per window element, where it is the first maximum; g routed by
     those masks goes back through the adjoint of the window extraction (a ConvTranspose
@@ -1411,6 +1424,7 @@ def _max_pool_vjp_by_masks(b: _Builder, n: _Node, g: str, win: _Window, kernel: 
     if n.dtype == TensorProto.DOUBLE:
         raise n.unsupported("with overlapping windows before opset 16 has no double-precision reverse rule "
                             "(onnxruntime has no double ConvTranspose)")
+    win, kernel = _window_geometry(b, n)
     k = len(kernel)
     lowest = b.scalar(float(np.finfo(helper.tensor_dtype_to_np_dtype(n.dtype)).min), n.dtype)
     padded = _pad_spatial(b, n.x, win.begin, win.end, lowest)
@@ -1454,8 +1468,8 @@ def _jvp_linear_pool(b, n, ts):
 
 @_vjp("GlobalAveragePool")
 def _vjp_global_average_pool(b, n, gs):
-    count = b.op("Div", b.op("Cast", b.op("Size", n.y), to=n.dtype), b.op("Cast", b.op("Size", n.x), to=n.dtype))
-    return {0: b.op("Expand", b.op("Mul", gs[0], count), b.shape(n.x))}
+    per_element = b.op("Div", b.op("Cast", b.op("Size", n.y), to=n.dtype), b.op("Cast", b.op("Size", n.x), to=n.dtype))
+    return {0: b.op("Expand", b.op("Mul", gs[0], per_element), b.shape(n.x))}
 
 
 def _global_max_weights(b: _Builder, n: _Node) -> tuple[str, list[int]]:
@@ -1477,7 +1491,7 @@ def _jvp_global_max_pool(b, n, ts):
 
 
 # --- normalisation ----------------------------------------------------------------------
-def _lrn_terms(b: _Builder, n: _Node) -> tuple[str, str, float, str]:
+def _lrn_terms(b: _Builder, n: _Node) -> tuple[str, str, float]:
     """LRN: y = x s^-beta, s = bias + alpha/size * (window sum over channels of x^2).
     Returns s^-beta, s^(-beta-1) and the constant 2 alpha beta / size."""
     size, alpha, beta = n.attr("size"), n.attr("alpha", 1e-4), n.attr("beta", 0.75)
@@ -1651,7 +1665,7 @@ def _assemble(model: onnx.ModelProto, b: _Builder, extra_inputs: list, results: 
     """Forward nodes + derivative nodes + Identity to the public output names, pruned to
     what the outputs need."""
     graph = model.graph
-    for (public, internal), vi in zip(results.items(), result_types):
+    for public, internal in results.items():
         b.nodes.append(helper.make_node("Identity", [internal], [public], name=b.fresh("output")))
     nodes = list(graph.node) + b.nodes
     needed = set(results)
