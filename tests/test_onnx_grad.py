@@ -199,6 +199,8 @@ FD_CASES = [
     case("CumSum", "CumSum", {"x": [2, 3, 4], "a": np.array(1, np.int64)}),
     case("CumSum-reverse-exclusive", "CumSum", {"x": [2, 3, 4], "a": np.array(-1, np.int64)},
          {"reverse": 1, "exclusive": 1}),
+    case("Cast-to-double", "Cast", X, {"to": TP.DOUBLE}),
+    case("CastLike-to-double", "CastLike", {"x": [2, 3], "like": np.zeros(1, np.float64)}, opset=15),
     case("Dropout-inference", "Dropout", {"x": [2, 3, 4], "r": np.array(0.3, np.float32)}, opset=13),
     case("BatchNormalization", "BatchNormalization",
          {"x": [2, 3, 2, 2], "s": F32(0.5, 1.0, 2.0), "b": F32(0.1, 0.2, 0.3), "m": F32(0.0, 1.0, -1.0),
@@ -213,9 +215,8 @@ FD_CASES = [
 
 @pytest.mark.parametrize("op, inputs, attrs, opset, wrt, of, outputs, feed", FD_CASES)
 def test_rule_against_float64_finite_differences(op, inputs, attrs, opset, wrt, of, outputs, feed):
-    model, feeds = node_model(op, inputs, attrs, opset, outputs)
-    if op == "MaxPool" and len(outputs) == 2:
-        model.graph.output[1].type.tensor_type.elem_type = TP.INT64
+    model, feeds = node_model(op, inputs, attrs, opset, outputs,
+                              out_type=TP.DOUBLE if op.startswith("Cast") else TP.FLOAT)
     if feed is not None:  # e.g. positive values for Log/Sqrt/Pow, distinct ones for pooling
         feeds = {k: feed(v.shape) for k, v in feeds.items()}
     if "axes" in inputs and isinstance(inputs["axes"], list):
@@ -659,6 +660,42 @@ def test_dynamo_exported_networks_match_torch(networks, dynamo_networks, name):
     rows, cols = jacobians(dynamo_networks, feeds, f"x_{name}", f"y_{name}")
     assert_close(rows, expected, 1e-4)
     assert_close(cols, expected, 1e-4)
+
+
+def test_tf2onnx_style_network_matches_torch():
+    """The patterns tf2onnx emits for a Keras CNN: NHWC input transposed around Conv and
+    MaxPool with auto_pad SAME_UPPER, a constant Reshape, MatMul + Add, Softmax (opset 13),
+    and a batch dim named unk__N."""
+    rng = np.random.default_rng(7)
+    w1, b1 = rng.standard_normal([4, 2, 3, 3]).astype(np.float32) / 3, F32(0.1, -0.2, 0.3, 0.0)
+    w2, b2 = rng.standard_normal([36, 5]).astype(np.float32) / 6, F32(0.0, 0.1, 0.2, 0.3, 0.4)
+    nodes = [
+        oh.make_node("Transpose", ["input_1"], ["nchw"], perm=[0, 3, 1, 2]),
+        oh.make_node("Conv", ["nchw", "w1", "b1"], ["conv"], auto_pad="SAME_UPPER", strides=[2, 2],
+                     kernel_shape=[3, 3]),
+        oh.make_node("Relu", ["conv"], ["relu"]),
+        oh.make_node("MaxPool", ["relu"], ["pool"], auto_pad="SAME_UPPER", kernel_shape=[2, 2], strides=[1, 1]),
+        oh.make_node("Transpose", ["pool"], ["nhwc"], perm=[0, 2, 3, 1]),
+        oh.make_node("Reshape", ["nhwc", "shape"], ["flat"]),
+        oh.make_node("MatMul", ["flat", "w2"], ["logits0"]),
+        oh.make_node("Add", ["logits0", "b2"], ["logits"]),
+        oh.make_node("Softmax", ["logits"], ["dense"], axis=-1),
+    ]
+    inits = [nh.from_array(w1, "w1"), nh.from_array(b1, "b1"), nh.from_array(w2, "w2"), nh.from_array(b2, "b2"),
+             nh.from_array(I64(-1, 36), "shape")]
+    model = _graph(nodes, [("input_1", ["unk__5", 6, 6, 2])], [("dense", ["unk__5", 5])], inits, opset=13)
+
+    def reference(x):  # SAME_UPPER: total pad 1 (stride-2 conv of 6, stride-1 pool of 3), all at the end
+        h = F.conv2d(F.pad(x.permute(0, 3, 1, 2), (0, 1, 0, 1)), torch.from_numpy(w1).double(),
+                     torch.from_numpy(b1).double(), stride=2).relu()
+        h = F.max_pool2d(F.pad(h, (0, 1, 0, 1), value=-np.inf), 2, 1).permute(0, 2, 3, 1).reshape(-1, 36)
+        return torch.softmax(h @ torch.from_numpy(w2).double() + torch.from_numpy(b2).double(), -1)
+
+    x = distinct([2, 6, 6, 2])
+    expected = torch.autograd.functional.jacobian(reference, torch.from_numpy(x.astype(np.float64)))
+    rows, cols = jacobians(model, {"input_1": x}, "input_1", "dense")
+    assert_close(rows, expected.reshape(rows.shape).numpy(), 1e-4)
+    assert_close(cols, expected.reshape(rows.shape).numpy(), 1e-4)
 
 
 def test_dynamic_batch_is_kept_and_folded_blocks_give_per_sample_jacobians(networks):
