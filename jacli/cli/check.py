@@ -47,7 +47,6 @@ def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd,
 
 def _view(doc: dict):
     from rich.console import Group
-    from rich.table import Table
     from rich.text import Text
 
     verdict = ("PASSED", "bold green") if doc["passed"] else ("FAILED", "bold red")
@@ -65,24 +64,19 @@ def _view(doc: dict):
         f"{what}: AD ({doc['ad_dtype']}) against central differences in {doc['fd_dtype']} (steps h={doc['eps']:.3g}·max(|x|,1) "
         f"and h/2, Richardson); pass when |AD − FD| ≤ atol + rtol·|FD| + err_FD, rtol={doc['rtol']:g}, atol={atol}"))
     parts.append(Text(
-        f"{doc['checked']} entries, {doc['failures']} mismatched, {doc['kinks']} at kinks, {doc['fd_noise']} in FD noise; "
+        f"{doc['checked']} entries: {doc['failures']} wrong, {doc['kinks']} at kinks, {doc['fd_noise']} in FD noise; "
         f"max |AD − FD| {doc['max_abs_error']:.3g}, max relative {doc['max_rel_error']:.3g}"))
-    t = Table(box=None, pad_edge=False)
-    for col in ("sample", "entry", "AD", "FD", "err_FD", "|AD−FD|", "allowed", "diagnosis"):
-        t.add_column(col, justify="left" if col in ("entry", "diagnosis") else "right", no_wrap=col != "entry",
-                     overflow="fold")
     listed = doc["mismatches"][:SHOW] + doc["unresolved"][: max(0, SHOW - len(doc["mismatches"]))]
     if not listed and doc["worst"]:
         listed = [doc["worst"]]
-        parts.append(Text("closest to the tolerance:", style="dim"))
+        parts.append(Text("closest to its tolerance:", style="dim"))
     for e in listed:
-        t.add_row(str(e["sample"]), _entry(e), f"{e['ad']:.4g}", f"{e['fd']:.4g}", f"{e['fd_error']:.2g}",
-                  f"{e['abs_error']:.2g}", f"{e['allowed']:.2g}", e["diagnosis"],
-                  style="red" if e["diagnosis"] in ("wrong-gradient", "non-finite") else None)
-    if listed:
-        parts.append(t)
-    if doc["failures"] > len(doc["mismatches"][:SHOW]) and doc["mismatches"]:
-        parts.append(Text(f"… the {SHOW} worst shown; --json lists {len(doc['mismatches'])}", style="dim"))
+        parts.append(Text(
+            f"  sample {e['sample']}, {_entry(e)}: AD {e['ad']:.6g}, FD {e['fd']:.6g} (± {e['fd_error']:.2g}); "
+            f"|AD − FD| {e['abs_error']:.3g} vs allowed {e['allowed']:.3g}: {e['diagnosis']}",
+            style="red" if e["diagnosis"] in ("wrong-gradient", "non-finite") else None))
+    if len(doc["mismatches"]) > SHOW:
+        parts.append(Text(f"  … the {SHOW} worst shown; --json lists {len(doc['mismatches'])}", style="dim"))
     for a in doc["adjoint_failures"][:SHOW]:
         parts.append(Text(f"sample {a['sample']}, direction v{a['direction']}: <J v, c> = {a['jvp']:.6g} by JVP but "
                           f"<v, Jᵀc> = {a['vjp']:.6g} by VJP (allowed {a['allowed']:.3g}): the JVP and VJP disagree",

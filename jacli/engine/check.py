@@ -256,16 +256,16 @@ def check(
 
 # --- set-up -------------------------------------------------------------------------------
 def _probe_ad(model: Model, plan: jac.Plan, directions: bool) -> None:
-    """Fail early, with a message about the check, when the model has no AD to check."""
-    one = {k: v[:1] for k, v in plan.xs.items()}
-    o, i = plan.of[0], plan.wrt[0]
+    """Fail early, with a message about the check, when the model has no AD to check (one
+    product on the user's batch: a slice of it might upset a model, e.g. batch statistics)."""
+    xs, o, i = plan.xs, plan.of[0], plan.wrt[0]
     try:
         if not model.supports_ad:
             raise model._no_ad()
         if directions or plan.mode == "forward":
-            model.jvp(one, {i: np.zeros((1,) + one[i].shape, one[i].dtype)}, plan.of)
+            model.jvp(xs, {i: np.zeros((1,) + xs[i].shape, xs[i].dtype)}, plan.of)
         if directions or plan.mode == "reverse":
-            model.vjp(one, {o: np.zeros((1,) + plan.ys[o][:1].shape, plan.ys[o].dtype)}, plan.wrt)
+            model.vjp(xs, {o: np.zeros((1,) + plan.ys[o].shape, plan.ys[o].dtype)}, plan.wrt)
     except UnsupportedError as e:
         reason = str(e).split("; use --method fd")[0]
         raise UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})") from None
@@ -390,7 +390,7 @@ class _Tally:
 
         def entry(j, r, c):
             return Entry(
-                s0 + j, of, wrt, _index(r, out_shape), None if in_shape is None else _index(c, in_shape),
+                int(s0 + j), of, wrt, _index(r, out_shape), None if in_shape is None else _index(c, in_shape),
                 int(c) if in_shape is None else None, float(a[j, r, c]), float(d[j, r, c]), float(est.error[j, r, c]),
                 float(est.forward[j, r, c]), float(est.backward[j, r, c]), float(err[j, r, c]),
                 float(np.nan_to_num(rel[j, r, c], nan=np.inf)), float(allowed[j, r, c]), DIAGNOSES[code[j, r, c]])
