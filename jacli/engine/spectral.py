@@ -13,10 +13,11 @@ Two solvers:
   used, on blocks of vectors for every sample at once (the block axis folds into the batch
   axis, so one backend call serves all samples). A block Krylov method with thick restarts
   (block Lanczos with full reorthogonalisation, Rayleigh–Ritz on the Gram operator of the
-  smaller side) finds the top (and optionally bottom) k singular values. Convergence is
-  certified: for a Ritz pair of the Gram operator with residual e, some true singular value
-  lies within min(‖e‖/σ, √‖e‖) of σ; iteration stops when that bound is below
-  ``tol``·σ plus a noise floor set by the model's precision.
+  smaller side) finds the top (and optionally bottom) k singular values. Every value comes
+  with a certified error bound: for a Ritz pair of the Gram operator with residual e, some
+  true singular value lies within min(‖e‖/σ, √‖e‖) of σ; for a final triplet with
+  J v = σ u, within ‖Jᵀu - σ v‖. Iteration stops when the bounds meet ``tol``·σ (plus a
+  floor set by the model's precision), or the residuals reach rounding level.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ FULL_MAX_DIM = 512  # with -k, the full SVD is used (exact, and cheaper) when mi
 DEFAULT_TOL = 1e-6  # relative accuracy asked of matrix-free singular values
 NOISE = 30  # matrix-free accuracy is never asked beyond NOISE * eps(model dtype) * sigma_max ...
 GRAM_FLOOR = 4  # ... nor Gram residuals below GRAM_FLOOR * eps * sigma_max², the rounding level of AᵀA v
-MAX_ITER = 500
+MAX_ITER = 300
+MAX_COLS = 256
 LOG_MAX = float(np.log(np.finfo(np.float64).max))
 LOG_TINY = float(np.log(np.finfo(np.float64).smallest_subnormal))
 
@@ -77,11 +79,12 @@ def default_singular_tol(plan: jac.Plan) -> float:
 # --- results --------------------------------------------------------------------------
 @dataclass
 class SvdResult:
-    """Singular values per sample, largest first. ``smallest``: the bottom k (ascending
-    order reversed, i.e. largest first, ending at σ_min) when asked for matrix-free.
-    ``condition_number`` is σ_max/σ_min (inf for a rank-deficient J, NaN when σ_min is
-    unknown). ``rank`` (full solver) counts σ > max(m, n)·eps·σ_max. ``error_bound``
-    (matrix-free) is the certified absolute error bound of each sample's worst value."""
+    """Singular values per sample, largest first; ``smallest``: the bottom k, also largest
+    first (the last is σ_min). ``condition_number``: σ_max/σ_min; inf where σ_min cannot be
+    told apart from 0, NaN where σ_min is unknown (matrix-free without ``smallest``).
+    ``rank`` (full solver): the number of σ > max(m, n)·eps·σ_max. Matrix-free:
+    ``error_bound``/``smallest_error_bound`` hold a certified bound on each value's absolute
+    error, ``converged`` whether a sample met the tolerance before the iteration limit."""
 
     solver: str
     m: int
@@ -92,7 +95,8 @@ class SvdResult:
     smallest: np.ndarray | None = None  # (S, k)
     rank: np.ndarray | None = None  # (S,)
     converged: np.ndarray | None = None  # (S,) bool
-    error_bound: np.ndarray | None = None  # (S,)
+    error_bound: np.ndarray | None = None  # (S, k), for singular_values
+    smallest_error_bound: np.ndarray | None = None  # (S, k), for smallest
     iterations: int = 0
     products: int = 0  # J·V and Jᵀ·U vectors per sample (matrix-free)
 
@@ -111,7 +115,9 @@ class SvdResult:
                 d["rank"] = int(self.rank[i])
             if self.converged is not None:
                 d["converged"] = bool(self.converged[i])
-                d["error_bound"] = _num(self.error_bound[i])
+                d["error_bounds"] = _num(self.error_bound[i])
+            if self.smallest_error_bound is not None:
+                d["smallest_error_bounds"] = _num(self.smallest_error_bound[i])
             out.append(d)
         return out
 
@@ -143,7 +149,7 @@ class DetResult:
         self.underflow = finite & (self.logabsdet < LOG_TINY)
 
     def samples_json(self) -> list[dict]:
-        return [{"index": i, "sign": _num(self.sign[i]), "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
+        return [{"index": i, "sign": int(self.sign[i]) if np.isfinite(self.sign[i]) else "NaN", "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
                  "singular": bool(self.singular[i]), "rcond": _num(self.rcond[i]),
                  "det_overflow": bool(self.overflow[i]), "det_underflow": bool(self.underflow[i])}
                 for i in range(len(self.sign))]
@@ -174,19 +180,20 @@ def _num(v):
 
 
 # --- choosing a solver and naming the output arrays -------------------------------------
-def choose_solver(model: Model, plan: jac.Plan, k: int | None, solver: str, method: str, budget: int) -> str:
+def choose_solver(model: Model, plan: jac.Plan, k: int | None, solver: str, method: str, budget: int | None) -> str:
     """``full`` or ``matrix-free``, from what was asked and the size of J."""
+    budget = budget or jac.DEFAULT_BUDGET
     lay = Layout.of(plan)
     d = min(lay.m, lay.n)
     if k is not None and not 1 <= k <= d:
         raise InputError(f"-k {k}: J has min(m, n) = {d} singular values per sample (J is {lay.m}x{lay.n})")
-    fits = _dense_bytes(plan, lay) <= budget
+    fits = _dense_bytes(lay) <= budget
     if solver == "auto":
         small = k is None or d <= FULL_MAX_DIM
         solver = "full" if (fits and small) or method == "fd" else "matrix-free"
     if solver == "full" and not fits:
         raise InputError(
-            f"J is {lay.m}x{lay.n} per sample ({_dense_bytes(plan, lay) / 2**20:.0f} MiB to decompose), more than "
+            f"J is {lay.m}x{lay.n} per sample ({_dense_bytes(lay) / 2**20:.0f} MiB to decompose), more than "
             "--max-memory allows; use -k K for the top K singular values matrix-free, or raise --max-memory"
         )
     if solver == "matrix-free" and method != "ad":
@@ -200,7 +207,7 @@ def choose_solver(model: Model, plan: jac.Plan, k: int | None, solver: str, meth
 def svd_arrays(plan: jac.Plan, solver: str, k: int | None, smallest: bool, vectors: bool) -> dict[str, tuple]:
     """Names and shapes (with the sample axis when batched) of what ``svd`` writes."""
     lay = Layout.of(plan)
-    r = k or (min(lay.m, lay.n) if solver == "full" else DEFAULT_K)
+    r = k or (min(lay.m, lay.n) if solver == "full" else _default_k(lay))
     lead = (plan.samples,) if plan.batch else ()
     arrays = {"singular_values": lead + (r,), "condition_number": lead}
     if smallest:
@@ -211,12 +218,16 @@ def svd_arrays(plan: jac.Plan, solver: str, k: int | None, smallest: bool, vecto
     return arrays
 
 
+def _default_k(lay: Layout) -> int:
+    return min(DEFAULT_K, lay.m, lay.n)
+
+
 def det_arrays(plan: jac.Plan) -> dict[str, tuple]:
     lead = (plan.samples,) if plan.batch else ()
     return {name: lead for name in ("sign", "logabsdet", "det", "rcond")}
 
 
-def _dense_bytes(plan: jac.Plan, lay: Layout) -> int:
+def _dense_bytes(lay: Layout) -> int:
     """Memory to materialise and decompose one sample's J: the engine's buffer, a float64
     copy, and LAPACK's workspace — about three float64 copies."""
     return 3 * lay.m * lay.n * 8
@@ -232,7 +243,7 @@ def svd(
     solver: str = "auto",
     method: str = "ad",
     tol: float = DEFAULT_TOL,
-    budget: int = jac.DEFAULT_BUDGET,
+    budget: int | None = None,
     chunk: int | None = None,
     sink: jac.Sink | None = None,
     progress: Callable[[int], None] | None = None,
@@ -240,10 +251,12 @@ def svd(
 ) -> SvdResult:
     """Singular values of each sample's J (see the module docstring). ``sink`` receives
     the arrays named by ``svd_arrays`` sample block by sample block."""
+    budget = budget or jac.DEFAULT_BUDGET
     solver = choose_solver(model, plan, k, solver, method, budget)
     if solver == "full":
         return _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, progress)
-    return _svd_matrix_free(model, plan, k or DEFAULT_K, smallest, vectors, tol, budget, sink, progress, seed)
+    k = k or _default_k(Layout.of(plan))
+    return _svd_matrix_free(model, plan, k, smallest, vectors, tol, budget, sink, progress, seed)
 
 
 def _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, progress) -> SvdResult:
@@ -309,7 +322,8 @@ def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
     outs = {name: (off, prod(shape)) for name, shape, off in lay.outs}
 
     class Assemble:
-        held: dict[str, np.ndarray] = {}
+        def __init__(self):
+            self.held: dict[str, np.ndarray] = {}
 
         def write(self, key, s0, s1, block):
             self.held[key] = block.reshape(s1 - s0, pairs[key].m, pairs[key].n)
@@ -364,9 +378,9 @@ def _svd_matrix_free(model, plan, k, smallest, vectors, tol, budget, sink, progr
     d, other = min(lay.m, lay.n), max(lay.m, lay.n)
     rng = np.random.default_rng(seed)
     block = _block(k) * (2 if smallest else 1)
-    cols = _max_cols(d, block, k, smallest)
+    cols = _max_cols(d, block, budget)
     group = plan.samples if not plan.batch else max(1, min(plan.samples, budget // (cols * (2 * d + other) * 8 * 4)))
-    pieces: dict[str, list] = {"top": [], "low": [], "cond": [], "conv": [], "err": []}
+    pieces: dict[str, list] = {key: [] for key in ("top", "cond", "conv", "err", "low", "low_err")}
     iterations = products = 0
     for s0 in range(0, plan.samples, group):
         s1 = min(plan.samples, s0 + group)
@@ -374,22 +388,23 @@ def _svd_matrix_free(model, plan, k, smallest, vectors, tol, budget, sink, progr
         op = LinearMap(model, plan, xs, lay)
         # Work in the smaller space: A maps it to the larger one.
         A, At = (op.jvp, op.vjp) if lay.n <= lay.m else (op.vjp, op.jvp)
-        top, low, right, left, conv, bound, it = _krylov(A, At, s1 - s0, d, k, smallest, tol, eps(plan), cols,
-                                                          rng, progress)
-        iterations, products = max(iterations, it), max(products, op.products)
-        cond = _condition(top[:, 0], low[:, -1], bound[:, -1]) if smallest else np.full(s1 - s0, np.nan)
-        err = bound.max(axis=1)
-        for key, v in {"top": top, "low": low, "cond": cond, "conv": conv, "err": err}.items():
+        r = _krylov(A, At, s1 - s0, d, k, smallest, tol, eps(plan), cols, rng, progress)
+        iterations, products = max(iterations, r["iterations"]), max(products, op.products)
+        low = r["low"] if smallest else None
+        cond = _condition(r["top"][:, 0], low[:, -1], r["low_bound"][:, -1]) if smallest else np.full(s1 - s0, np.nan)
+        for key, v in (("top", r["top"]), ("cond", cond), ("conv", r["converged"]), ("err", r["top_bound"]),
+                       ("low", low), ("low_err", r["low_bound"] if smallest else None)):
             if v is not None:
                 pieces[key].append(v)
         if sink is not None:
             vecs = None
             if vectors:  # right: (S, k, d) in the basis space, left: (S, k, other)
-                vecs = (right, left) if lay.n <= lay.m else (left, right)
-            _emit(sink, s0, s1, lay, top, cond, low if smallest else None, vecs)
+                vecs = (r["right"], r["left"]) if lay.n <= lay.m else (r["left"], r["right"])
+            _emit(sink, s0, s1, lay, r["top"], cond, low, vecs)
     cat = {key: np.concatenate(v) for key, v in pieces.items() if v}
     return SvdResult("matrix-free", lay.m, lay.n, k, cat["top"], cat["cond"], cat.get("low"),
-                     converged=cat["conv"], error_bound=cat["err"], iterations=iterations, products=products)
+                     converged=cat["conv"], error_bound=cat["err"], smallest_error_bound=cat.get("low_err"),
+                     iterations=iterations, products=products)
 
 
 def _block(k: int) -> int:
@@ -397,16 +412,17 @@ def _block(k: int) -> int:
     return k + max(2, k // 2)
 
 
-def _max_cols(d: int, block: int, k: int, smallest: bool) -> int:
-    """Basis size at which the method restarts."""
-    return min(d, max(8 * block, 4 * k * (2 if smallest else 1)))
+def _max_cols(d: int, block: int, budget: int) -> int:
+    """Basis size at which the method restarts: a larger basis converges in fewer products
+    (most of all for the smallest values); bounded by 256, by d, and by a share of memory."""
+    return min(d, max(8 * block, min(MAX_COLS, budget // (16 * d * 8))))
 
 
 def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
     """Top (and with ``smallest`` bottom) k singular values of S matrices of which we can
     only apply A (d -> other, d <= other) and Aᵀ, by block Krylov on the Gram operator AᵀA
-    with thick restarts. Returns (top (S, k), bottom (S, k) or None, right vectors (S, k, d),
-    left vectors (S, k, other), converged (S,), error bound (S, k[+k]), iterations)."""
+    with thick restarts. Returns the values (S, k) with their error bounds, the top singular
+    vectors (S, k, d) and (S, k, other), whether each sample converged, and the iterations."""
     sides = 2 if smallest else 1
     b = _block(k)
     Q = _orthonormalize(rng.standard_normal((S, d, min(b * sides, d))), None, rng)
@@ -444,15 +460,16 @@ def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
     if progress and not done.all():
         progress(int((~done).sum()))
     # Final triplets from the SVD of A on the wanted Ritz vectors (no squaring, so small
-    # singular values keep their accuracy), certified by one more product: with
-    # A v = σ u, r = Aᵀu - σ v, some singular value of A lies within ‖r‖ of σ.
+    # singular values keep their accuracy), certified by one more product: with A v = σ u
+    # and r = Aᵀu - σ v, some singular value lies within ‖r‖ of σ. Near zero the Gram bound
+    # (moved by |σ - √θ|) is the better one.
     V = Q @ Ww
     U, s, Wt = np.linalg.svd(A(V), full_matrices=False)
     V = V @ Wt.transpose(0, 2, 1)
-    bound = np.linalg.norm(At(U) - V * s[:, None, :], axis=1)
-    keep = np.r_[0:k, s.shape[1] - k:s.shape[1]] if smallest else np.r_[0:k]
-    top, low = s[:, :k], (s[:, -k:] if smallest else None)
-    return top, low, V[:, :, :k].transpose(0, 2, 1), U[:, :, :k].transpose(0, 2, 1), done, bound[:, keep], it
+    bound = np.minimum(np.linalg.norm(At(U) - V * s[:, None, :], axis=1), bound + np.abs(s - sigma))
+    return {"top": s[:, :k], "top_bound": bound[:, :k], "low": s[:, -k:], "low_bound": bound[:, -k:],
+            "right": V[:, :, :k].transpose(0, 2, 1), "left": U[:, :, :k].transpose(0, 2, 1), "converged": done,
+            "iterations": it}
 
 
 def _wanted(c: int, k: int, bottom: bool) -> np.ndarray:
@@ -483,7 +500,7 @@ def det(
     plan: jac.Plan,
     method: str = "ad",
     singular_tol: float | None = None,
-    budget: int = jac.DEFAULT_BUDGET,
+    budget: int | None = None,
     chunk: int | None = None,
     sink: jac.Sink | None = None,
     progress: Callable[[int], None] | None = None,
@@ -495,13 +512,14 @@ def det(
     told apart from a singular matrix, and its LU determinant would be rounding noise."""
     from scipy.linalg import lapack, lu_factor
 
+    budget = budget or jac.DEFAULT_BUDGET
     lay = Layout.of(plan)
     if lay.m != lay.n:
         pairs = ", ".join(f"{p.key} is {p.m}x{p.n}" for p in plan.pairs)
         raise InputError(f"det needs a square Jacobian, but J is {lay.m}x{lay.n} per sample ({pairs}); "
                          "use 'jacli svd' for singular values and the condition number")
-    if 3 * lay.n * lay.n * 8 > budget:
-        raise InputError(f"J is {lay.n}x{lay.n} per sample ({3 * lay.n * lay.n * 8 / 2**20:.0f} MiB to factorise), "
+    if _dense_bytes(lay) > budget:
+        raise InputError(f"J is {lay.n}x{lay.n} per sample ({_dense_bytes(lay) / 2**20:.0f} MiB to factorise), "
                          "more than --max-memory allows; raise --max-memory")
     tol = default_singular_tol(plan) if singular_tol is None else singular_tol
     parts: dict[str, list] = {"sign": [], "logabsdet": [], "det": [], "rcond": []}

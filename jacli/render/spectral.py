@@ -24,7 +24,7 @@ def svd_view(doc: dict) -> Group:
         values = s["singular_values"]
         low = s.get("smallest_singular_values") or (values if len(values) == min(m, n) else None)
         t.add_row(str(s["index"]), _f(values[0]), _f(low[-1]) if low else "—", _f(s["condition_number"]),
-                  str(s["rank"]) if full else _f(s["error_bound"]),
+                  str(s["rank"]) if full else _f(max(float(v) for v in s["error_bounds"])),
                   " ".join(_f(v) for v in values[:SHOW_VALUES]) + (" …" if len(values) > SHOW_VALUES else ""))
     parts.append(t)
     parts += _more(samples)
