@@ -286,7 +286,7 @@ def test_max_pool_ties_go_to_the_first_maximum_like_torch(opset):
 
 # -------------------------------- float32-only ops: linear maps applied to basis vectors
 LINEAR_CASES = [
-    *(pytest.param("Conv", {"x": [2, 2, 7, 6], "w": RNG.standard_normal([3, 2, 2, 3]).astype(np.float32),
+    *(pytest.param("Conv", {"x": [1, 2, 7, 6], "w": RNG.standard_normal([3, 2, 2, 3]).astype(np.float32),
                             "b": F32(0.1, 0.2, 0.3)}, attrs, 17, id=f"Conv-{i}")
       for i, attrs in enumerate([
           {}, {"strides": [2, 2]}, {"pads": [1, 0, 2, 1]}, {"dilations": [2, 1]},
@@ -298,7 +298,7 @@ LINEAR_CASES = [
                  {"group": 2, "strides": [2, 1], "pads": [1, 1, 0, 0]}, 11, id="Conv-groups"),
     pytest.param("Conv", {"x": [2, 2, 9], "w": RNG.standard_normal([3, 2, 3]).astype(np.float32)},
                  {"strides": [2], "pads": [1, 2], "dilations": [2]}, 13, id="Conv-1d"),
-    *(pytest.param("ConvTranspose", {"x": [2, 2, 4, 3], "w": RNG.standard_normal([2, 3, 3, 2]).astype(np.float32),
+    *(pytest.param("ConvTranspose", {"x": [1, 2, 4, 3], "w": RNG.standard_normal([2, 3, 3, 2]).astype(np.float32),
                                      "b": F32(0.1, 0.2, 0.3)}, attrs, 17, id=f"ConvTranspose-{i}")
       for i, attrs in enumerate([
           {}, {"strides": [2, 2]}, {"strides": [2, 3], "pads": [1, 0, 0, 1]},
