@@ -13,9 +13,10 @@ onnxruntime (CPU) like any other:
 How the graphs are built. An activity analysis marks the tensors that depend on ``wrt``
 *and* influence ``of``; only nodes touching them are differentiated, everything else
 (shape plumbing, constant branches) is kept as forward computation. The original nodes
-are copied unchanged (they provide the primal values the rules need), then the
-derivative nodes are appended: in reverse topological order with cotangents summed per
-tensor (VJP), or in topological order (JVP). Each operator has one VJP rule in
+are kept (they provide the primal values the rules need; a MaxPool may be asked for its
+Indices output as well), then the derivative nodes are appended: in reverse topological
+order with cotangents summed per tensor (VJP), or in topological order (JVP); finally
+everything the requested outputs do not need is pruned. Each operator has one VJP rule in
 ``VJP_RULES`` and one JVP rule in ``JVP_RULES``; a rule emits ordinary ONNX nodes through
 :class:`_Builder`, which folds shapes that shape inference knows statically and computes
 the rest at run time with ``Shape``/``Slice``/``Concat``, so a dynamic batch axis (or
@@ -25,7 +26,10 @@ the model's opset defines (e.g. ``ReduceSum`` axes as an attribute before opset 
 Operators with integer/bool outputs (``Shape``, ``ArgMax``, comparisons, ...) are listed
 explicitly in ``NON_DIFFERENTIABLE``; piecewise-constant float operators (``Floor``,
 ``Sign``, ...) in ``PIECEWISE_CONSTANT`` (zero derivative almost everywhere, as in
-PyTorch). Any other operator on the active path without a rule raises
+PyTorch). Operators with rules differentiate their float outputs only (a ``Cast`` to an
+integer type, MaxPool's ``Indices``, Dropout's ``mask`` carry no derivative). Any other
+operator on the active path, and any input/output a rule does not cover (listed in
+``_DIFF_INPUTS``/``_DIFF_OUTPUTS``, e.g. Conv weights), raises
 :class:`~jacli.errors.UnsupportedError`; nothing is silently zero.
 
 Conventions at points where the derivative is not defined (chosen to match PyTorch):
