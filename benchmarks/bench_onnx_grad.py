@@ -3,23 +3,38 @@
 ONNX path: the model exported by ``torch.onnx.export`` goes through
 ``jacli.backends.onnx_grad.build_vjp``; the k = (outputs per sample) Jacobian rows are
 folded into the batch axis (the input tiled k times, one-hot cotangents), so one
-``session.run`` gives every sample's Jacobian; the timing includes the tiling and the
-final (B, m, n) layout. Torch path: ``torch.func.vmap(torch.func.jacrev(f))`` on the same
-weights. Both use all cores; medians over repeats after a warm-up run.
+``session.run`` gives every sample's Jacobian; the timing includes the tiling, and the
+result is a (B, m, n) view. Torch path: ``torch.func.vmap(torch.func.jacrev(f))`` on the
+same weights. Both use ``--threads`` threads (default: all cores); the two results are
+checked against each other, then timed (medians over repeats after a warm-up run).
 
-Results (2-core shared VM, torch 2.13 CPU, onnxruntime 1.32; other jobs were running, so
-absolute times are noisy, ratios less so), command
-``.venv/bin/python benchmarks/bench_onnx_grad.py``:
+Results on the development VM (2 cores shared with other jobs: load average 6-9 during
+the runs, so absolute times are noisy and the 2-thread torch runs suffer most from
+preemption; ratios at 1 thread are the more trustworthy), torch 2.13 CPU, onnxruntime
+1.32. Commands ``.venv/bin/python benchmarks/bench_onnx_grad.py --threads 1`` and
+``... --threads 2`` (the default: all cores):
 
-    model                    batch   onnx [ms]  torch [ms]  torch/onnx
-    mlp 500-100-10 softmax       1       0.13        1.91        14.5
-    mlp 500-100-10 softmax      64       2.93        5.24         1.8
-    mlp 500-100-10 softmax   10000     1181.5      1105.5         0.9
-    cnn 1x28x28 (2 conv)         1       0.98        3.53         3.6
-    cnn 1x28x28 (2 conv)        64      52.75       84.33         1.6
-    cnn 1x28x28 (2 conv)      1000     858.86     1305.45         1.5
+    threads  model                     batch  onnx [ms]  torch [ms]  torch/onnx
+    1        mlp 500-100-10 softmax        1       0.09        1.77        18.9
+    1        mlp 500-100-10 softmax       64       2.61       11.04         4.2
+    1        mlp 500-100-10 softmax    10000    1283.41     1535.67         1.2
+    1        cnn 1x28x28 (2 conv)          1       0.88        7.62         8.7
+    1        cnn 1x28x28 (2 conv)         64     245.15      287.74         1.2
+    1        cnn 1x28x28 (2 conv)       1000    2547.42     3165.84         1.2
+    2        mlp 500-100-10 softmax        1       0.07       54.91       739.4
+    2        mlp 500-100-10 softmax       64      18.52      244.03        13.2
+    2        mlp 500-100-10 softmax    10000    1350.15     1420.10         1.1
+    2        cnn 1x28x28 (2 conv)          1       1.21      343.30       284.7
+    2        cnn 1x28x28 (2 conv)         64     327.52      372.47         1.1
+    2        cnn 1x28x28 (2 conv)       1000    5623.12     6687.62         1.2
 
-(filled in from the run described in the report; see the module docstring history.)
+The folded ONNX run recomputes the forward pass k times (the input is tiled), so at
+batch 10,000 it does about twice torch's arithmetic (two 500x100 GEMMs on 100,000 rows
+against one plus a forward on 10,000); it still keeps up because torch.func pays for
+vmap-of-jacrev dispatch and fresh allocations. Tuning that mattered: no ``Where`` in the
+activation/mask rules (onnxruntime's Where is ~8x slower than a Mul), MaxPool via its
+Indices output (scatter/gather) instead of window masks, and persistent IOBinding
+buffers (fresh 200 MB arrays per call cost more than the GEMMs on this VM).
 """
 from __future__ import annotations
 

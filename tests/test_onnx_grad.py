@@ -755,11 +755,17 @@ def test_derivative_wrt_unsupported_input_slot_is_refused():
                                                     nh.from_array(np.array(True), "t")], opset=13)
     with pytest.raises(UnsupportedError, match="training mode"):
         build_vjp(model, ["x"], ["y"])
+    model = _graph([oh.make_node("LayerNormalization", ["x", "s"], ["h", "mean"], name="ln"),
+                    oh.make_node("Add", ["h", "mean"], ["y"])],
+                   [("x", [2, 3])], [("y", None)], [nh.from_array(F32(1, 1, 1), "s")])
+    with pytest.raises(UnsupportedError, match=r"'LayerNormalization' \(node 'ln'\).*output 1 \('mean'\)"):
+        build_jvp(model, ["x"], ["y"])
 
 
 def test_non_differentiable_ops_and_independent_subgraphs_are_forward_computation():
-    """ArgMax/Shape/comparisons of the input give integer data (zero derivative); a branch
-    on constants only (even with an op without a rule, TopK) is kept as it is."""
+    """ArgMax/Shape/comparisons of the input give integer data and Floor is piecewise
+    constant (zero derivative); a branch on constants only (even with an op without a
+    rule, TopK) is kept as it is."""
     w = RNG.standard_normal([5]).astype(np.float32)
     nodes = [
         oh.make_node("TopK", ["w", "k"], ["top", "top_i"], name="const_branch"),
@@ -770,10 +776,12 @@ def test_non_differentiable_ops_and_independent_subgraphs_are_forward_computatio
         oh.make_node("Greater", ["x", "c"], ["pos"]),
         oh.make_node("Where", ["pos", "x", "c"], ["w1"]),
         oh.make_node("Reshape", ["w1", "shape"], ["w2"]),
-        oh.make_node("Mul", ["w2", "picked"], ["y"]),
+        oh.make_node("Floor", ["x"], ["steps"]),  # piecewise constant
+        oh.make_node("Mul", ["w2", "picked"], ["w3"]),
+        oh.make_node("Mul", ["w3", "steps"], ["y"]),
     ]
     model = _graph(nodes, [("x", [2, 5])], [("y", None)], [nh.from_array(w, "w"), nh.from_array(I64(2), "k")])
-    x = distinct([2, 5])
+    x = distinct([2, 5]) + np.float32(0.1)  # away from the integers where Floor jumps
     model64, x64 = to_float64(model), x.astype(np.float64)
     expected = fd_jacobian(model64, {"x": x64})
     rows, cols = jacobians(model, {"x": x})
