@@ -197,7 +197,7 @@ def svd(
     tol: float | None = None,
     output: str | None = None,
     chunk_size: int | None = None,
-    max_memory: int = jac.DEFAULT_BUDGET,
+    max_memory: int | None = None,
     progress: Callable[[int], None] | None = None,
 ):
     """Singular values (largest first) and condition number of each sample's Jacobian
@@ -227,7 +227,7 @@ def det(
     singular_tol: float | None = None,
     output: str | None = None,
     chunk_size: int | None = None,
-    max_memory: int = jac.DEFAULT_BUDGET,
+    max_memory: int | None = None,
     progress: Callable[[int], None] | None = None,
 ):
     """sign, log|det J| and det J of each sample's square Jacobian, by LU; a Jacobian whose

@@ -192,7 +192,7 @@ def test_softmax_svd_rank_and_condition(models, run):
     model, x = _load(models, "softmax")
     p = np.exp(x.astype(np.float64)) / np.exp(x.astype(np.float64)).sum(1, keepdims=True)
     ref = np.linalg.svd(np.einsum("bi,ij->bij", p, np.eye(6)) - p[:, :, None] * p[:, None, :], compute_uv=False)
-    for s, want in zip(doc["samples"], ref):
+    for s, want in zip(doc["samples"], ref, strict=True):
         assert s["rank"] == 5 and s["condition_number"] == "Infinity"
         np.testing.assert_allclose(s["singular_values"][:5], want[:5], rtol=1e-5)
     assert doc["summary"]["condition_number"]["median"] == "Infinity"

@@ -149,7 +149,8 @@ class DetResult:
         self.underflow = finite & (self.logabsdet < LOG_TINY)
 
     def samples_json(self) -> list[dict]:
-        return [{"index": i, "sign": int(self.sign[i]) if np.isfinite(self.sign[i]) else "NaN", "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
+        return [{"index": i, "sign": int(self.sign[i]) if np.isfinite(self.sign[i]) else "NaN",
+                 "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
                  "singular": bool(self.singular[i]), "rcond": _num(self.rcond[i]),
                  "det_overflow": bool(self.overflow[i]), "det_underflow": bool(self.underflow[i])}
                 for i in range(len(self.sign))]
@@ -307,11 +308,10 @@ def _emit(sink, s0, s1, lay: Layout, top, cond, low, vecs) -> None:
     if low is not None:
         sink.write("smallest_singular_values", s0, s1, low)
     if vecs is not None:
-        right, left = vecs  # (S, r, n), (S, r, m)
-        for name, shape, off in lay.ins:
-            sink.write(f"right_vectors/{name}", s0, s1, right[:, :, off:off + prod(shape)].reshape(right.shape[:2] + shape))
-        for name, shape, off in lay.outs:
-            sink.write(f"left_vectors/{name}", s0, s1, left[:, :, off:off + prod(shape)].reshape(left.shape[:2] + shape))
+        for side, vs, places in (("right", vecs[0], lay.ins), ("left", vecs[1], lay.outs)):  # (S, r, n), (S, r, m)
+            for name, shape, off in places:
+                piece = vs[:, :, off:off + prod(shape)].reshape(vs.shape[:2] + shape)
+                sink.write(f"{side}_vectors/{name}", s0, s1, piece)
 
 
 def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
@@ -510,7 +510,7 @@ def det(
     J counts as singular when LAPACK's reciprocal condition estimate rcond ≤
     ``singular_tol`` (default n·eps of the model's dtype): at that precision J cannot be
     told apart from a singular matrix, and its LU determinant would be rounding noise."""
-    from scipy.linalg import lapack, lu_factor
+    from scipy.linalg import lapack
 
     budget = budget or jac.DEFAULT_BUDGET
     lay = Layout.of(plan)
@@ -529,7 +529,7 @@ def det(
         for j, a in enumerate(J):
             if not np.isfinite(a).all():
                 continue
-            lu, piv = lu_factor(a, check_finite=False)
+            lu, piv, _ = lapack.dgetrf(a)  # P J = L U, piv 0-based
             diag = np.diagonal(lu)
             rcond, _ = lapack.dgecon(lu, np.abs(a).sum(axis=0).max(), norm="1")
             swaps = np.count_nonzero(piv != np.arange(len(piv)))

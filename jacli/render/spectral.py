@@ -6,7 +6,7 @@ from rich.table import Table
 from rich.text import Text
 
 SHOW_SAMPLES = 8
-SHOW_VALUES = 6
+SHOW_VALUES = 4
 
 
 def svd_view(doc: dict) -> Group:
@@ -14,7 +14,7 @@ def svd_view(doc: dict) -> Group:
     spread over all samples."""
     m, n = doc["shape"]
     how = {"full": "full SVD", "matrix-free": f"matrix-free, {doc.get('iterations', 0)} iterations"}[doc["solver"]]
-    parts = [_title("Singular values", f"{how}; J is {m}×{n} per sample ({_pairs(doc)})", doc)]
+    parts = [_title("Singular values", f"({how}) of J, {m}×{n} per sample ({_pairs(doc)})", doc)]
     samples, full = doc["samples"], doc["solver"] == "full"
     t = Table(box=None, pad_edge=False)
     for col in ("sample", "σ_max", "σ_min", "cond", "rank" if full else "±bound"):
@@ -25,11 +25,12 @@ def svd_view(doc: dict) -> Group:
         low = s.get("smallest_singular_values") or (values if len(values) == min(m, n) else None)
         t.add_row(str(s["index"]), _f(values[0]), _f(low[-1]) if low else "—", _f(s["condition_number"]),
                   str(s["rank"]) if full else _f(max(float(v) for v in s["error_bounds"])),
-                  " ".join(_f(v) for v in values[:SHOW_VALUES]) + (" …" if len(values) > SHOW_VALUES else ""))
+                  " ".join(_f(v, 4) for v in values[:SHOW_VALUES]) + (" …" if len(values) > SHOW_VALUES else ""))
     parts.append(t)
     parts += _more(samples)
     summary = doc["summary"]
-    parts.append(_spread("σ_max", summary["sigma_max"], len(samples), "an empirical lower bound on the Lipschitz constant"))
+    parts.append(_spread("σ_max", summary["sigma_max"], len(samples),
+                         "an empirical lower bound on the Lipschitz constant"))
     if summary["condition_number"]["max"] != "NaN":
         parts.append(_spread("condition number", summary["condition_number"], len(samples)))
     return Group(*parts)
@@ -37,7 +38,7 @@ def svd_view(doc: dict) -> Group:
 
 def det_view(doc: dict) -> Group:
     n = doc["shape"][0]
-    parts = [_title("Determinant", f"LU of J, {n}×{n} per sample ({_pairs(doc)})", doc)]
+    parts = [_title("Determinant", f"(LU) of J, {n}×{n} per sample ({_pairs(doc)})", doc)]
     t = Table(box=None, pad_edge=False)
     for col in ("sample", "sign", "log|det J|", "det J", ""):
         t.add_column(col, justify="left" if not col else "right")
@@ -80,7 +81,7 @@ def _spread(name: str, s: dict, count: int, meaning: str = "") -> Text:
                 f"min {_f(s['min'])}" + (f"  ({meaning})" if meaning else ""))
 
 
-def _f(v) -> str:
+def _f(v, digits: int = 6) -> str:
     if isinstance(v, str):  # JSON's non-finite numbers
         return {"Infinity": "inf", "-Infinity": "-inf"}.get(v, v.lower())
-    return f"{v:.6g}"
+    return f"{v:.{digits}g}"
