@@ -213,7 +213,7 @@ def svd(
     if vectors and output is None:
         raise InputError("singular vectors go to a file: give -o OUT.npz or OUT.h5 with --vectors")
     meta = {**metadata(model, p, method), "command": "svd", "solver": chosen, "k": k, "smallest": smallest, "tol": tol}
-    with _spectral_writer(output, spectral.svd_arrays(p, chosen, k, smallest, vectors), meta, p.batch) as sink:
+    with _spectral_writer(output, spectral.svd_arrays(p, chosen, k, smallest, vectors), meta) as sink:
         return spectral.svd(model, p, k, smallest, vectors, chosen, method, tol, max_memory, chunk_size, sink, progress)
 
 
@@ -239,12 +239,13 @@ def det(
     if singular_tol is None:
         singular_tol = spectral.default_singular_tol(p)
     meta = {**metadata(model, p, method), "command": "det", "singular_tol": singular_tol}
-    with _spectral_writer(output, spectral.det_arrays(p), meta, p.batch) as sink:
+    with _spectral_writer(output, spectral.det_arrays(p), meta) as sink:
         return spectral.det(model, p, method, singular_tol, max_memory, chunk_size, sink, progress)
 
 
-def _spectral_writer(output: str | None, arrays: dict, meta: dict, batch: bool):
-    """An atomic .npz/.h5 writer for the named float64 arrays, or nothing without ``output``."""
+def _spectral_writer(output: str | None, arrays: dict, meta: dict):
+    """An atomic .npz/.h5 writer for the named float64 arrays (each with a leading sample
+    axis, of length 1 with ``batch=False``), or nothing without ``output``."""
     import contextlib
 
     from .errors import OutputError
@@ -254,4 +255,4 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict, batch: bool):
         return contextlib.nullcontext(None)
     if output == "-" or Path(output).suffix.lower() not in (".npz", ".h5", ".hdf5"):
         raise OutputError(f"cannot write {output}: svd and det write several arrays; use a .npz or .h5 file")
-    return open_writer(output, arrays, np.float64, meta, batch=batch)
+    return open_writer(output, arrays, np.float64, meta, batch=True)

@@ -174,6 +174,19 @@ def test_no_batch_treats_the_batch_as_one_vector(models):
     np.testing.assert_allclose(s.singular_values[0], [np.sqrt(20)] * 2 + [np.sqrt(10)] * 2, rtol=1e-6)
 
 
+def test_no_batch_output_file_keeps_a_sample_axis_of_one(models, run, tmp_path):
+    import h5py
+
+    target = tmp_path / "nb.h5"
+    out = run("svd", models["map2d"], models["map2d_x"], "--no-batch", "-k", "3", "--smallest", "--solver",
+              "matrix-free", "--vectors", "-o", target, "-q")
+    assert out.code == 0, out.stderr
+    with h5py.File(target) as f:
+        np.testing.assert_allclose(f["singular_values"][()], [[np.sqrt(20)] * 2 + [np.sqrt(10)]], rtol=1e-6)
+        np.testing.assert_allclose(f["condition_number"][()], [np.sqrt(2)], rtol=1e-6)
+        assert f["right_vectors/x"].shape == (1, 3, 2, 2) and f["left_vectors/output"].shape == (1, 3, 2, 2)
+
+
 # --- singular Jacobians --------------------------------------------------------------------
 def test_softmax_is_singular_not_a_tiny_determinant(models, run):
     out = run("det", models["softmax"], models["softmax_x"], "--json")

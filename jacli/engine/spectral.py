@@ -209,7 +209,7 @@ def svd_arrays(plan: jac.Plan, solver: str, k: int | None, smallest: bool, vecto
     """Names and shapes (with the sample axis when batched) of what ``svd`` writes."""
     lay = Layout.of(plan)
     r = k or (min(lay.m, lay.n) if solver == "full" else _default_k(lay))
-    lead = (plan.samples,) if plan.batch else ()
+    lead = (plan.samples,)  # with --no-batch: one "sample", the whole input
     arrays = {"singular_values": lead + (r,), "condition_number": lead}
     if smallest:
         arrays["smallest_singular_values"] = lead + (r,)
@@ -224,7 +224,7 @@ def _default_k(lay: Layout) -> int:
 
 
 def det_arrays(plan: jac.Plan) -> dict[str, tuple]:
-    lead = (plan.samples,) if plan.batch else ()
+    lead = (plan.samples,)  # with --no-batch: one "sample", the whole input
     return {name: lead for name in ("sign", "logabsdet", "det", "rcond")}
 
 
