@@ -64,15 +64,21 @@ class Tolerance:
 
 def tolerance(ad_dtype, fd_dtype, rtol: float | None = None, atol: float | None = None, eps: float | None = None) -> Tolerance:
     """Defaults by dtype: rtol from the AD dtype, widened when FD cannot run in float64."""
+    validate(rtol, atol, eps)
     ad, fd = np.dtype(ad_dtype), np.dtype(fd_dtype)
     if rtol is None:
         rtol = max(RTOL.get(ad.itemsize, RTOL[2]), RTOL_FD.get(fd.itemsize, RTOL_FD[2]))
     eps = default_eps(fd) if eps is None else eps
-    if not (rtol >= 0 and (atol is None or atol >= 0)):
-        raise InputError("--rtol and --atol must be non-negative")
-    if not 0 < eps < 1:
-        raise InputError(f"--eps must be between 0 and 1 (a step relative to max(|x|, 1)), not {eps:g}")
     return Tolerance(float(rtol), None if atol is None else float(atol), float(eps), str(ad), str(fd))
+
+
+def validate(rtol=None, atol=None, eps=None, directions=None) -> None:
+    if (rtol is not None and not rtol >= 0) or (atol is not None and not atol >= 0):
+        raise InputError("--rtol and --atol must be non-negative")
+    if eps is not None and not 0 < eps < 1:
+        raise InputError(f"--eps must be between 0 and 1 (a step relative to max(|x|, 1)), not {eps:g}")
+    if directions is not None and directions < 1:
+        raise InputError(f"--directions must be at least 1, not {directions}")
 
 
 @dataclass
@@ -235,9 +241,9 @@ def check(
     ``progress(n)`` is called with the number of samples just finished."""
     if not plan.batch:
         raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
-    if directions is not None and directions < 1:
-        raise InputError(f"--directions must be at least 1, not {directions}")
-    _probe_ad(model, plan, directions is not None)
+    validate(rtol, atol, eps, directions)
+    if not model.supports_ad:
+        raise _no_ad(model._no_ad())
     fwd, fd_dtype, notes = fd_forward(model, plan)
     tol = tolerance(plan.dtype, fd_dtype, rtol, atol, eps)
     result = CheckResult("directions" if directions else "columns", tol, directions, notes=notes)
@@ -245,30 +251,23 @@ def check(
     if result.leakage is not None:
         return result
     tally = _Tally(plan.samples, tol)
-    if directions:
-        _directions(model, plan, fwd, tol, directions, seed, tally, budget, progress)
-    else:
-        _columns(model, plan, fwd, tol, tally, budget, progress)
+    try:
+        if directions:
+            _directions(model, plan, fwd, tol, directions, seed, tally, budget, progress)
+        else:
+            _columns(model, plan, fwd, tol, tally, budget, progress)
+    except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
+        raise _no_ad(e) from None
     result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved
     result.adjoint = tally.adjoint
     return result
 
 
 # --- set-up -------------------------------------------------------------------------------
-def _probe_ad(model: Model, plan: jac.Plan, directions: bool) -> None:
-    """Fail early, with a message about the check, when the model has no AD to check (one
-    product on the user's batch: a slice of it might upset a model, e.g. batch statistics)."""
-    xs, o, i = plan.xs, plan.of[0], plan.wrt[0]
-    try:
-        if not model.supports_ad:
-            raise model._no_ad()
-        if directions or plan.mode == "forward":
-            model.jvp(xs, {i: np.zeros((1,) + xs[i].shape, xs[i].dtype)}, plan.of)
-        if directions or plan.mode == "reverse":
-            model.vjp(xs, {o: np.zeros((1,) + plan.ys[o].shape, plan.ys[o].dtype)}, plan.wrt)
-    except UnsupportedError as e:
-        reason = str(e).split("; use --method fd")[0]
-        raise UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})") from None
+def _no_ad(e: UnsupportedError) -> UnsupportedError:
+    """The backend's "no derivatives" error, said about the check (not about --method fd)."""
+    reason = str(e).split("; use --method fd")[0]
+    return UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})")
 
 
 def fd_forward(model: Model, plan: jac.Plan):
@@ -285,6 +284,9 @@ def fd_forward(model: Model, plan: jac.Plan):
         return native, dtype, [f"float64 evaluation failed ({type(e).__name__}: {why}): finite differences run in "
                                f"{dtype} with wider tolerances"]
     for o in plan.of:
+        if o not in y64 or y64[o].shape != plan.ys[o].shape:
+            return native, dtype, [f"the float64 evaluation has no output {o!r} of the model's shape: finite "
+                                   f"differences run in {dtype} with wider tolerances"]
         y = plan.ys[o].astype(np.float64)
         gap = float(np.max(np.abs(y64[o] - y), initial=0.0))
         if not gap <= np.sqrt(np.finfo(plan.ys[o].dtype).eps) * max(float(np.max(np.abs(y), initial=0.0)), 1e-30):
@@ -367,9 +369,10 @@ class _Tally:
         self.unresolved: list[Entry] = []
         self.adjoint: list[Adjoint] = []
 
-    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, row_scale, out_shape, in_shape):
+    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape):
         """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
-        ``row_scale`` (S, m); ``in_shape`` None for directions (k is then the direction)."""
+        ``in_shape`` None for directions (k is then the direction). The relative error is
+        |AD − FD| / (|FD| + atol/rtol): at most rtol where |AD − FD| ≤ atol + rtol·|FD|."""
         a = ad.astype(np.float64)
         d = est.value
         err = np.abs(a - d)
@@ -384,7 +387,7 @@ class _Tally:
         code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
         err = np.where(finite, err, np.inf)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = err / np.maximum(np.abs(d), row_scale[:, :, None])
+            rel = err / (np.abs(d) + (tol_abs / self.tol.rtol if self.tol.rtol > 0 else 0.0))
         ratio = _ratio(err, allowed)
         counted = (code != KINK) & (code != NOISE)
 
@@ -446,10 +449,11 @@ def _few(items: list[int], n: int = 8) -> str:
     return ", ".join(map(str, items[:n])) + (f", … ({len(items)} in all)" if len(items) > n else "")
 
 
-def _resolution(tol: Tolerance, y: np.ndarray, largest: np.ndarray) -> np.ndarray:
+def _resolution(tol: Tolerance, y: np.ndarray, largest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What the AD dtype resolves, per (sample, output element): derivatives are computed
     from intermediates known to eps relative to the Jacobian's largest entries (``largest``,
-    per sample) and to the output, and nothing below the smallest normal number."""
+    per sample: the first array, with the smallest normal number) and to the output (the
+    second, per unit of relative input change)."""
     info = np.finfo(tol.ad_dtype)
     return RESOLUTION * (info.eps * largest[:, None] + info.tiny), RESOLUTION * info.eps * np.abs(
         y.reshape(len(y), -1).astype(np.float64))
@@ -466,6 +470,7 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
     pairs = {p.key: p for p in plan.pairs}
     pending: dict[str, np.ndarray] = {}
     fd_dtype = np.dtype(tol.fd_dtype)
+    fields = [f.name for f in dataclasses.fields(Estimate)]
 
     class Sink:
         def write(self, key, s0, s1, block):
@@ -482,7 +487,6 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
         k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
         est = {}
         for i in plan.wrt:
-            fields = [f.name for f in dataclasses.fields(Estimate)]
             arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in fields] for o in plan.of}
             for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k):
                 for o, e in block.items():
@@ -497,7 +501,7 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
             for i in plan.wrt:
                 p = pairs[f"d{o}/d{i}"]
                 tol_abs = (tol.rtol * row + floor + res)[:, :, None] if tol.atol is None else tol.atol
-                tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, row, p.out_shape, p.in_shape)
+                tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, p.out_shape, p.in_shape)
 
     jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))
 
@@ -527,13 +531,13 @@ def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, t
             floor, out_res = _resolution(tol, plan.ys[o][s0:s1], largest)
             res[o] = floor[:, :, None] + out_res[:, :, None] * norm1[:, None, :]  # (S, m, k): per entry, times |v|_1
             tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
-            tally.add(s0, o, None, a, est[o], tol_abs, row, plan.ys[o].shape[1:], None)
+            tally.add(s0, o, None, a, est[o], tol_abs, plan.ys[o].shape[1:], None)
         cts = {o: rng.standard_normal(jv[o].shape).astype(plan.ys[o].dtype) for o in plan.of}
         grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
 
-        def dots(us, vs):
+        def dots(us, vs):  # per (direction, sample): sum of u·v over the named arrays, and of |u·v|
             terms = [(us[n].astype(np.float64) * vs[n]).reshape(k, s1 - s0, -1) for n in us]
-            return sum(t.sum(axis=2) for t in terms), sum(np.abs(t).sum(axis=2) for t in terms)
+            return sum(term.sum(axis=2) for term in terms), sum(np.abs(term).sum(axis=2) for term in terms)
 
         (lhs, lscale), (rhs, rscale) = dots({o: jv[o] for o in plan.of}, cts), dots(t, grads)
         floor = sum((np.abs(cts[o]).reshape(k, s1 - s0, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
