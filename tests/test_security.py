@@ -410,3 +410,14 @@ def test_interrupt_while_finishing_an_npz_removes_every_temporary(jacli, tmp_pat
     assert r.code == 130 and error_lines(r.stderr) == ["Error: interrupted"], r.stderr
     assert out.read_bytes() == OLD
     assert _leftovers(tmp_path) == []
+
+
+def test_names_from_hostile_files_cannot_break_the_error_line(jacli, tmp_path):
+    """A member name with a newline and a terminal escape (clear screen) is shown escaped."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 2), np.complex64))
+    with zipfile.ZipFile(tmp_path / "x.npz", "w") as z:
+        z.writestr("xy\n\x1b[2JError: all good.npy", buf.getvalue())
+    r = jacli("compute", MAP2D, tmp_path / "x.npz")
+    assert r.code == 2 and r.stderr.count("\n") == 1 and "\x1b" not in r.stderr, repr(r.stderr)
+    assert "xy\\n\\x1b[2JError: all good" in r.stderr

@@ -56,7 +56,7 @@ def _zip_format(p: Path) -> str:
     try:
         with zipfile.ZipFile(p) as z:
             names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
+    except Exception as e:  # a damaged directory raises BadZipFile, OSError, UnicodeDecodeError, ...
         raise ModelLoadError(f"cannot read model {p}: corrupt or truncated archive ({e})") from None
     if "config.json" in names and any(n.startswith("model.weights") for n in names):
         return "keras"

@@ -24,6 +24,11 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
         proto = onnx.load(path, load_external_data=False)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
+    from .safety import onnx_undecodable_strings
+
+    bad = onnx_undecodable_strings(proto)
+    if bad:
+        raise ModelLoadError(f"cannot load ONNX model {path}: text that is not UTF-8 ({bad[0]}; corrupt?)")
     model_dir = os.path.dirname(os.path.abspath(path))
     if not trust:
         from .safety import onnx_external_data_problems, refuse

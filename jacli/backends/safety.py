@@ -312,8 +312,8 @@ def torchscript_problems(path: str) -> list[str]:
     try:
         with zipfile.ZipFile(path) as z:
             sources = [(n, z.read(n).decode("utf-8", errors="replace")) for n in z.namelist() if "/code/" in n and n.endswith(".py")]
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError):
-        return []  # not readable as a zip: torch.jit.load reports it
+    except Exception as e:  # what cannot be checked is not loaded
+        raise ModelLoadError(f"cannot read TorchScript archive {path}: corrupt or truncated ({str(e)[:200]})") from None
     for name, source in sources:
         for pattern, what in _TORCHSCRIPT_CALLS.items():
             if re.search(pattern, source):
@@ -358,3 +358,27 @@ def _onnx_tensors(proto):
             if attr.HasField("g"):
                 graphs.append(attr.g)
             graphs += list(attr.graphs)
+
+
+def onnx_undecodable_strings(proto) -> list[str]:
+    """Fields whose text is not valid UTF-8. ONNX is proto2, which does not check this; the
+    protobuf runtime then hands such values back as bytes where every caller expects str."""
+    from google.protobuf.descriptor import FieldDescriptor as F
+
+    found, stack = [], [(proto, "model")]
+    while stack and len(found) < 3:
+        message, where = stack.pop()
+        for field in message.DESCRIPTOR.fields:
+            if field.type not in (F.TYPE_STRING, F.TYPE_MESSAGE):
+                continue
+            if field.is_repeated if hasattr(field, "is_repeated") else field.label == F.LABEL_REPEATED:
+                values = list(getattr(message, field.name))
+            elif field.type == F.TYPE_MESSAGE and not message.HasField(field.name):
+                continue
+            else:
+                values = [getattr(message, field.name)]
+            if field.type == F.TYPE_STRING:
+                found += [f"{where}.{field.name} = {v!r}" for v in values if isinstance(v, bytes)]
+            else:
+                stack += [(v, f"{where}.{field.name}") for v in values]
+    return found

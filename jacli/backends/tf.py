@@ -26,11 +26,11 @@ def _tf():
         with _native_stderr_silenced():  # TF's C++ start-up chatter bypasses TF_CPP_MIN_LOG_LEVEL
             require("tensorflow", "tensorflow", "tf", "Keras/TensorFlow")
     tf = require("tensorflow", "tensorflow", "tf", "Keras/TensorFlow")
-    tf.get_logger().setLevel("ERROR")
+    tf.get_logger().setLevel("CRITICAL")  # TF logs recovered errors with tracebacks; jacli reports its own
     try:
         import absl.logging
 
-        absl.logging.set_verbosity(absl.logging.ERROR)
+        absl.logging.set_verbosity(absl.logging.FATAL)
     except ImportError:
         pass
     return tf

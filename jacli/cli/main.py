@@ -44,6 +44,11 @@ def _terminate(signum, frame):
     raise Terminated(128 + signum)
 
 
+def _one_line(text: str) -> str:
+    """Names from hostile files can hold newlines or terminal escapes: show those escaped."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("JACLI_DEBUG"))
@@ -61,14 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     except JacliError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {e}", err=True)
+        click.echo(f"Error: {_one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("Error: interrupted", err=True)
         sys.exit(130)
     except click.ClickException as e:
         hint = f" (see 'jacli {e.ctx.info_name} --help')" if getattr(e, "ctx", None) is not None else ""
-        click.echo(f"Error: {e.format_message()}{hint}", err=True)
+        click.echo(f"Error: {_one_line(e.format_message())}{hint}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Error: interrupted", err=True)
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: say so, keep the traceback behind --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: internal error ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+        click.echo(f"Error: internal error ({type(e).__name__}: {_one_line(str(e).splitlines()[0][:200] if str(e) else '')}); "
                    "rerun with --debug for the traceback and please report it", err=True)
         sys.exit(3)
     finally:
