@@ -11,7 +11,7 @@ import numpy as np
 from . import __version__
 from .engine import jacobian as jac
 from .engine.stats import StatsSink, Summary
-from .errors import InputError
+from .errors import InputError, OutputError
 from .model import Model
 
 
@@ -48,12 +48,15 @@ def jacobian(
     method: str = "ad",
     batch: bool = True,
     chunk_size: int | None = None,
-    max_memory: int = jac.DEFAULT_BUDGET,
+    max_memory: int | None = None,
 ):
     """The Jacobian of ``model`` at ``x``. Layout: (B, *out, *in) per sample with
     ``batch=True``, (*out, *in) with ``batch=False``. Returns an ndarray when there is one
-    (output, input) pair, else a dict keyed ``d{out}/d{in}``."""
+    (output, input) pair, else a dict keyed ``d{out}/d{in}``. ``max_memory``: bytes of
+    working memory (default: min(2 GiB, a quarter of the available memory)); the result
+    itself must fit in memory, else use ``compute(..., output="J.h5")``, which streams."""
     p = plan(model, x, wrt, of, mode, batch)
+    _check_memory(p.nbytes, "compute it into a file instead: jacli.api.compute(model, plan, output='J.h5')")
     sink = jac.ArraySink(p)
     jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory)
     return next(iter(sink.arrays.values())) if len(sink.arrays) == 1 else sink.arrays
@@ -72,24 +75,32 @@ def compute(
     output: str | None = None,
     method: str = "ad",
     chunk_size: int | None = None,
-    max_memory: int = jac.DEFAULT_BUDGET,
+    max_memory: int | None = None,
     progress: Callable[[int], None] | None = None,
     heat: bool = True,
+    summaries: bool = True,
 ) -> ComputeResult:
-    """Run a plan, streaming to ``output`` (a path, ``-`` or None) and summarising each sample."""
+    """Run a plan, streaming to ``output`` (a path, ``-`` or None) and (unless
+    ``summaries=False``) summarising each sample. A file output is written block by block
+    in ``max_memory`` bytes of working memory; ``-`` (stdout) is assembled in memory first.
+    Refuses, before computing anything, a Jacobian that the disk (or, for ``-``, the
+    memory) has no room for."""
     from .io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:
         raise model._no_ad()
+    if output == "-":
+        _check_memory(p.nbytes, "write it to a file instead (-o J.h5 streams it in bounded memory)")
     shapes = {q.key: q.shape for q in p.pairs}
+    run = lambda sink: jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory, progress=progress)  # noqa: E731
     if output is None:
         stats = StatsSink(p.pairs, heat=heat)
-        jac.run(model, p, stats, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+        run(stats)
         return ComputeResult(p, stats.ordered())
     with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch) as writer:
-        stats = StatsSink(p.pairs, inner=writer, heat=heat)
-        jac.run(model, p, stats, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
-    return ComputeResult(p, stats.ordered(), output)
+        stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
+        run(stats or writer)
+    return ComputeResult(p, stats.ordered() if stats else [], output)
 
 
 def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
@@ -112,6 +123,14 @@ def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None)
     write_bytes_atomic(output, graph.SerializeToString())
     spec = lambda vi: {"name": vi.name, "shape": [d.dim_value or d.dim_param or None for d in vi.type.tensor_type.shape.dim]}  # noqa: E731
     return {"inputs": [spec(v) for v in graph.graph.input], "outputs": [spec(v) for v in graph.graph.output]}
+
+
+def _check_memory(nbytes: int, instead: str) -> None:
+    free = jac.available_memory()
+    if free is not None and nbytes > free:
+        raise OutputError(
+            f"the Jacobian takes {jac.size_text(nbytes)} but only {jac.size_text(free)} of memory is available; {instead}"
+        )
 
 
 def metadata(model: Model, p: jac.Plan, method: str) -> dict:

@@ -12,7 +12,9 @@ axis first.
 ``per_sample=True`` (the default) promises that samples along the batch axis are
 independent, so the k axis can be folded into the batch axis: one batched call of k*B
 samples. ``per_sample=False`` (``--no-batch``) asks for the exact product with no such
-assumption; backends vectorise with their own map or fall back to a loop over k.
+assumption; backends vectorise with their own map or fall back to a loop over k. A
+backend whose map is vectorised (``_native_map``) serves both with it: one forward pass
+for all k seeds instead of k.
 
 Backends implement ``_forward``/``_vjp``/``_jvp`` on a plain batch (no k axis); this
 class does folding, and chunking for models whose batch axis is fixed (e.g. to 1).
@@ -147,22 +149,40 @@ class Model(abc.ABC):
 
     def _blocked(self, prim, xs: Arrays, seeds: Arrays, names: list[str], per_sample: bool) -> dict[str, np.ndarray]:
         k = _leading(seeds)
-        if per_sample:  # fold k into the batch axis: k*B independent samples in one call
-            big_x = {n: np.broadcast_to(v, (k, *v.shape)).reshape(-1, *v.shape[1:]) for n, v in xs.items()}
-            big_s = {n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}
-            out = self._chunked(lambda bx, bs: prim(bx, bs, names), big_x, big_s)
-            return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
         fixed = self._fixed_batch()
-        if fixed is not None and _leading(xs) != fixed:
+        fits = fixed is None or _leading(xs) == fixed
+        if per_sample and not (fits and self._native_map(prim)):
+            return self._folded(prim, xs, seeds, names)
+        if not fits:
             raise InputError(
                 f"this model's batch axis is fixed at {fixed}, so --no-batch needs exactly {fixed} sample(s), "
                 f"got {_leading(xs)}"
             )
+        if k == 1:
+            return {n: v[None] for n, v in prim(xs, {n: v[0] for n, v in seeds.items()}, names).items()}
         return self._vjp_jvp_map(prim, xs, seeds, names)
+
+    def _folded(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
+        """Samples are independent: fold k into the batch axis, k*B samples in one call."""
+        k = _leading(seeds)
+        if k == 1:
+            big_x, big_s = dict(xs), {n: v[0] for n, v in seeds.items()}
+        else:
+            big_x = {n: np.broadcast_to(v, (k, *v.shape)).reshape(-1, *v.shape[1:]) for n, v in xs.items()}
+            big_s = {n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}
+        out = self._chunked(lambda bx, bs: prim(bx, bs, names), big_x, big_s)
+        return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
+
+    def _native_map(self, prim) -> bool:
+        """Whether ``_vjp_jvp_map`` vectorises ``prim`` over the k axis in one call (one
+        forward pass for all k seeds). Then the per-sample product uses it too: with
+        independent samples it equals the folded one, without repeating the forward pass
+        k times."""
+        return False
 
     def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
         """Exact (no folding) product over the k axis; backends with a vectorising map
-        override this, the default loops over k."""
+        override this (and ``_native_map``), the default loops over k."""
         k = _leading(seeds)
         outs = [prim(xs, {n: v[i] for n, v in seeds.items()}, names) for i in range(k)]
         return {n: np.stack([o[n] for o in outs]) for n in outs[0]}

@@ -185,6 +185,9 @@ class TFModel(Model):
         outs = self._run(fn or self._jvp_fn, self._xs(xs), dict(ts), tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
 
+    def _native_map(self, prim) -> bool:
+        return True  # pfor: one forward pass for all k seeds
+
     def _vjp_jvp_map(self, prim, xs, seeds, names):
         if prim == self._vjp:
             return self._vjp(xs, seeds, names, fn=self._vjp_map_fn)

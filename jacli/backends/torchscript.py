@@ -63,7 +63,10 @@ class TorchModel(Model):
     def _call(self, tensors):
         torch = _torch()
         try:
-            out = self.module(*tensors)
+            # TorchScript's optimising executor re-profiles for every new batch size, and
+            # its differentiable graphs are slower here than the plain interpreter
+            with torch.jit.optimized_execution(False):
+                out = self.module(*tensors)
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         if isinstance(out, torch.Tensor):
@@ -116,6 +119,9 @@ class TorchModel(Model):
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         return self._pullback(xs, cts, wrt, batched=False)
+
+    def _native_map(self, prim) -> bool:
+        return prim == self._vjp
 
     def _vjp_jvp_map(self, prim, xs, seeds, names):
         if prim == self._vjp:  # one backward pass for all k cotangents (vmap inside autograd)

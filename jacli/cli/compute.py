@@ -21,23 +21,25 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
     Without -o, prints a summary per sample; with -o, writes .npy/.npz/.h5 (or - for stdout).
     """
     from ..render.progress import Progress
-    from ..render.summary import compute_view
 
     fail_if_json_and_stdout(as_json, output)
     model = load_model(model_path, fmt, trust_model)
     xs = load_input(model, input_path, random_n, seed, quiet)
     plan = api.plan(model, xs, wrt or None, of or None, mode=mode, batch=not no_batch)
+    shown = not (as_json or quiet or output == "-")  # the terminal view, with its heatmap
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
-                             progress=progress, heat=not as_json)
+                             progress=progress, heat=shown, summaries=shown or as_json)
+    if not (as_json or shown):
+        return
     meta = api.metadata(model, plan, method)
     if as_json:
         emit_json({**{k: meta[k] for k in ("model", "format", "backend", "method", "mode", "batch", "dtype")},
                    "output": output, "jacobians": meta["jacobians"],
                    "samples": [s.to_json() for s in result.summaries]})
-    elif output == "-" or quiet:
-        return
     else:
+        from ..render.summary import compute_view
+
         console().print(compute_view(result.summaries, meta))
         if output:
             click.echo(f"Wrote {', '.join(meta['jacobians'])} to {output}", err=True)

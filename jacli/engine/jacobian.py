@@ -7,8 +7,9 @@ Layout: for a batch of B samples, ``d{out}/d{in}`` has shape
 The engine works on a buffer of shape ``(samples, m, n)`` (m = output elements, n =
 input elements per sample), fills it row block by row block (reverse mode, one VJP per
 block of k rows for every sample at once) or column block by column block (forward mode,
-one JVP per block of k columns), and hands complete sample blocks to a sink, so a
-Jacobian larger than memory can be streamed to disk.
+one JVP per block of k columns), and hands complete sample blocks to a sink. Sample
+blocks and seed blocks are sized to a memory budget, and the buffer is reused from block
+to block, so a Jacobian larger than memory streams to disk in bounded memory.
 """
 from __future__ import annotations
 
@@ -21,7 +22,45 @@ import numpy as np
 from ..errors import InputError
 from ..model import Model
 
-DEFAULT_BUDGET = 1 << 30  # bytes of working memory per block
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can still get: Linux MemAvailable (else psutil, if
+    installed), lowered by a cgroup v2 limit (containers, CI); None when it cannot be told."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        except ImportError:
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                headroom = max(0, int(limit) - int(f.read()))
+            free = headroom if free is None else min(free, headroom)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def default_budget() -> int:
+    """min(2 GiB, a quarter of the available memory), at least 64 MiB; 1 GiB if unknown."""
+    free = available_memory()
+    return 1 << 30 if free is None else max(64 << 20, min(2 << 30, free // 4))
+
+
+DEFAULT_BUDGET = default_budget()  # bytes of working memory (--max-memory)
+# Blocks beyond this size are no faster, only bigger: a sample block's Jacobian buffer, and
+# the seeds/results of one backend call. Below glibc's largest mmap threshold (32 MiB), the
+# allocator recycles such arrays instead of mapping (and page-faulting) fresh memory.
+BLOCK_BYTES = 16 << 20
+_INTERMEDIATES = 8  # working memory per seed, in multiples of one input + output sample
 
 
 @dataclass(frozen=True)
@@ -73,23 +112,32 @@ class Plan:
 
 class Sink(Protocol):
     """Receives complete sample blocks: ``block`` has shape ``(s1 - s0, *per-sample
-    layout)`` (with batch=False: the full layout, s0=0, s1=1)."""
+    layout)`` (with batch=False: the full layout, s0=0, s1=1). For each sample block every
+    pair is written once; the engine reuses its buffers for the next sample block, so a
+    sink that keeps data copies it.
+
+    A sink may also offer ``target(key, s0, s1)``: a writable ``(s1 - s0, m, n)`` view the
+    engine fills in place (no buffer, no copy) before calling ``write`` with it."""
 
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None: ...
 
 
 class ArraySink:
-    """Collects everything in memory (the Python API's default)."""
+    """Collects everything in memory (the Python API's default), filled in place."""
 
     def __init__(self, plan: Plan):
         self.arrays = {p.key: np.empty(p.shape, plan.dtype) for p in plan.pairs}
+        self.columns = {p.key: p.n for p in plan.pairs}
         self.batch = plan.batch
 
+    def target(self, key: str, s0: int, s1: int) -> np.ndarray:
+        a = self.arrays[key]
+        return (a[s0:s1] if self.batch else a[None]).reshape(s1 - s0, -1, self.columns[key])
+
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
-        if self.batch:
-            self.arrays[key][s0:s1] = block
-        else:
-            self.arrays[key][...] = block[0]
+        dst = self.arrays[key][s0:s1] if self.batch else self.arrays[key][None]
+        if not np.may_share_memory(dst, block):  # filled in place already
+            dst[...] = block
 
 
 def plan(
@@ -101,7 +149,7 @@ def plan(
     batch: bool = True,
 ) -> Plan:
     xs = {k: np.asarray(v) for k, v in xs.items()}
-    ys = model.forward(xs)
+    ys = _forward_blocks(model, xs) if batch else model.forward(xs)
     wrt = _choose(wrt, [n for n in xs if np.asarray(xs[n]).dtype.kind == "f"], list(xs), "input", "--wrt")
     of = _choose(of, [n for n in ys if ys[n].dtype.kind == "f"], list(ys), "output", "--of")
     if batch:
@@ -129,6 +177,25 @@ def plan(
     return Plan(xs, ys, wrt, of, pairs, batch, samples, mode, np.dtype(dtype))
 
 
+def _forward_blocks(model: Model, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The forward pass over the batch in sample blocks of about BLOCK_BYTES of working
+    memory, so that a large batch never passes through the model at once."""
+    sizes = {v.shape[0] if v.ndim else None for v in xs.values()}
+    total = sizes.pop() if len(sizes) == 1 else None
+    if not total:
+        return model.forward(xs)
+    step = max(1, BLOCK_BYTES // (sum(v[:1].nbytes for v in xs.values()) * _INTERMEDIATES or 1))
+    if step >= total:
+        return model.forward(xs)
+    parts = []
+    for s0 in range(0, total, step):
+        ys = model.forward({k: v[s0 : s0 + step] for k, v in xs.items()})
+        if any(np.ndim(v) == 0 or v.shape[0] != min(step, total - s0) for v in ys.values()):
+            return model.forward(xs)  # outputs without a batch axis: the plan reports it
+        parts.append(ys)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def _choose(asked, default, available, what, flag) -> list[str]:
     if not asked:
         if not default:
@@ -140,21 +207,30 @@ def _choose(asked, default, available, what, flag) -> list[str]:
     return list(asked)
 
 
-def sample_block(plan: Plan, budget: int = DEFAULT_BUDGET) -> int:
-    """How many samples to hold at once so the per-sample Jacobian buffers fit in half the budget."""
-    per_sample = sum(p.m * p.n for p in plan.pairs) * plan.dtype.itemsize
-    return int(max(1, min(plan.samples, (budget // 2) // max(per_sample, 1))))
+def sample_block(plan: Plan, budget: int | None = None) -> int:
+    """How many samples to hold at once: their Jacobian buffers fit in half the budget and
+    in BLOCK_BYTES (larger blocks only cost memory and page faults)."""
+    per_sample = _sample_bytes(plan)
+    cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
+    return int(max(1, min(plan.samples, cap // max(per_sample, 1))))
 
 
-def seed_block(plan: Plan, samples: int, budget: int = DEFAULT_BUDGET, chunk: int | None = None) -> int:
+def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int | None = None) -> int:
     """Rows (reverse) or columns (forward) per backend call: seeds and results for every
-    sample of the block, times a factor for the model's own intermediates."""
+    sample of the block, times a factor for the model's own intermediates, in the half of
+    the budget the Jacobian buffer leaves; the results themselves within BLOCK_BYTES."""
     if chunk:
         return int(chunk)
-    width = sum(plan.xs[i][:1].size if plan.batch else plan.xs[i].size for i in plan.wrt)
-    width += sum(plan.ys[o][:1].size if plan.batch else plan.ys[o].size for o in plan.of)
-    per_seed = samples * width * plan.dtype.itemsize * 8
-    return int(max(1, (budget // 2) // max(per_seed, 1)))
+    ins = sum(plan.xs[i][:1].size if plan.batch else plan.xs[i].size for i in plan.wrt)
+    outs = sum(plan.ys[o][:1].size if plan.batch else plan.ys[o].size for o in plan.of)
+    per_seed = samples * (ins + outs) * plan.dtype.itemsize
+    result = samples * (ins if plan.mode == "reverse" else outs) * plan.dtype.itemsize
+    k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed * _INTERMEDIATES or 1), BLOCK_BYTES // (result or 1))
+    return int(max(1, k))
+
+
+def _sample_bytes(plan: Plan) -> int:
+    return sum(p.m * p.n for p in plan.pairs) * plan.dtype.itemsize
 
 
 def run(
@@ -163,11 +239,12 @@ def run(
     sink: Sink,
     method: str = "ad",
     chunk: int | None = None,
-    budget: int = DEFAULT_BUDGET,
+    budget: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> None:
     """Compute every pair of the plan and write it to ``sink`` sample block by sample block.
     ``progress(n)`` is called with the number of samples just finished."""
+    budget = budget or DEFAULT_BUDGET
     if method == "fd":
         from .fd import fd_columns
 
@@ -180,16 +257,31 @@ def run(
         )
     else:
         raise InputError(f"--method must be ad or fd, not {method!r}")
+    in_place = getattr(sink, "target", None)
+    if not in_place and _sample_bytes(plan) > budget:
+        raise InputError(
+            f"one {'sample' if plan.batch else 'input'}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the "
+            f"memory budget ({size_text(budget)}); raise --max-memory"
+        )
     step = sample_block(plan, budget) if plan.batch else 1
+    buffers = {} if in_place else {p.key: np.empty((step, p.m, p.n), plan.dtype) for p in plan.pairs}
     for s0 in range(0, plan.samples, step):
         s1 = min(plan.samples, s0 + step)
         xs = {k: v[s0:s1] for k, v in plan.xs.items()} if plan.batch else plan.xs
-        bufs = {p.key: np.empty((s1 - s0, p.m, p.n), plan.dtype) for p in plan.pairs}
+        bufs = {p.key: in_place(p.key, s0, s1) if in_place else buffers[p.key][: s1 - s0] for p in plan.pairs}
         fill(xs, bufs, seed_block(plan, s1 - s0, budget, chunk))
         for p in plan.pairs:
             sink.write(p.key, s0, s1, bufs[p.key].reshape((s1 - s0,) + p.out_shape + p.in_shape))
         if progress:
             progress(s1 - s0)
+
+
+def size_text(n: float) -> str:
+    """A byte count for people: 512 bytes, 1.5 GiB."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _fill_reverse(model: Model, plan: Plan, xs, bufs, k: int) -> None:

@@ -40,26 +40,41 @@ HEAT = (12, 40)
 
 def summarize(J: np.ndarray, index: int, of: str, wrt: str, out_ndim: int, heat: bool = True) -> Summary:
     """Statistics of one per-sample Jacobian ``J`` of shape (*out, *in)."""
-    a = np.abs(J)
-    finite = np.isfinite(a)
-    bad = int(a.size - finite.sum())
-    safe = np.where(finite, a, 0)
-    flat = int(np.argmax(safe)) if a.size else 0
-    multi = np.unravel_index(flat, J.shape) if a.size else (0,) * J.ndim
-    out_idx, in_idx = [int(i) for i in multi[:out_ndim]], [int(i) for i in multi[out_ndim:]]
-    hm = _pool(safe, HEAT) if heat and J.ndim == 2 and a.size else None
-    return Summary(
-        index=index,
-        of=of,
-        wrt=wrt,
-        shape=tuple(J.shape),
-        frobenius=float(np.sqrt(np.sum(np.square(safe, dtype=np.float64)))),
-        max_abs=float(safe.flat[flat]) if a.size else 0.0,
-        argmax=(out_idx, in_idx),
-        zero_fraction=float(np.count_nonzero(J == 0) / J.size) if J.size else 0.0,
-        nonfinite=bad,
-        heatmap=hm,
-    )
+    return summarize_block(J[None], index, of, wrt, out_ndim, heat)[0]
+
+
+def summarize_block(block: np.ndarray, s0: int, of: str, wrt: str, out_ndim: int, heat: bool = False) -> list[Summary]:
+    """Statistics of the per-sample Jacobians ``block[j]`` (samples s0 + j), vectorised
+    over slices of the block small enough for the cache; a heatmap for the first one when ``heat``."""
+    step = max(1, (1 << 20) // max(block[:1].size, 1))
+    if len(block) > step:
+        return [s for j in range(0, len(block), step)
+                for s in summarize_block(block[j : j + step], s0 + j, of, wrt, out_ndim, heat and j == 0)]
+    shape, n = block.shape[1:], len(block)
+    a = np.abs(block.reshape(n, -1))
+    size = a.shape[1]
+    squares = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+    if np.isfinite(squares).all():  # then every entry is finite (the usual case: no more passes)
+        safe, bad = a, [0] * n
+    else:
+        finite = np.isfinite(a)
+        safe = np.where(finite, a, 0)
+        squares = np.einsum("ij,ij->i", safe, safe, dtype=np.float64)
+        bad = (size - np.count_nonzero(finite, axis=1)).tolist()
+    if size:
+        flat = safe.argmax(axis=1)
+        top = safe[np.arange(n), flat].tolist()
+        where = np.stack(np.unravel_index(flat, shape), axis=1).tolist() if shape else [[]] * n
+        zeros = (np.count_nonzero(a == 0, axis=1) / size).tolist()
+    else:
+        top, where, zeros = [0.0] * n, [[0] * len(shape)] * n, [0.0] * n
+    fro = np.sqrt(squares).tolist()
+    return [
+        Summary(index=s0 + j, of=of, wrt=wrt, shape=tuple(shape), frobenius=fro[j], max_abs=float(top[j]),
+                argmax=(where[j][:out_ndim], where[j][out_ndim:]), zero_fraction=zeros[j], nonfinite=bad[j],
+                heatmap=_pool(safe[j].reshape(shape), HEAT) if heat and j == 0 and len(shape) == 2 and size else None)
+        for j in range(n)
+    ]
 
 
 def _pool(a: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
@@ -81,9 +96,8 @@ class StatsSink:
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
         if self.inner is not None:
             self.inner.write(key, s0, s1, block)
-        p = self.pairs[key]
-        for j in range(s1 - s0):
-            self.summaries.append(summarize(block[j], s0 + j, p.of, p.wrt, len(p.out_shape), self.heat))
+        p = self.pairs[key]  # a heatmap for the first sample only: the one the terminal view draws
+        self.summaries.extend(summarize_block(block, s0, p.of, p.wrt, len(p.out_shape), self.heat and s0 == 0))
 
     def ordered(self) -> list[Summary]:
         return sorted(self.summaries, key=lambda s: s.index)

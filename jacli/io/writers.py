@@ -1,15 +1,19 @@
-"""Jacobian writers: ``.npy`` (memory-mapped, one pair), ``.npz`` and ``.h5`` (one array
-per pair, named ``d{out}/d{in}``), ``-`` (``.npy`` bytes on stdout).
+"""Jacobian writers: ``.npy`` (one pair), ``.npz`` and ``.h5`` (one array per pair, named
+``d{out}/d{in}``), ``-`` (``.npy`` bytes on stdout).
 
 Every writer streams sample blocks into a temporary file in the target's directory and
 renames it over the target only when everything is written; on any failure (including
 Ctrl-C) the temporary file is removed and an existing file of that name is untouched.
+Before anything is written, a writer refuses a Jacobian that the disk has no room for.
+``.npy`` blocks go to their offsets with plain file writes rather than a memory map, so
+written pages stay in the page cache instead of counting towards the process's memory.
 """
 from __future__ import annotations
 
 import abc
 import json
 import os
+import shutil
 import sys
 import tempfile
 import zipfile
@@ -32,6 +36,12 @@ class Writer(abc.ABC):
             raise OutputError(f"cannot write {path}: directory {directory} does not exist")
         if self.path.is_dir():
             raise OutputError(f"cannot write {path}: it is a directory")
+        need, free = self._disk_bytes(), _free_bytes(directory)
+        if free is not None and need > free:
+            raise OutputError(
+                f"cannot write {path}: the Jacobian needs {_size(need)} on disk but {directory} has "
+                f"{_size(free)} free; write fewer samples (or --of/--wrt a part) or choose another directory"
+            )
         try:
             fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".part")
             os.close(fd)
@@ -46,6 +56,10 @@ class Writer(abc.ABC):
 
     def _open(self) -> None:
         """Prepare the temporary file for streaming."""
+
+    def _disk_bytes(self) -> int:
+        """Disk space the finished file (and any scratch files on the way) takes."""
+        return sum(_nbytes(shape, self.dtype) for shape in self.shapes.values()) + (1 << 20)
 
     @abc.abstractmethod
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
@@ -88,6 +102,28 @@ class Writer(abc.ABC):
             target[...] = block[0]
 
 
+class RawNpy:
+    """An ``.npy`` file written sample block by sample block at computed offsets."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype, batch: bool):
+        self.f = open(path, "r+b")
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+        try:
+            np.lib.format.write_array_header_1_0(self.f, header)
+        except ValueError:  # a header over 64 KiB
+            np.lib.format.write_array_header_2_0(self.f, header)
+        self.offset = self.f.tell()
+        self.sample = _nbytes(shape[1:], dtype) if batch else 0
+        self.f.truncate(self.offset + _nbytes(shape, dtype))
+
+    def write(self, s0: int, block: np.ndarray) -> None:
+        self.f.seek(self.offset + s0 * self.sample)
+        self.f.write(np.ascontiguousarray(block).data.cast("B"))
+
+    def close(self) -> None:
+        self.f.close()
+
+
 class NpyWriter(Writer):
     def _open(self):
         if len(self.shapes) != 1:
@@ -96,45 +132,55 @@ class NpyWriter(Writer):
                 f"({', '.join(self.shapes)}); choose one with --of/--wrt or write .npz/.h5"
             )
         (shape,) = self.shapes.values()
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=shape)
+        self.out = RawNpy(self.tmp, shape, self.dtype, self.batch)
 
     def write(self, key, s0, s1, block):
-        self._store(self.mm, s0, s1, block)
+        self.out.write(s0, block)
 
     def _finish(self):
-        self.mm.flush()
-        del self.mm
+        self.out.close()
 
     def _close_quietly(self):
-        self.__dict__.pop("mm", None)
+        out = self.__dict__.pop("out", None)
+        if out is not None:
+            out.close()
 
 
 class NpzWriter(Writer):
-    """Streams each array into a memory-mapped scratch .npy, then stores them uncompressed
-    in the zip (``np.load`` reads it as usual, keys ``d{out}/d{in}`` and ``jacli_meta``)."""
+    """Streams each array into a scratch .npy, then stores them uncompressed in the zip
+    (``np.load`` reads it as usual, keys ``d{out}/d{in}`` and ``jacli_meta``)."""
+
+    def _disk_bytes(self) -> int:
+        return 2 * super()._disk_bytes()  # the scratch files and the zip, until the end
 
     def _open(self):
         self.scratch = {}
         for i, (key, shape) in enumerate(self.shapes.items()):
             fd, name = tempfile.mkstemp(dir=self.tmp.parent, prefix=f".{self.path.name}.{i}.", suffix=".part")
             os.close(fd)
-            self.scratch[key] = (Path(name), np.lib.format.open_memmap(name, mode="w+", dtype=self.dtype, shape=shape))
+            self.scratch[key] = (Path(name), None)  # removed on abort even if the next line fails
+            self.scratch[key] = (Path(name), RawNpy(Path(name), shape, self.dtype, self.batch))
 
     def write(self, key, s0, s1, block):
-        self._store(self.scratch[key][1], s0, s1, block)
+        self.scratch[key][1].write(s0, block)
 
     def _finish(self):
         with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            for key, (name, mm) in self.scratch.items():
-                mm.flush()
-                z.write(name, key + ".npy")
+            for key, (name, out) in self.scratch.items():
+                out.close()
+                big = name.stat().st_size >= zipfile.ZIP64_LIMIT
+                with open(name, "rb") as src, z.open(key + ".npy", "w", force_zip64=big) as dst:
+                    shutil.copyfileobj(src, dst, 4 << 20)
+                name.unlink()
             meta = np.array(json.dumps(self.meta))
             with z.open("jacli_meta.npy", "w") as f:
                 np.lib.format.write_array(f, meta, allow_pickle=False)
         self._close_quietly()
 
     def _close_quietly(self):
-        for name, _ in getattr(self, "scratch", {}).values():
+        for name, out in getattr(self, "scratch", {}).values():
+            if out is not None:
+                out.close()
             name.unlink(missing_ok=True)
         self.scratch = {}
 
@@ -200,6 +246,24 @@ def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict
     if cls is None:
         raise OutputError(f"cannot write {path}: unknown extension {suffix or '(none)'}; use .npy, .npz or .h5")
     return cls(path, shapes, dtype, meta, batch)
+
+
+def _nbytes(shape, dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def _h5_chunks(shape, itemsize: int, batch: bool) -> tuple[int, ...] | bool:

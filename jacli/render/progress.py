@@ -6,8 +6,9 @@ import time
 
 
 class Progress:
-    """Callable with the number of samples just finished; draws nothing until ``delay``
-    seconds have passed, nor when disabled or stderr is not a terminal."""
+    """Callable with the number of samples just finished. Draws nothing until ``delay``
+    seconds have passed, nor when disabled or stderr is not a terminal; then a bar with
+    samples done, rate and time remaining (rich, imported only then)."""
 
     def __init__(self, total: int, enabled: bool = True, delay: float = 1.0, label: str = "samples"):
         self.total, self.delay, self.label = total, delay, label
@@ -18,16 +19,15 @@ class Progress:
         self.done += n
         if not self.enabled:
             return
-        if self.bar is None and time.monotonic() - self.start > self.delay:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TaskProgressColumn, TimeRemainingColumn
-
-            self.bar = Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                           TaskProgressColumn(), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        elapsed = time.monotonic() - self.start
+        if self.bar is None and elapsed > self.delay:
+            self.bar = _bar()
             self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total)
+            self.task = self.bar.add_task(self.label, total=self.total, rate="")
         if self.bar is not None:
-            self.bar.update(self.task, completed=self.done)
+            rate = f"{self.done / elapsed:,.0f} {self.label}/s" if elapsed > 0 else ""
+            self.bar.update(self.task, completed=self.done, rate=rate)
+            self.bar.refresh()
 
     def __enter__(self):
         return self
@@ -36,3 +36,13 @@ class Progress:
         if self.bar is not None:
             self.bar.stop()
         return False
+
+
+def _bar():
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bar
+
+    return Bar("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+               TextColumn("{task.fields[rate]}"), TextColumn("ETA"), TimeRemainingColumn(),
+               console=Console(stderr=True), transient=True)

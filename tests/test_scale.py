@@ -1,0 +1,202 @@
+"""Scale: Jacobians larger than the memory budget stream to disk in bounded memory; sizes
+that cannot fit are refused before any work; the progress bar is driven by samples done."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, SAMPLES, mlp_jacobian
+
+import jacli
+from jacli.engine import jacobian as jac
+from jacli.errors import InputError, OutputError
+from jacli.render.progress import Progress
+
+MiB = 1 << 20
+BIG = 20_000  # samples: a 400 MB Jacobian (10 x 500 float32 each)
+
+
+def peak_rss(*args: str) -> tuple[int, str]:
+    """Peak resident memory (bytes) of ``python -m jacli ARGS`` run as a child of a fresh
+    interpreter (so no other child of this test process is counted), and its stderr."""
+    code = (
+        "import resource, subprocess, sys\n"
+        "r = subprocess.run([sys.executable, '-m', 'jacli', *sys.argv[1:]], capture_output=True, text=True)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+        "sys.stderr.write(r.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    rc, rss = map(int, r.stdout.split())
+    assert rc == 0, r.stderr
+    return rss, r.stderr
+
+
+@pytest.fixture(scope="session")
+def big_input(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scale")
+    x = np.random.default_rng(3).standard_normal((BIG, 500)).astype(np.float32)
+    np.save(d / "big.npy", x)
+    np.save(d / "small.npy", x[:100])
+    return d, x
+
+
+@pytest.fixture(scope="session")
+def baseline_rss(big_input):
+    d, _ = big_input
+    rss, _ = peak_rss("compute", str(SAMPLES / "mlp.onnx"), str(d / "small.npy"), "-o", str(d / "small.h5"), "-q")
+    return rss
+
+
+@pytest.mark.parametrize("ext", ["h5", "npy", "npz"])
+def test_jacobian_larger_than_budget_streams_in_bounded_memory(big_input, baseline_rss, weights, ext):
+    d, x = big_input
+    budget = 256 * MiB
+    out = d / f"J.{ext}"
+    rss, err = peak_rss("compute", str(SAMPLES / "mlp.onnx"), str(d / "big.npy"), "-o", str(out), "-q",
+                        "--max-memory", "256M")
+    assert err == ""
+    grown = rss - baseline_rss  # over the same command on 100 samples: input, buffers, model work
+    jacobian_bytes = BIG * 10 * 500 * 4
+    assert grown < budget and grown < jacobian_bytes / 2, (rss / MiB, baseline_rss / MiB)
+    if ext == "h5":
+        import h5py
+
+        with h5py.File(out) as f:
+            J = f["dprobs/dx"]
+            assert J.shape == (BIG, 10, 500) and J.chunks is not None
+            picks = [0, 1234, BIG - 1]
+            got = np.stack([J[i] for i in picks])
+    else:
+        J = np.load(out, mmap_mode="r") if ext == "npy" else np.load(out)["dprobs/dx"]
+        assert J.shape == (BIG, 10, 500)
+        picks = [0, 1234, BIG - 1]
+        got = np.asarray(J[picks])
+    np.testing.assert_allclose(got, mlp_jacobian(weights, x[picks]), atol=2e-5)
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no scratch files left
+
+
+def test_sample_blocks_and_seed_blocks_follow_the_budget(weights):
+    model = jacli.load(str(SAMPLES / "mlp.onnx"))
+    x = np.random.default_rng(0).standard_normal((300, 500)).astype(np.float32)
+    p = jacli.api.plan(model, x)
+    assert jac.sample_block(p, budget=1 * MiB) == (MiB // 2) // (10 * 500 * 4)  # 26 samples in half the budget
+    assert jac.sample_block(p, budget=1 << 40) == min(300, jac.BLOCK_BYTES // (10 * 500 * 4))
+    assert jac.seed_block(p, 26, budget=1 * MiB) < jac.seed_block(p, 26, budget=64 * MiB)
+    done = []
+    J = jacli.api.compute(model, p, method="ad", max_memory=1 * MiB, progress=done.append)
+    assert sum(done) == 300 and len(done) == -(-300 // 26)  # one progress call per sample block
+    assert [s.index for s in J.summaries] == list(range(300))
+    picks = [0, 25, 26, 299]  # both sides of a block boundary, and the last (short) block
+    ref = mlp_jacobian(weights, x[picks])
+    assert [J.summaries[i].frobenius for i in picks] == pytest.approx(np.linalg.norm(ref, axis=(1, 2)), rel=1e-4)
+    np.testing.assert_allclose(jacli.jacobian(model, x, max_memory=1 * MiB)[picks], ref, atol=2e-5)
+
+
+def test_default_budget_comes_from_available_memory():
+    free = jac.available_memory()
+    assert free is not None and free > 0  # Linux: /proc/meminfo
+    assert jac.default_budget() == max(64 * MiB, min(2 << 30, free // 4))
+
+
+# --- refusing what cannot fit ---------------------------------------------------------
+@pytest.fixture(scope="session")
+def huge_model(tmp_path_factory):
+    """y = tanh(x) with 2^21 inputs per sample: a 16 TiB Jacobian per sample from an 8 MiB input."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    d = tmp_path_factory.mktemp("huge")
+    n = 1 << 21
+    graph = helper.make_graph(
+        [helper.make_node("Tanh", ["x"], ["y"])], "huge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, d / "huge.onnx")
+    np.save(d / "x.npy", np.zeros((1, n), np.float32))
+    return d
+
+
+def _cli(*args):
+    r = subprocess.run([sys.executable, "-m", "jacli", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    return r.returncode, r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("where, message", [
+    ("file", "needs 16.0 TiB on disk"),
+    ("-", "the Jacobian takes 16.0 TiB but only"),
+    (None, "one sample's Jacobian takes 16.0 TiB, more than the memory budget"),
+])
+def test_refuses_what_cannot_fit_before_starting(huge_model, where, message):
+    d = huge_model
+    out = ["-o", str(d / "J.h5")] if where == "file" else ["-o", "-"] if where == "-" else []
+    code, stdout, stderr = _cli("compute", d / "huge.onnx", d / "x.npy", *out)
+    assert code == 2 and stdout == ""
+    assert stderr.startswith("Error: ") and stderr.count("\n") == 1 and message in stderr, stderr
+    assert sorted(p.name for p in d.iterdir()) == ["huge.onnx", "x.npy"]  # no output, no temporary file
+
+
+def test_api_refuses_an_in_memory_result_that_cannot_fit(huge_model):
+    model = jacli.load(str(huge_model / "huge.onnx"))
+    with pytest.raises(OutputError, match="of memory is available; compute it into a file"):
+        jacli.jacobian(model, np.zeros((1, 1 << 21), np.float32))
+
+
+def test_budget_smaller_than_one_sample_is_refused_clearly():
+    code, _, stderr = _cli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-q", "--max-memory", "8K")
+    assert code == 2 and "one sample's Jacobian takes 19.5 KiB, more than the memory budget (8.0 KiB)" in stderr
+    model = jacli.load(str(SAMPLES / "mlp.onnx"))
+    p = jacli.api.plan(model, np.zeros((2, 500), np.float32))
+    with pytest.raises(InputError, match="raise --max-memory"):
+        jacli.api.compute(model, p, max_memory=8 << 10)
+    # an in-memory result is filled in place: the budget bounds only the working memory
+    assert jacli.jacobian(model, np.zeros((2, 500), np.float32), max_memory=8 << 10).shape == (2, 10, 500)
+
+
+# --- progress --------------------------------------------------------------------------
+class FakeTerminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_shows_samples_rate_and_eta_on_a_terminal(monkeypatch):
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    monkeypatch.setenv("COLUMNS", "120")
+    with Progress(10, delay=0) as progress:
+        progress(3)
+        progress(4)
+        shown = term.getvalue()
+    assert "7/10" in shown and "70%" in shown and "samples/s" in shown and "ETA" in shown
+
+
+@pytest.mark.parametrize("terminal, enabled", [(False, True), (True, False)])
+def test_progress_is_silent_off_a_terminal_and_when_quiet(monkeypatch, terminal, enabled):
+    err = FakeTerminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with Progress(10, enabled=enabled, delay=0) as progress:
+        for _ in range(10):
+            progress(1)
+    assert progress.done == 10 and progress.bar is None and err.getvalue() == ""
+
+
+def test_progress_waits_for_the_delay(monkeypatch):
+    term = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    with Progress(10, delay=60) as progress:
+        progress(5)
+    assert progress.bar is None and term.getvalue() == ""
+
+
+def test_cli_json_run_prints_only_json(big_input):
+    d, _ = big_input
+    code, stdout, stderr = _cli("compute", SAMPLES / "mlp.onnx", d / "small.npy", "--json", "--max-memory", "1M")
+    assert code == 0 and stderr == ""
+    doc = json.loads(stdout)
+    assert [s["index"] for s in doc["samples"]] == list(range(100))
