@@ -55,7 +55,9 @@ engine = _stack(
                  help="Treat each array as one vector (cross-sample derivatives) instead of per-sample Jacobians."),
     click.option("--chunk-size", type=click.IntRange(min=1), metavar="K",
                  help="Jacobian rows (reverse) or columns (forward) per backend call (default: sized to --max-memory)."),
-    click.option("--max-memory", callback=_memory, metavar="SIZE", help="Working-memory budget, e.g. 512M, 2G (default: min(2G, a quarter of the available memory)). Output files are streamed in blocks of this size."),
+    click.option("--max-memory", callback=_memory, metavar="SIZE",
+                 help="Working-memory budget, e.g. 512M, 2G (default: min(2G, a quarter of the available memory)); "
+                      "output files are streamed in blocks that fit in it."),
 )
 
 method = click.option("--method", type=click.Choice(["ad", "fd"]), default="ad", show_default=True,
