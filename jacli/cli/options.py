@@ -6,6 +6,7 @@ import re
 import click
 
 from ..engine.jacobian import DEFAULT_BUDGET
+from ..engine.spectral import DEFAULT_TOL
 
 
 def _stack(*decorators):
@@ -96,7 +97,7 @@ svd = _stack(
     click.option("--solver", type=click.Choice(["auto", "full", "matrix-free"]), default="auto", show_default=True,
                  help="full: form J and decompose it (exact); matrix-free: JVP/VJP products only, J never formed; "
                       "auto: full unless J is large (or -k asks for a few values of a big J)."),
-    click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-6, show_default=True,
+    click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TOL, show_default=True,
                  help="Relative accuracy asked of matrix-free singular values (certified by residuals)."),
 )
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
