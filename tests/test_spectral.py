@@ -218,6 +218,18 @@ def test_matrix_free_smallest_reports_softmax_as_rank_deficient(models):
     assert np.all(r.smallest[:, -1] <= r.smallest_error_bound[:, -1])  # σ_min cannot be told apart from 0
 
 
+@pytest.mark.parametrize("cmd", [["det"], ["svd"], ["svd", "-k", "1", "--smallest", "--solver", "matrix-free"]])
+def test_a_nan_sample_gives_nan_and_leaves_the_others_alone(models, run, tmp_path, cmd):
+    x = np.load(models["map2d_x"])
+    x[1, 0] = np.nan
+    np.save(tmp_path / "nan.npy", x)
+    out = run(*cmd[:1], models["map2d"], tmp_path / "nan.npy", *cmd[1:], "--json")
+    assert out.code == 0 and "NaN/Inf" in out.stderr and "converge" not in out.stderr
+    good, bad = _strict(out.out)["samples"]
+    key = "logabsdet" if cmd[0] == "det" else "condition_number"
+    assert bad[key] == "NaN" and good[key] == pytest.approx(np.log(10) if cmd[0] == "det" else 1.0)
+
+
 # --- normalizing flow ---------------------------------------------------------------------
 def test_flow_logabsdet_equals_the_flows_own(models):
     model, x = _load(models, "flow")

@@ -1,4 +1,5 @@
 import click
+import numpy as np
 
 from .. import api
 from . import options
@@ -47,9 +48,11 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
         warn(f"J is {result.m}x{result.n} per sample, too large to decompose in full; computed the top "
              f"{result.singular_values.shape[1]} singular values matrix-free (choose with -k; --smallest for the "
              "condition number)", quiet)
-    if result.converged is not None and not result.converged.all():
-        warn(f"the matrix-free solver did not converge for {int((~result.converged).sum())} sample(s) within "
-             f"{result.iterations} iterations; see error_bound", quiet)
+    if result.converged is not None:
+        stuck = int((~result.converged & np.isfinite(result.sigma_max)).sum())  # NaN: J held NaN/Inf
+        if stuck:
+            warn(f"the matrix-free solver did not converge for {stuck} sample(s) within {result.iterations} "
+                 "iterations; see error_bounds", quiet)
     meta = api.metadata(model, plan, method)
     doc = {**_header(plan, meta, result, output), "solver": result.solver, "shape": [result.m, result.n],
            "k": k, "tol": tol if result.solver == "matrix-free" else None}

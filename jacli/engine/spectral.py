@@ -425,8 +425,9 @@ def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
     vectors (S, k, d) and (S, k, other), whether each sample converged, and the iterations."""
     sides = 2 if smallest else 1
     b = _block(k)
+    bad = np.zeros(S, bool)  # samples whose products hold NaN/Inf: their values are NaN
     Q = _orthonormalize(rng.standard_normal((S, d, min(b * sides, d))), None, rng)
-    Z = At(A(Q))  # AᵀA Q, kept alongside Q so that restarts cost no products
+    Z = _finite(At(A(Q)), bad)  # AᵀA Q, kept alongside Q so that restarts cost no products
     done_before = np.zeros(S, bool)
     it = 0
     while True:
@@ -455,7 +456,7 @@ def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
         grow = _wanted(c, b, smallest)[: d - c]
         Wg = W[:, :, grow]
         P = _orthonormalize(Z @ Wg - (Q @ Wg) * theta[:, None, grow], Q, rng)  # residuals: new directions
-        Q, Z = np.concatenate([Q, P], axis=2), np.concatenate([Z, At(A(P))], axis=2)
+        Q, Z = np.concatenate([Q, P], axis=2), np.concatenate([Z, _finite(At(A(P)), bad)], axis=2)
         it += 1
     if progress and not done.all():
         progress(int((~done).sum()))
@@ -464,12 +465,21 @@ def _krylov(A, At, S, d, k, smallest, tol, eps, max_cols, rng, progress):
     # and r = Aᵀu - σ v, some singular value lies within ‖r‖ of σ. Near zero the Gram bound
     # (moved by |σ - √θ|) is the better one.
     V = Q @ Ww
-    U, s, Wt = np.linalg.svd(A(V), full_matrices=False)
+    U, s, Wt = np.linalg.svd(_finite(A(V), bad), full_matrices=False)
     V = V @ Wt.transpose(0, 2, 1)
-    bound = np.minimum(np.linalg.norm(At(U) - V * s[:, None, :], axis=1), bound + np.abs(s - sigma))
+    bound = np.minimum(np.linalg.norm(_finite(At(U), bad) - V * s[:, None, :], axis=1), bound + np.abs(s - sigma))
+    for a in (s, bound, U, V):
+        a[bad] = np.nan
     return {"top": s[:, :k], "top_bound": bound[:, :k], "low": s[:, -k:], "low_bound": bound[:, -k:],
-            "right": V[:, :, :k].transpose(0, 2, 1), "left": U[:, :, :k].transpose(0, 2, 1), "converged": done,
+            "right": V[:, :, :k].transpose(0, 2, 1), "left": U[:, :, :k].transpose(0, 2, 1), "converged": done & ~bad,
             "iterations": it}
+
+
+def _finite(X: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Zero the samples of X (S, ., .) that hold NaN/Inf, and mark them in ``bad``."""
+    bad |= ~np.isfinite(X).all(axis=(1, 2))
+    X[bad] = 0
+    return X
 
 
 def _wanted(c: int, k: int, bottom: bool) -> np.ndarray:
