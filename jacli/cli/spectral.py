@@ -44,7 +44,7 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.svd(model, plan, k=k, smallest=smallest, vectors=vectors, solver=solver, method=method, tol=tol,
                          output=output, chunk_size=chunk_size, max_memory=max_memory, progress=progress)
-    if result.solver == "matrix-free" and k is None:
+    if solver == "auto" and result.solver == "matrix-free" and k is None:
         warn(f"J is {result.m}x{result.n} per sample, too large to decompose in full; computed the top "
              f"{result.singular_values.shape[1]} singular values matrix-free (choose with -k; --smallest for the "
              "condition number)", quiet)
