@@ -59,7 +59,7 @@ DEFAULT_BUDGET = default_budget()  # bytes of working memory (--max-memory)
 # Blocks beyond this size are no faster, only bigger: a sample block's Jacobian buffer, and
 # the seeds/results of one backend call. Below glibc's largest mmap threshold (32 MiB), the
 # allocator recycles such arrays instead of mapping (and page-faulting) fresh memory.
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 8 << 20
 _INTERMEDIATES = 8  # working memory per seed, in multiples of one input + output sample
 
 
