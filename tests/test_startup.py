@@ -1,0 +1,72 @@
+"""Fast start: each command imports only what the model's format needs, and TensorFlow's
+start-up chatter never reaches the terminal."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SAMPLES
+
+# Runs the real entry point, then records which top-level packages ended up imported.
+PROBE = """
+import json, sys
+from jacli.cli.main import main
+report, argv = sys.argv[1], sys.argv[2:]
+try:
+    main(argv)
+except SystemExit as e:
+    code = e.code
+with open(report, "w") as f:
+    json.dump({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}, f)
+"""
+FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "jax"}
+ON_DEMAND = {"h5py", "scipy", "rich"}  # output formats, spectral work, terminal rendering
+
+
+def imported(tmp_path, *args) -> set[str]:
+    report = tmp_path / "modules.json"
+    r = subprocess.run([sys.executable, "-c", PROBE, str(report), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT)
+    doc = json.loads(report.read_text())
+    assert doc["code"] in (0, None), r.stderr
+    return set(doc["modules"])
+
+
+def test_help_imports_no_framework(tmp_path):
+    mods = imported(tmp_path, "--help")
+    assert not mods & (FRAMEWORKS | ON_DEMAND | {"onnx", "onnxruntime"})
+
+
+def test_inspect_onnx_imports_no_torch_or_tensorflow(tmp_path):
+    mods = imported(tmp_path, "inspect", SAMPLES / "mlp.onnx")
+    assert "onnxruntime" in mods and not mods & (FRAMEWORKS | {"h5py", "scipy"})
+
+
+@pytest.mark.parametrize("method", ["fd", "ad"])
+def test_onnx_compute_imports_only_what_it_needs(tmp_path, method):
+    mods = imported(tmp_path, "compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "--method", method,
+                    "-q", "-o", tmp_path / "J.npy")
+    assert "onnxruntime" in mods and not mods & (FRAMEWORKS | ON_DEMAND)
+
+
+def test_json_output_needs_no_rich(tmp_path):
+    mods = imported(tmp_path, "compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "--json")
+    assert not mods & (FRAMEWORKS | ON_DEMAND)
+
+
+def test_probe_sees_lazy_imports(tmp_path):
+    """The check above could pass by not seeing lazily imported modules; here they show."""
+    mods = imported(tmp_path, "compute", SAMPLES / "mlp.pt", SAMPLES / "mlp_input.npy", "-q", "-o", tmp_path / "J.h5")
+    assert {"torch", "h5py"} <= mods and not mods & {"tensorflow", "keras", "onnxruntime"}
+
+
+def test_tensorflow_start_up_is_silent(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "KERAS"))}
+    r = subprocess.run([sys.executable, "-m", "jacli", "compute", str(SAMPLES / "mlp.keras"),
+                        str(SAMPLES / "mlp_input.npy"), "-q", "-o", str(tmp_path / "J.npy")],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
+    assert (tmp_path / "J.npy").stat().st_size > 4 * 10 * 500 * 4
