@@ -396,6 +396,10 @@ def test_svd_json_contract_and_summary(models, run):
     assert doc["summary"]["sigma_max"]["max"] == pytest.approx(max(smax))
     assert doc["summary"]["sigma_max"]["median"] == pytest.approx(float(np.median(smax)))
     assert doc["summary"]["condition_number"]["median"] == pytest.approx(float(np.median(cond)))
+    full = run("svd", models["flow"], models["flow_x"], "--of", "output_0").out
+    assert f"σ_max over 5 samples: max {max(smax):.6g}" in full and "condition number over 5 samples" in full
+    free = run("svd", models["flow"], models["flow_x"], "--of", "output_0", "-k", "2", "--solver", "matrix-free").out
+    assert "matrix-free" in free and "±bound" in free and f"max {max(smax):.6g}" in free
 
 
 def test_det_json_contract_and_terminal_summary(models, run):
