@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# pytest -n 2 runs two workers on two cores: one thread each, or tiny models thrash
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 sys.path.insert(0, str(SAMPLES))

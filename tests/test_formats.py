@@ -153,3 +153,20 @@ def test_fd_method_agrees_with_ad(loaded, weights):
     x = np.load(SAMPLES / "mlp_input.npy")
     J = jacli.jacobian(model, x, method="fd")  # float64 evaluation: near-exact
     np.testing.assert_allclose(J, mlp_jacobian(weights, x), atol=1e-7)
+
+
+def test_torchscript_output_that_does_not_depend_on_the_input(tmp_path):
+    """A detached output has a zero Jacobian in both modes (reverse mode must not crash)."""
+    import torch
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, (x * 3).detach().sum(dim=1)
+
+    torch.jit.save(torch.jit.script(M()), tmp_path / "m.pt")
+    model = jacli.load(tmp_path / "m.pt")
+    x = np.ones((2, 3), np.float32)
+    for mode in ("reverse", "forward"):
+        J = jacli.jacobian(model, x, mode=mode)
+        np.testing.assert_array_equal(J["doutput_0/dx"], np.broadcast_to(2 * np.eye(3), (2, 3, 3)))
+        np.testing.assert_array_equal(J["doutput_1/dx"], np.zeros((2, 3)))

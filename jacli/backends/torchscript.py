@@ -135,11 +135,13 @@ class TorchModel(Model):
         with torch.enable_grad():
             ts = self._tensors(xs, requires_grad=wrt)
             names, outs = self._call(ts)
-            pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n]))) for n, o in zip(names, outs) if n in cts]
+            # outputs that do not depend on any input (detached, constant) contribute zero
+            pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n])))
+                     for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
             grads = torch.autograd.grad(
                 [o for o, _ in pairs], targets, [c for _, c in pairs], allow_unused=True, is_grads_batched=batched
-            )
+            ) if pairs else [None] * len(targets)
         lead = (next(iter(cts.values())).shape[0],) if batched else ()
         return {
             n: (np.zeros(lead + xs[n].shape, xs[n].dtype) if g is None else g.detach().numpy())
