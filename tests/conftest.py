@@ -1,18 +1,22 @@
 """Shared fixtures: the sample models, an in-process CLI runner, numpy references."""
 from __future__ import annotations
 
-import io
 import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
-import pytest
-
+# Before numpy/torch/TF start their thread pools: `pytest -n 2` runs two workers on two
+# cores, and small matrices on oversubscribed BLAS/OpenMP pools run 10-100x slower.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# pytest -n 2 runs two workers on two cores: one thread each, or tiny models thrash
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import io  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 sys.path.insert(0, str(SAMPLES))
