@@ -77,7 +77,8 @@ def torchscript_from_file(path: Path, marker: str) -> None:
 
     clean = path.with_name("clean_" + path.name)
     torch.jit.save(torch.jit.script(Scale()), clean)
-    payload = f'    t = torch.from_file("{marker}", True, 16, dtype=0)\n    self.w = torch.add((state)[0], torch.sum(t))\n'
+    payload = (f'    t = torch.from_file("{marker}", True, 16, dtype=0)\n'
+               '    self.training = bool(torch.ge(torch.sum(t), 0))\n    self.w = (state)[0]\n')
     edited = 0
     with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
         for info in src.infolist():

@@ -370,6 +370,26 @@ def test_sigkill_mid_write_cannot_truncate_the_requested_file(tmp_path):
     assert out.read_bytes() == OLD  # a killed process cannot clean up its temporary file, but never touches OUT
 
 
+def test_a_signal_during_an_import_is_sent_again_not_lost(monkeypatch):
+    """An exception raised while importlib compiles a module can vanish (the run then goes
+    on to the end); the handler re-sends the signal instead of raising there."""
+    import types
+
+    from jacli.cli import main as cli_main
+
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    importing = types.SimpleNamespace(f_code=types.SimpleNamespace(co_filename="<frozen importlib._bootstrap>"))
+    cli_main._on_signal(signal.SIGTERM, importing)  # no exception here
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGTERM)]
+    with pytest.raises(cli_main.Terminated) as raised:
+        cli_main._on_signal(signal.SIGTERM, sys._getframe())
+    assert raised.value.code == 128 + signal.SIGTERM
+
+
 @pytest.mark.parametrize("suffix", [".npy", ".npz", ".h5"])
 def test_crash_in_the_middle_of_a_streamed_write(jacli, tmp_path, monkeypatch, suffix):
     from jacli.io import writers

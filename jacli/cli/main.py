@@ -41,8 +41,26 @@ class Terminated(SystemExit):
     temporary output file) runs as it does for Ctrl-C."""
 
 
-def _terminate(signum, frame):
+_signalled: list[int] = []  # signals received during this run
+
+
+def _on_signal(signum, frame):
+    """Raise the signal as an exception. One raised while the import system compiles a
+    module can be lost, so there the signal is sent again a moment later instead."""
+    if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    _signalled.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(128 + signum)
+
+
+def _exit_if_signalled() -> None:
+    """Native code (h5py) can turn the signal's exception into another error: report the signal."""
+    if _signalled:
+        click.echo("Error: interrupted" if _signalled[0] == signal.SIGINT else "Error: terminated", err=True)
+        sys.exit(128 + _signalled[0])
 
 
 def _one_line(text: str) -> str:
@@ -56,15 +74,19 @@ def main(argv: list[str] | None = None) -> None:
     from ..errors import JacliError
 
     signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signals.append(signal.SIGINT)
     if threading.current_thread() is not threading.main_thread():
         signals = []  # handlers can only be set from the main thread
-    previous = {s: signal.signal(s, _terminate) for s in signals}
+    previous = {s: signal.signal(s, _on_signal) for s in signals}
+    _signalled.clear()
     try:
         code = cli.main(args=argv, prog_name="jacli", standalone_mode=False)
     except Terminated as e:
         click.echo("Error: terminated", err=True)
         sys.exit(e.code)
     except JacliError as e:
+        _exit_if_signalled()
         if debug:
             traceback.print_exc()
         click.echo(f"Error: {_one_line(str(e))}", err=True)
@@ -85,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("Error: out of memory; lower --max-memory or the batch size", err=True)
         sys.exit(2)
     except Exception as e:  # a bug: say so, keep the traceback behind --debug
+        _exit_if_signalled()
         if debug:
             traceback.print_exc()
         click.echo(f"Error: internal error ({type(e).__name__}: {_one_line(str(e).splitlines()[0][:200] if str(e) else '')}); "
