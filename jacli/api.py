@@ -126,7 +126,7 @@ def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None)
 
 
 def _check_memory(nbytes: int, instead: str) -> None:
-    free = jac.available_memory()
+    free = jac.available_memory() if nbytes > jac.BLOCK_BYTES else None  # small results: no need to ask
     if free is not None and nbytes > free:
         raise OutputError(
             f"the Jacobian takes {jac.size_text(nbytes)} but only {jac.size_text(free)} of memory is available; {instead}"

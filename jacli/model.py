@@ -66,6 +66,9 @@ class Model(abc.ABC):
     supports_ad: bool = True  # False: only finite differences (the reason is in ad_unavailable)
     ad_unavailable: str = ""
     supports_float64: bool = False  # forward64 is available
+    # a forward pass returned exactly ``outputs`` (names, per-sample shapes, dtypes): plans
+    # may then take output shapes from the signature instead of running one
+    signature_confirmed: bool = field(default=False, repr=False, compare=False)
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod

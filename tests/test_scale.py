@@ -200,3 +200,33 @@ def test_cli_json_run_prints_only_json(big_input):
     assert code == 0 and stderr == ""
     doc = json.loads(stdout)
     assert [s["index"] for s in doc["samples"]] == list(range(100))
+
+
+# --- fast repeated calls ---------------------------------------------------------------
+class Counting(jacli.model.Model):
+    """y = 2x on (B, 3) -> (B, 3), with a signature that may lie; counts forward passes."""
+
+    def __init__(self, out_shape):
+        super().__init__(path="-", format="test", backend="numpy",
+                         inputs=[jacli.model.TensorSpec("x", (None, 3), "float32")],
+                         outputs=[jacli.model.TensorSpec("y", out_shape, "float32")])
+        self.forwards = 0
+
+    def _forward(self, xs):
+        self.forwards += 1
+        return {"y": 2 * xs["x"]}
+
+    def _vjp(self, xs, cts, wrt):
+        return {"x": 2 * cts["y"]}
+
+
+@pytest.mark.parametrize("out_shape, trusted", [((None, 3), True), ((None, 4), False), ((5, 3), False)])
+def test_plan_skips_the_forward_pass_once_the_signature_is_confirmed(out_shape, trusted):
+    model, x = Counting(out_shape), np.ones((5, 3), np.float32)
+    first = jac.plan(model, {"x": x})
+    assert model.forwards == 1 and model.signature_confirmed is trusted
+    second = jac.plan(model, {"x": x})
+    assert model.forwards == (1 if trusted else 2)
+    assert [p.shape for p in second.pairs] == [p.shape for p in first.pairs] == [(5, 3, 3)]
+    np.testing.assert_array_equal(second.ys["y"], 2 * x)  # computed on demand
+    np.testing.assert_array_equal(jacli.jacobian(model, x), np.broadcast_to(2 * np.eye(3), (5, 3, 3)))

@@ -13,7 +13,8 @@ to block, so a Jacobian larger than memory streams to disk in bounded memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from math import prod
 from typing import Callable, Mapping, Protocol, Sequence
 
@@ -96,7 +97,6 @@ class Plan:
     """Everything about a Jacobian computation that is known before it starts."""
 
     xs: dict[str, np.ndarray]
-    ys: dict[str, np.ndarray]  # outputs at xs (one forward pass)
     wrt: list[str]
     of: list[str]
     pairs: list[Pair]
@@ -104,10 +104,25 @@ class Plan:
     samples: int  # B (1 with batch=False)
     mode: str  # "forward" | "reverse"
     dtype: np.dtype
+    outputs: Callable[[], dict[str, np.ndarray]] = field(repr=False, compare=False)
+
+    @cached_property
+    def ys(self) -> dict[str, np.ndarray]:
+        """The outputs at xs: one forward pass, already run by ``plan`` unless the model's
+        signature made it unnecessary (then run on first use)."""
+        return self.outputs()
 
     @property
     def nbytes(self) -> int:
         return sum(prod(p.shape) for p in self.pairs) * self.dtype.itemsize
+
+    def rows(self, output: str) -> tuple[int, ...]:
+        """Per-sample (or, with batch=False, whole) shape of an output."""
+        return next(p.out_shape for p in self.pairs if p.of == output)
+
+    def columns(self, input: str) -> tuple[int, ...]:
+        """Per-sample (or whole) shape of an input."""
+        return next(p.in_shape for p in self.pairs if p.wrt == input)
 
 
 class Sink(Protocol):
@@ -148,23 +163,35 @@ def plan(
     mode: str = "auto",
     batch: bool = True,
 ) -> Plan:
+    """Shapes, pairs, mode and dtype of the Jacobian of ``model`` at ``xs``, from one forward
+    pass, or from the model's signature once a forward pass has confirmed it."""
     xs = {k: np.asarray(v) for k, v in xs.items()}
-    ys = _forward_blocks(model, xs) if batch else model.forward(xs)
-    wrt = _choose(wrt, [n for n in xs if np.asarray(xs[n]).dtype.kind == "f"], list(xs), "input", "--wrt")
-    of = _choose(of, [n for n in ys if ys[n].dtype.kind == "f"], list(ys), "output", "--of")
+    known = _signature(model, xs) if batch else None
+    if known is None:
+        ys = _forward_blocks(model, xs) if batch else model.forward(xs)
+        known = {k: (v.shape, v.dtype) for k, v in ys.items()}
+        if batch:
+            _confirm_signature(model, ys)
+        outputs = lambda: ys  # noqa: E731
+    else:
+        outputs = lambda: _forward_blocks(model, xs)  # noqa: E731
+    floats = [n for n, (_, dtype) in known.items() if dtype.kind == "f"]
+    wrt = _choose(wrt, [n for n in xs if xs[n].dtype.kind == "f"], list(xs), "input", "--wrt")
+    of = _choose(of, floats, list(known), "output", "--of")
     if batch:
-        sizes = {v.shape[0] if v.ndim else None for v in [*xs.values(), *ys.values()]}
+        sizes = {v.shape[0] if v.ndim else None for v in xs.values()}
+        sizes |= {shape[0] if shape else None for shape, _ in known.values()}
         if len(sizes) != 1 or None in sizes:
             raise InputError(
                 "inputs and outputs do not share a leading batch axis (sizes "
                 f"{sorted(str(s) for s in sizes)}); use --no-batch to treat each array as one vector"
             )
         samples = sizes.pop()
-        out_shape = {o: ys[o].shape[1:] for o in of}
+        out_shape = {o: known[o][0][1:] for o in of}
         in_shape = {i: xs[i].shape[1:] for i in wrt}
     else:
         samples = 1
-        out_shape = {o: ys[o].shape for o in of}
+        out_shape = {o: known[o][0] for o in of}
         in_shape = {i: xs[i].shape for i in wrt}
     pairs = [Pair(o, i, out_shape[o], in_shape[i], samples if batch else None) for o in of for i in wrt]
     if mode == "auto":
@@ -173,8 +200,32 @@ def plan(
         mode = "reverse" if rows <= cols else "forward"
     if mode not in ("forward", "reverse"):
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
-    dtype = np.result_type(*[ys[o].dtype for o in of], np.float32)
-    return Plan(xs, ys, wrt, of, pairs, batch, samples, mode, np.dtype(dtype))
+    dtype = np.result_type(*[known[o][1] for o in of], np.float32)
+    return Plan(xs, wrt, of, pairs, batch, samples, mode, np.dtype(dtype), outputs)
+
+
+def _signature(model: Model, xs: dict[str, np.ndarray]) -> dict[str, tuple[tuple, np.dtype]] | None:
+    """Batched output shapes and dtypes from the model's signature, when a forward pass has
+    confirmed it (names, per-sample shapes and dtypes) and it is fully static; else None."""
+    sizes = {v.shape[0] if v.ndim else None for v in xs.values()}
+    if not model.signature_confirmed or len(sizes) != 1 or None in sizes:
+        return None
+    (samples,) = sizes
+    known = {}
+    for s in model.outputs:
+        if not s.shape or s.shape[0] is not None or None in s.shape[1:]:
+            return None
+        known[s.name] = ((samples, *s.shape[1:]), np.dtype(s.dtype))
+    return known or None
+
+
+def _confirm_signature(model: Model, ys: dict[str, np.ndarray]) -> None:
+    specs = {s.name: s for s in model.outputs}
+    model.signature_confirmed = list(specs) == list(ys) and all(  # same order too: the same pairs either way
+        specs[k].shape and specs[k].shape[0] is None and tuple(specs[k].shape[1:]) == v.shape[1:]
+        and specs[k].dtype == str(v.dtype)
+        for k, v in ys.items()
+    )
 
 
 def _forward_blocks(model: Model, xs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -221,8 +272,8 @@ def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int |
     the budget the Jacobian buffer leaves; the results themselves within BLOCK_BYTES."""
     if chunk:
         return int(chunk)
-    ins = sum(plan.xs[i][:1].size if plan.batch else plan.xs[i].size for i in plan.wrt)
-    outs = sum(plan.ys[o][:1].size if plan.batch else plan.ys[o].size for o in plan.of)
+    ins = sum(prod(plan.columns(i)) for i in plan.wrt)
+    outs = sum(prod(plan.rows(o)) for o in plan.of)
     per_seed = samples * (ins + outs) * plan.dtype.itemsize
     result = samples * (ins if plan.mode == "reverse" else outs) * plan.dtype.itemsize
     k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed * _INTERMEDIATES or 1), BLOCK_BYTES // (result or 1))
@@ -288,7 +339,7 @@ def _fill_reverse(model: Model, plan: Plan, xs, bufs, k: int) -> None:
     """Row blocks: a one-hot cotangent on rows r0:r1 of one output, for every sample."""
     lead = _lead(xs, plan.batch)
     for o in plan.of:
-        shape = plan.ys[o].shape[1:] if plan.batch else plan.ys[o].shape
+        shape = plan.rows(o)
         m = prod(shape)
         for r0 in range(0, m, k):
             r1 = min(m, r0 + k)
