@@ -146,6 +146,7 @@ class TFModel(Model):
         self._jvp_map_fn = tf.function(
             lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
         self._call_fn = tf.function(call, reduce_retracing=True)
+        self._graphs = {}  # see _traced
 
     def _xs(self, xs):
         return [xs[s.name] for s in self.inputs]
@@ -160,8 +161,26 @@ class TFModel(Model):
                 raise InputError(f"the model rejected the input: {short(e)}") from None
             raise
 
+    def _traced(self, fn, lead: int, xs: list, *rest):
+        """Call ``fn`` through its graph for these per-sample shapes and dtypes, traced once with
+        the batch axis (and the ``lead - 1`` axes before it in seeds) left open. Calling the
+        traced graph directly skips tf.function's per-call signature matching, which costs
+        more than a small Jacobian; and no block of any size is traced again."""
+        xs = [np.asarray(x) for x in xs]
+        rest = ({k: np.asarray(v) for k, v in rest[0].items()}, *rest[1:]) if rest else ()
+        seeds = rest[0] if rest else {}
+        key = (fn, lead, rest[1:], *[(x.shape[1:], x.dtype.str) for x in xs],
+               *[(k, v.shape[lead:], v.dtype.str) for k, v in seeds.items()])
+        graph = self._graphs.get(key)
+        if graph is None:
+            tf = _tf()
+            spec = lambda a, n: tf.TensorSpec((None,) * n + a.shape[n:], a.dtype)  # noqa: E731
+            specs = [[spec(x, 1) for x in xs]] + ([{k: spec(v, lead) for k, v in seeds.items()}, *rest[1:]] if rest else [])
+            graph = self._graphs[key] = fn.get_concrete_function(*specs)
+        return graph(xs, *rest)
+
     def _forward(self, xs):
-        ys = self._run(self._call_fn, self._xs(xs))
+        ys = self._run(self._traced, self._call_fn, 1, self._xs(xs))
         return {k: np.asarray(v) for k, v in ys.items()}
 
     def _forward64(self, xs):
@@ -177,12 +196,12 @@ class TFModel(Model):
 
     def _vjp(self, xs, cts, wrt: Sequence[str], fn=None):
         mask = tuple(s.name in wrt for s in self.inputs)
-        grads = self._run(fn or self._vjp_fn, self._xs(xs), dict(cts), mask)
+        grads = self._run(self._traced, fn or self._vjp_fn, 2 if fn else 1, self._xs(xs), dict(cts), mask)
         names = [s.name for s in self.inputs if s.name in wrt]
         return {n: np.asarray(g) for n, g in zip(names, grads)}
 
     def _jvp(self, xs, ts, of: Sequence[str], fn=None):
-        outs = self._run(fn or self._jvp_fn, self._xs(xs), dict(ts), tuple(of))
+        outs = self._run(self._traced, fn or self._jvp_fn, 2 if fn else 1, self._xs(xs), dict(ts), tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
 
     def _native_map(self, prim) -> bool:
