@@ -13,7 +13,7 @@ axis first.
 independent, so the k axis can be folded into the batch axis: one batched call of k*B
 samples. ``per_sample=False`` (``--no-batch``) asks for the exact product with no such
 assumption; backends vectorise with their own map or fall back to a loop over k. A
-backend whose map is vectorised (``_native_map``) serves both with it: one forward pass
+backend with a map of its own (``_map_strategies``) serves both with it: one forward pass
 for all k seeds instead of k.
 
 Backends implement ``_forward``/``_vjp``/``_jvp`` on a plain batch (no k axis); this
@@ -22,6 +22,7 @@ class does folding, and chunking for models whose batch axis is fixed (e.g. to 1
 from __future__ import annotations
 
 import abc
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -69,6 +70,7 @@ class Model(abc.ABC):
     # a forward pass returned exactly ``outputs`` (names, per-sample shapes, dtypes): plans
     # may then take output shapes from the signature instead of running one
     signature_confirmed: bool = field(default=False, repr=False, compare=False)
+    _strategy_times: dict = field(default_factory=dict, repr=False, compare=False)  # see _tuned
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod
@@ -154,7 +156,8 @@ class Model(abc.ABC):
         k = _leading(seeds)
         fixed = self._fixed_batch()
         fits = fixed is None or _leading(xs) == fixed
-        if per_sample and not (fits and self._native_map(prim)):
+        strategies = self._map_strategies(prim) if fits else ()
+        if per_sample and not strategies:
             return self._folded(prim, xs, seeds, names)
         if not fits:
             raise InputError(
@@ -163,7 +166,23 @@ class Model(abc.ABC):
             )
         if k == 1:
             return {n: v[None] for n, v in prim(xs, {n: v[0] for n, v in seeds.items()}, names).items()}
-        return self._vjp_jvp_map(prim, xs, seeds, names)
+        if len(strategies) < 2:
+            return self._vjp_jvp_map(prim, xs, seeds, names, *strategies)
+        return self._tuned(prim, strategies, xs, seeds, names)
+
+    def _tuned(self, prim, strategies: tuple[str, ...], xs: Arrays, seeds: Arrays, names: list[str]):
+        """The backend's faster map strategy for this primitive and amount of work, found by
+        timing each on real blocks (its second use: the first may include tracing) and then
+        kept. Every strategy is exact; they differ only in speed (and float rounding)."""
+        work = _leading(seeds) * _leading(xs)
+        times = self._strategy_times.setdefault((prim.__name__, work.bit_length() // 4), {s: [] for s in strategies})
+        pending = [s for s in strategies if len(times[s]) < 2]
+        strategy = min(pending, key=lambda s: len(times[s])) if pending else min(strategies, key=lambda s: times[s][1])
+        start = time.perf_counter()
+        out = self._vjp_jvp_map(prim, xs, seeds, names, strategy)
+        if pending:
+            times[strategy].append((time.perf_counter() - start) / work)
+        return out
 
     def _folded(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
         """Samples are independent: fold k into the batch axis, k*B samples in one call."""
@@ -176,16 +195,17 @@ class Model(abc.ABC):
         out = self._chunked(lambda bx, bs: prim(bx, bs, names), big_x, big_s)
         return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
 
-    def _native_map(self, prim) -> bool:
-        """Whether ``_vjp_jvp_map`` vectorises ``prim`` over the k axis in one call (one
-        forward pass for all k seeds). Then the per-sample product uses it too: with
-        independent samples it equals the folded one, without repeating the forward pass
-        k times."""
-        return False
+    def _map_strategies(self, prim) -> tuple[str, ...]:
+        """How this backend's ``_vjp_jvp_map`` takes ``prim`` over the k axis with one forward
+        pass for all k seeds: "vectorised" (vmap, pfor) and/or "sequential" (k backward passes
+        through one recorded forward pass). Then the per-sample product uses it too: with
+        independent samples it equals the folded one, without repeating the forward pass k
+        times. None: fold k into the batch (per sample) or loop over k (exact)."""
+        return ()
 
-    def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
-        """Exact (no folding) product over the k axis; backends with a vectorising map
-        override this (and ``_native_map``), the default loops over k."""
+    def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str], strategy: str = "") -> dict[str, np.ndarray]:
+        """Exact (no folding) product over the k axis; backends with a map of their own
+        override this (and ``_map_strategies``), the default loops over k."""
         k = _leading(seeds)
         outs = [prim(xs, {n: v[i] for n, v in seeds.items()}, names) for i in range(k)]
         return {n: np.stack([o[n] for o in outs]) for n in outs[0]}

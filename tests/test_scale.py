@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -230,3 +231,28 @@ def test_plan_skips_the_forward_pass_once_the_signature_is_confirmed(out_shape, 
     assert [p.shape for p in second.pairs] == [p.shape for p in first.pairs] == [(5, 3, 3)]
     np.testing.assert_array_equal(second.ys["y"], 2 * x)  # computed on demand
     np.testing.assert_array_equal(jacli.jacobian(model, x), np.broadcast_to(2 * np.eye(3), (5, 3, 3)))
+
+
+class TwoWays(Counting):
+    """A backend with two exact map strategies, one of them slow."""
+
+    def __init__(self):
+        super().__init__((None, 3))
+        self.used = []
+
+    def _map_strategies(self, prim):
+        return ("slow", "fast")
+
+    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
+        self.used.append(strategy)
+        if strategy == "slow":
+            time.sleep(0.05)
+        return {"x": 2 * seeds["y"]}
+
+
+def test_the_faster_map_strategy_is_found_and_kept():
+    model, x = TwoWays(), np.ones((4, 3), np.float32)
+    cts = np.ones((3, 4, 3), np.float32)
+    for _ in range(6):
+        np.testing.assert_array_equal(model.vjp({"x": x}, {"y": cts}, ["x"])["x"], 2 * cts)
+    assert model.used == ["slow", "fast", "slow", "fast", "fast", "fast"]  # each tried twice (the first may trace)

@@ -138,10 +138,15 @@ class TFModel(Model):
                 ys = call(xs)
             return {k: acc.jvp(ys[k], unconnected_gradients=tf.UnconnectedGradients.ZERO) for k in of}
 
-        # one cotangent/tangent per call, and k of them vectorised with pfor (--no-batch)
+        # one cotangent/tangent per call; or k of them after one forward pass, vectorised with pfor or
+        # (cotangents) one after another
         self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
         self._vjp_map_fn = tf.function(
             lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask, persistent=True), cts), reduce_retracing=True)
+        self._vjp_seq_fn = tf.function(  # the k cotangents one after another (a while loop), one forward pass
+            lambda xs, cts, mask: tf.map_fn(pullback(xs, mask, persistent=True), cts, parallel_iterations=1,
+                                            fn_output_signature=[x.dtype for x, on in zip(xs, mask) if on]),
+            reduce_retracing=True)
         self._jvp_fn = tf.function(pushforward, reduce_retracing=True)
         self._jvp_map_fn = tf.function(
             lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
@@ -204,12 +209,12 @@ class TFModel(Model):
         outs = self._run(self._traced, fn or self._jvp_fn, 2 if fn else 1, self._xs(xs), dict(ts), tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
 
-    def _native_map(self, prim) -> bool:
-        return True  # pfor: one forward pass for all k seeds
+    def _map_strategies(self, prim) -> tuple[str, ...]:
+        return ("vectorised", "sequential") if prim == self._vjp else ("vectorised",)
 
-    def _vjp_jvp_map(self, prim, xs, seeds, names):
+    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
         if prim == self._vjp:
-            return self._vjp(xs, seeds, names, fn=self._vjp_map_fn)
+            return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn if strategy == "sequential" else self._vjp_map_fn)
         return self._jvp(xs, seeds, names, fn=self._jvp_map_fn)
 
 

@@ -122,16 +122,21 @@ class TorchModel(Model):
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         return self._pullback(xs, cts, wrt, batched=False)
 
-    def _native_map(self, prim) -> bool:
-        return prim == self._vjp
+    def _map_strategies(self, prim) -> tuple[str, ...]:
+        return ("vectorised", "sequential") if prim == self._vjp else ()
 
-    def _vjp_jvp_map(self, prim, xs, seeds, names):
-        if prim == self._vjp:  # one backward pass for all k cotangents (vmap inside autograd)
-            return self._pullback(xs, seeds, names, batched=True)
+    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
+        if prim == self._vjp:  # one forward pass for all k cotangents
+            return self._pullback(xs, seeds, names, batched=True, sequential=strategy == "sequential")
         return super()._vjp_jvp_map(prim, xs, seeds, names)
 
-    def _pullback(self, xs, cts, wrt, batched: bool):
+    def _pullback(self, xs, cts, wrt, batched: bool, sequential: bool = False):
+        """Input gradients for cotangents ``cts`` (with a leading k axis when ``batched``):
+        one backward pass vectorised over k (vmap inside autograd), or, ``sequential``, k
+        backward passes through the recorded forward pass (faster where some operator,
+        e.g. max-pooling, has no fast batching rule)."""
         torch = _torch()
+        lead = (next(iter(cts.values())).shape[0],) if batched else ()
         with torch.enable_grad():
             ts = self._tensors(xs, requires_grad=wrt)
             names, outs = self._call(ts)
@@ -139,10 +144,14 @@ class TorchModel(Model):
             pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n])))
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
-            grads = torch.autograd.grad(
-                [o for o, _ in pairs], targets, [c for _, c in pairs], allow_unused=True, is_grads_batched=batched
-            ) if pairs else [None] * len(targets)
-        lead = (next(iter(cts.values())).shape[0],) if batched else ()
+            grad = lambda cs, **kw: torch.autograd.grad([o for o, _ in pairs], targets, cs, allow_unused=True, **kw)  # noqa: E731
+            if not pairs:
+                grads = [None] * len(targets)
+            elif sequential:
+                rows = [grad([c[i] for _, c in pairs], retain_graph=i < lead[0] - 1) for i in range(lead[0])]
+                grads = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(targets))]
+            else:
+                grads = grad([c for _, c in pairs], is_grads_batched=batched)
         return {
             n: (np.zeros(lead + xs[n].shape, xs[n].dtype) if g is None else g.detach().numpy())
             for n, g in zip(wrt, grads)
