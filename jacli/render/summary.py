@@ -59,8 +59,8 @@ def heatmap(s) -> Group:
     for r in h:
         levels = np.zeros(len(r), int) if top == 0 else np.ceil(r / top * (len(SHADES) - 1)).astype(int)
         rows.append(Text("│" + "".join(SHADES[v] for v in levels) + "│"))
-    cap = Text(f"|J| of sample {s.index}, d{s.of}/d{s.wrt}: rows = outputs, columns = inputs"
-               f"{' (max-pooled)' if h.shape != tuple(s.shape) else ''}; █ = {top:.3g}", style="dim")
+    cap = Text(f"|J| sample {s.index} d{s.of}/d{s.wrt}: rows=outputs, cols=inputs"
+               f"{', max-pooled' if h.shape != tuple(s.shape) else ''}; █={top:.3g}", style="dim")
     return Group(cap, *rows)
 
 
