@@ -172,12 +172,13 @@ class Model(abc.ABC):
 
     def _tuned(self, prim, strategies: tuple[str, ...], xs: Arrays, seeds: Arrays, names: list[str]):
         """The backend's faster map strategy for this primitive and amount of work, found by
-        timing each on real blocks (its second use: the first may include tracing) and then
-        kept. Every strategy is exact; they differ only in speed (and float rounding)."""
+        running each twice on real blocks and then kept; each counts with its faster run (the
+        first may include tracing, and a burst of load hits one run, not both). Every
+        strategy is exact; they differ in speed and float rounding."""
         work = _leading(seeds) * _leading(xs)
         times = self._strategy_times.setdefault((prim.__name__, work.bit_length() // 4), {s: [] for s in strategies})
         pending = [s for s in strategies if len(times[s]) < 2]
-        strategy = min(pending, key=lambda s: len(times[s])) if pending else min(strategies, key=lambda s: times[s][1])
+        strategy = min(pending, key=lambda s: len(times[s])) if pending else min(strategies, key=lambda s: min(times[s]))
         start = time.perf_counter()
         out = self._vjp_jvp_map(prim, xs, seeds, names, strategy)
         if pending:
