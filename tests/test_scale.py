@@ -256,3 +256,18 @@ def test_the_faster_map_strategy_is_found_and_kept():
     for _ in range(6):
         np.testing.assert_array_equal(model.vjp({"x": x}, {"y": cts}, ["x"])["x"], 2 * cts)
     assert model.used == ["slow", "fast", "slow", "fast", "fast", "fast"]  # each tried twice (the first may trace)
+
+
+def test_tensorflow_traces_each_graph_once_whatever_the_block_sizes(weights):
+    model = jacli.load(str(SAMPLES / "mlp.keras"))
+    x = np.random.default_rng(5).standard_normal((700, 500)).astype(np.float32)
+    # 1 MiB: blocks of 26 samples, one row per call; default budget: blocks of 419 and 281
+    # samples, all 10 rows per call; then other batch sizes
+    for batch, budget in ((700, 1 * MiB), (700, None), (333, None), (5, None)):
+        J = jacli.jacobian(model, x[:batch], max_memory=budget)
+        np.testing.assert_allclose(J[[0, batch - 1]], mlp_jacobian(weights, x[[0, batch - 1]]), atol=2e-5)
+    # forward (the first plan only), one-row VJP, and for 10 rows the vectorised and the
+    # unrolled sequential VJP (both tried by the strategy tuner); the while-loop variant is
+    # for more rows than UNROLL
+    fns = (model._call_fn, model._vjp_fn, model._vjp_map_fn, model._vjp_unrolled_fn, model._vjp_seq_fn)
+    assert [f.experimental_get_tracing_count() for f in fns] == [1, 1, 1, 1, 0]

@@ -18,6 +18,8 @@ from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedEr
 from ..model import Model, TensorSpec
 from ._common import require, short
 
+UNROLL = 16  # up to this many cotangents, the sequential VJP is unrolled in the graph
+
 
 def _tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -147,6 +149,14 @@ class TFModel(Model):
             lambda xs, cts, mask: tf.map_fn(pullback(xs, mask, persistent=True), cts, parallel_iterations=1,
                                             fn_output_signature=[x.dtype for x, on in zip(xs, mask) if on]),
             reduce_retracing=True)
+
+        @tf.function  # not reduce_retracing: that would relax the static k this graph unrolls
+        def vjp_unrolled(xs, cts, mask):  # the same for a small, static k: k gradient calls in the graph
+            grads = pullback(xs, mask, persistent=True)
+            rows = [grads({n: c[i] for n, c in cts.items()}) for i in range(next(iter(cts.values())).shape[0])]
+            return [tf.stack(column) for column in zip(*rows)]
+
+        self._vjp_unrolled_fn = vjp_unrolled
         self._jvp_fn = tf.function(pushforward, reduce_retracing=True)
         self._jvp_map_fn = tf.function(
             lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
@@ -166,26 +176,26 @@ class TFModel(Model):
                 raise InputError(f"the model rejected the input: {short(e)}") from None
             raise
 
-    def _traced(self, fn, lead: int, xs: list, *rest):
-        """Call ``fn`` through its graph for these per-sample shapes and dtypes, traced once with
-        the batch axis (and the ``lead - 1`` axes before it in seeds) left open. Calling the
-        traced graph directly skips tf.function's per-call signature matching, which costs
-        more than a small Jacobian; and no block of any size is traced again."""
+    def _traced(self, fn, seed_axes: tuple[int, ...], xs: list, *rest):
+        """Call ``fn`` through its graph for these shapes and dtypes, traced once with the
+        inputs' batch axis and the seeds' ``seed_axes`` left open. Calling the traced graph
+        directly skips tf.function's per-call signature matching, which costs more than a
+        small Jacobian; and no block of any size is traced again."""
+        tf = _tf()
         xs = [np.asarray(x) for x in xs]
         rest = ({k: np.asarray(v) for k, v in rest[0].items()}, *rest[1:]) if rest else ()
         seeds = rest[0] if rest else {}
-        key = (fn, lead, rest[1:], *[(x.shape[1:], x.dtype.str) for x in xs],
-               *[(k, v.shape[lead:], v.dtype.str) for k, v in seeds.items()])
+        opened = lambda a, axes: tuple(None if i in axes else d for i, d in enumerate(a.shape))  # noqa: E731
+        x_specs = [tf.TensorSpec(opened(x, (0,)), x.dtype) for x in xs]
+        seed_specs = {k: tf.TensorSpec(opened(v, seed_axes), v.dtype) for k, v in seeds.items()}
+        key = (fn, rest[1:], *x_specs, *seed_specs.items())
         graph = self._graphs.get(key)
         if graph is None:
-            tf = _tf()
-            spec = lambda a, n: tf.TensorSpec((None,) * n + a.shape[n:], a.dtype)  # noqa: E731
-            specs = [[spec(x, 1) for x in xs]] + ([{k: spec(v, lead) for k, v in seeds.items()}, *rest[1:]] if rest else [])
-            graph = self._graphs[key] = fn.get_concrete_function(*specs)
+            graph = self._graphs[key] = fn.get_concrete_function(x_specs, *((seed_specs, *rest[1:]) if rest else ()))
         return graph(xs, *rest)
 
     def _forward(self, xs):
-        ys = self._run(self._traced, self._call_fn, 1, self._xs(xs))
+        ys = self._run(self._traced, self._call_fn, (), self._xs(xs))
         return {k: np.asarray(v) for k, v in ys.items()}
 
     def _forward64(self, xs):
@@ -199,23 +209,27 @@ class TFModel(Model):
             out = dict(zip(self.output_names(), out if isinstance(out, (list, tuple)) else [out]))
         return {k: np.asarray(v) for k, v in out.items()}
 
-    def _vjp(self, xs, cts, wrt: Sequence[str], fn=None):
+    def _vjp(self, xs, cts, wrt: Sequence[str], fn=None, seed_axes=(0,)):
         mask = tuple(s.name in wrt for s in self.inputs)
-        grads = self._run(self._traced, fn or self._vjp_fn, 2 if fn else 1, self._xs(xs), dict(cts), mask)
+        grads = self._run(self._traced, fn or self._vjp_fn, seed_axes, self._xs(xs), dict(cts), mask)
         names = [s.name for s in self.inputs if s.name in wrt]
         return {n: np.asarray(g) for n, g in zip(names, grads)}
 
-    def _jvp(self, xs, ts, of: Sequence[str], fn=None):
-        outs = self._run(self._traced, fn or self._jvp_fn, 2 if fn else 1, self._xs(xs), dict(ts), tuple(of))
+    def _jvp(self, xs, ts, of: Sequence[str], fn=None, seed_axes=(0,)):
+        outs = self._run(self._traced, fn or self._jvp_fn, seed_axes, self._xs(xs), dict(ts), tuple(of))
         return {k: np.asarray(v) for k, v in outs.items()}
 
     def _map_strategies(self, prim) -> tuple[str, ...]:
         return ("vectorised", "sequential") if prim == self._vjp else ("vectorised",)
 
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        if prim == self._vjp:
-            return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn if strategy == "sequential" else self._vjp_map_fn)
-        return self._jvp(xs, seeds, names, fn=self._jvp_map_fn)
+        if prim != self._vjp:
+            return self._jvp(xs, seeds, names, fn=self._jvp_map_fn, seed_axes=(0, 1))
+        if strategy != "sequential":
+            return self._vjp(xs, seeds, names, fn=self._vjp_map_fn, seed_axes=(0, 1))
+        if len(next(iter(seeds.values()))) <= UNROLL:  # k static: one graph per k, no loop overhead
+            return self._vjp(xs, seeds, names, fn=self._vjp_unrolled_fn, seed_axes=(1,))
+        return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn, seed_axes=(0, 1))
 
 
 @contextlib.contextmanager
