@@ -92,7 +92,10 @@ def compute(
     if output == "-":
         _check_memory(p.nbytes, "write it to a file instead (-o J.h5 streams it in bounded memory)")
     shapes = {q.key: q.shape for q in p.pairs}
-    run = lambda sink: jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory, progress=progress)  # noqa: E731
+
+    def run(sink) -> None:
+        jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+
     if output is None:
         stats = StatsSink(p.pairs, heat=heat)
         run(stats)
@@ -129,7 +132,8 @@ def _check_memory(nbytes: int, instead: str) -> None:
     free = jac.available_memory() if nbytes > jac.BLOCK_BYTES else None  # small results: no need to ask
     if free is not None and nbytes > free:
         raise OutputError(
-            f"the Jacobian takes {jac.size_text(nbytes)} but only {jac.size_text(free)} of memory is available; {instead}"
+            f"the Jacobian takes {jac.size_text(nbytes)} but only {jac.size_text(free)} of memory is available; "
+            f"{instead}"
         )
 
 

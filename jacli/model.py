@@ -178,7 +178,10 @@ class Model(abc.ABC):
         work = _leading(seeds) * _leading(xs)
         times = self._strategy_times.setdefault((prim.__name__, work.bit_length() // 4), {s: [] for s in strategies})
         pending = [s for s in strategies if len(times[s]) < 2]
-        strategy = min(pending, key=lambda s: len(times[s])) if pending else min(strategies, key=lambda s: min(times[s]))
+        if pending:
+            strategy = min(pending, key=lambda s: len(times[s]))
+        else:
+            strategy = min(strategies, key=lambda s: min(times[s]))
         start = time.perf_counter()
         out = self._vjp_jvp_map(prim, xs, seeds, names, strategy)
         if pending:
@@ -204,7 +207,7 @@ class Model(abc.ABC):
         times. None: fold k into the batch (per sample) or loop over k (exact)."""
         return ()
 
-    def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str], strategy: str = "") -> dict[str, np.ndarray]:
+    def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str], strategy: str = "") -> dict:
         """Exact (no folding) product over the k axis; backends with a map of their own
         override this (and ``_map_strategies``), the default loops over k."""
         k = _leading(seeds)

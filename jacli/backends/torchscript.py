@@ -144,7 +144,8 @@ class TorchModel(Model):
             pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n])))
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
-            grad = lambda cs, **kw: torch.autograd.grad([o for o, _ in pairs], targets, cs, allow_unused=True, **kw)  # noqa: E731
+            outputs = [o for o, _ in pairs]
+            grad = lambda cs, **kw: torch.autograd.grad(outputs, targets, cs, allow_unused=True, **kw)  # noqa: E731
             if not pairs:
                 grads = [None] * len(targets)
             elif sequential:

@@ -310,9 +310,10 @@ def run(
         raise InputError(f"--method must be ad or fd, not {method!r}")
     in_place = getattr(sink, "target", None)
     if not in_place and _sample_bytes(plan) > budget:
+        what = "sample" if plan.batch else "input"
         raise InputError(
-            f"one {'sample' if plan.batch else 'input'}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the "
-            f"memory budget ({size_text(budget)}); raise --max-memory"
+            f"one {what}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the memory budget "
+            f"({size_text(budget)}); raise --max-memory"
         )
     step = sample_block(plan, budget) if plan.batch else 1
     buffers = {} if in_place else {p.key: np.empty((step, p.m, p.n), plan.dtype) for p in plan.pairs}
