@@ -181,17 +181,18 @@ class TFModel(Model):
         inputs' batch axis and the seeds' ``seed_axes`` left open. Calling the traced graph
         directly skips tf.function's per-call signature matching, which costs more than a
         small Jacobian; and no block of any size is traced again."""
-        tf = _tf()
         xs = [np.asarray(x) for x in xs]
         rest = ({k: np.asarray(v) for k, v in rest[0].items()}, *rest[1:]) if rest else ()
         seeds = rest[0] if rest else {}
-        opened = lambda a, axes: tuple(None if i in axes else d for i, d in enumerate(a.shape))  # noqa: E731
-        x_specs = [tf.TensorSpec(opened(x, (0,)), x.dtype) for x in xs]
-        seed_specs = {k: tf.TensorSpec(opened(v, seed_axes), v.dtype) for k, v in seeds.items()}
+        opened = lambda a, axes: (tuple(None if i in axes else d for i, d in enumerate(a.shape)), a.dtype)  # noqa: E731
+        x_specs = [opened(x, (0,)) for x in xs]
+        seed_specs = {k: opened(v, seed_axes) for k, v in seeds.items()}
         key = (fn, rest[1:], *x_specs, *seed_specs.items())
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = fn.get_concrete_function(x_specs, *((seed_specs, *rest[1:]) if rest else ()))
+            spec = _tf().TensorSpec
+            args = [[spec(*s) for s in x_specs]] + ([{k: spec(*s) for k, s in seed_specs.items()}, *rest[1:]] if rest else [])
+            graph = self._graphs[key] = fn.get_concrete_function(*args)
         return graph(xs, *rest)
 
     def _forward(self, xs):
