@@ -12,32 +12,9 @@ import numpy as np
 
 from ..errors import InputError
 from ..model import Model
+from ..system import available_memory
 
 MEMORY_SHARE = 0.5  # inputs may take at most this share of the available memory
-
-
-def available_memory() -> int:
-    """Bytes this process can still allocate: the system's available memory (psutil, or
-    MemAvailable from /proc/meminfo), lowered by a cgroup v2 limit (containers, CI)."""
-    avail = None
-    try:
-        import psutil
-
-        avail = psutil.virtual_memory().available
-    except ImportError:
-        try:
-            with open("/proc/meminfo") as f:
-                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            headroom = int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = headroom if avail is None else min(avail, headroom)
-    except (OSError, ValueError):
-        pass
-    return max(0, avail) if avail is not None else 1 << 62  # unknown: no limit
 
 
 def read_input(path: str, model: Model) -> dict[str, np.ndarray]:
@@ -144,7 +121,7 @@ def _check_header(shape, dtype, what: str, used: int = 0) -> None:
 def check_memory(nbytes: int, what: str) -> None:
     """Refuse arrays that would take more than MEMORY_SHARE of the available memory."""
     avail = available_memory()
-    if nbytes > MEMORY_SHARE * avail:
+    if avail is not None and nbytes > MEMORY_SHARE * avail:
         raise InputError(
             f"{what} would need {_size(nbytes)} of memory, more than {MEMORY_SHARE:.0%} of the "
             f"{_size(avail)} available; use fewer samples"
