@@ -14,9 +14,10 @@ weights. Per model and batch, in one process:
   tf loop                               one ``tape.gradient`` per output, in a ``tf.function``
   numpy                                 a hand-vectorised forward/backward pass
 
-Every result is checked against the numpy one, then all are timed round-robin (so a
-burst of load on a shared machine hits every method alike) after a warm-up call; the
-table gives the minimum and the median. Ratios: each jacli backend over the best native
+Every result is checked against the numpy one; then each jacli backend is timed
+round-robin with its framework's own idioms (so a burst of load on a shared machine hits
+them alike, and no framework runs while another's idle threads still spin) after a
+warm-up call; the table gives the minimum and the median. Ratios: each jacli backend over the best native
 idiom of its framework (ONNX Runtime has no autodiff, so jacli-onnx is set against numpy).
 The floor is the time to write the Jacobian's bytes once at the measured copy bandwidth
 (a large numpy copy). ``--startup`` times cold ``jacli compute`` processes against
@@ -91,7 +92,9 @@ def speed(args) -> list[dict]:
                 want = reference(x)
                 for label, fn in methods.items():
                     check(label, fn(x), want)
-                times = time_round_robin(methods, x, args.min_time)
+                times = {}
+                for ours, natives in NATIVE.items():  # each framework's methods among themselves
+                    times |= time_round_robin({k: methods[k] for k in (ours, *natives)}, x, args.min_time)
                 nbytes = want.nbytes
                 ms = {k: {"min": min(v), "median": sorted(v)[len(v) // 2], "runs": len(v)} for k, v in times.items()}
                 row = {"model": name, "batch": batch, "jacobian_bytes": nbytes, "floor_ms": 1e3 * nbytes / bandwidth,
