@@ -9,14 +9,16 @@ input elements per sample), fills it row block by row block (reverse mode, one V
 block of k rows for every sample at once) or column block by column block (forward mode,
 one JVP per block of k columns), and hands complete sample blocks to a sink. Sample
 blocks and seed blocks are sized to a memory budget, and the buffer is reused from block
-to block, so a Jacobian larger than memory streams to disk in bounded memory.
+to block, so a Jacobian larger than memory streams to disk in bounded memory. A sample
+whose own Jacobian is more than half the budget is not buffered at all: each row (or
+column) block goes to the sink as soon as it is computed.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
 from math import prod
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -107,7 +109,13 @@ class Sink(Protocol):
     sink that keeps data copies it.
 
     A sink may also offer ``target(key, s0, s1)``: a writable ``(s1 - s0, m, n)`` view the
-    engine fills in place (no buffer, no copy) before calling ``write`` with it."""
+    engine fills in place (no buffer, no copy) before calling ``write`` with it.
+
+    A sink that offers ``write_part(key, s, rows, cols, block, out_ndim)`` also takes
+    samples whose Jacobian is too big to hold: ``block`` is entries ``rows`` x ``cols``
+    (slices) of sample ``s``'s Jacobian flattened to (m, n), ``out_ndim`` the number of its
+    output axes; every entry of a sample is written exactly once, the sample's parts
+    before the next sample's."""
 
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None: ...
 
@@ -268,39 +276,75 @@ def run(
     budget: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """Compute every pair of the plan and write it to ``sink`` sample block by sample block.
+    """Compute every pair of the plan and write it to ``sink`` sample block by sample block,
+    or, when one sample's Jacobian is more than half the budget, part by part (row blocks in
+    reverse mode, column blocks otherwise) through ``sink.write_part``.
     ``progress(n)`` is called with the number of samples just finished."""
     budget = budget or DEFAULT_BUDGET
-    if method == "fd":
-        from .fd import fd_columns
-
-        fill = lambda xs, bufs, k: _fill_fd(model, plan, xs, bufs, k, fd_columns)  # noqa: E731
-    elif method == "ad":
-        if not model.supports_ad:
-            raise model._no_ad()
-        fill = lambda xs, bufs, k: (_fill_reverse if plan.mode == "reverse" else _fill_forward)(  # noqa: E731
-            model, plan, xs, bufs, k
-        )
-    else:
+    if method not in ("ad", "fd"):
         raise InputError(f"--method must be ad or fd, not {method!r}")
+    if method == "ad" and not model.supports_ad:
+        raise model._no_ad()
+    parts = _parts_fd if method == "fd" else _parts_reverse if plan.mode == "reverse" else _parts_forward
     in_place = getattr(sink, "target", None)
-    if not in_place and _sample_bytes(plan) > budget:
-        what = "sample" if plan.batch else "input"
-        raise InputError(
-            f"one {what}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the memory budget "
-            f"({size_text(budget)}); raise --max-memory"
-        )
+    if not in_place and _sample_bytes(plan) > budget // 2:
+        if hasattr(sink, "write_part"):
+            return _run_parts(model, plan, sink, parts, seed_block(plan, 1, budget, chunk), budget, progress)
+        if _sample_bytes(plan) > budget:
+            what = "sample" if plan.batch else "input"
+            raise InputError(
+                f"one {what}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the memory budget "
+                f"({size_text(budget)}); raise --max-memory"
+            )
     step = sample_block(plan, budget) if plan.batch else 1
     buffers = {} if in_place else {p.key: np.empty((step, p.m, p.n), plan.dtype) for p in plan.pairs}
     for s0 in range(0, plan.samples, step):
         s1 = min(plan.samples, s0 + step)
         xs = {k: v[s0:s1] for k, v in plan.xs.items()} if plan.batch else plan.xs
         bufs = {p.key: in_place(p.key, s0, s1) if in_place else buffers[p.key][: s1 - s0] for p in plan.pairs}
-        fill(xs, bufs, seed_block(plan, s1 - s0, budget, chunk))
+        for key, rows, cols, block in parts(model, plan, xs, seed_block(plan, s1 - s0, budget, chunk)):
+            bufs[key][:, rows, cols] = block
         for p in plan.pairs:
             sink.write(p.key, s0, s1, bufs[p.key].reshape((s1 - s0,) + p.out_shape + p.in_shape))
         if progress:
             progress(s1 - s0)
+
+
+def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progress) -> None:
+    """One sample at a time, each row block straight to the sink: memory holds one backend
+    call's seeds and results, never a whole sample's Jacobian. Column blocks (forward mode,
+    finite differences) are first joined side by side up to a quarter of the budget, so that
+    a file whose rows are contiguous is written in few, wide pieces."""
+    out_ndim = {p.key: len(p.out_shape) for p in plan.pairs}
+    for s in range(plan.samples):
+        xs = {name: v[s : s + 1] for name, v in plan.xs.items()} if plan.batch else plan.xs
+        pending: dict[str, list] = {}  # key -> [rows, c0, c1, blocks]: adjacent column blocks
+        held = 0
+
+        def flush(key):
+            rows, c0, c1, blocks = pending.pop(key)
+            sink.write_part(key, s, rows, slice(c0, c1), np.concatenate(blocks, axis=1), out_ndim[key])
+
+        for key, rows, cols, block in parts(model, plan, xs, k):
+            block = np.array(block[0], plan.dtype)  # a copy: a backend may reuse its result buffers
+            last = pending.get(key)
+            if last and last[0] == rows and last[2] == cols.start:
+                last[2] = cols.stop
+                last[3].append(block)
+            else:
+                if last:
+                    held -= sum(b.nbytes for b in last[3])
+                    flush(key)
+                pending[key] = [rows, cols.start, cols.stop, [block]]
+            held += block.nbytes
+            if held > budget // 4:
+                for other in list(pending):
+                    flush(other)
+                held = 0
+        for key in list(pending):
+            flush(key)
+        if progress:
+            progress(1)
 
 
 def size_text(n: float) -> str:
@@ -311,7 +355,10 @@ def size_text(n: float) -> str:
         n /= 1024
 
 
-def _fill_reverse(model: Model, plan: Plan, xs, bufs, k: int) -> None:
+# Each ``_parts_*`` yields ``(key, rows, cols, block)``: rows/cols are slices of the flattened
+# (m, n) per-sample Jacobian of pair ``key`` and block has shape (samples, rows, cols).
+
+def _parts_reverse(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, slice, slice, np.ndarray]]:
     """Row blocks: a one-hot cotangent on rows r0:r1 of one output, for every sample."""
     lead = _lead(xs, plan.batch)
     for o in plan.of:
@@ -323,10 +370,10 @@ def _fill_reverse(model: Model, plan: Plan, xs, bufs, k: int) -> None:
             grads = model.vjp(xs, {o: ct}, plan.wrt, per_sample=plan.batch)
             for i in plan.wrt:
                 g = grads[i].reshape(r1 - r0, _samples(lead), -1)  # (k, S, n)
-                bufs[f"d{o}/d{i}"][:, r0:r1, :] = g.transpose(1, 0, 2)
+                yield f"d{o}/d{i}", slice(r0, r1), slice(0, g.shape[2]), g.transpose(1, 0, 2)
 
 
-def _fill_forward(model: Model, plan: Plan, xs, bufs, k: int) -> None:
+def _parts_forward(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, slice, slice, np.ndarray]]:
     """Column blocks: a one-hot tangent on columns c0:c1 of one input, for every sample."""
     lead = _lead(xs, plan.batch)
     for i in plan.wrt:
@@ -338,14 +385,16 @@ def _fill_forward(model: Model, plan: Plan, xs, bufs, k: int) -> None:
             outs = model.jvp(xs, {i: t}, plan.of, per_sample=plan.batch)
             for o in plan.of:
                 v = outs[o].reshape(c1 - c0, _samples(lead), -1)  # (k, S, m)
-                bufs[f"d{o}/d{i}"][:, :, c0:c1] = v.transpose(1, 2, 0)
+                yield f"d{o}/d{i}", slice(0, v.shape[2]), slice(c0, c1), v.transpose(1, 2, 0)
 
 
-def _fill_fd(model: Model, plan: Plan, xs, bufs, k: int, fd_columns) -> None:
+def _parts_fd(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, slice, slice, np.ndarray]]:
+    """Column blocks by central differences."""
+    from .fd import fd_columns
+
     for i in plan.wrt:
-        for o, cols in fd_columns(model, xs, i, plan.of, batch=plan.batch, k=k):
-            c0, block = cols  # block: (S, m, kc)
-            bufs[f"d{o}/d{i}"][:, :, c0 : c0 + block.shape[2]] = block
+        for o, (c0, block) in fd_columns(model, xs, i, plan.of, batch=plan.batch, k=k):
+            yield f"d{o}/d{i}", slice(0, block.shape[1]), slice(c0, c0 + block.shape[2]), block
 
 
 def _lead(xs, batch: bool) -> tuple[int, ...]:

@@ -85,6 +85,64 @@ def _pool(a: np.ndarray, cells: tuple[int, int]) -> np.ndarray:
     return np.array([[a[np.ix_(ri, ci)].max() for ci in cols] for ri in rows])
 
 
+class _Running:
+    """A Summary of one sample's Jacobian that arrives in parts (rows x cols of the
+    flattened (m, n) matrix)."""
+
+    def __init__(self, index: int, p, heat: bool):
+        self.index, self.p = index, p
+        self.squares, self.top, self.where, self.zeros, self.bad, self.seen = 0.0, -1.0, 0, 0, 0, 0
+        self.heat = None
+        if heat and len(p.out_shape) == 1 and len(p.in_shape) == 1 and p.m * p.n:
+            self.edges = [_edges(p.m, HEAT[0]), _edges(p.n, HEAT[1])]
+            self.heat = np.zeros((len(self.edges[0]) - 1, len(self.edges[1]) - 1))
+
+    def add(self, rows: slice, cols: slice, block: np.ndarray) -> Summary | None:
+        """Take a part; the finished Summary once every entry has been seen."""
+        a = np.abs(block)
+        finite = np.isfinite(a)
+        safe = a if finite.all() else np.where(finite, a, 0)
+        self.bad += a.size - int(np.count_nonzero(finite))
+        self.squares += float(np.einsum("ij,ij->", safe, safe, dtype=np.float64))
+        self.zeros += int(np.count_nonzero(a == 0))
+        self.seen += a.size
+        if a.size and safe.max() > self.top:
+            r, c = np.unravel_index(int(safe.argmax()), safe.shape)
+            self.top, self.where = float(safe[r, c]), (rows.start + r) * self.p.n + cols.start + c
+        if self.heat is not None:
+            self._pool(rows, cols, safe)
+        return self._summary() if self.seen == self.p.m * self.p.n else None
+
+    def _pool(self, rows: slice, cols: slice, safe: np.ndarray) -> None:
+        """Max of the part over each heatmap cell it overlaps."""
+        (re, ce) = self.edges
+        for i in range(len(re) - 1):
+            r0, r1 = max(re[i], rows.start), min(re[i + 1], rows.stop)
+            if r0 >= r1:
+                continue
+            for j in range(len(ce) - 1):
+                c0, c1 = max(ce[j], cols.start), min(ce[j + 1], cols.stop)
+                if c0 < c1:
+                    cell = safe[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start].max()
+                    self.heat[i, j] = max(self.heat[i, j], cell)
+
+    def _summary(self) -> Summary:
+        p, size = self.p, self.p.m * self.p.n
+        at = [int(i) for i in np.unravel_index(self.where, p.out_shape + p.in_shape)] if size else [0] * (
+            len(p.out_shape) + len(p.in_shape))
+        k = len(p.out_shape)
+        return Summary(index=self.index, of=p.of, wrt=p.wrt, shape=p.out_shape + p.in_shape,
+                       frobenius=float(np.sqrt(self.squares)), max_abs=max(self.top, 0.0), argmax=(at[:k], at[k:]),
+                       zero_fraction=self.zeros / size if size else 0.0, nonfinite=self.bad, heatmap=self.heat)
+
+
+def _edges(size: int, cells: int) -> list[int]:
+    """Cell boundaries of ``np.array_split(range(size), min(size, cells))``."""
+    n = min(size, cells)
+    q, r = divmod(size, n)
+    return [i * q + min(i, r) for i in range(n + 1)]
+
+
 class StatsSink:
     """Passes blocks on to another sink (or none) and keeps a Summary per sample and pair."""
 
@@ -92,6 +150,17 @@ class StatsSink:
         self.pairs = {p.key: p for p in pairs}
         self.inner, self.heat = inner, heat
         self.summaries: list[Summary] = []
+        self.running: dict[tuple[str, int], _Running] = {}
+
+    def write_part(self, key: str, s: int, rows: slice, cols: slice, block: np.ndarray, out_ndim: int) -> None:
+        if self.inner is not None:
+            self.inner.write_part(key, s, rows, cols, block, out_ndim)
+        if (key, s) not in self.running:
+            self.running[key, s] = _Running(s, self.pairs[key], self.heat and s == 0)
+        done = self.running[key, s].add(rows, cols, block)
+        if done is not None:
+            self.summaries.append(done)
+            del self.running[key, s]
 
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
         if self.inner is not None:
@@ -100,4 +169,5 @@ class StatsSink:
         self.summaries.extend(summarize_block(block, s0, p.of, p.wrt, len(p.out_shape), self.heat and s0 == 0))
 
     def ordered(self) -> list[Summary]:
-        return sorted(self.summaries, key=lambda s: s.index)
+        order = {(p.of, p.wrt): j for j, p in enumerate(self.pairs.values())}
+        return sorted(self.summaries, key=lambda s: (s.index, order[s.of, s.wrt]))

@@ -65,6 +65,10 @@ class Writer(abc.ABC):
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
         """Store samples s0:s1 of one Jacobian."""
 
+    @abc.abstractmethod
+    def write_part(self, key: str, s: int, rows: slice, cols: slice, block: np.ndarray, out_ndim: int) -> None:
+        """Store entries rows x cols of sample s's Jacobian flattened to (outputs, inputs)."""
+
     def _finish(self) -> None:
         """Flush and close the temporary file."""
 
@@ -120,6 +124,20 @@ class RawNpy:
         self.f.seek(self.offset + s0 * self.sample)
         self.f.write(np.ascontiguousarray(block).data.cast("B"))
 
+    def write_part(self, s: int, rows: slice, cols: slice, block: np.ndarray, n: int) -> None:
+        """Entries rows x cols of sample s (flattened to n columns): one write for whole
+        rows, else one per row."""
+        start = self.offset + s * self.sample
+        item = block.dtype.itemsize
+        if cols.start == 0 and cols.stop == n:
+            self.f.seek(start + rows.start * n * item)
+            self.f.write(np.ascontiguousarray(block).data.cast("B"))
+            return
+        self.f.flush()
+        fd = self.f.fileno()
+        for j, r in enumerate(range(rows.start, rows.stop)):
+            os.pwrite(fd, np.ascontiguousarray(block[j]).data.cast("B"), start + (r * n + cols.start) * item)
+
     def close(self) -> None:
         self.f.close()
 
@@ -136,6 +154,9 @@ class NpyWriter(Writer):
 
     def write(self, key, s0, s1, block):
         self.out.write(s0, block)
+
+    def write_part(self, key, s, rows, cols, block, out_ndim):
+        self.out.write_part(s, rows, cols, block, _columns(self.shapes[key], out_ndim, self.batch))
 
     def _finish(self):
         self.out.close()
@@ -163,6 +184,9 @@ class NpzWriter(Writer):
 
     def write(self, key, s0, s1, block):
         self.scratch[key][1].write(s0, block)
+
+    def write_part(self, key, s, rows, cols, block, out_ndim):
+        self.scratch[key][1].write_part(s, rows, cols, block, _columns(self.shapes[key], out_ndim, self.batch))
 
     def _finish(self):
         with zipfile.ZipFile(self.tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
@@ -206,6 +230,18 @@ class H5Writer(Writer):
     def write(self, key, s0, s1, block):
         self._store(self.ds[key], s0, s1, block)
 
+    def write_part(self, key, s, rows, cols, block, out_ndim):
+        """As hyperslabs of the (sample, *outputs, *inputs) dataset: a flat range of rows or
+        columns is a few rectangular pieces of the output (input) axes."""
+        ds = self.ds[key]
+        shape = ds.shape[1:] if self.batch else ds.shape
+        outs, ins = shape[:out_ndim], shape[out_ndim:]
+        lead = (s,) if self.batch else ()
+        for oi, r0, r1 in slabs(outs, rows.start, rows.stop):
+            for ii, c0, c1 in slabs(ins, cols.start, cols.stop):
+                piece = block[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start]
+                ds[lead + oi + ii] = piece.reshape(_slab_shape(oi, outs) + _slab_shape(ii, ins))
+
     def _finish(self):
         self.f.close()
 
@@ -226,6 +262,10 @@ class StdoutWriter:
 
     def write(self, key, s0, s1, block):
         Writer._store(self, self.array, s0, s1, block)
+
+    def write_part(self, key, s, rows, cols, block, out_ndim):
+        a = self.array[s] if self.batch else self.array
+        a.reshape(int(np.prod(a.shape[:out_ndim])), -1)[rows, cols] = block
 
     def __enter__(self):
         return self
@@ -248,6 +288,39 @@ def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict
     return cls(path, shapes, dtype, meta, batch)
 
 
+def slabs(shape: tuple[int, ...], start: int, stop: int):
+    """Rectangular pieces covering the C-order flat range [start, stop) of an array of
+    ``shape``: yields ``(index, lo, hi)``, ``array[index]`` being flat entries lo:hi."""
+    if start >= stop:
+        return
+    if len(shape) <= 1:
+        yield ((slice(start, stop),) if shape else ()), start, stop
+        return
+    inner = int(np.prod(shape[1:]))
+    (i0, r0), (i1, r1) = divmod(start, inner), divmod(stop, inner)
+    if i0 == i1:  # within one index of the first axis
+        pieces = [(i0, r0, r1)]
+    else:
+        pieces = [(i0, r0, inner)] if r0 else []
+        first = i0 + (1 if r0 else 0)
+        if i1 > first:
+            yield (slice(first, i1),) + (slice(None),) * (len(shape) - 1), first * inner, i1 * inner
+        pieces += [(i1, 0, r1)] if r1 else []
+    for i, a, b in pieces:
+        for index, lo, hi in slabs(shape[1:], a, b):
+            yield (i,) + index, i * inner + lo, i * inner + hi
+
+
+def _slab_shape(index: tuple, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of ``array[index]`` for a ``slabs`` index (integers drop their axis)."""
+    return tuple(len(range(*i.indices(d))) for i, d in zip(index, shape) if isinstance(i, slice))
+
+
+def _columns(shape: tuple[int, ...], out_ndim: int, batch: bool) -> int:
+    """Input elements per sample of a Jacobian of this layout."""
+    return int(np.prod(shape[(1 if batch else 0) + out_ndim :]))
+
+
 def _nbytes(shape, dtype: np.dtype) -> int:
     return int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
 
@@ -268,7 +341,9 @@ def _size(n: float) -> str:
 
 def _h5_chunks(shape, itemsize: int, batch: bool) -> tuple[int, ...] | bool:
     """Chunks of about 1 MiB: whole trailing axes, one or more samples along the batch axis."""
-    if not shape or 0 in shape:
+    if not shape:
+        return None  # a scalar dataset cannot be chunked
+    if 0 in shape:
         return True
     per = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if len(shape) > 1 else itemsize
     if not batch or per > (4 << 20):
