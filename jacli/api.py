@@ -100,7 +100,8 @@ def compute(
         stats = StatsSink(p.pairs, heat=heat)
         run(stats)
         return ComputeResult(p, stats.ordered())
-    with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch) as writer:
+    pieces = {q.key: (len(q.out_shape), jac.parts_direction(p, method)) for q in p.pairs} if jac.in_parts(p, max_memory) else None
+    with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch, pieces=pieces) as writer:
         stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
         run(stats or writer)
     return ComputeResult(p, stats.ordered() if stats else [], output)

@@ -269,6 +269,19 @@ def test_slabs_cover_every_flat_range_exactly_once():
                 assert (seen.ravel() == ((np.arange(size) >= start) & (np.arange(size) < stop))).all()
 
 
+def test_h5_chunks_for_parts_are_covered_whole_by_the_parts():
+    from jacli.io.writers import _piece_chunks
+
+    # rows: a C-order trailing block (contiguous in the flattened sample), 256 KiB
+    assert _piece_chunks((2, 1000, 3, 224, 224), 4, True, 1, "rows") == (1, 1, 1, 224, 224)
+    assert _piece_chunks((1000, 3, 224, 224), 4, False, 1, "rows") == (1, 1, 224, 224)
+    # columns: every row of a trailing block of the inputs; with too many rows, a block of rows and one column
+    assert _piece_chunks((2, 4096, 8192), 4, True, 1, "columns") == (1, 4096, 16)
+    assert _piece_chunks((2, 3, 4, 5, 2, 3, 7), 4, True, 3, "columns") == (1, 3, 4, 5, 2, 3, 7)
+    assert _piece_chunks((1, 100_000, 5), 4, True, 1, "columns") == (1, 65536, 1)
+    assert _piece_chunks((1, 10, 20), 4, True, 2, "columns") == (1, 10, 20)  # scalar input
+
+
 def test_a_sink_that_cannot_take_parts_still_refuses_a_sample_over_the_budget():
     class Whole:
         def write(self, key, s0, s1, block):
@@ -321,6 +334,7 @@ def test_samples_far_over_the_budget_stream_in_bounded_memory(wide_model, ext):
 
         with h5py.File(out) as f:
             J = f["dy/dx"][()]
+            assert f["dy/dx"].chunks == (1, 8, 8192)  # 256 KiB of whole rows: row parts cover whole chunks
     else:
         J = np.load(out)
     assert J.shape == (2, 4096, 8192)

@@ -287,7 +287,7 @@ def run(
         raise model._no_ad()
     parts = _parts_fd if method == "fd" else _parts_reverse if plan.mode == "reverse" else _parts_forward
     in_place = getattr(sink, "target", None)
-    if not in_place and _sample_bytes(plan) > budget // 2:
+    if not in_place and in_parts(plan, budget):
         if hasattr(sink, "write_part"):
             return _run_parts(model, plan, sink, parts, seed_block(plan, 1, budget, chunk), budget, progress)
         if _sample_bytes(plan) > budget:
@@ -308,6 +308,17 @@ def run(
             sink.write(p.key, s0, s1, bufs[p.key].reshape((s1 - s0,) + p.out_shape + p.in_shape))
         if progress:
             progress(s1 - s0)
+
+
+def in_parts(plan: Plan, budget: int | None = None) -> bool:
+    """Whether ``run`` streams each sample in parts (when its sink can take them): one
+    sample's Jacobian is more than half the budget."""
+    return _sample_bytes(plan) > (budget or DEFAULT_BUDGET) // 2
+
+
+def parts_direction(plan: Plan, method: str) -> str:
+    """What the parts of a sample are: "rows" (reverse-mode AD) or "columns"."""
+    return "rows" if method == "ad" and plan.mode == "reverse" else "columns"
 
 
 def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progress) -> None:

@@ -29,8 +29,10 @@ SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 class Writer(abc.ABC):
     """Base: a temporary file next to ``path``; ``commit`` renames it into place."""
 
-    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool):
+    def __init__(self, path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool,
+                 pieces: dict[str, tuple[int, str]] | None = None):
         self.path, self.shapes, self.dtype, self.meta, self.batch = Path(path), shapes, np.dtype(dtype), meta, batch
+        self.pieces = pieces or {}  # key -> (output axes, "rows" | "columns"): samples that come in parts
         directory = self.path.parent
         if not directory.is_dir():
             raise OutputError(f"cannot write {path}: directory {directory} does not exist")
@@ -210,7 +212,9 @@ class NpzWriter(Writer):
 
 
 class H5Writer(Writer):
-    """Chunked datasets (one sample per chunk along the batch axis), metadata as attributes."""
+    """Chunked datasets, metadata as attributes. Chunks of about 1 MiB: whole samples (one
+    or more) when samples come whole; when they come in row (column) parts, chunks that
+    such parts cover whole, so no chunk is read back and rewritten."""
 
     def _open(self):
         try:
@@ -222,7 +226,10 @@ class H5Writer(Writer):
             self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
         self.ds = {}
         for key, shape in self.shapes.items():
-            chunk = _h5_chunks(shape, self.dtype.itemsize, self.batch)
+            if key in self.pieces:
+                chunk = _piece_chunks(shape, self.dtype.itemsize, self.batch, *self.pieces[key])
+            else:
+                chunk = _h5_chunks(shape, self.dtype.itemsize, self.batch)
             self.ds[key] = self.f.create_dataset(key, shape=shape, dtype=self.dtype, chunks=chunk)
             for attr, value in self.meta.get("jacobians", {}).get(key, {}).items():
                 self.ds[key].attrs[attr] = value if isinstance(value, str) else json.dumps(value)
@@ -254,7 +261,7 @@ class H5Writer(Writer):
 class StdoutWriter:
     """``.npy`` bytes on stdout (one pair); built in memory, written at the end."""
 
-    def __init__(self, path, shapes, dtype, meta, batch):
+    def __init__(self, path, shapes, dtype, meta, batch, pieces=None):
         if len(shapes) != 1:
             raise OutputError(f"-o - writes one .npy array but there are {len(shapes)} Jacobians; choose one with --of/--wrt")
         (shape,) = shapes.values()
@@ -277,15 +284,18 @@ class StdoutWriter:
         return False
 
 
-def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool = True):
-    """A writer for ``path`` chosen by its extension (``-`` for stdout)."""
+def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool = True,
+                pieces: dict[str, tuple[int, str]] | None = None):
+    """A writer for ``path`` chosen by its extension (``-`` for stdout). ``pieces``: for
+    Jacobians whose samples will arrive in parts, (number of output axes, "rows" or
+    "columns"), so that the file's layout suits such writes."""
     if path == "-":
         return StdoutWriter(path, shapes, dtype, meta, batch)
     suffix = Path(path).suffix.lower()
     cls = {".npy": NpyWriter, ".npz": NpzWriter, ".h5": H5Writer, ".hdf5": H5Writer}.get(suffix)
     if cls is None:
         raise OutputError(f"cannot write {path}: unknown extension {suffix or '(none)'}; use .npy, .npz or .h5")
-    return cls(path, shapes, dtype, meta, batch)
+    return cls(path, shapes, dtype, meta, batch, pieces)
 
 
 def slabs(shape: tuple[int, ...], start: int, stop: int):
@@ -349,6 +359,35 @@ def _h5_chunks(shape, itemsize: int, batch: bool) -> tuple[int, ...] | bool:
     if not batch or per > (4 << 20):
         return True  # let h5py pick
     return (max(1, min(shape[0], (1 << 20) // max(per, 1))),) + tuple(shape[1:])
+
+
+def _piece_chunks(shape, itemsize: int, batch: bool, out_ndim: int, direction: str) -> tuple[int, ...]:
+    """About 1 MiB chunks for samples written in parts: for row parts (contiguous flat
+    ranges of a sample) a C-order trailing block of the axes; for column parts every output
+    row of a trailing block of the input axes (or, with more rows than fit, a trailing
+    block of the output axes and one column)."""
+    lead, dims = (1,) if batch else (), list(shape[1:] if batch else shape)
+    target = max(1, (256 << 10) // itemsize)  # elements per chunk: a few fit in the default 1 MiB chunk cache
+    if direction == "rows":
+        return lead + _trailing(dims, target)
+    outs, ins = dims[:out_ndim], dims[out_ndim:]
+    rows = int(np.prod(outs))
+    if rows <= target:
+        return lead + tuple(outs) + _trailing(ins, target // rows)
+    return lead + _trailing(outs, target) + (1,) * len(ins)
+
+
+def _trailing(dims: list[int], target: int) -> tuple[int, ...]:
+    """The largest C-order trailing block of ``dims`` with at most ``target`` elements: whole
+    trailing axes, then a part of the next one."""
+    chunk, size = [1] * len(dims), 1
+    for j in reversed(range(len(dims))):
+        if size * dims[j] <= target:
+            chunk[j], size = dims[j], size * dims[j]
+        else:
+            chunk[j] = max(1, target // size)
+            break
+    return tuple(max(1, c) for c in chunk)
 
 
 def write_bytes_atomic(path: str, data: bytes) -> None:
