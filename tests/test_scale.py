@@ -363,6 +363,18 @@ def test_progress_bar_shows_samples_rate_and_eta_on_a_terminal(monkeypatch):
     assert "7/10" in shown and "70%" in shown and "samples/s" in shown and "ETA" in shown
 
 
+def test_progress_advances_part_by_part_within_a_sample(shaped_model, tmp_path):
+    d, xs = shaped_model
+    model = jacli.load(str(d / "shaped.onnx"))
+    p = jacli.api.plan(model, xs)
+    calls = []
+    jacli.api.compute(model, p, str(tmp_path / "J.h5"), chunk_size=7, max_memory=4 << 10, progress=calls.append)
+    assert len(calls) > 3 * p.samples and all(0 <= c < 1 for c in calls)
+    assert sum(calls) == pytest.approx(p.samples)
+    done = np.cumsum(calls)
+    assert np.all(np.diff(done) >= 0) and done[-1] == pytest.approx(3)
+
+
 @pytest.mark.parametrize("terminal, enabled", [(False, True), (True, False)])
 def test_progress_is_silent_off_a_terminal_and_when_quiet(monkeypatch, terminal, enabled):
     err = FakeTerminal() if terminal else io.StringIO()

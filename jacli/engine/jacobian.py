@@ -327,7 +327,9 @@ def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progr
     finite differences) are first joined side by side up to a quarter of the budget, so that
     a file whose rows are contiguous is written in few, wide pieces."""
     out_ndim = {p.key: len(p.out_shape) for p in plan.pairs}
+    entries = sum(p.m * p.n for p in plan.pairs)
     for s in range(plan.samples):
+        reported = 0.0  # of this sample, in samples: the progress bar moves part by part
         xs = {name: v[s : s + 1] for name, v in plan.xs.items()} if plan.batch else plan.xs
         pending: dict[str, list] = {}  # key -> [rows, c0, c1, blocks]: adjacent column blocks
         held = 0
@@ -352,10 +354,13 @@ def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progr
                 for other in list(pending):
                     flush(other)
                 held = 0
+            if progress and reported + block.size / entries < 1:
+                reported += block.size / entries
+                progress(block.size / entries)
         for key in list(pending):
             flush(key)
         if progress:
-            progress(1)
+            progress(1 - reported)
 
 
 def size_text(n: float) -> str:

@@ -6,7 +6,8 @@ import time
 
 
 class Progress:
-    """Callable with the number of samples just finished. Draws nothing until ``delay``
+    """Callable with the number of samples just finished (fractions too: a sample streamed
+    in parts advances part by part). Draws nothing until ``delay``
     seconds have passed, nor when disabled or stderr is not a terminal; then a bar with
     samples done, rate and time remaining (rich, imported only then)."""
 
@@ -25,7 +26,8 @@ class Progress:
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=self.total, rate="")
         if self.bar is not None:
-            rate = f"{self.done / elapsed:,.0f} {self.label}/s" if elapsed > 0 else ""
+            per_second = self.done / elapsed if elapsed > 0 else 0
+            rate = f"{per_second:,.0f} {self.label}/s" if per_second >= 10 else f"{per_second:.2g} {self.label}/s"
             self.bar.update(self.task, completed=self.done, rate=rate)
             self.bar.refresh()
 
