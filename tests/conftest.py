@@ -8,6 +8,13 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The ONNX loader's cache goes to one temporary folder per test session (shared by the
+# workers, which inherit it), never to ~/.cache.
+if "JACLI_CACHE_DIR" not in os.environ:
+    import atexit, shutil, tempfile  # noqa: E401
+
+    os.environ["JACLI_CACHE_DIR"] = tempfile.mkdtemp(prefix="jacli-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JACLI_CACHE_DIR"], ignore_errors=True)
 
 import io  # noqa: E402
 import sys  # noqa: E402

@@ -4,13 +4,17 @@ the same runtime); a graph with an operator that has no rule says so and points 
 ``--method fd``."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ..model import Model, TensorSpec
+from . import onnx_cache
 from ._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
@@ -18,13 +22,46 @@ _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
-    onnx = require("onnx", "onnx", "onnx", "ONNX")
+    """Load and check an ONNX model, or take its signature from the cache (onnx_cache) when
+    this file was checked before: then ``onnx`` is imported only if a derived graph is
+    missing from the cache."""
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
     try:
-        proto = onnx.load(path, load_external_data=False)
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
+    m.sha256 = hashlib.sha256(data).hexdigest()
+    m._cache, m._graphs = onnx_cache.entry(m.sha256), {}
+    signature = onnx_cache.read_signature(m._cache)
+    if signature is not None:
+        m.inputs, m.outputs = signature
+        m._proto, m._bytes = None, data
+        m.session = _session(data)
+        return m
+    m._proto, plain = _checked(path, data, trust)
+    init = {i.name for i in m._proto.graph.initializer}
+    m.inputs = [_spec(v) for v in m._proto.graph.input if v.name not in init]
+    m.outputs = [_spec(v) for v in m._proto.graph.output]
+    m.session = _session(data if plain else m._proto.SerializeToString())
+    if plain:
+        onnx_cache.write_signature(m._cache, m.inputs, m.outputs)
+    else:
+        m._cache = None
+    return m
+
+
+def _checked(path: str, data: bytes, trust: bool):
+    """The model's graph (external data loaded) after every check, and whether it is plain:
+    a binary file with neither external data nor custom-domain operators, the only kind
+    cached (files beside the model could change under the same bytes)."""
+    onnx = require("onnx", "onnx", "onnx", "ONNX")
+    fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) or "protobuf"
+    try:
+        proto = onnx.load_model_from_string(data, format=fmt)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
-    from .safety import onnx_undecodable_strings
+    from .safety import _onnx_tensors, onnx_undecodable_strings
 
     bad = onnx_undecodable_strings(proto)
     if bad:
@@ -34,6 +71,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
         from .safety import onnx_external_data_problems, refuse
 
         refuse(path, onnx_external_data_problems(proto, model_dir))
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
         onnx.checker.check_model(proto)
@@ -45,27 +83,35 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
             f"{path} uses custom-domain operators ({', '.join(custom)}) that need native plugin code; "
             "pass --trust-model if you have and trust their implementation"
         )
-    init = {i.name for i in proto.graph.initializer}
-    inputs = [_spec(v) for v in proto.graph.input if v.name not in init]
-    outputs = [_spec(v) for v in proto.graph.output]
-    m = OnnxModel(path=path, format="onnx", backend="onnxruntime", inputs=inputs, outputs=outputs, supports_float64=True)
-    m.proto = proto
-    m.session = _session(proto.SerializeToString())
-    m._graphs = {}
-    return m
+    return proto, fmt == "protobuf" and not external and not custom
 
 
 class OnnxModel(Model):
+    """``sha256`` is the model file's digest. Derived graphs (float64, VJP, JVP) are built
+    on first use, or read from the model's cache entry (``_cache``, None when not cached)."""
+
+    @property
+    def proto(self):
+        """The model's graph (an onnx.ModelProto); parsed on first use when it came from the cache."""
+        if self._proto is None:
+            onnx = require("onnx", "onnx", "onnx", "ONNX")
+            self._proto, self._bytes = onnx.load_model_from_string(self._bytes), None
+        return self._proto
+
     def _forward(self, xs):
         return self._run(self.session, xs, [s.name for s in self.outputs])
 
     def _forward64(self, xs):
         if "f64" not in self._graphs:
-            from .onnx_grad import to_float64
-
-            self._graphs["f64"] = _session(to_float64(self.proto).SerializeToString())
+            self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
         xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
         return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])
+
+    def float64_graph(self):
+        """The model's graph evaluated in float64 (an onnx.ModelProto)."""
+        from .onnx_grad import to_float64
+
+        return to_float64(self.proto)
 
     def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
         """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
@@ -75,11 +121,24 @@ class OnnxModel(Model):
         return build(self.proto, list(wrt), list(of))
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """A cached session running the derivative graph (one per kind and selection)."""
+        """A session running the derivative graph (one per kind and selection)."""
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
-            self._graphs[key] = _session(self.derivative_graph(kind, wrt, of).SerializeToString())
+            selection = hashlib.sha256(json.dumps([list(wrt), list(of)]).encode()).hexdigest()[:16]
+            build = lambda: self.derivative_graph(kind, wrt, of)  # noqa: E731
+            self._graphs[key] = self._cached_session(f"{kind}-{selection}", build)
         return self._graphs[key]
+
+    def _cached_session(self, name: str, build):
+        """A session for the derived graph ``name``: from the cache entry if it holds one,
+        else ``build()`` (an onnx.ModelProto), then stored there."""
+        data = onnx_cache.read_graph(self._cache, name)
+        if data is not None:
+            return _session(data)
+        data = build().SerializeToString()
+        session = _session(data)
+        onnx_cache.write_graph(self._cache, name, data)
+        return session
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         sess = self._derivative("vjp", wrt, list(cts))
