@@ -142,7 +142,7 @@ def metadata(model: Model, p: jac.Plan, method: str) -> dict:
     """What every output file records about how its numbers were made."""
     return {
         "model": str(model.path),
-        "model_sha256": sha256(model.path),
+        "model_sha256": getattr(model, "sha256", None) or sha256(model.path),  # ONNX: digested on load
         "format": model.format,
         "backend": model.backend,
         "inputs": [s.describe() for s in model.inputs],

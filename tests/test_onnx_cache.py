@@ -113,7 +113,7 @@ def test_cached_model_has_the_same_signature_digest_and_graphs(monkeypatch, tmp_
 
 
 def _local_function_model(path: Path) -> None:
-    """y = x + x through a model-local function in a custom domain: runnable with no plugin."""
+    """y = x + x through a model-local function in its own domain: plain ONNX, no plugin."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -132,21 +132,26 @@ def test_models_with_external_data_or_custom_operators_are_not_cached(jacli, tmp
     np.save(tmp_path / "x.npy", X3)
     evil.onnx_matmul(tmp_path / "plain.onnx")
     evil.onnx_matmul(tmp_path / "external.onnx", external_location="weights/w.bin")
-    _local_function_model(tmp_path / "custom.onnx")
+    evil.onnx_matmul(tmp_path / "custom.onnx", custom_domain="com.attacker")
+    _local_function_model(tmp_path / "local.onnx")
     x = tmp_path / "x.npy"
-    runs = {
-        "plain": ("compute", tmp_path / "plain.onnx", x, "-q", "-o", tmp_path / "J-plain.npy"),
-        "external": ("compute", tmp_path / "external.onnx", x, "-q", "-o", tmp_path / "J-external.npy"),
-        "custom": ("inspect", tmp_path / "custom.onnx"),
+    runs = {  # name: (arguments, exit code, cached)
+        "plain": (("compute", tmp_path / "plain.onnx", x, "-q", "-o", tmp_path / "J-plain.npy"), 0, True),
+        "local": (("compute", tmp_path / "local.onnx", x, "-q", "-o", tmp_path / "J-local.npy"), 0, True),
+        "external": (("compute", tmp_path / "external.onnx", x, "-q", "-o", tmp_path / "J-external.npy",
+                      "--trust-model"), 0, False),
+        "custom": (("inspect", tmp_path / "custom.onnx"), 2, False),  # refused, and not remembered as checked
     }
-    for name, args in runs.items():
+    for name, (args, code, cached) in runs.items():
         cache = tmp_path / f"cache-{name}"
         monkeypatch.setenv("JACLI_CACHE_DIR", str(cache))
-        r = jacli(*args, "--trust-model")
-        assert r.code == 0, r.stderr
-        assert cache.exists() == (name == "plain")
+        for _ in range(2):  # the second run meets whatever the first one left
+            r = jacli(*args)
+            assert r.code == code, r.stderr
+        assert cache.exists() == cached
     for name in ("plain", "external"):
         np.testing.assert_allclose(np.load(tmp_path / f"J-{name}.npy"), np.broadcast_to(evil.W.T, (2, 2, 3)))
+    np.testing.assert_allclose(np.load(tmp_path / "J-local.npy"), np.broadcast_to(2 * np.eye(3), (2, 3, 3)))
 
 
 def test_disabled_cache_writes_nothing_anywhere(jacli, tmp_path, monkeypatch):

@@ -880,3 +880,30 @@ def test_to_float64_computes_the_same_function_in_double():
     w = nh.to_array(model.graph.initializer[0]).astype(np.float64)
     assert y64.dtype == np.float64
     np.testing.assert_allclose(y64, (x * float(np.float32(0.1))) @ w, rtol=1e-12)  # no float16/32 rounding
+
+
+def test_model_local_functions_are_inlined_and_need_no_trust(tmp_path):
+    """A model-local function (as exporters emit) is plain ONNX: jacli loads it without
+    --trust-model and differentiates through it, matching float64 FD (CLI in a fresh process,
+    where only what jacli imports is loaded)."""
+    import subprocess
+    import sys
+
+    body = [oh.make_node("Mul", ["a", "a"], ["sq"]), oh.make_node("Tanh", ["sq"], ["b"])]
+    fn = oh.make_function("local.fns", "SquareTanh", ["a"], ["b"], body, [oh.make_opsetid("", 17)])
+    graph = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("SquareTanh", ["h"], ["y"], domain="local.fns")],
+                          "local", [oh.make_tensor_value_info("x", TP.FLOAT, ["n", 3])],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["n", 2])], [nh.from_array(distinct([3, 2]) / 2, "w")])
+    model = oh.make_model(graph, functions=[fn], opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("local.fns", 1)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "local.onnx")
+    x = distinct([2, 3]) / 2
+    np.save(tmp_path / "x.npy", x)
+    r = subprocess.run([sys.executable, "-m", "jacli", "compute", "local.onnx", "x.npy", "-o", "J.npy", "-q"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    J = np.load(tmp_path / "J.npy")
+    w = nh.to_array(model.graph.initializer[0]).astype(np.float64)
+    h = x.astype(np.float64) @ w  # y = tanh(h²): dy_j/dx_i = (1 - tanh²(h_j²)) · 2 h_j · w_ij
+    expected = ((1 - np.tanh(h**2) ** 2) * 2 * h)[:, :, None] * w.T[None]
+    np.testing.assert_allclose(J, expected, rtol=1e-5, atol=1e-6)

@@ -77,7 +77,10 @@ def _checked(path: str, data: bytes, trust: bool):
         onnx.checker.check_model(proto)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
-    custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(proto.graph) if n.domain not in _STANDARD_DOMAINS})
+    local = {(f.domain, f.name) for f in proto.functions}  # model-local functions: plain ONNX inside
+    nodes = [*_all_nodes(proto.graph), *(n for f in proto.functions for n in f.node)]
+    custom = sorted({f"{n.domain}::{n.op_type}" for n in nodes
+                     if n.domain not in _STANDARD_DOMAINS and (n.domain, n.op_type) not in local})
     if custom and not trust:
         raise UnsafeModelError(
             f"{path} uses custom-domain operators ({', '.join(custom)}) that need native plugin code; "

@@ -91,7 +91,9 @@ def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     if out.functions:
-        out = onnx.inliner.inline_local_functions(out)
+        from onnx import inliner  # a submodule ``import onnx`` leaves out
+
+        out = inliner.inline_local_functions(out)
     if _opset(out) < 11:
         try:
             out = onnx.version_converter.convert_version(out, 11)
