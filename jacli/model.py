@@ -22,6 +22,7 @@ class does folding, and chunking for models whose batch axis is fixed (e.g. to 1
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -171,21 +172,27 @@ class Model(abc.ABC):
         return self._tuned(prim, strategies, xs, seeds, names)
 
     def _tuned(self, prim, strategies: tuple[str, ...], xs: Arrays, seeds: Arrays, names: list[str]):
-        """The backend's faster map strategy for this primitive and amount of work, found by
-        running each twice on real blocks and then kept; each counts with its faster run (the
-        first may include tracing, and a burst of load hits one run, not both). Every
-        strategy is exact; they differ in speed and float rounding."""
+        """The backend's faster map strategy for this primitive and amount of work. Every call
+        is timed and each strategy counts with its fastest run (the first may include
+        tracing; load on a shared machine only ever slows a run down): each is tried twice,
+        then the fastest so far is used, except that on the 4th, 8th, 16th, ... call the
+        least-run strategy runs again, so that a burst of load during the first trials does
+        not decide for good (a logarithmic share of calls). Every strategy is exact; they
+        differ in speed and float rounding."""
         work = _leading(seeds) * _leading(xs)
-        times = self._strategy_times.setdefault((prim.__name__, work.bit_length() // 4), {s: [] for s in strategies})
-        pending = [s for s in strategies if len(times[s]) < 2]
-        if pending:
-            strategy = min(pending, key=lambda s: len(times[s]))
+        key = (prim.__name__, work.bit_length() // 4)
+        stats = self._strategy_times.setdefault(key, {"calls": 0, **{s: [0, math.inf] for s in strategies}})
+        stats["calls"] += 1
+        runs = lambda s: stats[s][0]  # noqa: E731
+        fewest = min(strategies, key=runs)
+        if runs(fewest) < 2 or stats["calls"] & (stats["calls"] - 1) == 0:
+            strategy = fewest
         else:
-            strategy = min(strategies, key=lambda s: min(times[s]))
+            strategy = min(strategies, key=lambda s: stats[s][1])
         start = time.perf_counter()
         out = self._vjp_jvp_map(prim, xs, seeds, names, strategy)
-        if pending:
-            times[strategy].append((time.perf_counter() - start) / work)
+        stats[strategy][0] += 1
+        stats[strategy][1] = min(stats[strategy][1], (time.perf_counter() - start) / work)
         return out
 
     def _folded(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
