@@ -18,3 +18,24 @@ def short(e: BaseException) -> str:
     """First line of an exception message, for one-line errors."""
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
+
+
+class Constants:
+    """A framework's own copies of read-only numpy arrays that come back again and again
+    (the engine's one-hot seed blocks): converted once, then looked up by identity. Writable
+    arrays are converted every time (their contents may change)."""
+
+    def __init__(self, convert, size: int = 16):
+        self.convert, self.size, self.kept = convert, size, {}
+
+    def __call__(self, a):
+        if a.flags.writeable:
+            return self.convert(a)
+        hit = self.kept.get(id(a))
+        if hit is not None and hit[0] is a:
+            return hit[1]
+        if len(self.kept) >= self.size:
+            del self.kept[next(iter(self.kept))]
+        t = self.convert(a)
+        self.kept[id(a)] = (a, t)  # the array is kept too, so its id is not reused meanwhile
+        return t

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ..model import Model, TensorSpec
-from ._common import require, short
+from ._common import Constants, require, short
 
 UNROLL = 16  # up to this many cotangents, the sequential VJP is unrolled in the graph
 
@@ -162,6 +162,7 @@ class TFModel(Model):
             lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
         self._call_fn = tf.function(call, reduce_retracing=True)
         self._graphs = {}  # see _traced
+        self._seeds = Constants(tf.constant)
 
     def _xs(self, xs):
         return [xs[s.name] for s in self.inputs]
@@ -193,6 +194,8 @@ class TFModel(Model):
             spec = _tf().TensorSpec
             args = [[spec(*s) for s in x_specs]] + ([{k: spec(*s) for k, s in seed_specs.items()}, *rest[1:]] if rest else [])
             graph = self._graphs[key] = fn.get_concrete_function(*args)
+        if rest:  # the engine's recurring read-only seed blocks become tensors once, not on every call
+            rest = ({k: v if v.flags.writeable else self._seeds(v) for k, v in seeds.items()}, *rest[1:])
         return graph(xs, *rest)
 
     def _forward(self, xs):

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError
 from ..model import Model, TensorSpec
-from ._common import require, short
+from ._common import Constants, require, short
 
 
 def load(path: str, trust: bool = False) -> "TorchModel":
@@ -81,6 +81,14 @@ class TorchModel(Model):
             raise ModelLoadError(f"the model returns a {type(out).__name__}; jacli needs tensors, tuples or dicts of them")
         return names, outs
 
+    def _seed(self, a):
+        """A cotangent/tangent block as a tensor: shared with a writable array; the engine's
+        recurring read-only seed blocks copied once and kept (``Constants``)."""
+        if getattr(self, "_seeds", None) is None:
+            torch = _torch()
+            self._seeds = Constants(lambda v: torch.from_numpy(np.ascontiguousarray(v) if v.flags.writeable else np.array(v)))
+        return self._seeds(np.asarray(a))
+
     def _tensors(self, xs, requires_grad=(), dtype=None):
         torch = _torch()
         ts = []
@@ -141,7 +149,7 @@ class TorchModel(Model):
             ts = self._tensors(xs, requires_grad=wrt)
             names, outs = self._call(ts)
             # outputs that do not depend on any input (detached, constant) contribute zero
-            pairs = [(o, torch.from_numpy(np.ascontiguousarray(cts[n])))
+            pairs = [(o, self._seed(cts[n]))
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
             outputs = [o for o, _ in pairs]
@@ -165,7 +173,7 @@ class TorchModel(Model):
         try:
             with fwAD.dual_level(), torch.no_grad():
                 duals = [
-                    fwAD.make_dual(t, torch.from_numpy(np.ascontiguousarray(ts[s.name]))) if s.name in ts else t
+                    fwAD.make_dual(t, self._seed(ts[s.name])) if s.name in ts else t
                     for s, t in zip(self.inputs, self._tensors(xs))
                 ]
                 names, outs = self._call(duals)
@@ -188,7 +196,7 @@ class TorchModel(Model):
             us = {n: torch.zeros_like(o, requires_grad=True) for n, o in outs.items()}
             targets = [t for s, t in zip(self.inputs, tx) if s.name in ts]
             g = torch.autograd.grad(list(outs.values()), targets, list(us.values()), create_graph=True, allow_unused=True)
-            pairs = [(gi, torch.from_numpy(ts[s.name])) for gi, s in zip(g, [s for s in self.inputs if s.name in ts]) if gi is not None]
+            pairs = [(gi, self._seed(ts[s.name])) for gi, s in zip(g, [s for s in self.inputs if s.name in ts]) if gi is not None]
             if not pairs:
                 return {n: np.zeros(o.shape, o.detach().numpy().dtype) for n, o in outs.items()}
             jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs], allow_unused=True)

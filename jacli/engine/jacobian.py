@@ -382,7 +382,7 @@ def _parts_reverse(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, 
         m = prod(shape)
         for r0 in range(0, m, k):
             r1 = min(m, r0 + k)
-            ct = _one_hot(r1 - r0, lead, m, r0, plan.dtype).reshape((r1 - r0,) + lead + shape)
+            ct = _one_hot(r1 - r0, lead, m, r0, plan.dtype, shape)
             grads = model.vjp(xs, {o: ct}, plan.wrt, per_sample=plan.batch)
             for i in plan.wrt:
                 g = grads[i].reshape(r1 - r0, _samples(lead), -1)  # (k, S, n)
@@ -397,7 +397,7 @@ def _parts_forward(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, 
         n = prod(shape)
         for c0 in range(0, n, k):
             c1 = min(n, c0 + k)
-            t = _one_hot(c1 - c0, lead, n, c0, xs[i].dtype).reshape((c1 - c0,) + lead + shape)
+            t = _one_hot(c1 - c0, lead, n, c0, xs[i].dtype, shape)
             outs = model.jvp(xs, {i: t}, plan.of, per_sample=plan.batch)
             for o in plan.of:
                 v = outs[o].reshape(c1 - c0, _samples(lead), -1)  # (k, S, m)
@@ -421,9 +421,23 @@ def _samples(lead: tuple[int, ...]) -> int:
     return lead[0] if lead else 1
 
 
-def _one_hot(k: int, lead: tuple[int, ...], size: int, start: int, dtype) -> np.ndarray:
-    """Seeds e_{start..start+k} for every sample: shape (k, *lead, size)."""
-    seeds = np.zeros((k, _samples(lead), size), dtype)
-    idx = np.arange(k)
-    seeds[idx, :, start + idx] = 1
-    return seeds.reshape((k,) + lead + (size,))
+_SEEDS: dict[tuple, np.ndarray] = {}  # small seed blocks, reused from call to call (read-only)
+
+
+def _one_hot(k: int, lead: tuple[int, ...], size: int, start: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Seeds e_{start..start+k} for every sample, shaped (k, *lead, *shape) (size = prod(shape)).
+    Blocks up to 1 MiB are kept (at most 16) and returned again, read-only, for the same
+    arguments: the same object each time, so a backend may keep its own copy of it."""
+    key = (k, lead, size, start, np.dtype(dtype).str, shape)
+    seeds = _SEEDS.get(key)
+    if seeds is None:
+        seeds = np.zeros((k, _samples(lead), size), dtype)
+        idx = np.arange(k)
+        seeds[idx, :, start + idx] = 1
+        seeds = seeds.reshape((k,) + lead + shape)
+        if seeds.nbytes <= 1 << 20:
+            seeds.flags.writeable = False
+            if len(_SEEDS) >= 16:
+                del _SEEDS[next(iter(_SEEDS))]
+            _SEEDS[key] = seeds
+    return seeds
