@@ -72,6 +72,7 @@ class Model(abc.ABC):
     # may then take output shapes from the signature instead of running one
     signature_confirmed: bool = field(default=False, repr=False, compare=False)
     _strategy_times: dict = field(default_factory=dict, repr=False, compare=False)  # see _tuned
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # see engine.jacobian.plan
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod
@@ -201,7 +202,7 @@ class Model(abc.ABC):
         if k == 1:
             big_x, big_s = dict(xs), {n: v[0] for n, v in seeds.items()}
         else:
-            big_x = {n: np.broadcast_to(v, (k, *v.shape)).reshape(-1, *v.shape[1:]) for n, v in xs.items()}
+            big_x = {n: _copies(v, k) for n, v in xs.items()}
             big_s = {n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}
         out = self._chunked(lambda bx, bs: prim(bx, bs, names), big_x, big_s)
         return {n: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
@@ -224,6 +225,13 @@ class Model(abc.ABC):
 
 def _leading(arrays: Arrays) -> int:
     return next(iter(arrays.values())).shape[0]
+
+
+def _copies(v: np.ndarray, k: int) -> np.ndarray:
+    """k copies of a batch, one after another along its leading axis."""
+    out = np.empty((k, *v.shape), v.dtype)
+    out[...] = v
+    return out.reshape(-1, *v.shape[1:])
 
 
 def _pad(v: np.ndarray, short: int) -> np.ndarray:

@@ -1,5 +1,24 @@
-"""Facts about the machine that several layers need (no framework, no jacli imports)."""
+"""Facts about the machine, and file plumbing, that several layers need (no framework, no
+jacli imports)."""
 from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def replace_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file (mode 0600) beside ``path`` and rename it over
+    ``path``: readers see the old file or the new one, never a part. Raises OSError; the
+    temporary file is gone on any failure (Ctrl-C included)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def available_memory() -> int | None:

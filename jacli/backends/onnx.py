@@ -157,9 +157,8 @@ class OnnxModel(Model):
 
     @staticmethod
     def _run(sess, feeds, names):
-        wanted = {i.name for i in sess.get_inputs()}
         try:
-            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in wanted})
+            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in sess.jacli_inputs})
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return dict(zip(names, values))
@@ -171,9 +170,11 @@ def _session(data: bytes):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
+    sess.jacli_inputs = frozenset(i.name for i in sess.get_inputs())  # looked up on every run
+    return sess
 
 
 def _spec(value_info) -> TensorSpec:

@@ -109,11 +109,10 @@ def _spec(d: dict) -> TensorSpec:
 def _write(folder: Path | None, filename: str, data: bytes) -> None:
     if folder is None:
         return
-    from ..errors import OutputError
-    from ..io.writers import write_bytes_atomic
+    from ..system import replace_atomically
 
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(str(folder / filename), data)
-    except (OSError, OutputError):
+        replace_atomically(folder / filename, data)
+    except OSError:
         pass

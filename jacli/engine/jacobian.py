@@ -44,34 +44,33 @@ _INTERMEDIATES = 8  # working memory per seed, in multiples of one input + outpu
 @dataclass(frozen=True)
 class Pair:
     """One (output, input) block of the Jacobian. ``out_shape``/``in_shape`` are per sample
-    (whole arrays with batch=False); ``shape`` is the final layout."""
+    (whole arrays with batch=False); ``shape`` is the final layout; ``m``/``n`` the output
+    and input elements per sample."""
 
     of: str
     wrt: str
     out_shape: tuple[int, ...]
     in_shape: tuple[int, ...]
     samples: int | None  # None with batch=False
+    key: str = field(init=False)  # d{of}/d{wrt}
+    m: int = field(init=False)
+    n: int = field(init=False)
 
-    @property
-    def key(self) -> str:
-        return f"d{self.of}/d{self.wrt}"
+    def __post_init__(self):  # plain attributes: read in every block's inner loop
+        object.__setattr__(self, "key", f"d{self.of}/d{self.wrt}")
+        object.__setattr__(self, "m", prod(self.out_shape))
+        object.__setattr__(self, "n", prod(self.in_shape))
 
     @property
     def shape(self) -> tuple[int, ...]:
         return (() if self.samples is None else (self.samples,)) + self.out_shape + self.in_shape
 
-    @property
-    def m(self) -> int:
-        return prod(self.out_shape)
-
-    @property
-    def n(self) -> int:
-        return prod(self.in_shape)
-
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything about a Jacobian computation that is known before it starts."""
+    """Everything about a Jacobian computation that is known before it starts.
+    ``sample_bytes``: one sample's Jacobian (all pairs); ``elements``: (output, input)
+    elements per sample over the selected outputs and inputs."""
 
     xs: dict[str, np.ndarray]
     wrt: list[str]
@@ -82,6 +81,16 @@ class Plan:
     mode: str  # "forward" | "reverse"
     dtype: np.dtype
     outputs: Callable[[], dict[str, np.ndarray]] = field(repr=False, compare=False)
+    sample_bytes: int = field(init=False)
+    elements: tuple[int, int] = field(init=False)
+    _shapes: tuple[dict, dict] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        shapes = {p.of: p.out_shape for p in self.pairs}, {p.wrt: p.in_shape for p in self.pairs}
+        object.__setattr__(self, "_shapes", shapes)
+        object.__setattr__(self, "sample_bytes", sum(p.m * p.n for p in self.pairs) * self.dtype.itemsize)
+        object.__setattr__(self, "elements", (sum(prod(shapes[0][o]) for o in self.of),
+                                              sum(prod(shapes[1][i]) for i in self.wrt)))
 
     @cached_property
     def ys(self) -> dict[str, np.ndarray]:
@@ -91,15 +100,15 @@ class Plan:
 
     @property
     def nbytes(self) -> int:
-        return sum(prod(p.shape) for p in self.pairs) * self.dtype.itemsize
+        return self.sample_bytes * (self.samples if self.batch else 1)
 
     def rows(self, output: str) -> tuple[int, ...]:
         """Per-sample (or, with batch=False, whole) shape of an output."""
-        return next(p.out_shape for p in self.pairs if p.of == output)
+        return self._shapes[0][output]
 
     def columns(self, input: str) -> tuple[int, ...]:
         """Per-sample (or whole) shape of an input."""
-        return next(p.in_shape for p in self.pairs if p.wrt == input)
+        return self._shapes[1][input]
 
 
 class Sink(Protocol):
@@ -149,6 +158,12 @@ def plan(
     """Shapes, pairs, mode and dtype of the Jacobian of ``model`` at ``xs``, from one forward
     pass, or from the model's signature once a forward pass has confirmed it."""
     xs = {k: np.asarray(v) for k, v in xs.items()}
+    key = None
+    if batch and model.signature_confirmed:  # then a plan depends only on these (repeated calls are common)
+        key = (tuple((k, v.shape, v.dtype.str) for k, v in xs.items()), tuple(wrt or ()), tuple(of or ()), mode)
+        hit = model._plans.get(key)
+        if hit is not None:
+            return Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs))
     known = _signature(model, xs) if batch else None
     if known is None:
         ys = _forward_blocks(model, xs) if batch else model.forward(xs)
@@ -183,8 +198,12 @@ def plan(
         mode = "reverse" if rows <= cols else "forward"
     if mode not in ("forward", "reverse"):
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
-    dtype = np.result_type(*[known[o][1] for o in of], np.float32)
-    return Plan(xs, wrt, of, pairs, batch, samples, mode, np.dtype(dtype), outputs)
+    dtype = np.dtype(np.result_type(*[known[o][1] for o in of], np.float32))
+    if key is not None and model.signature_confirmed:
+        if len(model._plans) >= 64:
+            model._plans.clear()
+        model._plans[key] = (wrt, of, pairs, batch, samples, mode, dtype)
+    return Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs)
 
 
 def _signature(model: Model, xs: dict[str, np.ndarray]) -> dict[str, tuple[tuple, np.dtype]] | None:
@@ -244,7 +263,7 @@ def _choose(asked, default, available, what, flag) -> list[str]:
 def sample_block(plan: Plan, budget: int | None = None) -> int:
     """How many samples to hold at once: their Jacobian buffers fit in half the budget and
     in BLOCK_BYTES (larger blocks only cost memory and page faults)."""
-    per_sample = _sample_bytes(plan)
+    per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
     return int(max(1, min(plan.samples, cap // max(per_sample, 1))))
 
@@ -255,16 +274,11 @@ def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int |
     the budget the Jacobian buffer leaves; the results themselves within BLOCK_BYTES."""
     if chunk:
         return int(chunk)
-    ins = sum(prod(plan.columns(i)) for i in plan.wrt)
-    outs = sum(prod(plan.rows(o)) for o in plan.of)
+    outs, ins = plan.elements
     per_seed = samples * (ins + outs) * plan.dtype.itemsize
     result = samples * (ins if plan.mode == "reverse" else outs) * plan.dtype.itemsize
     k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed * _INTERMEDIATES or 1), BLOCK_BYTES // (result or 1))
     return int(max(1, k))
-
-
-def _sample_bytes(plan: Plan) -> int:
-    return sum(p.m * p.n for p in plan.pairs) * plan.dtype.itemsize
 
 
 def run(
@@ -290,10 +304,10 @@ def run(
     if not in_place and in_parts(plan, budget):
         if hasattr(sink, "write_part"):
             return _run_parts(model, plan, sink, parts, seed_block(plan, 1, budget, chunk), budget, progress)
-        if _sample_bytes(plan) > budget:
+        if plan.sample_bytes > budget:
             what = "sample" if plan.batch else "input"
             raise InputError(
-                f"one {what}'s Jacobian takes {size_text(_sample_bytes(plan))}, more than the memory budget "
+                f"one {what}'s Jacobian takes {size_text(plan.sample_bytes)}, more than the memory budget "
                 f"({size_text(budget)}); raise --max-memory"
             )
     step = sample_block(plan, budget) if plan.batch else 1
@@ -313,7 +327,7 @@ def run(
 def in_parts(plan: Plan, budget: int | None = None) -> bool:
     """Whether ``run`` streams each sample in parts (when its sink can take them): one
     sample's Jacobian is more than half the budget."""
-    return _sample_bytes(plan) > (budget or DEFAULT_BUDGET) // 2
+    return plan.sample_bytes > (budget or DEFAULT_BUDGET) // 2
 
 
 def parts_direction(plan: Plan, method: str) -> str:

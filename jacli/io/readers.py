@@ -147,9 +147,10 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
             f"{source} has no array for model input(s) {', '.join(missing)} (it has: {', '.join(arrays) or 'nothing'})"
         )
     out = {}
+    specs = {s.name: s for s in model.inputs}
     for n in names:
         a = np.asarray(matched[n])
-        spec = model.spec(n)
+        spec = specs[n]
         if a.dtype.kind not in "biuf":
             raise InputError(f"input {n!r}: dtype {a.dtype} is not numeric")
         if a.ndim == 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputError
+from ..system import replace_atomically
 
 SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 
@@ -396,15 +397,6 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     if not target.parent.is_dir():
         raise OutputError(f"cannot write {path}: directory {target.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        replace_atomically(target, data)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path}: {e.strerror}") from None
-        raise
