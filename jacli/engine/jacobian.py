@@ -166,6 +166,7 @@ def plan(
             return Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs))
     known = _signature(model, xs) if batch else None
     if known is None:
+        key = None  # shapes from a forward pass: they may depend on more than the input shapes
         ys = _forward_blocks(model, xs) if batch else model.forward(xs)
         known = {k: (v.shape, v.dtype) for k, v in ys.items()}
         if batch:
@@ -199,7 +200,7 @@ def plan(
     if mode not in ("forward", "reverse"):
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
     dtype = np.dtype(np.result_type(*[known[o][1] for o in of], np.float32))
-    if key is not None and model.signature_confirmed:
+    if key is not None:
         if len(model._plans) >= 64:
             model._plans.clear()
         model._plans[key] = (wrt, of, pairs, batch, samples, mode, dtype)
@@ -346,7 +347,6 @@ def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progr
         reported = 0.0  # of this sample, in samples: the progress bar moves part by part
         xs = {name: v[s : s + 1] for name, v in plan.xs.items()} if plan.batch else plan.xs
         pending: dict[str, list] = {}  # key -> [rows, c0, c1, blocks]: adjacent column blocks
-        held = 0
 
         def flush(key):
             rows, c0, c1, blocks = pending.pop(key)
@@ -360,14 +360,11 @@ def _run_parts(model: Model, plan: Plan, sink, parts, k: int, budget: int, progr
                 last[3].append(block)
             else:
                 if last:
-                    held -= sum(b.nbytes for b in last[3])
                     flush(key)
                 pending[key] = [rows, cols.start, cols.stop, [block]]
-            held += block.nbytes
-            if held > budget // 4:
+            if sum(b.nbytes for p in pending.values() for b in p[3]) > budget // 4:
                 for other in list(pending):
                     flush(other)
-                held = 0
             if progress and reported + block.size / entries < 1:
                 reported += block.size / entries
                 progress(block.size / entries)
@@ -396,7 +393,7 @@ def _parts_reverse(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, 
         m = prod(shape)
         for r0 in range(0, m, k):
             r1 = min(m, r0 + k)
-            ct = _one_hot(r1 - r0, lead, m, r0, plan.dtype, shape)
+            ct = _one_hot(r1 - r0, lead, r0, plan.dtype, shape)
             grads = model.vjp(xs, {o: ct}, plan.wrt, per_sample=plan.batch)
             for i in plan.wrt:
                 g = grads[i].reshape(r1 - r0, _samples(lead), -1)  # (k, S, n)
@@ -411,7 +408,7 @@ def _parts_forward(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, 
         n = prod(shape)
         for c0 in range(0, n, k):
             c1 = min(n, c0 + k)
-            t = _one_hot(c1 - c0, lead, n, c0, xs[i].dtype, shape)
+            t = _one_hot(c1 - c0, lead, c0, xs[i].dtype, shape)
             outs = model.jvp(xs, {i: t}, plan.of, per_sample=plan.batch)
             for o in plan.of:
                 v = outs[o].reshape(c1 - c0, _samples(lead), -1)  # (k, S, m)
@@ -438,14 +435,15 @@ def _samples(lead: tuple[int, ...]) -> int:
 _SEEDS: dict[tuple, np.ndarray] = {}  # small seed blocks, reused from call to call (read-only)
 
 
-def _one_hot(k: int, lead: tuple[int, ...], size: int, start: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """Seeds e_{start..start+k} for every sample, shaped (k, *lead, *shape) (size = prod(shape)).
-    Blocks up to 1 MiB are kept (at most 16) and returned again, read-only, for the same
-    arguments: the same object each time, so a backend may keep its own copy of it."""
-    key = (k, lead, size, start, np.dtype(dtype).str, shape)
+def _one_hot(k: int, lead: tuple[int, ...], start: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Seeds e_{start..start+k} (flat indices into ``shape``) for every sample, shaped
+    (k, *lead, *shape). Blocks up to 1 MiB are kept (at most 16) and returned again,
+    read-only, for the same arguments: the same object each time, so a backend may keep
+    its own copy of it."""
+    key = (k, lead, start, np.dtype(dtype).str, shape)
     seeds = _SEEDS.get(key)
     if seeds is None:
-        seeds = np.zeros((k, _samples(lead), size), dtype)
+        seeds = np.zeros((k, _samples(lead), prod(shape)), dtype)
         idx = np.arange(k)
         seeds[idx, :, start + idx] = 1
         seeds = seeds.reshape((k,) + lead + shape)
