@@ -1,6 +1,7 @@
 """Regenerate every sample model and input in this folder, deterministically.
 
     python sample_models/generate.py            (needs jacli[all]: torch, tensorflow, keras, tf_keras, onnx)
+    python sample_models/generate.py GROUP ...  (only these: inputs, onnx, torch, torch_export, keras)
 
 The same weights (numpy, seed 0) go into every format, so every format must give the
 same Jacobian:
@@ -8,11 +9,13 @@ same Jacobian:
   map2d     f(x, y) = (x^2 - y^2, 2xy), whose Jacobian [[2x, -2y], [2y, 2x]] is known in closed form
   multi     two named inputs a (3,), b (4,) -> two named outputs: s = tanh([a, b] W), p = a * (V b)
   mlp_b1    the mlp as ONNX with its batch axis fixed at 1 (jacli loops/chunks over a batch)
+  mlp.pt2   the mlp as a torch.export program with a dynamic batch axis
 """
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +59,8 @@ def mlp_numpy(w, x):
 
 
 # --- torch ------------------------------------------------------------------------------
-def torch_models(w):
+def torch_modules(w) -> dict:
+    """The sample models as torch.nn.Modules: mlp, map2d, multi."""
     import torch
 
     t = {k: torch.from_numpy(v) for k, v in w.items()}
@@ -90,9 +94,36 @@ def torch_models(w):
         def forward(self, a, b):
             return torch.tanh(torch.cat([a, b], dim=1) @ self.W), a * (b @ self.V)
 
-    torch.jit.save(torch.jit.trace(MLP().eval(), torch.zeros(2, 500)), HERE / "mlp.pt")
-    torch.jit.save(torch.jit.script(Map2d()), HERE / "map2d.pt")
-    torch.jit.save(torch.jit.script(Multi()), HERE / "multi.pt")
+    return {"mlp": MLP(), "map2d": Map2d(), "multi": Multi()}
+
+
+def torch_models(w):
+    import torch
+
+    m = torch_modules(w)
+    torch.jit.save(torch.jit.trace(m["mlp"].eval(), torch.zeros(2, 500)), HERE / "mlp.pt")
+    torch.jit.save(torch.jit.script(m["map2d"]), HERE / "map2d.pt")
+    torch.jit.save(torch.jit.script(m["multi"]), HERE / "multi.pt")
+
+
+def export_program(module, example: tuple, dynamic_batch: bool = True):
+    """``module`` (in eval mode) as a torch.export program, its inputs' batch axis one
+    dynamic dimension (or fixed at the example's size); without stack traces, which would
+    record this machine's paths."""
+    import torch
+
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in example) if dynamic_batch else None
+    program = torch.export.export(module.eval(), example, dynamic_shapes=shapes)
+    for node in program.graph.nodes:
+        node.meta.pop("stack_trace", None)
+    return program
+
+
+def torch_export_models(w):
+    import torch
+
+    torch.export.save(export_program(torch_modules(w)["mlp"], (torch.zeros(2, 500),)), HERE / "mlp.pt2")
 
 
 # --- onnx ---------------------------------------------------------------------------------
@@ -179,14 +210,20 @@ def _rm(p: Path):
         shutil.rmtree(p)
 
 
-def main():
+GROUPS = {"inputs": inputs, "onnx": onnx_models, "torch": torch_models, "torch_export": torch_export_models,
+          "keras": keras_models}
+
+
+def main(groups=()):
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        sys.exit(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     w = weights()
-    inputs(w)
-    onnx_models(w)
-    torch_models(w)
-    keras_models(w)
+    for name, build in GROUPS.items():
+        if not groups or name in groups:
+            build(w)
     print("wrote", ", ".join(sorted(p.name for p in HERE.iterdir() if p.name != "generate.py" and not p.name.startswith("__"))))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -7,6 +7,7 @@ and that the refusal is what stopped it.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -88,6 +89,108 @@ def torchscript_from_file(path: Path, marker: str) -> None:
                 edited += 1
             dst.writestr(info, data)
     assert edited == 1
+
+
+# --- torch.export (.pt2) --------------------------------------------------------------------
+B = np.array([0.5, -0.25], np.float32)  # bias of the .pt2 programs: y = tanh(x W + B)
+
+
+class _ZerosOpeningMarker:
+    """Unpickling this creates ``marker`` and gives torch.zeros(2, 3): a valid sample input."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        code = f"__import__('builtins').open({self.marker!r}, 'w').close() or __import__('torch').zeros(2, 3)"
+        return (eval, (code,))
+
+
+def torch_export_archives(d: Path, marker: str) -> dict[str, Path]:
+    """A clean .pt2 program y = tanh(x W + B) (batch axis dynamic), and copies whose payload
+    creates ``marker`` from a place where loading or running a .pt2 runs Python code. Each
+    payload leaves the program working (trusted, it gives the clean Jacobian), so only the
+    refusal stops it:
+      pickle      the sample inputs: a pickle that only torch.load(weights_only=False) reads,
+                  which torch.export.load falls back to (while loading)
+      expression  a shape expression, which sympy.sympify evaluates (while loading)
+      guard       a shape guard, compiled into the program's module (on every call)
+      path        a parameter path that leaves the quoted string torch writes it into, in
+                  the module's generated code (on every call)"""
+    import torch
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+            with torch.no_grad():
+                self.lin.weight.copy_(torch.from_numpy(W.T)), self.lin.bias.copy_(torch.from_numpy(B))
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    batch = {0: torch.export.Dim("batch")}
+    files = {kind: d / f"{kind}.pt2" for kind in ("clean", "pickle", "expression", "guard", "path")}
+    program = torch.export.export(Dense().eval(), (torch.zeros(2, 3),), dynamic_shapes=(batch,))
+    torch.export.save(program, files["clean"])
+    opens = f"__import__('builtins').open({marker!r}, 'w').close()"
+
+    def pickle(members):
+        buffer = io.BytesIO()
+        torch.save(((_ZerosOpeningMarker(marker),), {}), buffer)
+        members["data/sample_inputs/model.pt"] = buffer.getvalue()
+
+    def expression(program):
+        sizes = program["graph_module"]["graph"]["tensor_values"]["x"]["sizes"]
+        sizes[0]["as_expr"]["expr_str"] += f" + 0*Max(0, {opens} or 0)"
+
+    def guard(program):
+        program["guards_code"] = [f"{opens} is None"]
+
+    def path(members):
+        path_without_dots = f'str(bytes({tuple(marker.encode())}), "ascii")'
+        opens_without_dots = f'getattr(__import__("builtins"), "open")({path_without_dots}, "w")'
+        lin = 'getattr(self, "lin")'
+        name = (f'lin._parameters")[list(getattr({lin}, "_parameters"))[{opens_without_dots} and -1]] '
+                f'if 1 else getattr({lin}, "')
+        assert "." not in name[4:]  # torch splits a path at its dots
+        program = json.loads(members["models/model.json"])
+        for spec in program["graph_module"]["signature"]["input_specs"]:
+            if spec.get("parameter", {}).get("parameter_name") == "lin.bias":
+                spec["parameter"]["parameter_name"] = name
+        members["models/model.json"] = json.dumps(program).encode()
+        config = json.loads(members["data/weights/model_weights_config.json"])
+        config["config"][name] = config["config"].pop("lin.bias")
+        members["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+    pt2_edited(files["clean"], files["pickle"], pickle)
+    pt2_edited(files["clean"], files["expression"], program_edit(expression))
+    pt2_edited(files["clean"], files["guard"], program_edit(guard))
+    pt2_edited(files["clean"], files["path"], path)
+    return files
+
+
+def program_edit(edit):
+    """An edit of a .pt2's members that passes its program (models/model.json) through ``edit``."""
+
+    def apply(members):
+        program = json.loads(members["models/model.json"])
+        edit(program)
+        members["models/model.json"] = json.dumps(program).encode()
+
+    return apply
+
+
+def pt2_edited(src: Path, dst: Path, edit) -> None:
+    """A copy of the .pt2 archive ``src`` whose members, named without the archive's top
+    folder as torch names them, went through ``edit(members: dict[str, bytes])``."""
+    with zipfile.ZipFile(src) as z:
+        root = z.namelist()[0].split("/")[0]
+        members = {n[len(root) + 1:]: z.read(n) for n in z.namelist()}
+    edit(members)
+    with zipfile.ZipFile(dst, "w") as z:
+        for name, data in members.items():
+            z.writestr(f"{root}/{name}", data)
 
 
 # --- keras ----------------------------------------------------------------------------------

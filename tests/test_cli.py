@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import h5py
 import numpy as np
@@ -154,12 +155,39 @@ def _corrupt(tmp_path, name, data: bytes):
     ("mlp.h5", lambda b: b[: len(b) // 3]),
     ("mlp.onnx", lambda b: b"\x00garbage" * 10),
     ("mlp.pt", lambda b: b""),
+    ("mlp.pt2", lambda b: b[: len(b) // 2]),
+    ("mlp.pt2", lambda b: b[:100]),
+    ("mlp.pt2", lambda b: b"\x00garbage" * 10),
 ])
 def test_corrupt_models(jacli, tmp_path, name, mangle):
     bad = _corrupt(tmp_path, name, mangle((SAMPLES / name).read_bytes()))
     line = _one_error_line(jacli("compute", bad, SAMPLES / "mlp_input.npy", "-o", tmp_path / "J.npy"))
     assert str(bad.name) in line or "model" in line.lower()
     assert not (tmp_path / "J.npy").exists()
+
+
+def _pt2_with_program(program: bytes) -> bytes:
+    """The sample .pt2 with its program (models/model.json) replaced."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(SAMPLES / "mlp.pt2") as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, program if info.filename.endswith("/models/model.json") else src.read(info))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("trust", [(), ("--trust-model",)])
+@pytest.mark.parametrize("make", [
+    lambda: (SAMPLES / "mlp.pt2").read_bytes()[:50_000],  # truncated inside the weights
+    lambda: (SAMPLES / "mlp.keras").read_bytes(),  # a zip archive, but not a .pt2
+    lambda: b"\x00garbage" * 10,
+    lambda: _pt2_with_program(b'{"graph_module": [1, 2'),  # a damaged program
+    lambda: _pt2_with_program(b'{"graph_module": {}}'),  # a program without its fields
+])
+def test_corrupt_pt2_named_as_torch_export(jacli, tmp_path, make, trust):
+    """--format torch-export skips detection: the loader itself gives the one error line."""
+    bad = _corrupt(tmp_path, "m.pt2", make())
+    line = _one_error_line(jacli("compute", "--format", "torch-export", *trust, bad, SAMPLES / "mlp_input.npy", "-q"))
+    assert "m.pt2" in line and "--trust-model" not in line
 
 
 def test_unknown_format_missing_file_and_bad_directory(jacli, tmp_path):

@@ -2,13 +2,17 @@
 backward pass, float64 finite differences — and every format against every other."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
+import generate
 import jacli
-from conftest import SAMPLES, fd_jacobian, map2d_jacobian, mlp_jacobian
+from conftest import SAMPLES, fd_jacobian, map2d_jacobian, mlp_jacobian, run_jacli
 
-MLP = ["mlp.keras", "mlp.h5", "mlp_tfkeras.h5", "mlp_savedmodel", "mlp_tfkeras_savedmodel", "mlp.pt", "mlp.onnx", "mlp_b1.onnx"]
+MLP = ["mlp.keras", "mlp.h5", "mlp_tfkeras.h5", "mlp_savedmodel", "mlp_tfkeras_savedmodel", "mlp.pt", "mlp.pt2", "mlp.onnx",
+       "mlp_b1.onnx"]
 MAP2D = ["map2d.keras", "map2d_savedmodel", "map2d.pt", "map2d.onnx"]
 MULTI = ["multi.keras", "multi_savedmodel", "multi.pt", "multi.onnx"]
 FORMAT = {"keras": "keras", "h5": "keras", "pt": "torchscript", "onnx": "onnx"}
@@ -99,7 +103,7 @@ def test_every_format_gives_the_same_mlp_jacobian(loaded):
         np.testing.assert_allclose(J, base, rtol=0, atol=2e-3 * np.abs(base).max(), err_msg=n)
 
 
-@pytest.mark.parametrize("name", ["mlp.keras", "mlp_savedmodel", "mlp.pt", "mlp.onnx"])
+@pytest.mark.parametrize("name", ["mlp.keras", "mlp_savedmodel", "mlp.pt", "mlp.pt2", "mlp.onnx"])
 def test_no_batch_has_cross_sample_zeros(loaded, weights, name):
     model = loaded(name)
     x = np.load(SAMPLES / "mlp_input.npy")[:2]
@@ -122,7 +126,7 @@ def test_fixed_batch_model_takes_any_batch(loaded, weights):
 
 
 @pytest.mark.parametrize("name,fmt", [("mlp.keras", "keras"), ("mlp.h5", "keras"), ("mlp_savedmodel", "savedmodel"),
-                                      ("mlp.pt", "torchscript"), ("mlp.onnx", "onnx")])
+                                      ("mlp.pt", "torchscript"), ("mlp.pt2", "torch-export"), ("mlp.onnx", "onnx")])
 def test_format_detection_and_signature(loaded, name, fmt):
     model = loaded(name)
     assert model.format == fmt
@@ -148,8 +152,10 @@ def test_wrt_and_of_select_pairs(loaded):
     assert isinstance(J, np.ndarray) and J.shape == (3, 3, 4)
 
 
-def test_fd_method_agrees_with_ad(loaded, weights):
-    model = loaded("mlp.pt")
+@pytest.mark.parametrize("name", ["mlp.pt", "mlp.pt2"])
+def test_fd_method_agrees_with_ad(loaded, weights, name):
+    model = loaded(name)
+    assert model.supports_float64
     x = np.load(SAMPLES / "mlp_input.npy")
     J = jacli.jacobian(model, x, method="fd")  # float64 evaluation: near-exact
     np.testing.assert_allclose(J, mlp_jacobian(weights, x), atol=1e-7)
@@ -170,3 +176,166 @@ def test_torchscript_output_that_does_not_depend_on_the_input(tmp_path):
         J = jacli.jacobian(model, x, mode=mode)
         np.testing.assert_array_equal(J["doutput_0/dx"], np.broadcast_to(2 * np.eye(3), (2, 3, 3)))
         np.testing.assert_array_equal(J["doutput_1/dx"], np.zeros((2, 3)))
+
+
+# --- torch.export programs (.pt2) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, weights):
+    """As .pt2 files: the MLP exported at a fixed batch of 1, and the two-input, two-output
+    model with a dynamic batch (with the output names its program records)."""
+    import torch
+
+    d = tmp_path_factory.mktemp("pt2")
+    modules = generate.torch_modules(weights)
+    multi = generate.export_program(modules["multi"], (torch.zeros(2, 3), torch.zeros(2, 4)))
+    mlp_b1 = generate.export_program(modules["mlp"], (torch.zeros(1, 500),), dynamic_batch=False)
+    torch.export.save(mlp_b1, d / "mlp_b1.pt2")
+    torch.export.save(multi, d / "multi.pt2")
+    outputs = list(multi.graph_signature.user_outputs)
+    return {"mlp_b1": d / "mlp_b1.pt2", "multi": d / "multi.pt2", "multi_outputs": outputs}
+
+
+def test_torch_export_fixed_batch_takes_any_batch(exported, weights):
+    model = jacli.load(exported["mlp_b1"])
+    assert model.inputs[0].shape == (1, 500) and model.outputs[0].shape == (1, 10)
+    x = np.random.default_rng(3).standard_normal((5, 500)).astype(np.float32)
+    ref = mlp_jacobian(weights, x)
+    for mode in ("reverse", "forward"):
+        J = jacli.jacobian(model, x, mode=mode)
+        assert J.shape == (5, 10, 500)
+        np.testing.assert_allclose(J, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+    np.testing.assert_allclose(jacli.jacobian(model, x, method="fd"), ref, atol=1e-7)  # float64, in pieces of 1
+
+
+def test_torch_export_multi_input_output_named_as_the_program_records(exported, weights):
+    model = jacli.load(exported["multi"])
+    s, p = exported["multi_outputs"]  # the graph's own names for tanh(...) and a * (b V)
+    assert model.input_names() == ["a", "b"] and model.output_names() == [s, p] == ["tanh", "mul"]
+    data = np.load(SAMPLES / "multi_input.npz")
+    xs = {"a": data["a"], "b": data["b"]}
+    ref = _multi_ref(weights, xs["a"].astype(np.float64), xs["b"].astype(np.float64))
+    for mode in ("reverse", "forward"):
+        out = jacli.jacobian(model, xs, mode=mode)
+        assert set(out) == {f"d{o}/d{i}" for o in (s, p) for i in "ab"}
+        for o, name in (("s", s), ("p", p)):
+            for i in "ab":
+                np.testing.assert_allclose(out[f"d{name}/d{i}"], ref[(o, i)], atol=2e-6, rtol=1e-4)
+
+
+def test_torch_export_check_fd_passes_in_float64(exported):
+    r = run_jacli("check", exported["multi"], SAMPLES / "multi_input.npz", "--fd", "--json")
+    doc = json.loads(r.stdout)
+    assert r.code == 0 and doc["passed"] is True and doc["format"] == "torch-export"
+    assert doc["fd_dtype"] == "float64" and doc["checked"] == 3 * (5 + 3) * (3 + 4)
+    assert doc["max_abs_error"] < 1e-5
+
+
+def test_torch_export_inspect_shows_the_recorded_signature(exported):
+    r = run_jacli("inspect", exported["multi"], "--json")
+    doc = json.loads(r.stdout)
+    assert r.code == 0 and (doc["format"], doc["backend"]) == ("torch-export", "torch")
+    def spec(name, size):
+        return {"name": name, "shape": [None, size], "dtype": "float32"}
+
+    assert doc["inputs"] == [spec("a", 3), spec("b", 4)]
+    assert doc["outputs"] == [spec("tanh", 5), spec("mul", 3)]
+    text = run_jacli("inspect", exported["mlp_b1"]).out
+    assert "(1, 500)" in text and "softmax" in text and "torch-export" in text
+
+
+def test_torch_export_keyword_inputs_and_dict_outputs(tmp_path):
+    """The program is called with its own argument structure (here a keyword argument), and
+    its outputs flattened in its own order (here a dict's) take the names it records."""
+    import torch
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x, *, scale):
+            return {"y": x * scale, "z": x.sum(dim=1)}
+
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(Scaled(), (x,), {"scale": x + 1},
+                                  dynamic_shapes={"x": {0: batch}, "scale": {0: batch}})
+    torch.export.save(program, tmp_path / "scaled.pt2")
+    model = jacli.load(tmp_path / "scaled.pt2")
+    assert model.input_names() == ["x", "scale"] and model.output_names() == ["mul", "sum_1"]
+    xs = {"x": x.numpy(), "scale": (x + 1).numpy()}
+    J = jacli.jacobian(model, xs)
+    np.testing.assert_allclose(J["dmul/dx"], np.stack([np.diag(v) for v in xs["scale"]]))
+    np.testing.assert_allclose(J["dmul/dscale"], np.stack([np.diag(v) for v in xs["x"]]))
+    np.testing.assert_allclose(J["dsum_1/dx"], np.ones((2, 3)))
+    np.testing.assert_allclose(J["dsum_1/dscale"], np.zeros((2, 3)))
+
+
+def test_torch_export_forward_mode_without_forward_rules(tmp_path):
+    """Attention runs as an operator without a forward-mode rule: forward mode falls back to
+    the double-VJP product and agrees with reverse mode; with several heads that operator
+    has no second derivative either, and forward mode says so in one line."""
+    import torch
+    from jacli.errors import UnsupportedError
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    rng = np.random.default_rng(0)
+    for shape in ((2, 4, 8), (2, 2, 4, 8)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        torch.export.save(generate.export_program(Attention(), (torch.from_numpy(x),)), tmp_path / "attention.pt2")
+        model = jacli.load(tmp_path / "attention.pt2")
+        reverse = jacli.jacobian(model, x, mode="reverse")
+        assert reverse.shape == (*shape, *shape[1:]) and np.abs(reverse).max() > 0.1
+        np.testing.assert_allclose(jacli.jacobian(model, x, method="fd"), reverse, atol=1e-5)
+        if len(shape) == 3:
+            np.testing.assert_allclose(jacli.jacobian(model, x, mode="forward"), reverse, atol=1e-5)
+        else:
+            with pytest.raises(UnsupportedError, match="second derivative.*use --mode reverse"):
+                jacli.jacobian(model, x, mode="forward")
+
+
+def test_torch_export_control_flow(tmp_path):
+    """torch.cond: reverse mode is exact (the VJP map falls back from vmap, which cannot
+    batch cond, to sequential backward passes); forward-mode AD would give empty tangents
+    through it, so forward mode is refused in one line instead of returning zeros."""
+    import torch
+    from jacli.errors import UnsupportedError
+
+    class Branch(torch.nn.Module):
+        def forward(self, x):
+            return torch.cond(x.sum() > 0, lambda t: torch.sin(t) * 2, lambda t: torch.cos(t), (x,))
+
+    x = np.abs(np.random.default_rng(0).standard_normal((3, 4))).astype(np.float32) + 0.1  # the sin branch
+    torch.export.save(generate.export_program(Branch(), (torch.from_numpy(x),)), tmp_path / "branch.pt2")
+    model = jacli.load(tmp_path / "branch.pt2")
+    expected = np.stack([np.diag(2 * np.cos(v)) for v in x])
+    np.testing.assert_allclose(jacli.jacobian(model, x, mode="reverse"), expected, rtol=1e-5, atol=1e-6)
+    J = jacli.jacobian(model, x, mode="reverse", batch=False)
+    np.testing.assert_allclose(np.stack([J[b, :, b] for b in range(3)]), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jacli.jacobian(model, x, method="fd"), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnsupportedError, match="no tangents through cond.*use --mode reverse"):
+        jacli.jacobian(model, x, mode="forward")
+
+
+@pytest.mark.filterwarnings("ignore:The tensor attributes self.lstm")  # torch's export of nn.LSTM
+def test_torch_export_float64_follows_dtypes_in_the_graph(tmp_path):
+    """An LSTM's export creates its initial state with dtype=float32; the float64 copy for
+    finite differences retargets such dtypes, so FD runs in float64 and agrees with AD."""
+    import torch
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lstm = torch.nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    x = np.random.default_rng(1).standard_normal((2, 5, 3)).astype(np.float32)
+    torch.export.save(generate.export_program(Recurrent(), (torch.from_numpy(x),)), tmp_path / "lstm.pt2")
+    model = jacli.load(tmp_path / "lstm.pt2")
+    y64 = model.forward64({"x": x.astype(np.float64)})[model.output_names()[0]]
+    assert y64.dtype == np.float64
+    reverse = jacli.jacobian(model, x, mode="reverse")
+    np.testing.assert_allclose(jacli.jacobian(model, x, method="fd"), reverse, atol=1e-6)
+    np.testing.assert_allclose(jacli.jacobian(model, x, mode="forward"), reverse, atol=1e-6)

@@ -177,7 +177,7 @@ def test_fuzz_input_files(jacli, scratch, model, case, via_stdin):
 
 # --- model files --------------------------------------------------------------------------
 SAMPLE_INPUTS = {"mlp": "mlp_input.npy", "map2d": "map2d_input.npy", "multi": "multi_input.npz"}
-FAST = ["mlp.onnx", "mlp_b1.onnx", "map2d.onnx", "multi.onnx", "mlp.pt", "map2d.pt", "multi.pt"]
+FAST = ["mlp.onnx", "mlp_b1.onnx", "map2d.onnx", "multi.onnx", "mlp.pt", "map2d.pt", "multi.pt", "mlp.pt2"]
 TF = ["mlp.keras", "map2d.keras", "multi.keras", "mlp.h5", "mlp_tfkeras.h5",
       "map2d_savedmodel", "multi_savedmodel", "mlp_tfkeras_savedmodel"]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,6 +103,137 @@ def test_torchscript_calling_from_file_refused(jacli, built, marker):
     assert marker.exists()  # torch.jit.load ran __setstate__, which created the file
     clean = path.with_name("clean_from_file.pt")
     assert jacli("compute", clean, d / "x3.npy", "--json").code == 0  # the same model without the call loads
+
+
+# --- torch.export (.pt2) ----------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def archives(built):
+    d, m = built
+    return evil.torch_export_archives(d, m)
+
+
+def _dense_jacobian(x):
+    """d tanh(x W + B)/dx = diag(1 - y^2) W^T per sample."""
+    y = np.tanh(x @ evil.W + evil.B)
+    return (1 - y**2)[:, :, None] * evil.W.T[None]
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("pickle", ["a pickle that needs arbitrary code (data/sample_inputs/model.pt)"]),
+    ("expression", ["shape expression", "Max(0, __import__", "evaluate as Python"]),
+    ("guard", ["shape guard", "run as Python code"]),
+    ("path", ["module path with quotes", "generated Python code"]),
+])
+def test_torch_export_payload_refused_and_nothing_runs(jacli, built, archives, marker, tmp_path, kind, words):
+    d, _ = built
+    assert_refused(jacli("compute", archives[kind], d / "x3.npy", "-o", tmp_path / "J.npy"), *words)
+    assert not marker.exists() and not (tmp_path / "J.npy").exists()
+    # trusted: the payload runs, and the program still gives its Jacobian (only the refusal stopped it)
+    r = jacli("compute", "--trust-model", archives[kind], d / "x3.npy", "-o", tmp_path / "J.npy", "-q")
+    assert r.code == 0, r.stderr
+    assert marker.exists()
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), _dense_jacobian(X3), rtol=1e-5, atol=1e-6)
+
+
+def test_clean_torch_export_program_loads_without_trust(jacli, built, archives, marker, tmp_path):
+    d, _ = built
+    r = jacli("compute", archives["clean"], d / "x3.npy", "-o", tmp_path / "J.npy", "-q")
+    assert r.code == 0, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), _dense_jacobian(X3), rtol=1e-5, atol=1e-6)
+    assert safety.torch_export_problems("clean.pt2", archives["clean"].read_bytes()) == []
+    assert not marker.exists()
+
+
+def _set_target(target):
+    def edit(program):
+        program["graph_module"]["graph"]["nodes"][0]["target"] = target
+    return evil.program_edit(edit)
+
+
+def _weights_config(edit):
+    def apply(members):
+        config = json.loads(members["data/weights/model_weights_config.json"])
+        edit(config["config"])
+        members["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+    return apply
+
+
+def _opaque_constant(members):
+    members["data/constants/opaque_obj_0"] = b"\x80\x04N."
+    entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True, "tensor_meta": None}
+    members["data/constants/model_constants_config.json"] = json.dumps({"config": {"c": entry}}).encode()
+
+
+def _module_call_signature(edit):
+    def apply(program):
+        edit(program["graph_module"]["module_call_graph"][0]["signature"])
+    return evil.program_edit(apply)
+
+
+def _kwargs_key(signature):
+    """A keyword argument named k' (its name would be written into generated code in quotes)."""
+    spec = json.loads(signature["in_spec"])
+    kwargs = spec[1]["children_spec"][1]
+    assert kwargs["type"] == "builtins.dict"
+    kwargs["context"] = json.dumps(["k'"])
+    kwargs["children_spec"] = [{"type": None, "context": None, "children_spec": []}]
+    signature["in_spec"] = json.dumps(spec)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (_set_target("torch.ops.aten.from_file.default"), ["torch.ops.aten.from_file.default", "(shared) writes files"]),
+    (_set_target("torch.ops.aten.save.default"), ["torch.ops.aten.save.default", "writes files"]),
+    (_set_target("torch.serialization.os.system"), ["torch.serialization.os.system", "does not allow"]),
+    (_set_target("torch.ops.higher_order.print"), ["torch.ops.higher_order.print", "does not allow"]),
+    (_weights_config(lambda c: c["lin.weight"].update(use_pickle=True)), ["pickled tensor", "data/weights/weight_0"]),
+    (_opaque_constant, ["pickled Python or TorchBind object (data/constants/opaque_obj_0)"]),
+    (lambda m: m.update({"data/aotinductor/model/model.so": b"\x7fELF"}), ["AOTInductor", "native library"]),
+    (_module_call_signature(lambda s: s.update(forward_arg_names=["x=exec(chr(49))"])),
+     ["argument name", "'x=exec(chr(49))'"]),
+    (_module_call_signature(_kwargs_key), ["argument key with quotes", "\"k'\""]),
+    (evil.program_edit(lambda p: p["graph_module"]["graph"]["inputs"][-1]["as_tensor"].update(name="x=1")),
+     ["name that is not an identifier ('x=1')"]),
+    (evil.program_edit(lambda p: p["graph_module"]["signature"]["input_specs"][-1]["user_input"].update(
+        arg={"as_string": "x"})), ["user input that is not a tensor"]),
+])
+def test_torch_export_archives_that_could_run_code_are_refused(jacli, archives, tmp_path, edit, words):
+    """Refused before torch sees them: what would run code or touch files, and what torch
+    would write into Python code it generates."""
+    path = tmp_path / "edited.pt2"
+    evil.pt2_edited(archives["clean"], path, edit)
+    assert_refused(jacli("inspect", path), *words)
+
+
+def test_torch_export_old_layout_refused(jacli, archives, tmp_path):
+    """torch.export.load falls back to the old layout (with its own pickles) when loading
+    the current one fails: an archive with a top-level 'version' is not loaded untrusted."""
+    path = tmp_path / "old.pt2"
+    evil.pt2_edited(archives["clean"], path, lambda members: None)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("version", "1")
+        z.writestr("serialized_exported_program.json", "{}")
+    assert_refused(jacli("inspect", path), "old torch.export layout")
+
+
+def test_torch_export_reads_the_bytes_it_checked(archives, marker, tmp_path, monkeypatch):
+    """The archive is read once: swapping the file after the check does not get a payload in."""
+    import jacli.backends.torch_export as te
+
+    path = tmp_path / "swapped.pt2"
+    shutil.copy(archives["clean"], path)
+    real = safety.torch_export_problems
+
+    def check_then_swap(p, data):
+        problems = real(p, data)
+        shutil.copy(archives["guard"], path)  # the file changes after it was checked
+        return problems
+
+    monkeypatch.setattr(safety, "torch_export_problems", check_then_swap)
+    model = te.load(str(path))
+    assert [s.name for s in model.inputs] == ["x"]
+    (y,) = model.forward({"x": X3}).values()
+    np.testing.assert_allclose(y, np.tanh(X3 @ evil.W + evil.B), rtol=1e-6)
+    assert path.read_bytes() == archives["guard"].read_bytes() and not marker.exists()
 
 
 # --- Keras --------------------------------------------------------------------------------
@@ -234,7 +366,7 @@ def test_onnx_external_data_outside_the_model_directory_refused(jacli, tmp_path)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in SAMPLES.iterdir()
-                                         if p.suffix in (".pt", ".onnx", ".keras", ".h5") or (p / "saved_model.pb").exists()))
+                                         if p.suffix in (".pt", ".pt2", ".onnx", ".keras", ".h5") or (p / "saved_model.pb").exists()))
 def test_every_sample_model_loads_without_trust(jacli, name):
     r = jacli("inspect", SAMPLES / name, "--json")
     assert r.code == 0, r.stderr

@@ -63,6 +63,11 @@ def test_probe_sees_lazy_imports(tmp_path):
     assert {"torch", "h5py"} <= mods and not mods & {"tensorflow", "keras", "onnxruntime"}
 
 
+def test_torch_export_run_imports_torch_and_no_other_framework(tmp_path):
+    mods = imported(tmp_path, "compute", SAMPLES / "mlp.pt2", SAMPLES / "mlp_input.npy", "-q", "-o", tmp_path / "J.npy")
+    assert "torch" in mods and not mods & {"tensorflow", "keras", "tf_keras", "onnx", "onnxruntime"}
+
+
 def test_tensorflow_start_up_is_silent(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "KERAS"))}
     r = subprocess.run([sys.executable, "-m", "jacli", "compute", str(SAMPLES / "mlp.keras"),

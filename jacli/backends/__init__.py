@@ -14,10 +14,11 @@ LOADERS = {
     "onnx": "jacli.backends.onnx:load",
     "torchscript": "jacli.backends.torchscript:load",
     "torch-pickle": "jacli.backends.torchscript:load_pickle",
+    "torch-export": "jacli.backends.torch_export:load",
     "keras": "jacli.backends.tf:load_keras",
     "savedmodel": "jacli.backends.tf:load_savedmodel",
 }
-FORMATS = ("onnx", "torchscript", "keras", "savedmodel")
+FORMATS = ("onnx", "torchscript", "torch-export", "keras", "savedmodel")
 
 
 def detect_format(path: str) -> str:
@@ -48,7 +49,7 @@ def detect_format(path: str) -> str:
         raise ModelLoadError(f"{path} is not a valid {suffix} file (unexpected contents; truncated or corrupt?)")
     raise ModelLoadError(
         f"cannot tell the format of {path}; supported: .keras/.h5 (Keras), SavedModel directories, "
-        ".pt/.pth (TorchScript), .onnx — or pass --format"
+        ".pt/.pth (TorchScript), .pt2 (torch.export), .onnx — or pass --format"
     )
 
 
@@ -60,11 +61,14 @@ def _zip_format(p: Path) -> str:
         raise ModelLoadError(f"cannot read model {p}: corrupt or truncated archive ({e})") from None
     if "config.json" in names and any(n.startswith("model.weights") for n in names):
         return "keras"
+    if any(n.endswith("/archive_format") for n in names) and any("/models/" in n for n in names) \
+            or "serialized_exported_program.json" in names:  # torch.export.save (also its old layout)
+        return "torch-export"
     if any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
         return "torchscript"
     if any(n.endswith("data.pkl") for n in names):
         return "torch-pickle"
-    raise ModelLoadError(f"{p} is a zip archive but neither a .keras model nor a TorchScript archive")
+    raise ModelLoadError(f"{p} is a zip archive but not a .keras model, a TorchScript archive or a torch.export .pt2")
 
 
 def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError, UnsupportedError
 from ..model import Model, TensorSpec
 from ._common import Constants, require, short
 
@@ -45,8 +45,7 @@ class TorchModel(Model):
     @classmethod
     def wrap(cls, module, path: str, fmt: str) -> "TorchModel":
         module.eval()
-        for p in module.parameters():  # derivatives are taken w.r.t. inputs only: 4x faster backward passes
-            p.requires_grad_(False)
+        freeze(module)
         names = _argument_names(module)
         m = cls(path=path, format=fmt, backend="torch", supports_float64=True)
         m.module = module
@@ -63,14 +62,23 @@ class TorchModel(Model):
         self.outputs = [TensorSpec(n, (None, *v.shape[1:]), str(v.dtype)) for n, v in ys.items()]
 
     def _call(self, tensors):
+        """Run the module: (output names, output tensors)."""
         torch = _torch()
         try:
             # TorchScript's optimising executor re-profiles for every new batch size, and
             # its differentiable graphs are slower here than the plain interpreter
             with torch.jit.optimized_execution(False):
-                out = self.module(*tensors)
+                out = self._run(tensors)
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
+        return self._named(out)
+
+    def _run(self, tensors):
+        return self.module(*tensors)
+
+    def _named(self, out):
+        """Names for what ``forward`` returned: ``output``, ``output_i`` or the dict's keys."""
+        torch = _torch()
         if isinstance(out, torch.Tensor):
             names, outs = ["output"], [out]
         elif isinstance(out, dict):
@@ -113,12 +121,7 @@ class TorchModel(Model):
         torch = _torch()
         module64 = getattr(self, "_module64", None)
         if module64 is None:
-            import copy
-            import warnings
-
-            with warnings.catch_warnings():  # deepcopy touches .grad of non-leaf parameters
-                warnings.simplefilter("ignore")
-                module64 = self._module64 = copy.deepcopy(self.module).double()
+            module64 = self._module64 = self._float64_copy()
         main, self.module = self.module, module64
         try:
             with torch.no_grad():
@@ -127,16 +130,32 @@ class TorchModel(Model):
             self.module = main
         return {n: o.numpy() for n, o in zip(names, outs)}
 
+    def _float64_copy(self):
+        """The module with float64 parameters and buffers, for finite differences."""
+        import copy
+        import warnings
+
+        with warnings.catch_warnings():  # deepcopy touches .grad of non-leaf parameters
+            warnings.simplefilter("ignore")
+            return copy.deepcopy(self.module).double()
+
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         return self._pullback(xs, cts, wrt, batched=False)
 
     def _map_strategies(self, prim) -> tuple[str, ...]:
-        return ("vectorised", "sequential") if prim == self._vjp else ()
+        if prim != self._vjp:
+            return ()
+        return ("sequential",) if getattr(self, "_unbatchable", False) else ("vectorised", "sequential")
 
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        if prim == self._vjp:  # one forward pass for all k cotangents
-            return self._pullback(xs, seeds, names, batched=True, sequential=strategy == "sequential")
-        return super()._vjp_jvp_map(prim, xs, seeds, names)
+        if prim != self._vjp:
+            return super()._vjp_jvp_map(prim, xs, seeds, names)
+        if strategy != "sequential":  # one forward pass for all k cotangents
+            try:
+                return self._pullback(xs, seeds, names, batched=True)
+            except (RuntimeError, NotImplementedError):  # an operator vmap cannot batch (e.g. torch.cond)
+                self._unbatchable = True
+        return self._pullback(xs, seeds, names, batched=True, sequential=True)
 
     def _pullback(self, xs, cts, wrt, batched: bool, sequential: bool = False):
         """Input gradients for cotangents ``cts`` (with a leading k axis when ``batched``):
@@ -183,7 +202,9 @@ class TorchModel(Model):
                         tangent = fwAD.unpack_dual(o).tangent
                         result[n] = np.zeros(o.shape, np.dtype(str(o.dtype).replace("torch.", ""))) if tangent is None else tangent.numpy().copy()
                 return result
-        except (RuntimeError, NotImplementedError):
+        except (RuntimeError, NotImplementedError, InputError):
+            # an operator without a forward-mode rule fails inside the module, which _call
+            # reports as InputError; a real input error recurs in the fallback and is raised there
             return self._jvp_by_double_vjp(xs, ts, of)
 
     def _jvp_by_double_vjp(self, xs, ts, of):
@@ -195,12 +216,25 @@ class TorchModel(Model):
             outs = {n: o for n, o in zip(names, outs) if n in of}
             us = {n: torch.zeros_like(o, requires_grad=True) for n, o in outs.items()}
             targets = [t for s, t in zip(self.inputs, tx) if s.name in ts]
-            g = torch.autograd.grad(list(outs.values()), targets, list(us.values()), create_graph=True, allow_unused=True)
-            pairs = [(gi, self._seed(ts[s.name])) for gi, s in zip(g, [s for s in self.inputs if s.name in ts]) if gi is not None]
-            if not pairs:
-                return {n: np.zeros(o.shape, o.detach().numpy().dtype) for n, o in outs.items()}
-            jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs], allow_unused=True)
+            wrt = [s for s in self.inputs if s.name in ts]
+            try:
+                g = torch.autograd.grad(list(outs.values()), targets, list(us.values()), create_graph=True,
+                                        allow_unused=True)
+                pairs = [(gi, self._seed(ts[s.name])) for gi, s in zip(g, wrt) if gi is not None]
+                if not pairs:
+                    return {n: np.zeros(o.shape, o.detach().numpy().dtype) for n, o in outs.items()}
+                jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs],
+                                         allow_unused=True)
+            except (RuntimeError, NotImplementedError) as e:
+                raise UnsupportedError(f"forward mode needs a forward-mode rule or a second derivative that torch "
+                                       f"lacks here ({short(e)}); use --mode reverse") from None
         return {n: (np.zeros(outs[n].shape, np.float32) if v is None else v.numpy()) for n, v in zip(us, jt)}
+
+
+def freeze(module) -> None:
+    """Derivatives are taken w.r.t. inputs only: parameters need no gradients (4x faster backward passes)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
 
 
 def _argument_names(module) -> list[str]:

@@ -28,7 +28,8 @@ COMMANDS = [inspect_cmd, compute, check, export_grad, svd, det]
 def cli():
     """jacli: Jacobians of saved neural-network models.
 
-    Formats: Keras .keras/.h5, TensorFlow SavedModel directories, TorchScript .pt, ONNX .onnx.
+    Formats: Keras .keras/.h5, TensorFlow SavedModel directories, TorchScript .pt, torch.export .pt2,
+    ONNX .onnx.
     """
 
 

@@ -31,10 +31,11 @@ def _memory(ctx, param, value):
 
 model = _stack(
     click.argument("model_path", metavar="MODEL"),
-    click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "torchscript", "onnx"]),
-                 help="Model format (default: detected from the path)."),
+    click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "torchscript", "torch-export", "onnx"]),
+                 help="Model format (default: detected from the path); torch-export: .pt2 from torch.export.save."),
     click.option("--trust-model", is_flag=True,
-                 help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers)."),
+                 help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers, "
+                      ".pt2 pickles and code)."),
 )
 
 data = _stack(
