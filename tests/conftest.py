@@ -17,6 +17,8 @@ if "JACLI_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JACLI_CACHE_DIR"], ignore_errors=True)
 
 import io  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -60,6 +62,31 @@ def run_jacli(*args: str, stdin: bytes = b"") -> Result:
         wrapper.detach()  # keep ``out`` open when the wrapper is collected
         sys.stdin, sys.stdout, sys.stderr = saved
     return Result(code, out.getvalue(), err.getvalue())
+
+
+# Runs the real entry point in a fresh interpreter, then records its exit code and which
+# top-level packages ended up imported.
+_PROBE = """
+import json, sys
+from jacli.cli.main import main
+report, argv = sys.argv[1], sys.argv[2:]
+try:
+    main(argv)
+except SystemExit as e:
+    code = e.code
+with open(report, "w") as f:
+    json.dump({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}, f)
+"""
+
+
+def imported(tmp_path, *args, env=None) -> set[str]:
+    """The top-level packages a cold ``jacli ARGS`` process imports (asserting it succeeds)."""
+    report = tmp_path / "modules.json"
+    r = subprocess.run([sys.executable, "-c", _PROBE, str(report), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, env=env)
+    doc = json.loads(report.read_text())
+    assert doc["code"] in (0, None), r.stderr
+    return set(doc["modules"])
 
 
 @pytest.fixture(scope="session")

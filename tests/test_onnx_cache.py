@@ -4,43 +4,23 @@ time; models whose meaning depends on more than their bytes are never cached."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import _security_models as evil
-from conftest import ROOT, SAMPLES, mlp_jacobian
+from conftest import SAMPLES, imported, mlp_jacobian
 
-# Runs the real entry point in a fresh process, then says whether ``onnx`` got imported.
-PROBE = """
-import json, sys
-from jacli.cli.main import main
-report, argv = sys.argv[1], sys.argv[2:]
-try:
-    main(argv)
-except SystemExit as e:
-    code = e.code
-with open(report, "w") as f:
-    json.dump({"code": code, "onnx": "onnx" in sys.modules}, f)
-"""
 X = SAMPLES / "mlp_input.npy"
 X3 = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], np.float32)
 
 
 def cold_compute(tmp_path: Path, cache: Path, out: Path, *args) -> bool:
     """``jacli compute mlp.onnx`` in a new process; whether it imported onnx."""
-    report = tmp_path / "report.json"
     env = {**os.environ, "JACLI_CACHE_DIR": str(cache)}
-    r = subprocess.run([sys.executable, "-c", PROBE, str(report), "compute", str(SAMPLES / "mlp.onnx"), str(X), "-q",
-                        "-o", str(out), *args], capture_output=True, text=True, cwd=ROOT, env=env)
-    doc = json.loads(report.read_text())
-    assert doc["code"] in (0, None), r.stderr
-    return doc["onnx"]
+    return "onnx" in imported(tmp_path, "compute", SAMPLES / "mlp.onnx", X, "-q", "-o", out, *args, env=env)
 
 
 def entry(cache: Path, model: Path) -> Path:

@@ -2,37 +2,15 @@
 start-up chatter never reaches the terminal."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SAMPLES
+from conftest import ROOT, SAMPLES, imported
 
-# Runs the real entry point, then records which top-level packages ended up imported.
-PROBE = """
-import json, sys
-from jacli.cli.main import main
-report, argv = sys.argv[1], sys.argv[2:]
-try:
-    main(argv)
-except SystemExit as e:
-    code = e.code
-with open(report, "w") as f:
-    json.dump({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}, f)
-"""
 FRAMEWORKS = {"torch", "tensorflow", "keras", "tf_keras", "jax"}
 ON_DEMAND = {"h5py", "scipy", "rich"}  # output formats, spectral work, terminal rendering
-
-
-def imported(tmp_path, *args) -> set[str]:
-    report = tmp_path / "modules.json"
-    r = subprocess.run([sys.executable, "-c", PROBE, str(report), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT)
-    doc = json.loads(report.read_text())
-    assert doc["code"] in (0, None), r.stderr
-    return set(doc["modules"])
 
 
 def test_help_imports_no_framework(tmp_path):
