@@ -132,14 +132,15 @@ class RawNpy:
         rows, else one per row."""
         start = self.offset + s * self.sample
         item = block.dtype.itemsize
+        data = np.ascontiguousarray(block).data.cast("B")  # made contiguous once, then sliced per row
         if cols.start == 0 and cols.stop == n:
             self.f.seek(start + rows.start * n * item)
-            self.f.write(np.ascontiguousarray(block).data.cast("B"))
+            self.f.write(data)
             return
         self.f.flush()
-        fd = self.f.fileno()
+        fd, width = self.f.fileno(), block.shape[1] * item
         for j, r in enumerate(range(rows.start, rows.stop)):
-            os.pwrite(fd, np.ascontiguousarray(block[j]).data.cast("B"), start + (r * n + cols.start) * item)
+            os.pwrite(fd, data[j * width : (j + 1) * width], start + (r * n + cols.start) * item)
 
     def close(self) -> None:
         self.f.close()
