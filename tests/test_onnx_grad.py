@@ -1,4 +1,4 @@
-"""Derivative graphs of ONNX models (jacli.backends.onnx_grad) against independent references.
+"""Derivative graphs of ONNX models (jacli.backends.onnx.derive) against independent references.
 
 * Hand-built single-node graphs (attribute coverage, parametrised): the Jacobian assembled
   from the VJP graph (rows) and from the JVP graph (columns) is compared with central
@@ -26,7 +26,8 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-from jacli.backends.onnx_grad import build_jvp, build_vjp, to_float64
+from jacli.backends.onnx.derive import build_jvp, build_vjp
+from jacli.backends.onnx.float64 import to_float64
 from jacli.errors import InputError, UnsupportedError
 
 RNG = np.random.default_rng(1234)
