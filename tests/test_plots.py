@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 import sys
 import tracemalloc
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, imported, map2d_jacobian, run_jacli
+from conftest import ROOT, SAMPLES, imported, map2d_jacobian, run_jacli
 
 import jacli
 from jacli import api
@@ -124,6 +125,9 @@ def test_map2d_heatmap_draws_each_entry_in_its_cell(tmp_path):
         for r in range(2):
             for c in range(2):
                 np.testing.assert_allclose(cell_colour(img, p, r, c, 2, 2), VIRIDIS(J[r, c] / top)[:3], atol=0.02)
+        if J.max() > J.min():  # in greyscale, larger |J| is lighter
+            grey = [cell_colour(img, p, r, c, 2, 2) @ [0.299, 0.587, 0.114] for r, c in np.ndindex(2, 2)]
+            assert np.argmax(grey) == np.argmax(J) and np.argmin(grey) == np.argmin(J)
 
 
 @pytest.mark.parametrize("name,inputs,pairs", [("mlp", "mlp_input.npy", 1), ("multi", "multi_input.npz", 4)])
@@ -148,6 +152,23 @@ def test_pooled_heatmap_is_the_max_over_each_cell(tmp_path):
         assert v.pooled and v.heat.values.shape == (10, 256)
         expected = np.stack([J[s][:, a:b].max(axis=1) for a, b in zip(cols[:-1], cols[1:])], axis=1)
         np.testing.assert_allclose(v.heat.values, expected, rtol=1e-6)
+
+
+def test_at_most_max_pairs_are_drawn_and_every_block_is_passed_on():
+    from types import SimpleNamespace
+
+    from jacli.engine.jacobian import Pair
+    from jacli.render.plot_sink import MAX_PAIRS
+
+    pairs = [Pair(f"y{i}", "x", (2,), (3,), 1) for i in range(MAX_PAIRS + 2)]
+    seen = []
+    inner = SimpleNamespace(write=lambda key, s0, s1, block: seen.append(key))
+    sink = PlotSink(SimpleNamespace(pairs=pairs, samples=1, batch=True, ys={}), samples=1).wrap(inner)
+    assert sink.omitted == 2 and len(sink.views) == MAX_PAIRS
+    for p in pairs:
+        sink.write(p.key, 0, 1, np.ones((1, 2, 3)))
+    assert seen == [p.key for p in pairs]
+    assert all(v.seen == 6 and v.heat.values.max() == 1 for v in sink.views.values())
 
 
 # --- compute: saliency maps and sequences ----------------------------------------------------
@@ -332,6 +353,17 @@ def test_matplotlib_is_imported_only_for_plots(tmp_path):
     mods = imported(tmp_path, "compute", SAMPLES / "map2d.onnx", SAMPLES / "map2d_input.npy", "-q", "-o",
                     tmp_path / "J.npy")
     assert "matplotlib" not in mods and "PIL" not in mods
+    code = "import sys, jacli.render.plots, jacli.render.plot_sink, jacli.cli.plotting; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_the_extra_the_error_names_exists():
+    import re
+
+    text = (ROOT / "pyproject.toml").read_text()  # (tomllib is Python 3.11+)
+    assert re.search(r'^plot = \["matplotlib>=[\d.]+"\]', text, re.M) and "jacli[plot]" in plots.INSTALL
+    assert re.search(r'^test = \["jacli\[[a-z,]*plot[a-z,]*\]"', text, re.M)  # CI draws the plots
 
 
 @pytest.mark.parametrize("target", ["file/p.png", "missing/p.png", "p.pdf"])

@@ -32,7 +32,9 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
     xs = load_input(model, input_path, random_n, seed, quiet)
     plan = api.plan(model, xs, wrt or None, of or None, mode=mode, batch=not no_batch)
     shown = not (as_json or quiet or output == "-")  # the terminal view, with its heatmap
-    sink = plotting.jacobian_sink(model, plan, plot_samples, plot_output, plot_layout, plot_reduce) if plots else None
+    sink = None
+    if plots:
+        sink = plotting.jacobian_sink(model, plan, plot_samples, plot_output, plot_layout, plot_reduce, quiet)
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
                              progress=progress, heat=shown, summaries=shown or as_json, tap=sink and sink.wrap)

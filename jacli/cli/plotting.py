@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import OutputError
+from .common import warn
 
 
 def targets(paths) -> list[Path]:
@@ -34,10 +35,14 @@ def targets(paths) -> list[Path]:
     return out
 
 
-def jacobian_sink(model, plan, samples: int, output, layouts: dict, reduce: str):
+def jacobian_sink(model, plan, samples: int, output, layouts: dict, reduce: str, quiet: bool):
     from ..render.plot_sink import PlotSink
 
-    return PlotSink(plan, samples, output, layouts, reduce, channels_last=model.format in ("keras", "savedmodel"))
+    sink = PlotSink(plan, samples, output, layouts, reduce, channels_last=model.format in ("keras", "savedmodel"))
+    if sink.omitted:
+        warn(f"--plot draws the first {len(sink.pairs)} of {len(plan.pairs)} (output, input) pairs; choose others "
+             "with --of/--wrt", quiet)
+    return sink
 
 
 def compute_plots(sink, plan, reduce: str):

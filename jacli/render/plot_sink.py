@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import InputError
 
 CELLS = 256  # heatmap cells per axis, at most
+MAX_PAIRS = 12  # (output, input) pairs drawn, at most: the first ones in the plan's order
 LAYOUTS = ("auto", "chw", "hwc", "hw", "seq", "flat")
 IMAGES = ("chw", "hwc", "hw")
 _CHANNELS = (1, 3, 4)
@@ -194,11 +195,12 @@ class PlotSink:
             if name and name not in names:
                 raise InputError(f"--plot-layout {name}:…: the model has no input {name!r} being differentiated "
                                  f"(there are: {', '.join(sorted(names))})")
-        self.pairs = {p.key: p for p in plan.pairs}
+        self.pairs = {p.key: p for p in plan.pairs[:MAX_PAIRS]}
+        self.omitted = len(plan.pairs) - len(self.pairs)  # pairs passed on but not drawn
         self.inner = None
         self.samples = min(samples, plan.samples)
         self.views: dict[tuple[str, int], View] = {}
-        for p in plan.pairs:
+        for p in self.pairs.values():
             layout = input_layout(p.in_shape, layouts.get(p.wrt, layouts.get("", "auto")), channels_last)
             for s in range(self.samples):
                 v = View(p.of, p.wrt, s, p.out_shape, p.in_shape, layout,
@@ -219,14 +221,14 @@ class PlotSink:
     def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
         if self.inner is not None:
             self.inner.write(key, s0, s1, block)
-        p = self.pairs[key]
-        for s in range(s0, min(s1, self.samples)):
+        p = self.pairs.get(key)
+        for s in range(s0, min(s1, self.samples) if p else s0):
             self.views[key, s].add(slice(0, p.m), slice(0, p.n), block[s - s0].reshape(p.m, p.n))
 
     def write_part(self, key: str, s: int, rows: slice, cols: slice, block: np.ndarray, out_ndim: int) -> None:
         if self.inner is not None:
             self.inner.write_part(key, s, rows, cols, block, out_ndim)
-        if s < self.samples:
+        if s < self.samples and key in self.pairs:
             self.views[key, s].add(rows, cols, block)
 
     def ordered(self) -> list[View]:
