@@ -154,13 +154,13 @@ def test_pooled_heatmap_is_the_max_over_each_cell(tmp_path):
         np.testing.assert_allclose(v.heat.values, expected, rtol=1e-6)
 
 
-def test_at_most_max_pairs_are_drawn_and_every_block_is_passed_on():
+def test_at_most_max_pairs_are_drawn_and_every_block_is_passed_on(tmp_path):
     from types import SimpleNamespace
 
     from jacli.engine.jacobian import Pair
     from jacli.render.plot_sink import MAX_PAIRS
 
-    pairs = [Pair(f"y{i}", "x", (2,), (3,), 1) for i in range(MAX_PAIRS + 2)]
+    pairs = [Pair(f"y{i}$\\frac$", "x", (2,), (3,), 1) for i in range(MAX_PAIRS + 2)]  # names are not mathtext
     seen = []
     inner = SimpleNamespace(write=lambda key, s0, s1, block: seen.append(key))
     sink = PlotSink(SimpleNamespace(pairs=pairs, samples=1, batch=True, ys={}), samples=1).wrap(inner)
@@ -169,6 +169,10 @@ def test_at_most_max_pairs_are_drawn_and_every_block_is_passed_on():
         sink.write(p.key, 0, 1, np.ones((1, 2, 3)))
     assert seen == [p.key for p in pairs]
     assert all(v.seen == 6 and v.heat.values.max() == 1 for v in sink.views.values())
+    (pic,), (png,) = draw(plots.compute_plots(sink.ordered(), {}, {}))
+    assert len(pic.panels) == MAX_PAIRS and pic.panels[0].ax.get_title() == "sample 0: |dy0$\\frac$/dx|"
+    non_blank(read_png(tmp_path, png))
+    assert plots.file_name("saliency-a/b-c:d\n") == "saliency-a_b-c_d"
 
 
 # --- compute: saliency maps and sequences ----------------------------------------------------

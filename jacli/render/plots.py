@@ -29,7 +29,8 @@ INSTALL = "pip install 'jacli[plot]'"
 FORMATS = (".png", ".svg")
 CMAP = "viridis"
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7, "image.cmap": CMAP,
-         "svg.hashsalt": "jacli", "svg.fonttype": "path"}
+         "svg.hashsalt": "jacli", "svg.fonttype": "path",
+         "text.parse_math": False}  # tensor names are text, never mathtext: a "$" in one must not fail
 # Okabe–Ito colours, each kind of point with its own marker too
 BLUE, ORANGE, GREEN, VERMILLION, PURPLE, SKY, GREY = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7",
                                                       "#56B4E9", "#999999")
