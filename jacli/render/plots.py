@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from math import ceil, prod
 from typing import Callable
@@ -108,9 +109,11 @@ class Picture:
 
 @contextlib.contextmanager
 def _style():
+    """jacli's rc settings; matplotlib's warnings (layout, empty ranges) stay off the terminal."""
     import matplotlib
 
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         yield
 
 
@@ -182,7 +185,7 @@ def _grid(fig, views, kind: str) -> list[Panel]:
             title = f"sample {v.sample}: max |d{v.of}/d{v.wrt}| per block" + (" (max-pooled)" if pooled else "")
             ax.set_ylabel(f"{v.of} time step" if len(v.out_shape) >= 2 else f"{v.of}[i]")
             ax.set_xlabel(f"{v.wrt} time step")
-        extent = (0, cols, rows, 0)
+        extent = (0, max(cols, 1), max(rows, 1), 0)  # (an empty Jacobian: one blank cell)
         top = float(values.max(initial=0.0))
         im = ax.imshow(values, aspect="auto", interpolation="nearest", extent=extent, vmin=0, vmax=top or 1.0)
         fig.colorbar(im, ax=ax, label="|J|")
