@@ -342,6 +342,17 @@ def test_check_scatter_marks_each_diagnosis(built, tmp_path):
     non_blank(imread(out)[:, :, :3])
 
 
+def test_check_plot_of_leakage_is_its_message(tmp_path):
+    from jacli.engine.check import CheckResult, Leakage, tolerance
+
+    leak = Leakage(1, "y", [0], 0.5, 1e-6, [0])
+    result = CheckResult("columns", tolerance(np.float32, np.float64), leakage=leak)
+    (pic,), (png,) = draw([plots.check_plot(result)])
+    (panel,) = pic.panels
+    assert panel.kind == "message" and panel.data["message"] == leak.describe()
+    assert read_png(tmp_path, png).min() < 0.5  # text on white: the message is drawn
+
+
 # --- optional extra, errors, atomic writes ----------------------------------------------------
 def test_missing_matplotlib_is_one_error_line(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
