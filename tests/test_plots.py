@@ -297,14 +297,16 @@ def test_svd_spectra_with_error_bars_and_sigma_max(tmp_path):
         f"sample {i}: κ = {plots._num(free.condition_number[i])}" for i in range(3)]
 
 
-def test_cli_svd_and_det_plots(tmp_path):
-    for cmd, name, extra in (("svd", "mlp", ["-k", "3"]), ("det", "map2d", [])):
+def test_cli_svd_det_and_check_plots(tmp_path):
+    for cmd, name, extra in (("svd", "mlp", ["-k", "3"]), ("det", "map2d", []), ("check", "map2d", ["--fd"])):
         out = tmp_path / f"{cmd}.svg"
         r = run_jacli(cmd, SAMPLES / f"{name}.onnx", SAMPLES / f"{name}_input.npy", "--plot", out, "--json", *extra)
         assert r.code == 0 and r.stdout.startswith(b"{")
         assert out.read_bytes().startswith(b"<?xml")
     svg = (tmp_path / "det.svg").read_bytes()
     assert svg_marks(svg, "logdet-singular") == 1 and svg_marks(svg, "logdet-+1") == 2  # map2d: sample 2 is 0
+    svg = (tmp_path / "check.svg").read_bytes()  # map2d passes: its entries (at least each sample's worst) are ok
+    assert svg_marks(svg, "ad-fd-ok") >= 3 and svg_marks(svg, "ad-fd-wrong-gradient") == 0
 
 
 def test_det_marks_singular_and_ill_conditioned_samples(tmp_path):
