@@ -10,18 +10,16 @@ import tracemalloc
 import xml.etree.ElementTree as ET
 
 import numpy as np
+import plot_models as pm  # sample_models/, on the path via conftest
 import pytest
 from conftest import ROOT, SAMPLES, imported, map2d_jacobian, run_jacli
+from matplotlib import colormaps  # the extra jacli[plot], part of jacli[test]
+from matplotlib.image import imread
 
 import jacli
 from jacli import api
 from jacli.render import plots
 from jacli.render.plot_sink import PlotSink, _edges, input_layout
-
-pytest.importorskip("matplotlib", reason="the plot extra: pip install 'jacli[plot]'")
-import plot_models as pm  # noqa: E402  (sample_models/, on the path via conftest)
-from matplotlib import colormaps  # noqa: E402
-from matplotlib.image import imread  # noqa: E402
 
 VIRIDIS = colormaps["viridis"]
 
