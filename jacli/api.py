@@ -82,11 +82,11 @@ def compute(
     tap: Callable | None = None,
 ) -> ComputeResult:
     """Run a plan, streaming to ``output`` (a path, ``-`` or None) and (unless
-    ``summaries=False``) summarising each sample; ``tap(sink)``, if given, returns a sink
-    that sees every block before passing it on to ``sink`` (e.g. ``render.plot_sink.PlotSink.wrap``). A file output is written block by block
+    ``summaries=False``) summarising each sample. A file output is written block by block
     in ``max_memory`` bytes of working memory; ``-`` (stdout) is assembled in memory first.
     Refuses, before computing anything, a Jacobian that the disk (or, for ``-``, the
-    memory) has no room for."""
+    memory) has no room for. ``tap(sink)``, if given, returns a sink that sees every block
+    before passing it on to ``sink`` (``render.plot_sink.PlotSink.wrap`` does)."""
     from .io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:

@@ -1,8 +1,7 @@
 import click
 
 from .. import api
-from . import options
-from . import plotting
+from . import options, plotting
 from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model
 
 
@@ -37,7 +36,7 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
         sink = plotting.jacobian_sink(model, plan, plot_samples, plot_output, plot_layout, plot_reduce, quiet)
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
-                             progress=progress, heat=shown, summaries=shown or as_json, tap=sink and sink.wrap)
+                             progress=progress, heat=shown, summaries=shown or as_json, tap=sink.wrap if sink else None)
     if sink:
         plotting.save(plotting.compute_plots(sink, plan, plot_reduce), plots, quiet)
     if not (as_json or shown):
