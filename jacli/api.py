@@ -79,12 +79,14 @@ def compute(
     progress: Callable[[int], None] | None = None,
     heat: bool = True,
     summaries: bool = True,
+    tap: Callable | None = None,
 ) -> ComputeResult:
     """Run a plan, streaming to ``output`` (a path, ``-`` or None) and (unless
     ``summaries=False``) summarising each sample. A file output is written block by block
     in ``max_memory`` bytes of working memory; ``-`` (stdout) is assembled in memory first.
     Refuses, before computing anything, a Jacobian that the disk (or, for ``-``, the
-    memory) has no room for."""
+    memory) has no room for. ``tap(sink)``, if given, returns a sink that sees every block
+    before passing it on to ``sink`` (``render.plot_sink.PlotSink.wrap`` does)."""
     from .io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:
@@ -94,7 +96,8 @@ def compute(
     shapes = {q.key: q.shape for q in p.pairs}
 
     def run(sink) -> None:
-        jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+        jac.run(model, p, tap(sink) if tap else sink, method=method, chunk=chunk_size, budget=max_memory,
+                progress=progress)
 
     if output is None:
         stats = StatsSink(p.pairs, heat=heat)

@@ -104,3 +104,46 @@ svd = _stack(
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
                             help="J counts as singular when its reciprocal condition number estimate is at most R "
                                  "(default: n·eps of the model's dtype).")
+
+
+# --plot (the optional extra jacli[plot]); see docs/plots.md
+def _plot_output(ctx, param, value):
+    if value is None:
+        return ("top", 1)
+    m = re.fullmatch(r"\s*top-?(\d+)\s*", value, re.I)
+    if m and int(m.group(1)) >= 1:
+        return ("top", int(m.group(1)))
+    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
+        return ("index", tuple(int(i) for i in value.split(",")))
+    raise click.BadParameter(f"{value!r}: give an output index (flat, or i,j,… per axis) or top-K, e.g. top-3")
+
+
+def _plot_layouts(ctx, param, values):
+    if not values:
+        return {}
+    from ..render.plot_sink import LAYOUTS
+
+    out = {}
+    for value in values:
+        name, _, layout = value.rpartition(":")
+        if layout not in LAYOUTS:
+            raise click.BadParameter(f"{value!r}: give [INPUT:]LAYOUT with LAYOUT one of {', '.join(LAYOUTS)}")
+        out[name] = layout
+    return out
+
+
+plot = click.option("--plot", "plot", multiple=True, metavar="FILE",
+                    help="Draw the result to FILE (.png or .svg; repeatable), or to an existing directory (one PNG per "
+                         "plot). Needs the extra jacli[plot] (matplotlib). See docs/plots.md.")
+plot_samples = click.option("--plot-samples", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+                            help="Samples drawn by --plot (the first N).")
+plot_map = _stack(
+    click.option("--plot-output", callback=_plot_output, metavar="INDEX|top-K",
+                 help="Outputs whose saliency maps --plot draws for image inputs: an index into the output, or the "
+                      "K largest outputs of each sample (default: top-1)."),
+    click.option("--plot-layout", multiple=True, callback=_plot_layouts, metavar="[INPUT:]LAYOUT",
+                 help="How --plot reads an input: chw, hwc, hw (images), seq (time × features), flat, or auto "
+                      "(default: images from 3-D shapes with 1, 3 or 4 channels, sequences from 2-D ones)."),
+    click.option("--plot-reduce", type=click.Choice(["max", "l2"]), default="max", show_default=True,
+                 help="Saliency maps: |dy/dx| reduced over an image's channels by max or L2 norm."),
+)
