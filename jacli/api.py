@@ -101,7 +101,16 @@ def compute(
         run(stats)
         return ComputeResult(p, stats.ordered())
     pieces = {q.key: (len(q.out_shape), jac.parts_direction(p, method)) for q in p.pairs} if jac.in_parts(p, max_memory) else None
-    with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch, pieces=pieces) as writer:
+    meta = metadata(model, p, method)
+    baseline = output != "-" and Path(output).suffix.lower() in (".h5", ".hdf5")  # with its input: a baseline
+    if baseline:
+        from .io.readers import arrays_sha256
+
+        meta["input_sha256"] = arrays_sha256(p.xs)
+    with open_writer(output, shapes, p.dtype, meta, batch=p.batch, pieces=pieces) as writer:
+        if baseline:
+            writer.store_arrays("jacli_input", p.xs)
+            writer.store_arrays("jacli_output", p.ys)
         stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
         run(stats or writer)
     return ComputeResult(p, stats.ordered() if stats else [], output)
@@ -280,3 +289,158 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict):
     if output == "-" or Path(output).suffix.lower() not in (".npz", ".h5", ".hdf5"):
         raise OutputError(f"cannot write {output}: svd and det write several arrays; use a .npz or .h5 file")
     return open_writer(output, arrays, np.float64, meta, batch=True)
+
+
+# --- diff: derivative parity of two models, or of a model and a baseline file --------------
+def diff(
+    a: Model,
+    b: Model | str,
+    x=None,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    maps: Mapping[str, tuple[str, str | None]] | Sequence[str] | None = None,
+    atol: float | Mapping[str | None, float] | None = None,
+    rtol: float | Mapping[str | None, float] | None = None,
+    check_stat: str | Mapping[str | None, str] | None = None,
+    batch: bool = True,
+    mode: str = "auto",
+    directions: int | None = None,
+    seed: int = 0,
+    locate: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    progress: Callable[[int], None] | None = None,
+):
+    """Compare model ``a`` with model ``b`` at ``x`` (or with a baseline file ``b``, a path
+    written by ``compute(..., output='base.h5')``, at the baseline's own input): outputs and
+    per-sample Jacobians (``batch=False``: of whole arrays), streamed block by block in
+    ``max_memory``; with ``directions`` K, only J·v and Jᵀc for K random probes per sample.
+    ``maps``: {A name: (B name, layout None | 'nhwc' | 'nchw')} or ``["a=b:nhwc", ...]``;
+    tolerances: a number or {name or None: value}. Returns a ``jacli.engine.diff.DiffResult``
+    (``.passed``, ``.to_json()``); see docs/guide.md#diff."""
+    from .engine import diff as d
+
+    maps = d.parse_maps(maps) if isinstance(maps, (list, tuple)) else dict(maps or {})
+    tol = d.Tolerances(*(dict(v) if isinstance(v, Mapping) else ({} if v is None else {None: v})
+                         for v in (atol, rtol, check_stat)))
+    for stat in tol.stat.values():
+        d.stat_value(stat)
+    d.require_ad(a, "A")
+    if isinstance(b, (str, Path)):
+        return _diff_baseline(a, str(b), x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size,
+                              max_memory, progress)
+    d.require_ad(b, "B")
+    xs = as_inputs(a, x)
+    _check_maps(maps, a)
+    in_links = d.match(a.input_names(), b.input_names(), maps, "input")
+    if not b.outputs:  # TorchScript: B learns its outputs from a real input
+        b.bind(d.Mapped(b, in_links, [])._ins(xs, 0))
+    out_links = d.match(_names(of) or a.output_names(), b.output_names(), maps, "output", a.output_names())
+    links = {"inputs": in_links, "outputs": out_links}
+    view = d.Mapped(b, in_links, out_links)
+    pa = jac.plan(a, xs, _names(wrt), _names(of) or [l.a for l in out_links if a.spec(l.a).is_float] or None,
+                  mode=mode, batch=batch)
+    pb = jac.plan(view, xs, pa.wrt, pa.of, mode=pa.mode, batch=batch)
+    d.check_shapes(pa, {q.key: (q.out_shape, q.in_shape) for q in pb.pairs}, links)
+    outputs = d.compare_outputs(pa, pb.ys, tol)
+    if directions:
+        jacobians = d.compare_directions(a, pa, view, tol, directions, seed, max_memory, progress)
+        result = d.DiffResult(outputs, jacobians, links, "directions", directions, d.miss_probability(directions))
+    else:
+        source = d.ModelSource(view, pb, (max_memory or jac.DEFAULT_BUDGET) // 2, chunk_size)
+        jacobians = d.compare_jacobians(a, pa, source, tol, pb.dtype, max_memory, chunk_size, progress)
+        result = d.DiffResult(outputs, jacobians, links, "jacobian")
+    if locate:
+        result.locate = _locate(a, b, pa, links, result, seed)
+    return result
+
+
+def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size, max_memory, progress):
+    from .engine import diff as d
+    from .io.readers import Baseline
+
+    if x is not None:
+        raise InputError("a baseline brings its own input: give MODEL and BASELINE.h5 only")
+    if directions:
+        raise InputError("--directions compares two models; a baseline holds whole Jacobians: drop --directions")
+    with Baseline(path) as base:
+        if base.batch != batch:
+            raise InputError(f"the baseline was computed {'per sample' if base.batch else 'with --no-batch'}; "
+                             f"{'drop' if base.batch else 'add'} --no-batch")
+        _check_maps(maps, a)
+        in_links = d.match(a.input_names(), base.input_names, maps, "input")
+        xs = {}
+        for l in in_links:
+            v = base.xs[l.b]
+            xs[l.a] = d.permute(v, d._to_a(l, v.ndim - 1))
+        xs = as_inputs(a, xs)
+        stored_of = sorted({j["of"] for j in base.jacobians.values()}, key=base.output_names.index)
+        stored_wrt = sorted({j["wrt"] for j in base.jacobians.values()}, key=base.input_names.index)
+        out_links = d.match(_names(of) or a.output_names(), base.output_names, maps, "output", a.output_names())
+        back_in = {l.b: l.a for l in in_links}
+        links = {"inputs": in_links, "outputs": [l for l in out_links if l.b in stored_of]}
+        if not links["outputs"]:
+            raise InputError(f"none of A's outputs match the baseline's differentiated outputs ({', '.join(stored_of)})")
+        pa = jac.plan(a, xs, _names(wrt) or [back_in[n] for n in stored_wrt if n in back_in],
+                      [l.a for l in links["outputs"]], mode=mode, batch=batch)
+        source = d.BaselineSource(base, pa, links)
+        if set(source.ys) >= set(pa.of):
+            outputs = d.compare_outputs(pa, source.ys, tol)
+        else:
+            outputs = []
+        dtype = np.result_type(*(base.dtype(k) for k in source.keys.values()))
+        jacobians = d.compare_jacobians(a, pa, source, tol, dtype, max_memory, chunk_size, progress)
+        result = d.DiffResult(outputs, jacobians, links, "jacobian")
+        if not outputs:
+            result.notes.append("the baseline stores no outputs; only Jacobians were compared")
+        if locate:
+            result.locate = {"available": False, "reason": "--locate against a baseline needs its intermediate "
+                             "derivatives, which baselines do not store; compare the two ONNX models instead"}
+    return result
+
+
+def _check_maps(maps: Mapping, a: Model) -> None:
+    names = set(a.input_names()) | set(a.output_names())
+    for name in maps:
+        if name not in names:
+            raise InputError(f"--map {name}=...: A has no input or output {name!r} "
+                             f"(inputs: {', '.join(a.input_names())}; outputs: {', '.join(a.output_names())})")
+
+
+def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) -> dict:
+    """The first node of A (topological order) whose output's J·v differs from the
+    same-named tensor of B, for two ONNX models; else why it is unavailable."""
+    from .engine import diff as d
+    from .errors import JacliError
+
+    def unavailable(reason: str) -> dict:
+        return {"available": False, "reason": reason}
+
+    if a.format != "onnx" or b.format != "onnx":
+        other = b.format if a.format == "onnx" else a.format
+        return unavailable(f"--locate compares intermediate tensors of two ONNX models; this pair includes a {other} "
+                           "model, whose intermediate tensors are not named to match an ONNX graph's")
+    if any(l.layout for ls in links.values() for l in ls):
+        return unavailable("--locate needs both ONNX models in the same layout (a --map layout was given)")
+    from .backends import onnx_locate
+
+    failing = [w for c in result.jacobians if not c.passed for w in c.worst[:1]]
+    sample = (failing[0].get("sample") or 0) if failing and pa.batch else 0
+    xs = {k: v[sample : sample + 1] for k, v in pa.xs.items()} if pa.batch else pa.xs
+    rng = np.random.default_rng(seed)
+    tangents = {i: rng.standard_normal(xs[i].shape).astype(xs[i].dtype) for i in pa.wrt}
+    to_b = {l.a: l.b for l in links["inputs"]}
+    try:
+        mine = onnx_locate.intermediates(a.proto)
+        theirs = {t["tensor"]: t for t in onnx_locate.intermediates(b.proto)}
+        shared = [t for t in mine if t["tensor"] in theirs]
+        if not shared:
+            return unavailable("the two ONNX graphs have no intermediate tensor names in common")
+        va, ja = onnx_locate.probe(a.proto, xs, tangents, shared)
+        vb, jb = onnx_locate.probe(b.proto, {to_b[k]: v for k, v in xs.items()},
+                                   {to_b[k]: v for k, v in tangents.items()}, [theirs[t["tensor"]] for t in shared])
+    except JacliError as e:
+        return unavailable(f"the intermediate derivatives could not be computed: {e}")
+    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
+    found = d.first_difference(shared, theirs, va, vb, ja, jb, atol, rtol, pa.dtype)
+    return {"available": True, "sample": sample if pa.batch else None, **found}

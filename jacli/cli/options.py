@@ -104,3 +104,28 @@ svd = _stack(
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
                             help="J counts as singular when its reciprocal condition number estimate is at most R "
                                  "(default: n·eps of the model's dtype).")
+
+# diff
+diff = _stack(
+    click.argument("a_path", metavar="A"),
+    click.argument("b_path", metavar="B"),
+    click.option("--trust-model", is_flag=True,
+                 help="Allow formats that can run code on load (for both models; see docs/security.md)."),
+    click.option("--atol", multiple=True, metavar="[NAME:]A",
+                 help="Absolute tolerance, for every output or (NAME:A, repeatable) for output NAME and its "
+                      "Jacobians, or one Jacobian dNAME/dIN (default by dtype: 1e-5 float32, 1e-9 float64, 1e-3 float16)."),
+    click.option("--rtol", multiple=True, metavar="[NAME:]R",
+                 help="Relative tolerance |a-b|/|b| (B is the reference), like --atol (default: 1e-4 float32, "
+                      "1e-7 float64, 1e-2 float16). An entry differs when both are exceeded."),
+    click.option("--check-stat", multiple=True, metavar="[NAME:]STAT",
+                 help="What is compared with the tolerances: elementwise (every entry; default), or the max, mean "
+                      "or median of the errors (passes when the absolute or the relative one is within tolerance)."),
+    click.option("--map", "maps", multiple=True, metavar="A=B[:LAYOUT]",
+                 help="Pair A's input/output A with B's B (repeatable; default: by name, else by position). "
+                      "LAYOUT nhwc: B holds it channels-last where A is channels-first; nchw: the reverse."),
+    click.option("--directions", type=click.IntRange(min=1), metavar="K",
+                 help="Compare only J·v and Jᵀc for K random probes per sample (for Jacobians too big to form); "
+                      "the miss probability is reported."),
+    click.option("--locate", is_flag=True,
+                 help="For two ONNX models: name the first node (topological order) whose output's derivative differs."),
+)

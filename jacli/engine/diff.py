@@ -1,0 +1,655 @@
+"""Derivative parity of two models (or a model and a baseline file), compared as they stream.
+
+Model A's Jacobian is computed by ``jacobian.run`` block by block (whole sample blocks, or
+row/column parts of one sample when a sample's Jacobian exceeds the budget); for every
+block the sink asks a *source* for the matching block of B (the same samples, rows and
+columns: B runs the same one-hot seeds through its own VJP/JVP, or a baseline file is
+read at those offsets), compares the two and drops both. Neither Jacobian is ever held
+whole: memory holds one block of each.
+
+B is seen through A's names and layouts (:class:`Mapped`), so every block of B lines up
+with A's: names are matched by ``--map``, by name, or by position; a layout (``nhwc`` /
+``nchw``) transposes B's per-sample axes.
+
+Tolerances follow Polygraphy: an entry differs when ``|a - b| > atol`` *and*
+``|a - b| / |b| > rtol`` (B is the reference); the statistic compared is the elementwise
+test (the default), or the max / mean / median of the absolute and relative errors, one
+of which must be within its tolerance. Streaming statistics: exact max, mean and
+mismatch counts; the median's verdict is exact (counting entries within tolerance), its
+reported value is read from a log-scale histogram (within about 2.3%).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from math import prod
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError, UnsupportedError
+from ..model import Model, TensorSpec
+from . import jacobian as jac
+
+STATS = ("elementwise", "max", "mean", "median")
+LAYOUTS = ("nhwc", "nchw")
+WORST = 10  # entries kept per comparison
+_CHUNK = 1 << 18  # entries compared at once (bounds the float64 temporaries)
+_DECADES, _PER_DECADE = (-40, 40), 100  # the median's histogram: 0.01 decade bins
+
+
+# --- tolerances -------------------------------------------------------------------------
+def default_tolerances(dtype) -> tuple[float, float]:
+    """(atol, rtol) by the coarser dtype of the two sides."""
+    dtype = np.dtype(dtype)
+    if dtype.itemsize <= 2:
+        return 1e-3, 1e-2
+    if dtype.itemsize >= 8:
+        return 1e-9, 1e-7
+    return 1e-5, 1e-4
+
+
+@dataclass
+class Tolerances:
+    """Per-name settings (an output name, or a Jacobian key ``d{out}/d{in}``), with defaults."""
+
+    atol: dict[str | None, float] = field(default_factory=dict)  # None: the default
+    rtol: dict[str | None, float] = field(default_factory=dict)
+    stat: dict[str | None, str] = field(default_factory=dict)
+
+    def lookup(self, of: str, key: str, dtype) -> tuple[float, float, str]:
+        datol, drtol = default_tolerances(dtype)
+
+        def pick(table, default):
+            for name in (key, of, None):
+                if name in table:
+                    return table[name]
+            return default
+
+        return pick(self.atol, datol), pick(self.rtol, drtol), pick(self.stat, "elementwise")
+
+
+def parse_named(values: Sequence[str], flag: str, convert) -> dict[str | None, object]:
+    """``[NAME:]VALUE`` settings (repeatable) into {NAME or None: value}."""
+    out: dict[str | None, object] = {}
+    for text in values:
+        name, sep, value = text.rpartition(":")
+        try:
+            out[name if sep else None] = convert(value)
+        except ValueError as e:
+            raise InputError(f"{flag} {text!r}: {e}; use {flag} VALUE or {flag} NAME:VALUE") from None
+    return out
+
+
+def tolerance_value(text: str) -> float:
+    v = float(text)
+    if not v >= 0:
+        raise ValueError("a tolerance is a number >= 0")
+    return v
+
+
+def stat_value(text: str) -> str:
+    if text not in STATS:
+        raise ValueError(f"the statistic is one of {', '.join(STATS)}")
+    return text
+
+
+# --- one streaming comparison -----------------------------------------------------------
+class Comparison:
+    """Error statistics of A against B (the reference) for one output or Jacobian pair,
+    accumulated block by block. ``update(a, b, locate)``: flat blocks of equal length;
+    ``locate(flat)`` turns positions in the block into where-dicts for the worst entries."""
+
+    def __init__(self, name: str, atol: float, rtol: float, stat: str, **where):
+        self.name, self.atol, self.rtol, self.stat, self.where = name, atol, rtol, stat, where
+        self.count = self.mismatches = self.within_atol = self.within_rtol = self.zeros = self.infinite = 0
+        self.max_abs = self.max_rel = self.sum_abs = self.sum_rel = 0.0
+        bins = (_DECADES[1] - _DECADES[0]) * _PER_DECADE
+        self.hist = {"abs": np.zeros(bins, np.int64), "rel": np.zeros(bins, np.int64)}
+        self.low = {"abs": 0, "rel": 0}  # exact zeros
+        self.high = {"abs": 0, "rel": 0}  # infinite
+        self.worst: list[dict] = []
+
+    def update(self, a: np.ndarray, b: np.ndarray, locate: Callable[[np.ndarray], list[dict]]) -> None:
+        a, b = a.reshape(-1), b.reshape(-1)
+        for c0 in range(0, a.size, _CHUNK):
+            self._update(a[c0 : c0 + _CHUNK], b[c0 : c0 + _CHUNK], c0, locate)
+
+    def _update(self, a, b, offset, locate) -> None:
+        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))
+            d = np.abs(a64 - b64)
+            d[same] = 0
+            d[np.isnan(d)] = np.inf
+            mag = np.abs(b64)
+            rel = np.divide(d, mag, out=np.where(d > 0, np.inf, 0.0), where=mag > 0)
+            allowed = np.fmax(self.atol, self.rtol * mag)
+            excess = np.divide(d, allowed, out=np.where(d > 0, np.inf, 0.0), where=allowed > 0)
+        self.count += d.size
+        if not d.size:
+            return
+        self.max_abs = max(self.max_abs, float(d.max()))
+        self.max_rel = max(self.max_rel, float(rel.max()))
+        self.sum_abs += float(d.sum())
+        self.sum_rel += float(rel.sum())
+        self.within_atol += int(np.count_nonzero(d <= self.atol))
+        self.within_rtol += int(np.count_nonzero(rel <= self.rtol))
+        self.mismatches += int(np.count_nonzero(excess > 1))
+        for kind, values in (("abs", d), ("rel", rel)):
+            self._histogram(kind, values)
+        keep = np.flatnonzero(d > 0)
+        if keep.size > WORST:
+            keep = keep[np.argpartition(-excess[keep], WORST - 1)[:WORST]]
+        if keep.size:
+            where = locate(keep + offset)
+            for j, w in zip(keep, where):
+                self.worst.append({**w, "a": float(a64[j]), "b": float(b64[j]), "abs_error": float(d[j]),
+                                   "rel_error": float(rel[j]), "excess": float(excess[j])})
+            self.worst.sort(key=lambda e: (-e["excess"], -e["abs_error"]))
+            del self.worst[WORST:]
+
+    def _histogram(self, kind: str, values: np.ndarray) -> None:
+        zero, inf = values == 0, np.isinf(values)
+        self.low[kind] += int(np.count_nonzero(zero))
+        self.high[kind] += int(np.count_nonzero(inf))
+        pos = values[~zero & ~inf]
+        if pos.size:
+            idx = np.floor((np.log10(pos) - _DECADES[0]) * _PER_DECADE).astype(np.int64)
+            np.clip(idx, 0, len(self.hist[kind]) - 1, out=idx)
+            self.hist[kind] += np.bincount(idx, minlength=len(self.hist[kind]))
+
+    def median(self, kind: str) -> float:
+        """The lower median, to within one histogram bin."""
+        if not self.count:
+            return 0.0
+        rank = (self.count + 1) // 2  # the rank-th smallest
+        if rank <= self.low[kind]:
+            return 0.0
+        cum = self.low[kind] + np.cumsum(self.hist[kind])
+        i = int(np.searchsorted(cum, rank))
+        if i >= len(cum):
+            return math.inf
+        return float(10 ** (_DECADES[0] + (i + 0.5) / _PER_DECADE))
+
+    @property
+    def passed(self) -> bool:
+        if not self.count:
+            return True
+        if self.stat == "elementwise":
+            return self.mismatches == 0
+        if self.stat == "median":
+            half = (self.count + 1) // 2
+            return self.within_atol >= half or self.within_rtol >= half
+        if self.stat == "mean":
+            return self.sum_abs / self.count <= self.atol or self.sum_rel / self.count <= self.rtol
+        return self.max_abs <= self.atol or self.max_rel <= self.rtol
+
+    def to_json(self) -> dict:
+        n = max(self.count, 1)
+        return {"name": self.name, **self.where, "passed": self.passed, "entries": self.count,
+                "check_stat": self.stat, "atol": self.atol, "rtol": self.rtol,
+                "max_abs_error": self.max_abs, "max_rel_error": self.max_rel,
+                "mean_abs_error": self.sum_abs / n, "mean_rel_error": self.sum_rel / n,
+                "median_abs_error": self.median("abs"), "median_rel_error": self.median("rel"),
+                "mismatches": self.mismatches, "worst": [{k: v for k, v in e.items() if k != "excess"}
+                                                         for e in self.worst]}
+
+
+# --- names and layouts ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Link:
+    """A tensor of A and its counterpart in B: ``how`` is map | name | position; ``layout``
+    says how B's per-sample axes lie (``nhwc``: B channels-last where A is channels-first)."""
+
+    a: str
+    b: str
+    how: str
+    layout: str | None = None
+
+    def to_json(self) -> dict:
+        return {"a": self.a, "b": self.b, "how": self.how, "layout": self.layout}
+
+
+def parse_maps(values: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """``--map A=B[:LAYOUT]`` (repeatable) into {A: (B, LAYOUT or None)}."""
+    out = {}
+    for text in values:
+        a, sep, rest = text.partition("=")
+        b, _, layout = rest.rpartition(":") if rest.rsplit(":", 1)[-1].lower() in LAYOUTS else (rest, "", "")
+        if not sep or not a or not b:
+            raise InputError(f"--map {text!r}: use --map A_NAME=B_NAME or --map A_NAME=B_NAME:nhwc|nchw")
+        out[a] = (b, layout.lower() or None)
+    return out
+
+
+def match(a_names: Sequence[str], b_names: Sequence[str], maps: Mapping[str, tuple[str, str | None]], what: str,
+          a_all: Sequence[str] | None = None) -> list[Link]:
+    """Counterparts in B of ``a_names``: by ``maps``, then by name, then by position (in
+    ``a_all``, A's full list, against ``b_names``) when both sides have as many."""
+    a_all = list(a_all or a_names)
+    links, used = {}, set()
+    for a in a_names:
+        if a in maps:
+            b, layout = maps[a]
+            if b not in b_names:
+                raise InputError(f"--map {a}={b}: B has no {what} {b!r} (it has: {', '.join(b_names) or 'none'})")
+            links[a], used = Link(a, b, "map", layout), used | {b}
+    for a in a_names:
+        if a not in links and a in b_names and a not in used:
+            links[a], used = Link(a, a, "name"), used | {a}
+    rest = [a for a in a_names if a not in links]
+    if rest:
+        if len(a_all) != len(b_names):
+            raise InputError(
+                f"cannot match A's {what}s ({', '.join(a_all)}) with B's ({', '.join(b_names)}): no such names "
+                f"in B and the counts differ; pair them with --map A_NAME=B_NAME")
+        for a in rest:
+            links[a] = Link(a, b_names[a_all.index(a)], "position")
+    return [links[a] for a in a_names]
+
+
+def layout_perm(layout: str | None, rank: int, name: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(A → B, B → A) permutations of ``rank`` per-sample axes for a layout, or None."""
+    if layout is None:
+        return None
+    if rank < 2:
+        raise InputError(f"--map {name}: layout {layout} needs channel and spatial axes, but {name!r} has "
+                         f"{rank} per-sample axis(es)")
+    last = tuple(range(1, rank)) + (0,)  # channels-first -> channels-last
+    first = (rank - 1,) + tuple(range(rank - 1))
+    return (last, first) if layout == "nhwc" else (first, last)
+
+
+def permute(a: np.ndarray, perm: tuple[int, ...] | None) -> np.ndarray:
+    """Apply a per-sample permutation to the trailing ``len(perm)`` axes."""
+    if perm is None:
+        return a
+    lead = a.ndim - len(perm)
+    return np.ascontiguousarray(a.transpose(*range(lead), *(lead + p for p in perm)))
+
+
+class Mapped(Model):
+    """Model B under A's names and layouts: tensors are renamed and transposed on the way
+    in and out of B's own (public) forward, vjp and jvp."""
+
+    def __init__(self, inner: Model, inputs: list[Link], outputs: list[Link]):
+        super().__init__(path=inner.path, format=inner.format, backend=inner.backend,
+                         supports_ad=inner.supports_ad, ad_unavailable=inner.ad_unavailable)
+        self.inner, self.links_in, self.links_out = inner, inputs, outputs
+        self._ranks: dict[str, int] = {}  # per-sample rank of each tensor (A's name)
+        specs = {s.name: s for s in inner.inputs}
+        self.inputs = [TensorSpec(l.a, None, specs[l.b].dtype) for l in inputs]
+        out_specs = {s.name: s for s in inner.outputs}
+        self.outputs = [TensorSpec(l.a, None, out_specs[l.b].dtype if l.b in out_specs else "float32") for l in outputs]
+
+    def _perm(self, link: Link, to_b: bool):
+        perms = layout_perm(link.layout, self._ranks[link.a], link.a)
+        return None if perms is None else perms[0 if to_b else 1]
+
+    def _dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.inner.spec(name).dtype)
+
+    def _ins(self, xs, leading: int, seeds: bool = False) -> dict[str, np.ndarray]:
+        out = {}
+        for l in self.links_in:
+            if l.a in xs:
+                self._ranks.setdefault(l.a, xs[l.a].ndim - 1 - leading)
+                v = permute(np.asarray(xs[l.a]), self._perm(l, True))
+                out[l.b] = v.astype(self._dtype(l.b), copy=False)
+        return out
+
+    def _outs(self, ys, names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        return {l.a: permute(ys[l.b], self._perm(l, False)) for l in self.links_out if names is None or l.a in names}
+
+    def _forward(self, xs):
+        return self.forward(xs)
+
+    def bind(self, xs) -> None:
+        self.inner.bind(self._ins(xs, 0))
+
+    def forward(self, xs):
+        ys = self.inner.forward(self._ins(xs, 0))
+        for l in self.links_out:
+            if l.b not in ys:
+                raise InputError(f"B gave no output {l.b!r} (it gave: {', '.join(ys)})")
+            self._ranks.setdefault(l.a, ys[l.b].ndim - 1)
+        return self._outs(ys)
+
+    def vjp(self, xs, cotangents, wrt, per_sample=True):
+        cts = {}
+        for l in self.links_out:
+            if l.a in cotangents:
+                cts[l.b] = permute(cotangents[l.a], self._perm(l, True))
+        b_wrt = [self._b(self.links_in, a) for a in wrt]
+        grads = self.inner.vjp(self._ins(xs, 0), cts, b_wrt, per_sample=per_sample)
+        return {l.a: permute(grads[l.b], self._perm(l, False)) for l in self.links_in if l.a in wrt}
+
+    def jvp(self, xs, tangents, of, per_sample=True):
+        ts = self._ins(tangents, 1)
+        outs = self.inner.jvp(self._ins(xs, 0), ts, [self._b(self.links_out, a) for a in of], per_sample=per_sample)
+        return self._outs(outs, of)
+
+    @staticmethod
+    def _b(links: list[Link], a: str) -> str:
+        return next(l.b for l in links if l.a == a)
+
+
+# --- sources of B's blocks ----------------------------------------------------------------
+class ModelSource:
+    """B's blocks computed on demand: whole sample blocks by ``jacobian.run`` on the same
+    samples (all pairs at once, kept until the next sample block), parts by one-hot seeds
+    on the same rows (VJP) or columns (JVP)."""
+
+    def __init__(self, model: Model, plan: jac.Plan, budget: int, chunk: int | None):
+        self.model, self.plan, self.budget, self.chunk = model, plan, budget, chunk
+        self.pairs = {p.key: p for p in plan.pairs}
+        self._at, self._arrays = None, {}
+
+    @property
+    def ys(self) -> dict[str, np.ndarray]:
+        return self.plan.ys
+
+    def block(self, key: str, s0: int, s1: int) -> np.ndarray:
+        if self._at != (s0, s1):
+            self._arrays = {}  # the last block's arrays go before the next are made
+            p = self.plan
+            xs = {k: v[s0:s1] for k, v in p.xs.items()} if p.batch else p.xs
+            sub = replace(p, xs=xs, samples=s1 - s0, pairs=[replace(q, samples=s1 - s0) if p.batch else q
+                                                             for q in p.pairs])
+            sink = jac.ArraySink(sub)
+            jac.run(self.model, sub, sink, chunk=self.chunk, budget=self.budget)
+            self._at, self._arrays = (s0, s1), sink.arrays
+        return self._arrays[key]
+
+    def part(self, key: str, s: int, rows: slice, cols: slice) -> np.ndarray:
+        p, q = self.plan, self.pairs[key]
+        xs = {k: v[s : s + 1] for k, v in p.xs.items()} if p.batch else p.xs
+        lead = (1,) if p.batch else ()
+        k = jac.seed_block(p, 1, self.budget, self.chunk)
+        pieces = []
+        if cols.start == 0 and cols.stop == q.n:  # rows: VJPs
+            for r0 in range(rows.start, rows.stop, k):
+                r1 = min(rows.stop, r0 + k)
+                ct = _one_hot(r0, r1, lead, q.out_shape, p.dtype)
+                g = self.model.vjp(xs, {q.of: ct}, [q.wrt], per_sample=p.batch)[q.wrt]
+                pieces.append(g.reshape(r1 - r0, -1))
+            return np.concatenate(pieces)[:, cols]
+        for c0 in range(cols.start, cols.stop, k):  # columns: JVPs
+            c1 = min(cols.stop, c0 + k)
+            t = _one_hot(c0, c1, lead, q.in_shape, p.xs[q.wrt].dtype)
+            v = self.model.jvp(xs, {q.wrt: t}, [q.of], per_sample=p.batch)[q.of]
+            pieces.append(v.reshape(c1 - c0, -1).T)
+        return np.concatenate(pieces, axis=1)[rows]
+
+
+def _one_hot(start: int, stop: int, lead: tuple[int, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
+    seeds = np.zeros((stop - start, prod(shape)), dtype)
+    seeds[np.arange(stop - start), np.arange(start, stop)] = 1
+    return seeds.reshape((stop - start,) + lead + tuple(shape))
+
+
+class BaselineSource:
+    """B's blocks read from a baseline file (``io.readers.Baseline``: ``read``,
+    ``read_part``, ``shape``, ``ys``), renamed and transposed to A's layout."""
+
+    def __init__(self, baseline, plan: jac.Plan, links: dict[str, list[Link]]):
+        self.baseline, self.plan = baseline, plan
+        ins, outs = {l.a: l for l in links["inputs"]}, {l.a: l for l in links["outputs"]}
+        self.keys, self.perms = {}, {}
+        for q in plan.pairs:
+            key = f"d{outs[q.of].b}/d{ins[q.wrt].b}"
+            if key not in baseline.jacobians:
+                raise InputError(f"the baseline holds no Jacobian {key} (for A's {q.key}); it has: "
+                                 f"{', '.join(baseline.jacobians)}")
+            po = _to_a(outs[q.of], len(q.out_shape) - (0 if plan.batch else 1))
+            pi = _to_a(ins[q.wrt], len(q.in_shape) - (0 if plan.batch else 1))
+            self.keys[q.key], self.perms[q.key] = key, (po, pi)
+            shape = baseline.shape(key)[1 if plan.batch else 0:]
+            n_out = len(q.out_shape)
+            mine = (_unpermute_shape(q.out_shape, po), _unpermute_shape(q.in_shape, pi))
+            if (tuple(shape[:n_out]), tuple(shape[n_out:])) != mine:
+                raise InputError(f"{q.key}: A's Jacobian is {q.out_shape}x{q.in_shape} per sample but the baseline's "
+                                 f"{key} is {tuple(shape)}")
+        self.ys = {l.a: permute(baseline.ys[l.b], _to_a(l, baseline.ys[l.b].ndim - 1))
+                   for l in links["outputs"] if l.b in baseline.ys}
+
+    def block(self, key: str, s0: int, s1: int) -> np.ndarray:
+        a = self.baseline.read(self.keys[key], s0, s1)
+        po, pi = self.perms[key]
+        if po is None and pi is None:
+            return a
+        q = next(q for q in self.plan.pairs if q.key == key)
+        n_out = len(q.out_shape)
+        po = po or tuple(range(n_out))
+        pi = pi or tuple(range(len(q.in_shape)))
+        lead = a.ndim - n_out - len(q.in_shape)
+        full_o = tuple(range(n_out - len(po))) + tuple(n_out - len(po) + p for p in po)
+        full_i = tuple(range(len(q.in_shape) - len(pi))) + tuple(len(q.in_shape) - len(pi) + p for p in pi)
+        axes = tuple(range(lead)) + tuple(lead + p for p in full_o) + tuple(lead + n_out + p for p in full_i)
+        return a.transpose(axes)
+
+    def part(self, key: str, s: int, rows: slice, cols: slice) -> np.ndarray:
+        if any(p is not None for p in self.perms[key]):
+            raise UnsupportedError(f"{key}: a sample's Jacobian is larger than half the memory budget, and reading it "
+                                   "from the baseline in another layout (--map ...:nhwc) is not supported in parts; "
+                                   "raise --max-memory")
+        q = next(q for q in self.plan.pairs if q.key == key)
+        return self.baseline.read_part(self.keys[key], s, rows, cols, len(q.out_shape))
+
+
+def _to_a(link: Link, rank: int):
+    perms = layout_perm(link.layout, rank, link.a)
+    return None if perms is None else perms[1]
+
+
+def _unpermute_shape(shape: tuple[int, ...], to_a) -> tuple[int, ...]:
+    """The shape in B's layout of a tensor whose shape in A's layout is ``shape``."""
+    if to_a is None:
+        return tuple(shape)
+    lead = len(shape) - len(to_a)
+    out = list(shape[:lead]) + [0] * len(to_a)
+    for j, p in enumerate(to_a):
+        out[lead + p] = shape[lead + j]
+    return tuple(out)
+
+
+class DiffSink:
+    """Receives A's blocks from ``jacobian.run``, fetches B's matching block from the
+    source and folds both into the pair's :class:`Comparison`."""
+
+    def __init__(self, plan: jac.Plan, source, comparisons: dict[str, Comparison]):
+        self.plan, self.source, self.comparisons = plan, source, comparisons
+        self.pairs = {p.key: p for p in plan.pairs}
+
+    def write(self, key: str, s0: int, s1: int, block: np.ndarray) -> None:
+        q = self.pairs[key]
+        b = self.source.block(key, s0, s1)
+        batch = self.plan.batch
+
+        def locate(flat):
+            s, rest = np.divmod(flat, q.m * q.n)
+            r, c = np.divmod(rest, q.n)
+            return [_where(int(si) + s0 if batch else None, q, int(ri), int(ci)) for si, ri, ci in zip(s, r, c)]
+
+        self.comparisons[key].update(block, b, locate)
+
+    def write_part(self, key: str, s: int, rows: slice, cols: slice, block: np.ndarray, out_ndim: int) -> None:
+        q = self.pairs[key]
+        b = self.source.part(key, s, rows, cols)
+        width = block.shape[1]
+        sample = s if self.plan.batch else None
+
+        def locate(flat):
+            r, c = np.divmod(flat, width)
+            return [_where(sample, q, rows.start + int(ri), cols.start + int(ci)) for ri, ci in zip(r, c)]
+
+        self.comparisons[key].update(block, b, locate)
+
+
+def _where(sample, q: jac.Pair, row: int, col: int) -> dict:
+    return {"sample": sample, "output_index": [int(i) for i in np.unravel_index(row, q.out_shape)] if q.out_shape else [],
+            "input_index": [int(i) for i in np.unravel_index(col, q.in_shape)] if q.in_shape else []}
+
+
+# --- the comparisons ----------------------------------------------------------------------
+@dataclass
+class DiffResult:
+    """``outputs``: one Comparison per output; ``jacobians``: one per (output, input) pair (or,
+    with ``directions``, per J·v output and Jᵀc input); ``links``: the name matching."""
+
+    outputs: list[Comparison]
+    jacobians: list[Comparison]
+    links: dict[str, list[Link]]
+    kind: str  # "jacobian" | "directions"
+    directions: int | None = None
+    miss_probability: float | None = None
+    locate: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.outputs + self.jacobians)
+
+    def to_json(self) -> dict:
+        return {"passed": self.passed, "kind": self.kind, "directions": self.directions,
+                "miss_probability": self.miss_probability,
+                "links": {k: [l.to_json() for l in v] for k, v in self.links.items()},
+                "outputs": [c.to_json() for c in self.outputs], "jacobians": [c.to_json() for c in self.jacobians],
+                "locate": self.locate, "notes": self.notes}
+
+
+def check_shapes(plan_a: jac.Plan, shapes_b: Mapping[str, tuple[tuple, tuple]], links: dict[str, list[Link]]) -> None:
+    """B's per-sample shapes (under A's layout) must be A's."""
+    mapped = {l.a: l for ls in links.values() for l in ls}
+    for p in plan_a.pairs:
+        out_b, in_b = shapes_b[p.key]
+        for name, mine, theirs in ((p.of, p.out_shape, out_b), (p.wrt, p.in_shape, in_b)):
+            if tuple(mine) != tuple(theirs):
+                l = mapped[name]
+                hint = "" if l.layout else f"; if B lays it out differently, say so: --map {l.a}={l.b}:nhwc (or :nchw)"
+                raise InputError(f"{name!r} has per-sample shape {tuple(mine)} in A but {tuple(theirs)} in B "
+                                 f"({l.b!r}){hint}")
+
+
+def compare_outputs(plan_a: jac.Plan, ys_b: Mapping[str, np.ndarray], tol: Tolerances) -> list[Comparison]:
+    out = []
+    for o in plan_a.of:
+        a, b = plan_a.ys[o], ys_b[o]
+        if a.shape != b.shape:
+            raise InputError(f"output {o!r} has shape {a.shape} in A but {b.shape} in B")
+        atol, rtol, stat = tol.lookup(o, o, np.result_type(a.dtype, b.dtype))
+        c = Comparison(o, atol, rtol, stat, of=o)
+        shape = a.shape[1:] if plan_a.batch else a.shape
+        m = prod(shape)
+
+        def locate(flat, shape=shape, m=m):
+            s, rest = np.divmod(flat, m)
+            return [{"sample": int(si) if plan_a.batch else None,
+                     "output_index": [int(i) for i in np.unravel_index(int(r), shape)] if shape else []}
+                    for si, r in zip(s, rest)]
+
+        c.update(a, b, locate)
+        out.append(c)
+    return out
+
+
+def compare_jacobians(model_a: Model, plan_a: jac.Plan, source, tol: Tolerances, dtype_b, budget: int | None = None,
+                      chunk: int | None = None, progress=None) -> list[Comparison]:
+    """Stream A's Jacobian through a DiffSink against ``source`` (half the budget each)."""
+    budget = budget or jac.DEFAULT_BUDGET
+    comps = {}
+    for p in plan_a.pairs:
+        atol, rtol, stat = tol.lookup(p.of, p.key, np.result_type(plan_a.dtype, dtype_b))
+        comps[p.key] = Comparison(p.key, atol, rtol, stat, of=p.of, wrt=p.wrt)
+    jac.run(model_a, plan_a, DiffSink(plan_a, source, comps), chunk=chunk, budget=budget // 2, progress=progress)
+    return list(comps.values())
+
+
+def miss_probability(directions: int, ratio: float = 10.0) -> float:
+    """Chance that all 2K random probes (K JVPs, K VJPs) miss a difference whose largest
+    entry is ``ratio`` times the allowed error: each probe sees it scaled by a standard
+    normal (at least), which falls within 1/ratio with probability erf(1/(ratio·√2))."""
+    return math.erf(1 / (ratio * math.sqrt(2))) ** (2 * directions)
+
+
+def compare_directions(model_a: Model, plan_a: jac.Plan, model_b: Model, tol: Tolerances, directions: int,
+                       seed: int = 0, budget: int | None = None, progress=None) -> list[Comparison]:
+    """J·v (per output) and Jᵀc (per input) of A and B for K random Gaussian probes per
+    sample, in sample blocks within the budget."""
+    budget = budget or jac.DEFAULT_BUDGET
+    rng = np.random.default_rng(seed)
+    p = plan_a
+    outs, ins = p.elements
+    per_sample = directions * (outs + ins) * 8 * 2 * jac._INTERMEDIATES
+    step = max(1, min(p.samples, (budget // 2) // max(per_sample, 1))) if p.batch else 1
+    lead = lambda n: (n,) if p.batch else ()  # noqa: E731
+    comps = {}
+    dtype = np.result_type(p.dtype, *(np.dtype(s.dtype) for s in model_b.outputs if s.dtype))
+    for o in p.of:
+        atol, rtol, stat = tol.lookup(o, f"d{o}·v", dtype)
+        comps[("jvp", o)] = Comparison(f"d{o}·v", atol, rtol, stat, of=o, wrt=None, probe="jvp")
+    for i in p.wrt:
+        atol, rtol, stat = tol.lookup(i, f"cᵀd/d{i}", dtype)
+        comps[("vjp", i)] = Comparison(f"cᵀ·d/d{i}", atol, rtol, stat, of=None, wrt=i, probe="vjp")
+    for s0 in range(0, p.samples, step):
+        s1 = min(p.samples, s0 + step)
+        xs = {k: v[s0:s1] for k, v in p.xs.items()} if p.batch else p.xs
+        ts = {i: rng.standard_normal((directions, *lead(s1 - s0), *p.columns(i))).astype(xs[i].dtype) for i in p.wrt}
+        cs = {o: rng.standard_normal((directions, *lead(s1 - s0), *p.rows(o))).astype(p.dtype) for o in p.of}
+        for kind, fa, fb, names, seeds in (("jvp", model_a.jvp, model_b.jvp, p.of, ts),
+                                           ("vjp", model_a.vjp, model_b.vjp, p.wrt, cs)):
+            ra = fa(xs, seeds, names, per_sample=p.batch)
+            rb = fb(xs, seeds, names, per_sample=p.batch)
+            for n in names:
+                shape = p.rows(n) if kind == "jvp" else p.columns(n)
+                a, b = ra[n], rb[n]
+                if a.shape != b.shape:
+                    raise InputError(f"{n!r}: A gives shape {a.shape[1:]} but B {b.shape[1:]}")
+                comps[(kind, n)].update(a, b, _probe_locator(s0, s1 - s0, shape, p.batch))
+        if progress:
+            progress(s1 - s0)
+    return list(comps.values())
+
+
+def _probe_locator(s0: int, samples: int, shape: tuple[int, ...], batch: bool):
+    size = prod(shape)
+
+    def locate(flat):
+        k, rest = np.divmod(flat, samples * size)
+        s, r = np.divmod(rest, size)
+        return [{"direction": int(ki), "sample": int(si) + s0 if batch else None,
+                 "index": [int(i) for i in np.unravel_index(int(ri), shape)] if shape else []}
+                for ki, si, ri in zip(k, s, r)]
+
+    return locate
+
+
+def first_difference(order: Sequence[dict], theirs: Mapping[str, dict], values_a, values_b, jvps_a, jvps_b,
+                     atol: float | None, rtol: float | None, dtype) -> dict:
+    """The first tensor (in A's topological ``order``) whose J·v differs between A and B,
+    with its node and operator (and B's), and whether the values themselves agree there."""
+    datol, drtol = default_tolerances(dtype)
+    atol, rtol = datol if atol is None else atol, drtol if rtol is None else rtol
+    checked = 0
+    for t in order:
+        name = t["tensor"]
+        if jvps_a[name].shape != jvps_b[name].shape:
+            continue  # the same name for a different tensor
+        checked += 1
+        deriv = Comparison(name, atol, rtol, "elementwise")
+        deriv.update(jvps_a[name], jvps_b[name], lambda flat: [{}] * len(flat))
+        if deriv.passed:
+            continue
+        value = Comparison(name, atol, rtol, "elementwise")
+        value.update(values_a[name], values_b[name], lambda flat: [{}] * len(flat))
+        return {"found": True, "tensor": name, "node": t["node"], "op_type": t["op_type"],
+                "b_node": theirs[name]["node"], "b_op_type": theirs[name]["op_type"], "agreeing_before": checked - 1,
+                "values_agree": value.passed, "max_abs_error": deriv.max_abs, "max_rel_error": deriv.max_rel,
+                "atol": atol, "rtol": rtol}
+    return {"found": False, "checked": checked, "atol": atol, "rtol": rtol}
+
+
+def require_ad(model: Model, side: str) -> None:
+    if not model.supports_ad:
+        raise UnsupportedError(f"{side}: {model.ad_unavailable or 'this model cannot be differentiated'}")
