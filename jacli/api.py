@@ -302,7 +302,7 @@ def diff(
     atol: float | Mapping[str | None, float] | None = None,
     rtol: float | Mapping[str | None, float] | None = None,
     check_stat: str | Mapping[str | None, str] | None = None,
-    batch: bool = True,
+    batch: bool | None = None,
     mode: str = "auto",
     directions: int | None = None,
     seed: int = 0,
@@ -313,7 +313,8 @@ def diff(
 ):
     """Compare model ``a`` with model ``b`` at ``x`` (or with a baseline file ``b``, a path
     written by ``compute(..., output='base.h5')``, at the baseline's own input): outputs and
-    per-sample Jacobians (``batch=False``: of whole arrays), streamed block by block in
+    per-sample Jacobians (``batch=False``: of whole arrays; None: per sample, or as the
+    baseline was computed), streamed block by block in
     ``max_memory``; with ``directions`` K, only J·v and Jᵀc for K random probes per sample.
     ``maps``: {A name: (B name, layout None | 'nhwc' | 'nchw')} or ``["a=b:nhwc", ...]``;
     tolerances: a number or {name or None: value}. Returns a ``jacli.engine.diff.DiffResult``
@@ -330,9 +331,11 @@ def diff(
         return _diff_baseline(a, str(b), x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size,
                               max_memory, progress)
     d.require_ad(b, "B")
+    batch = True if batch is None else batch
     xs = as_inputs(a, x)
     _check_maps(maps, a)
     in_links = d.match(a.input_names(), b.input_names(), maps, "input")
+    d.check_inputs(xs, in_links, b)
     if not b.outputs:  # TorchScript: B learns its outputs from a real input
         b.bind(d.Mapped(b, in_links, [])._ins(xs, 0))
     out_links = d.match(_names(of) or a.output_names(), b.output_names(), maps, "output", a.output_names())
@@ -364,6 +367,7 @@ def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, loca
     if directions:
         raise InputError("--directions compares two models; a baseline holds whole Jacobians: drop --directions")
     with Baseline(path) as base:
+        batch = base.batch if batch is None else batch
         if base.batch != batch:
             raise InputError(f"the baseline was computed {'per sample' if base.batch else 'with --no-batch'}; "
                              f"{'drop' if base.batch else 'add'} --no-batch")

@@ -46,7 +46,7 @@ def diff(a_path, b_path, trust_model, atol, rtol, check_stat, maps, directions, 
            d.parse_named(check_stat, "--check-stat", d.stat_value)]
     with Progress(samples or 1, enabled=not quiet and samples is not None) as progress:
         result = api.diff(model_a, model_b, xs, wrt or None, of or None, maps=list(maps), atol=tol[0], rtol=tol[1],
-                          check_stat=tol[2], batch=not no_batch, mode=mode, directions=directions, seed=seed,
+                          check_stat=tol[2], batch=False if no_batch else None, mode=mode, directions=directions, seed=seed,
                           locate=locate, chunk_size=chunk_size, max_memory=max_memory, progress=progress)
     side = lambda m: {"model": m.path, "format": m.format, "backend": m.backend}  # noqa: E731
     doc = {"a": side(model_a), "b": {"baseline": b_path} if baseline else side(model_b), **result.to_json()}

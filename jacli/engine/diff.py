@@ -532,6 +532,22 @@ def check_shapes(plan_a: jac.Plan, shapes_b: Mapping[str, tuple[tuple, tuple]], 
                                  f"({l.b!r}){hint}")
 
 
+def check_inputs(xs: Mapping[str, np.ndarray], links: list[Link], b: Model) -> None:
+    """A's input arrays, in B's layout, must fit B's signature (where B declares one)."""
+    for l in links:
+        spec = b.spec(l.b)
+        if spec.shape is None:
+            continue
+        perms = layout_perm(l.layout, xs[l.a].ndim - 1, l.a)
+        shape = _unpermute_shape(xs[l.a].shape[1:], None if perms is None else perms[1])
+        want = spec.shape[1:]
+        if len(want) != len(shape) or any(w is not None and w != s for w, s in zip(want, shape)):
+            hint = "" if l.layout else f"; if B lays it out differently, say so: --map {l.a}={l.b}:nhwc (or :nchw)"
+            shown = "(" + ", ".join("?" if w is None else str(w) for w in want) + ")"
+            raise InputError(f"input {l.a!r} has per-sample shape {tuple(xs[l.a].shape[1:])} in A, but B's {l.b!r} "
+                             f"takes {shown}{hint}")
+
+
 def compare_outputs(plan_a: jac.Plan, ys_b: Mapping[str, np.ndarray], tol: Tolerances) -> list[Comparison]:
     out = []
     for o in plan_a.of:

@@ -31,8 +31,7 @@ def diff_view(doc: dict) -> Group:
         t.add_row(label, str(c["entries"]), f"{c['max_abs_error']:.3g}", f"{c['max_rel_error']:.3g}",
                   str(c["mismatches"]), Text("ok", style="green") if c["passed"] else Text("DIFFERS", style="bold red"))
     tolerances = sorted({(c["check_stat"], c["atol"], c["rtol"]) for _, c in rows})
-    parts.append(Text("check " + "; ".join(f"{stat}: |A−B| ≤ atol {atol:g} or |A−B|/|B| ≤ rtol {rtol:g}"
-                                          for stat, atol, rtol in tolerances), style="dim"))
+    parts.append(Text("pass when " + "; ".join(_criterion(*t) for t in tolerances), style="dim"))
     parts.append(t)
     if doc["kind"] == "directions":
         parts.append(Text(f"{doc['directions']} random probe(s) per sample (J·v and Jᵀc): a difference whose largest entry is "
@@ -49,6 +48,12 @@ def diff_view(doc: dict) -> Group:
     if loc is not None:
         parts.append(_locate(loc))
     return Group(*parts)
+
+
+def _criterion(stat: str, atol: float, rtol: float) -> str:
+    if stat == "elementwise":
+        return f"every entry has |A−B| ≤ {atol:g} or |A−B|/|B| ≤ {rtol:g}"
+    return f"the {stat} |A−B| ≤ {atol:g} or the {stat} |A−B|/|B| ≤ {rtol:g}"
 
 
 def _where(c: dict, e: dict) -> str:
