@@ -79,12 +79,15 @@ def compute(
     progress: Callable[[int], None] | None = None,
     heat: bool = True,
     summaries: bool = True,
+    probes: bool = False,
 ) -> ComputeResult:
     """Run a plan, streaming to ``output`` (a path, ``-`` or None) and (unless
     ``summaries=False``) summarising each sample. A file output is written block by block
     in ``max_memory`` bytes of working memory; ``-`` (stdout) is assembled in memory first.
     Refuses, before computing anything, a Jacobian that the disk (or, for ``-``, the
-    memory) has no room for."""
+    memory) has no room for. A ``.h5`` output also stores the input and outputs (a baseline
+    for ``diff``), and with ``probes`` (ONNX models) the J·v of every intermediate tensor
+    for one random tangent, for ``diff(..., locate=True)``."""
     from .io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:
@@ -107,13 +110,49 @@ def compute(
         from .io.readers import arrays_sha256
 
         meta["input_sha256"] = arrays_sha256(p.xs)
+    if probes and not baseline:
+        raise InputError("--locate-probes stores intermediate derivatives in a baseline: give -o FILE.h5")
+    found = _locate_probes(model, p) if probes else None
+    if found:
+        meta["locate_probes"] = found[0]
     with open_writer(output, shapes, p.dtype, meta, batch=p.batch, pieces=pieces) as writer:
         if baseline:
             writer.store_arrays("jacli_input", p.xs)
             writer.store_arrays("jacli_output", p.ys)
+        if found:
+            for group, arrays in found[1].items():
+                writer.store_arrays(group, arrays)
         stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
         run(stats or writer)
     return ComputeResult(p, stats.ordered() if stats else [], output)
+
+
+PROBE_SEED = 0  # the baseline's locate tangent
+PROBE_BYTES = 256 << 20  # at most this much of intermediate values and derivatives in a baseline
+
+
+def _locate_probes(model: Model, p: jac.Plan):
+    """(order, {group: arrays}): values and J·v of every float intermediate tensor of an ONNX
+    model at the plan's input, for one seeded Gaussian tangent on the differentiated inputs."""
+    from .errors import UnsupportedError
+
+    if model.format != "onnx":
+        raise UnsupportedError(f"--locate-probes needs an ONNX model (its intermediate tensors have names); "
+                               f"{model.path} is {model.format}")
+    from .backends import onnx_locate
+
+    rng = np.random.default_rng(PROBE_SEED)
+    tangents = {i: rng.standard_normal(p.xs[i].shape).astype(p.xs[i].dtype) for i in p.wrt}
+    order = onnx_locate.intermediates(model.proto)
+    values, jvps = onnx_locate.probe(model.proto, p.xs, tangents, order)
+    size = sum(v.nbytes for v in values.values()) + sum(v.nbytes for v in jvps.values())
+    if size > PROBE_BYTES:
+        raise OutputError(f"--locate-probes would store {jac.size_text(size)} of intermediate tensors (more than "
+                          f"{jac.size_text(PROBE_BYTES)}); use fewer samples")
+    groups = {"jacli_locate/tangent": tangents}
+    for j, t in enumerate(order):  # by position: tensor names may hold "/"
+        groups[f"jacli_locate/t{j}"] = {"value": values[t["tensor"]], "jvp": jvps[t["tensor"]]}
+    return [{k: t[k] for k in ("tensor", "node", "op_type")} for t in order], groups
 
 
 def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
@@ -320,8 +359,9 @@ def diff(
     tolerances: a number or {name or None: value}. Returns a ``jacli.engine.diff.DiffResult``
     (``.passed``, ``.to_json()``); see docs/guide.md#diff."""
     from .engine import diff as d
+    from .engine import mapping as mp
 
-    maps = d.parse_maps(maps) if isinstance(maps, (list, tuple)) else dict(maps or {})
+    maps = mp.parse_maps(maps) if isinstance(maps, (list, tuple)) else dict(maps or {})
     tol = d.Tolerances(*(dict(v) if isinstance(v, Mapping) else ({} if v is None else {None: v})
                          for v in (atol, rtol, check_stat)))
     for stat in tol.stat.values():
@@ -334,17 +374,17 @@ def diff(
     batch = True if batch is None else batch
     xs = as_inputs(a, x)
     _check_maps(maps, a)
-    in_links = d.match(a.input_names(), b.input_names(), maps, "input")
-    d.check_inputs(xs, in_links, b)
+    in_links = mp.match(a.input_names(), b.input_names(), maps, "input")
+    mp.check_inputs(xs, in_links, b)
     if not b.outputs:  # TorchScript: B learns its outputs from a real input
-        b.bind(d.Mapped(b, in_links, [])._ins(xs, 0))
-    out_links = d.match(_names(of) or a.output_names(), b.output_names(), maps, "output", a.output_names())
+        b.bind(mp.Mapped(b, in_links, []).b_inputs(xs, 0))
+    out_links = mp.match(_names(of) or a.output_names(), b.output_names(), maps, "output", a.output_names())
     links = {"inputs": in_links, "outputs": out_links}
-    view = d.Mapped(b, in_links, out_links)
+    view = mp.Mapped(b, in_links, out_links)
     pa = jac.plan(a, xs, _names(wrt), _names(of) or [l.a for l in out_links if a.spec(l.a).is_float] or None,
                   mode=mode, batch=batch)
     pb = jac.plan(view, xs, pa.wrt, pa.of, mode=pa.mode, batch=batch)
-    d.check_shapes(pa, {q.key: (q.out_shape, q.in_shape) for q in pb.pairs}, links)
+    mp.check_shapes(pa, {q.key: (q.out_shape, q.in_shape) for q in pb.pairs}, links)
     outputs = d.compare_outputs(pa, pb.ys, tol)
     if directions:
         jacobians = d.compare_directions(a, pa, view, tol, directions, seed, max_memory, progress)
@@ -360,6 +400,7 @@ def diff(
 
 def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size, max_memory, progress):
     from .engine import diff as d
+    from .engine import mapping as mp
     from .io.readers import Baseline
 
     if x is not None:
@@ -372,15 +413,15 @@ def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, loca
             raise InputError(f"the baseline was computed {'per sample' if base.batch else 'with --no-batch'}; "
                              f"{'drop' if base.batch else 'add'} --no-batch")
         _check_maps(maps, a)
-        in_links = d.match(a.input_names(), base.input_names, maps, "input")
+        in_links = mp.match(a.input_names(), base.input_names, maps, "input")
         xs = {}
         for l in in_links:
             v = base.xs[l.b]
-            xs[l.a] = d.permute(v, d._to_a(l, v.ndim - 1))
+            xs[l.a] = mp.permute(v, mp.to_a(l, v.ndim - 1))
         xs = as_inputs(a, xs)
         stored_of = sorted({j["of"] for j in base.jacobians.values()}, key=base.output_names.index)
         stored_wrt = sorted({j["wrt"] for j in base.jacobians.values()}, key=base.input_names.index)
-        out_links = d.match(_names(of) or a.output_names(), base.output_names, maps, "output", a.output_names())
+        out_links = mp.match(_names(of) or a.output_names(), base.output_names, maps, "output", a.output_names())
         back_in = {l.b: l.a for l in in_links}
         links = {"inputs": in_links, "outputs": [l for l in out_links if l.b in stored_of]}
         if not links["outputs"]:
@@ -398,9 +439,37 @@ def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, loca
         if not outputs:
             result.notes.append("the baseline stores no outputs; only Jacobians were compared")
         if locate:
-            result.locate = {"available": False, "reason": "--locate against a baseline needs its intermediate "
-                             "derivatives, which baselines do not store; compare the two ONNX models instead"}
+            result.locate = _locate_baseline(a, base, pa, links, result)
     return result
+
+
+def _locate_baseline(a: Model, base, pa: jac.Plan, links: dict, result) -> dict:
+    """The first node of ONNX model A whose output's J·v differs from the baseline's probes."""
+    from .engine import diff as d
+
+    stored = base.probes()
+    if a.format != "onnx":
+        return {"available": False, "reason": f"--locate needs an ONNX model A (its intermediate tensors have names); "
+                f"{a.path} is {a.format}"}
+    if stored is None:
+        return {"available": False, "reason": "the baseline holds no intermediate derivatives; write it with "
+                "jacli compute MODEL.onnx INPUT -o BASELINE.h5 --locate-probes"}
+    if any(l.layout for ls in links.values() for l in ls):
+        return {"available": False, "reason": "--locate needs the model and the baseline in the same layout"}
+    from .backends import onnx_locate
+
+    order, tangents, values_b, jvps_b = stored
+    to_a = {l.b: l.a for l in links["inputs"]}
+    tangents = {to_a[k]: v for k, v in tangents.items() if k in to_a}
+    theirs = {t["tensor"]: t for t in order}
+    shared = [t for t in onnx_locate.intermediates(a.proto) if t["tensor"] in theirs]
+    if not shared:
+        return {"available": False, "reason": "the model and the baseline's model have no intermediate tensor names "
+                "in common"}
+    values_a, jvps_a = onnx_locate.probe(a.proto, {k: pa.xs[k] for k in pa.xs}, tangents, shared)
+    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
+    found = d.first_difference(shared, theirs, values_a, values_b, jvps_a, jvps_b, atol, rtol, pa.dtype)
+    return {"available": True, "sample": None, **found}
 
 
 def _check_maps(maps: Mapping, a: Model) -> None:
@@ -415,6 +484,7 @@ def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) ->
     """The first node of A (topological order) whose output's J·v differs from the
     same-named tensor of B, for two ONNX models; else why it is unavailable."""
     from .engine import diff as d
+    from .engine import mapping as mp
     from .errors import JacliError
 
     def unavailable(reason: str) -> dict:

@@ -398,3 +398,24 @@ def test_locate_names_the_planted_node(tmp_path):
     r = run_jacli("diff", a, b, tmp_path / "x.npy", "--locate")
     assert "first differing node act (Relu in A, Max in B)" in " ".join(r.out.split())
     assert _json(run_jacli("diff", a, a, tmp_path / "x.npy", "--locate", "--json"))["locate"]["found"] is False
+
+
+def test_locate_against_a_baseline_with_probes(tmp_path):
+    from onnx import helper
+
+    a = _graph(tmp_path, "a", helper.make_node("Relu", ["s"], ["h"], name="act"))
+    b = _graph(tmp_path, "b", helper.make_node("Max", ["s", "zero"], ["h"], name="act_max"))
+    np.save(tmp_path / "x.npy", np.array([[0.0, 1.0, -1.0, 0.0], [0.5, 0.0, 2.0, -0.3]], np.float32))
+    base, plain = tmp_path / "base.h5", tmp_path / "plain.h5"
+    assert run_jacli("compute", a, tmp_path / "x.npy", "-o", base, "--locate-probes", "-q").code == 0
+    assert run_jacli("compute", a, tmp_path / "x.npy", "-o", plain, "-q").code == 0
+    doc = _json(run_jacli("diff", b, base, "--locate", "--json"))
+    assert not doc["passed"]
+    loc = doc["locate"]
+    assert loc["found"] and (loc["node"], loc["op_type"], loc["b_op_type"]) == ("act_max", "Max", "Relu"), loc
+    assert loc["values_agree"] and loc["agreeing_before"] == 1
+    assert _json(run_jacli("diff", a, base, "--locate", "--json"))["locate"]["found"] is False
+    loc = _json(run_jacli("diff", b, plain, "--locate", "--json"))["locate"]
+    assert not loc["available"] and "--locate-probes" in loc["reason"]
+    r = run_jacli("compute", a, tmp_path / "x.npy", "-o", tmp_path / "J.npz", "--locate-probes")
+    assert r.code == 2 and "FILE.h5" in r.stderr and not (tmp_path / "J.npz").exists()

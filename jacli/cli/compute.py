@@ -13,8 +13,9 @@ from .common import console, emit_json, fail_if_json_and_stdout, load_input, loa
 @options.engine
 @options.method
 @options.common
+@options.locate_probes
 def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wrt, of, mode, no_batch, chunk_size,
-            max_memory, method, as_json, quiet, debug):
+            max_memory, method, as_json, quiet, debug, locate_probes):
     """Compute the Jacobian d(outputs)/d(inputs) of MODEL at INPUT.
 
     Per-sample Jacobians of a batch, shape (B, *output, *input), unless --no-batch.
@@ -29,7 +30,7 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
     shown = not (as_json or quiet or output == "-")  # the terminal view, with its heatmap
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
-                             progress=progress, heat=shown, summaries=shown or as_json)
+                             progress=progress, heat=shown, summaries=shown or as_json, probes=locate_probes)
     if not (as_json or shown):
         return
     meta = api.metadata(model, plan, method)

@@ -129,3 +129,7 @@ diff = _stack(
     click.option("--locate", is_flag=True,
                  help="For two ONNX models: name the first node (topological order) whose output's derivative differs."),
 )
+locate_probes = click.option(
+    "--locate-probes", is_flag=True,
+    help="With -o FILE.h5 for an ONNX model: also store J·v of every intermediate tensor for one random tangent, "
+         "so that `jacli diff MODEL.onnx FILE.h5 --locate` can name the node where a later model departs.")

@@ -271,7 +271,7 @@ class Baseline:
         except Exception as e:
             raise InputError(f"cannot read baseline {path}: {_short(e)} (truncated or corrupt .h5?)") from None
         try:
-            self.meta = {k: (json.loads(v) if k in ("inputs", "outputs", "jacobians") else v)
+            self.meta = {k: (json.loads(v) if k in ("inputs", "outputs", "jacobians", "locate_probes") else v)
                          for k, v in self.f.attrs.items()}
             self.jacobians = self.meta["jacobians"]
             if BASELINE_INPUT not in self.f:
@@ -309,6 +309,20 @@ class Baseline:
 
         self.f[group].visititems(visit)
         return out
+
+    def probes(self):
+        """(order, tangents, values, J·v) stored by ``compute --locate-probes``, or None:
+        ``order`` lists {tensor, node, op_type} in topological order."""
+        order = self.meta.get("locate_probes")
+        if not order or "jacli_locate" not in self.f:
+            return None
+        try:
+            tangents = self._group("jacli_locate/tangent")
+            values = {t["tensor"]: self.f[f"jacli_locate/t{j}/value"][()] for j, t in enumerate(order)}
+            jvps = {t["tensor"]: self.f[f"jacli_locate/t{j}/jvp"][()] for j, t in enumerate(order)}
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{self.path}: its locate probes are incomplete ({_short(e)})") from None
+        return order, tangents, values, jvps
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.f[key].shape)
