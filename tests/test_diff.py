@@ -274,6 +274,12 @@ def test_keras_model_against_its_torch_port_with_layout_map(keras_pair):
     assert r.code == 2 and "nhwc" in r.stderr and "'output'" in r.stderr
     r = run_jacli("diff", p["torch"], p["keras"], p["x"])
     assert r.code == 2 and "--map x=image:nhwc" in r.stderr
+    # the other way round: Keras as A (its input channels-last), torch as B, with nchw
+    nhwc = p["x"].parent / "x_nhwc.npy"
+    np.save(nhwc, np.load(p["x"]).transpose(0, 2, 3, 1))
+    doc = _json(run_jacli("diff", p["keras"], p["torch"], nhwc, "--map", "image=x:nchw", "--map", "c2=output:nchw",
+                          "--json"))
+    assert doc["passed"] and doc["jacobians"][0]["name"] == "dc2/dimage" and doc["jacobians"][0]["max_abs_error"] < 1e-5
 
 
 # --- baselines -------------------------------------------------------------------------------------
