@@ -375,6 +375,9 @@ def diff(
     xs = as_inputs(a, x)
     _check_maps(maps, a)
     in_links = mp.match(a.input_names(), b.input_names(), maps, "input")
+    unfed = [n for n in b.input_names() if n not in {l.b for l in in_links}]
+    if unfed:
+        raise InputError(f"B's input(s) {', '.join(unfed)} have no counterpart in A; pair them with --map A_NAME=B_NAME")
     mp.check_inputs(xs, in_links, b)
     if not b.outputs:  # TorchScript: B learns its outputs from a real input
         b.bind(mp.Mapped(b, in_links, []).b_inputs(xs, 0))

@@ -425,3 +425,19 @@ def test_locate_against_a_baseline_with_probes(tmp_path):
     assert not loc["available"] and "--locate-probes" in loc["reason"]
     r = run_jacli("compute", a, tmp_path / "x.npy", "-o", tmp_path / "J.npz", "--locate-probes")
     assert r.code == 2 and "FILE.h5" in r.stderr and not (tmp_path / "J.npz").exists()
+
+
+def test_name_matching():
+    from jacli.engine.mapping import match, parse_maps
+    from jacli.errors import InputError
+
+    maps = parse_maps(["x=image:nhwc", "y=out"])
+    assert maps == {"x": ("image", "nhwc"), "y": ("out", None)}
+    links = match(["x", "t", "u"], ["image", "v", "u"], maps, "input")
+    assert [(l.a, l.b, l.how, l.layout) for l in links] == [
+        ("x", "image", "map", "nhwc"), ("t", "v", "position", None), ("u", "u", "name", None)]
+    with pytest.raises(InputError, match="--map"):
+        match(["a", "b"], ["c"], {}, "output")
+    with pytest.raises(InputError, match="already has a counterpart"):
+        match(["x", "y"], ["y", "z"], {}, "input")  # x's position is B's y, taken by A's y
+    assert [l.b for l in match(["p", "q"], ["s", "t"], {}, "output")] == ["s", "t"]

@@ -63,7 +63,11 @@ def match(a_names: Sequence[str], b_names: Sequence[str], maps: Mapping[str, tup
                 f"cannot match A's {what}s ({', '.join(a_all)}) with B's ({', '.join(b_names)}): no such names "
                 f"in B and the counts differ; pair them with --map A_NAME=B_NAME")
         for a in rest:
-            links[a] = Link(a, b_names[a_all.index(a)], "position")
+            b = b_names[a_all.index(a)]
+            if b in used:
+                raise InputError(f"A's {what} {a!r} is at the position of B's {b!r}, which already has a counterpart; "
+                                 f"pair them with --map A_NAME=B_NAME")
+            links[a], used = Link(a, b, "position"), used | {b}
     return [links[a] for a in a_names]
 
 
