@@ -224,24 +224,39 @@ class ModelSource:
         return self._arrays[key]
 
     def part(self, key: str, s: int, rows: slice, cols: slice) -> np.ndarray:
-        p, q = self.plan, self.pairs[key]
+        """Rows (VJPs, when the part spans every column) or columns (JVPs) of sample s, for
+        every pair of that output (input) at once: the next pair asks for the same seeds."""
+        q = self.pairs[key]
+        if cols.start == 0 and cols.stop == q.n:
+            return self._products("vjp", s, q.of, rows)[q.wrt][:, cols]
+        return self._products("jvp", s, q.wrt, cols)[q.of][rows]
+
+    def _products(self, kind: str, s: int, name: str, span: slice) -> dict[str, np.ndarray]:
+        """{other side's name: (len(span), its elements)} (VJP) or transposed (JVP), for
+        one-hot seeds on ``span`` of ``name``; the last one is kept."""
+        at = (kind, s, name, span.start, span.stop)
+        if self._at == at:
+            return self._arrays
+        self._at, self._arrays = None, {}
+        p = self.plan
         xs = {k: v[s : s + 1] for k, v in p.xs.items()} if p.batch else p.xs
         lead = (1,) if p.batch else ()
         k = jac.seed_block(p, 1, self.budget, self.chunk)
-        pieces = []
-        if cols.start == 0 and cols.stop == q.n:  # rows: VJPs
-            for r0 in range(rows.start, rows.stop, k):
-                r1 = min(rows.stop, r0 + k)
-                ct = _one_hot(r0, r1, lead, q.out_shape, p.dtype)
-                g = self.model.vjp(xs, {q.of: ct}, [q.wrt], per_sample=p.batch)[q.wrt]
-                pieces.append(g.reshape(r1 - r0, -1))
-            return np.concatenate(pieces)[:, cols]
-        for c0 in range(cols.start, cols.stop, k):  # columns: JVPs
-            c1 = min(cols.stop, c0 + k)
-            t = _one_hot(c0, c1, lead, q.in_shape, p.xs[q.wrt].dtype)
-            v = self.model.jvp(xs, {q.wrt: t}, [q.of], per_sample=p.batch)[q.of]
-            pieces.append(v.reshape(c1 - c0, -1).T)
-        return np.concatenate(pieces, axis=1)[rows]
+        pieces: dict[str, list] = {}
+        for c0 in range(span.start, span.stop, k):
+            c1 = min(span.stop, c0 + k)
+            if kind == "vjp":
+                ct = _one_hot(c0, c1, lead, p.rows(name), p.dtype)
+                got = self.model.vjp(xs, {name: ct}, p.wrt, per_sample=p.batch)
+            else:
+                t = _one_hot(c0, c1, lead, p.columns(name), p.xs[name].dtype)
+                got = self.model.jvp(xs, {name: t}, p.of, per_sample=p.batch)
+            for other, v in got.items():
+                v = v.reshape(c1 - c0, -1)
+                pieces.setdefault(other, []).append(v if kind == "vjp" else v.T)
+        self._arrays = {o: np.concatenate(v, axis=0 if kind == "vjp" else 1) for o, v in pieces.items()}
+        self._at = at
+        return self._arrays
 
 
 def _one_hot(start: int, stop: int, lead: tuple[int, ...], shape: tuple[int, ...], dtype) -> np.ndarray:
