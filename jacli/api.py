@@ -139,7 +139,7 @@ def _locate_probes(model: Model, p: jac.Plan):
     if model.format != "onnx":
         raise UnsupportedError(f"--locate-probes needs an ONNX model (its intermediate tensors have names); "
                                f"{model.path} is {model.format}")
-    from .backends import onnx_locate
+    from .backends.onnx import locate as onnx_locate
 
     rng = np.random.default_rng(PROBE_SEED)
     tangents = {i: rng.standard_normal(p.xs[i].shape).astype(p.xs[i].dtype) for i in p.wrt}
@@ -459,7 +459,7 @@ def _locate_baseline(a: Model, base, pa: jac.Plan, links: dict, result) -> dict:
                 "jacli compute MODEL.onnx INPUT -o BASELINE.h5 --locate-probes"}
     if any(l.layout for ls in links.values() for l in ls):
         return {"available": False, "reason": "--locate needs the model and the baseline in the same layout"}
-    from .backends import onnx_locate
+    from .backends.onnx import locate as onnx_locate
 
     order, tangents, values_b, jvps_b = stored
     to_a = {l.b: l.a for l in links["inputs"]}
@@ -499,7 +499,7 @@ def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) ->
                            "model, whose intermediate tensors are not named to match an ONNX graph's")
     if any(l.layout for ls in links.values() for l in ls):
         return unavailable("--locate needs both ONNX models in the same layout (a --map layout was given)")
-    from .backends import onnx_locate
+    from .backends.onnx import locate as onnx_locate
 
     failing = [w for c in result.jacobians if not c.passed for w in c.worst[:1]]
     sample = (failing[0].get("sample") or 0) if failing and pa.batch else 0

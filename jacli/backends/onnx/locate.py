@@ -1,6 +1,6 @@
 """Intermediate tensors of an ONNX model and their directional derivatives, for
 ``jacli diff --locate``: the graph with chosen intermediates exposed as extra outputs
-(their values), and its JVP graph from ``onnx_grad.build_jvp`` with those intermediates
+(their values), and its JVP graph from ``derive.build_jvp`` with those intermediates
 as the differentiated outputs (their J·v for one tangent)."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import ModelLoadError
-from ._common import short
-from .onnx_grad import FLOAT_TYPES, build_jvp
+from ...errors import ModelLoadError
+from .._common import short
+from .derive import build_jvp
+from .graph import FLOAT_TYPES
 
 
 def intermediates(proto: onnx.ModelProto) -> list[dict]:
