@@ -133,18 +133,16 @@ PROBE_BYTES = 256 << 20  # at most this much of intermediate values and derivati
 
 def _locate_probes(model: Model, p: jac.Plan):
     """(order, {group: arrays}): values and J·v of every float intermediate tensor of an ONNX
-    model at the plan's input, for one seeded Gaussian tangent on the differentiated inputs."""
+    model or torch.export program at the plan's input, for one seeded Gaussian tangent on
+    the differentiated inputs."""
     from .errors import UnsupportedError
 
-    if model.format != "onnx":
-        raise UnsupportedError(f"--locate-probes needs an ONNX model (its intermediate tensors have names); "
-                               f"{model.path} is {model.format}")
-    from .backends.onnx import locate as onnx_locate
-
+    if model.format not in _NAMED_GRAPHS:
+        raise UnsupportedError(f"--locate-probes needs an ONNX model or a torch.export program (their intermediate "
+                               f"tensors have names); {model.path} is {model.format}")
     rng = np.random.default_rng(PROBE_SEED)
     tangents = {i: rng.standard_normal(p.xs[i].shape).astype(p.xs[i].dtype) for i in p.wrt}
-    order = onnx_locate.intermediates(model.proto)
-    values, jvps = onnx_locate.probe(model.proto, p.xs, tangents, order)
+    order, values, jvps = _probe_intermediates(model, p.xs, tangents)
     size = sum(v.nbytes for v in values.values()) + sum(v.nbytes for v in jvps.values())
     if size > PROBE_BYTES:
         raise OutputError(f"--locate-probes would store {jac.size_text(size)} of intermediate tensors (more than "
@@ -152,7 +150,7 @@ def _locate_probes(model: Model, p: jac.Plan):
     groups = {"jacli_locate/tangent": tangents}
     for j, t in enumerate(order):  # by position: tensor names may hold "/"
         groups[f"jacli_locate/t{j}"] = {"value": values[t["tensor"]], "jvp": jvps[t["tensor"]]}
-    return [{k: t[k] for k in ("tensor", "node", "op_type")} for t in order], groups
+    return order, groups
 
 
 def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
@@ -451,25 +449,23 @@ def _locate_baseline(a: Model, base, pa: jac.Plan, links: dict, result) -> dict:
     from .engine import diff as d
 
     stored = base.probes()
-    if a.format != "onnx":
-        return {"available": False, "reason": f"--locate needs an ONNX model A (its intermediate tensors have names); "
-                f"{a.path} is {a.format}"}
+    if a.format not in _NAMED_GRAPHS:
+        return {"available": False, "reason": f"--locate needs an ONNX model or a torch.export program as A (their "
+                f"intermediate tensors have names); {a.path} is {a.format}"}
     if stored is None:
         return {"available": False, "reason": "the baseline holds no intermediate derivatives; write it with "
                 "jacli compute MODEL.onnx INPUT -o BASELINE.h5 --locate-probes"}
     if any(l.layout for ls in links.values() for l in ls):
         return {"available": False, "reason": "--locate needs the model and the baseline in the same layout"}
-    from .backends.onnx import locate as onnx_locate
-
     order, tangents, values_b, jvps_b = stored
     to_a = {l.b: l.a for l in links["inputs"]}
     tangents = {to_a[k]: v for k, v in tangents.items() if k in to_a}
     theirs = {t["tensor"]: t for t in order}
-    shared = [t for t in onnx_locate.intermediates(a.proto) if t["tensor"] in theirs]
+    mine, values_a, jvps_a = _probe_intermediates(a, pa.xs, tangents)
+    shared = [t for t in mine if t["tensor"] in theirs]
     if not shared:
         return {"available": False, "reason": "the model and the baseline's model have no intermediate tensor names "
                 "in common"}
-    values_a, jvps_a = onnx_locate.probe(a.proto, {k: pa.xs[k] for k in pa.xs}, tangents, shared)
     atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
     found = d.first_difference(shared, theirs, values_a, values_b, jvps_a, jvps_b, atol, rtol, pa.dtype)
     return {"available": True, "sample": None, **found}
@@ -484,23 +480,21 @@ def _check_maps(maps: Mapping, a: Model) -> None:
 
 
 def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) -> dict:
-    """The first node of A (topological order) whose output's J·v differs from the
-    same-named tensor of B, for two ONNX models; else why it is unavailable."""
+    """The first intermediate tensor of A (in its graph's order) whose J·v differs from B's
+    tensor of the same name: ONNX models and torch.export programs name their tensors
+    (the dynamo ONNX exporter keeps a program's names); else why it is unavailable."""
     from .engine import diff as d
-    from .engine import mapping as mp
     from .errors import JacliError
 
     def unavailable(reason: str) -> dict:
         return {"available": False, "reason": reason}
 
-    if a.format != "onnx" or b.format != "onnx":
-        other = b.format if a.format == "onnx" else a.format
-        return unavailable(f"--locate compares intermediate tensors of two ONNX models; this pair includes a {other} "
-                           "model, whose intermediate tensors are not named to match an ONNX graph's")
+    unnamed = [m for m in (a, b) if m.format not in _NAMED_GRAPHS]
+    if unnamed:
+        return unavailable(f"--locate compares named intermediate tensors (ONNX models, torch.export programs); "
+                           f"{unnamed[0].path} is {unnamed[0].format}, whose intermediate tensors have no such names")
     if any(l.layout for ls in links.values() for l in ls):
-        return unavailable("--locate needs both ONNX models in the same layout (a --map layout was given)")
-    from .backends.onnx import locate as onnx_locate
-
+        return unavailable("--locate needs both models in the same layout (a --map layout was given)")
     failing = [w for c in result.jacobians if not c.passed for w in c.worst[:1]]
     sample = (failing[0].get("sample") or 0) if failing and pa.batch else 0
     xs = {k: v[sample : sample + 1] for k, v in pa.xs.items()} if pa.batch else pa.xs
@@ -508,16 +502,32 @@ def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) ->
     tangents = {i: rng.standard_normal(xs[i].shape).astype(xs[i].dtype) for i in pa.wrt}
     to_b = {l.a: l.b for l in links["inputs"]}
     try:
-        mine = onnx_locate.intermediates(a.proto)
-        theirs = {t["tensor"]: t for t in onnx_locate.intermediates(b.proto)}
-        shared = [t for t in mine if t["tensor"] in theirs]
-        if not shared:
-            return unavailable("the two ONNX graphs have no intermediate tensor names in common")
-        va, ja = onnx_locate.probe(a.proto, xs, tangents, shared)
-        vb, jb = onnx_locate.probe(b.proto, {to_b[k]: v for k, v in xs.items()},
-                                   {to_b[k]: v for k, v in tangents.items()}, [theirs[t["tensor"]] for t in shared])
+        mine, va, ja = _probe_intermediates(a, xs, tangents)
+        order_b, vb, jb = _probe_intermediates(b, {to_b[k]: v for k, v in xs.items()},
+                                               {to_b[k]: v for k, v in tangents.items()})
     except JacliError as e:
         return unavailable(f"the intermediate derivatives could not be computed: {e}")
+    theirs = {t["tensor"]: t for t in order_b}
+    shared = [t for t in mine if t["tensor"] in theirs]
+    if not shared:
+        return unavailable("the two models have no intermediate tensor names in common")
     atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
     found = d.first_difference(shared, theirs, va, vb, ja, jb, atol, rtol, pa.dtype)
     return {"available": True, "sample": sample if pa.batch else None, **found}
+
+
+_NAMED_GRAPHS = ("onnx", "torch-export")  # formats whose intermediate tensors have names
+
+
+def _probe_intermediates(model: Model, xs, tangents):
+    """(order, values, J·v) of every float intermediate tensor of an ONNX model or a
+    torch.export program, for one tangent per differentiated input."""
+    if model.format == "onnx":
+        from .backends.onnx import locate as onnx_locate
+
+        order = onnx_locate.intermediates(model.proto)
+        values, jvps = onnx_locate.probe(model.proto, xs, tangents, order)
+        return [{k: t[k] for k in ("tensor", "node", "op_type")} for t in order], values, jvps
+    from .backends import torch_locate
+
+    return torch_locate.probe(model, xs, tangents)

@@ -460,3 +460,28 @@ def test_several_pairs_in_parts_match_a_direct_computation(mode):
     for c in result.jacobians:
         d = np.abs(Ja[c.name].astype(np.float64) - Jb[f"d{names[c.where['of']]}/d{c.where['wrt']}"])
         assert c.count == d.size and c.max_abs == d.max() and c.mismatches == int((d > 0).sum())
+
+
+def test_locate_between_a_torch_export_program_and_its_dynamo_onnx_export(models):
+    """The dynamo exporter keeps the program's tensor names (conv2d, tanh, linear): a change
+    to the linear layer's weights is located there, after the agreeing conv2d and tanh."""
+    changed = Net().eval()
+    changed.load_state_dict(models["net"].state_dict())
+    with torch.no_grad():
+        changed.fc.weight[2, 7] += 0.05
+    d, x = models["dir"], torch.from_numpy(models["x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(models["net"], (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(d / "net.pt2"))
+    onnx_path = _export(changed, models["x"], d / "changed_dynamo.onnx", dynamo=True)
+    doc = _json(run_jacli("diff", d / "net.pt2", onnx_path, d / "x.npy", "--locate", "--json"))
+    assert not doc["passed"]
+    loc = doc["locate"]
+    assert loc["found"] and (loc["tensor"], loc["op_type"], loc["b_op_type"]) == ("linear", "aten.linear", "Gemm"), loc
+    assert loc["agreeing_before"] == 2 and not loc["values_agree"]
+    # and against a baseline of the program, with its probes
+    base = d / "net_pt2.h5"
+    assert run_jacli("compute", d / "net.pt2", d / "x.npy", "-o", base, "--locate-probes", "-q").code == 0
+    loc = _json(run_jacli("diff", onnx_path, base, "--locate", "--json"))["locate"]
+    assert loc["found"] and (loc["tensor"], loc["op_type"], loc["b_op_type"]) == ("linear", "Gemm", "aten.linear"), loc

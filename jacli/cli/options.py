@@ -127,9 +127,11 @@ diff = _stack(
                  help="Compare only J·v and Jᵀc for K random probes per sample (for Jacobians too big to form); "
                       "the miss probability is reported."),
     click.option("--locate", is_flag=True,
-                 help="For two ONNX models: name the first node (topological order) whose output's derivative differs."),
+                 help="Name the first intermediate tensor whose derivative differs, and its node (ONNX models, "
+                      "torch.export programs, baselines written with compute --locate-probes)."),
 )
 locate_probes = click.option(
     "--locate-probes", is_flag=True,
-    help="With -o FILE.h5 for an ONNX model: also store J·v of every intermediate tensor for one random tangent, "
-         "so that `jacli diff MODEL.onnx FILE.h5 --locate` can name the node where a later model departs.")
+    help="With -o FILE.h5 for an ONNX model or torch.export program: also store J·v of every intermediate tensor "
+         "for one random tangent, so that `jacli diff MODEL FILE.h5 --locate` can name the node where a later model "
+         "departs.")
