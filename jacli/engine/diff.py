@@ -437,7 +437,7 @@ def compare_directions(model_a: Model, plan_a: jac.Plan, model_b: Model, tol: To
         atol, rtol, stat = tol.lookup(o, f"d{o}·v", dtype)
         comps[("jvp", o)] = Comparison(f"d{o}·v", atol, rtol, stat, of=o, wrt=None, probe="jvp")
     for i in p.wrt:
-        atol, rtol, stat = tol.lookup(i, f"cᵀd/d{i}", dtype)
+        atol, rtol, stat = tol.lookup(i, f"cᵀ·d/d{i}", dtype)
         comps[("vjp", i)] = Comparison(f"cᵀ·d/d{i}", atol, rtol, stat, of=None, wrt=i, probe="vjp")
     for s0 in range(0, p.samples, step):
         s1 = min(p.samples, s0 + step)
