@@ -147,3 +147,35 @@ plot_map = _stack(
     click.option("--plot-reduce", type=click.Choice(["max", "l2"]), default="max", show_default=True,
                  help="Saliency maps: |dy/dx| reduced over an image's channels by max or L2 norm."),
 )
+
+
+# diff
+diff = _stack(
+    click.argument("a_path", metavar="A"),
+    click.argument("b_path", metavar="B"),
+    click.option("--trust-model", is_flag=True,
+                 help="Allow formats that can run code on load (for both models; see docs/security.md)."),
+    click.option("--atol", multiple=True, metavar="[NAME:]A",
+                 help="Absolute tolerance, for every output or (NAME:A, repeatable) for output NAME and its "
+                      "Jacobians, or one Jacobian dNAME/dIN (default by dtype: 1e-5 float32, 1e-9 float64, 1e-3 float16)."),
+    click.option("--rtol", multiple=True, metavar="[NAME:]R",
+                 help="Relative tolerance |a-b|/|b| (B is the reference), like --atol (default: 1e-4 float32, "
+                      "1e-7 float64, 1e-2 float16). An entry differs when both are exceeded."),
+    click.option("--check-stat", multiple=True, metavar="[NAME:]STAT",
+                 help="What is compared with the tolerances: elementwise (every entry; default), or the max, mean "
+                      "or median of the errors (passes when the absolute or the relative one is within tolerance)."),
+    click.option("--map", "maps", multiple=True, metavar="A=B[:LAYOUT]",
+                 help="Pair A's input/output A with B's B (repeatable; default: by name, else by position). "
+                      "LAYOUT nhwc: B holds it channels-last where A is channels-first; nchw: the reverse."),
+    click.option("--directions", type=click.IntRange(min=1), metavar="K",
+                 help="Compare only J·v and Jᵀc for K random probes per sample (for Jacobians too big to form); "
+                      "the miss probability is reported."),
+    click.option("--locate", is_flag=True,
+                 help="Name the first intermediate tensor whose derivative differs, and its node (ONNX models, "
+                      "torch.export programs, baselines written with compute --locate-probes)."),
+)
+locate_probes = click.option(
+    "--locate-probes", is_flag=True,
+    help="With -o FILE.h5 for an ONNX model or torch.export program: also store J·v of every intermediate tensor "
+         "for one random tangent, so that `jacli diff MODEL FILE.h5 --locate` can name the node where a later model "
+         "departs.")

@@ -219,3 +219,148 @@ def _size(nbytes: int) -> str:
 
 def _short(e: Exception) -> str:
     return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
+# --- baselines: a .h5 Jacobian file that also holds its input -------------------------------
+BASELINE_INPUT, BASELINE_OUTPUT = "jacli_input", "jacli_output"  # groups beside the Jacobians
+
+
+def arrays_sha256(xs: dict[str, np.ndarray]) -> str:
+    """A digest of named arrays: names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(xs):
+        a = np.ascontiguousarray(xs[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.data.cast("B"))
+    return h.hexdigest()
+
+
+def is_baseline(path: str) -> bool:
+    """Whether ``path`` is an .h5 file written by ``jacli compute -o`` with its input stored."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        if not f.read(8).startswith(b"\x89HDF"):
+            return False
+    try:
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            return "jacli_version" in f.attrs and "jacobians" in f.attrs
+    except Exception:
+        return False
+
+
+class Baseline:
+    """An open baseline file: ``xs``/``ys`` (the stored input and outputs), ``meta`` (the
+    metadata attributes), Jacobians read block by block (``read``, ``read_part``)."""
+
+    def __init__(self, path: str):
+        import json
+
+        try:
+            import h5py
+        except ImportError:
+            raise InputError("reading a baseline needs h5py: pip install h5py") from None
+        self.path = path
+        try:
+            self.f = h5py.File(path, "r")
+        except Exception as e:
+            raise InputError(f"cannot read baseline {path}: {_short(e)} (truncated or corrupt .h5?)") from None
+        try:
+            self.meta = {k: (json.loads(v) if k in ("inputs", "outputs", "jacobians", "locate_probes") else v)
+                         for k, v in self.f.attrs.items()}
+            self.jacobians = self.meta["jacobians"]
+            if BASELINE_INPUT not in self.f:
+                raise InputError(f"{path} holds Jacobians but not their input (written by an older jacli?); "
+                                 "rewrite it with: jacli compute MODEL INPUT -o BASELINE.h5")
+            self.xs = self._group(BASELINE_INPUT)
+            self.ys = self._group(BASELINE_OUTPUT) if BASELINE_OUTPUT in self.f else {}
+            want = self.meta.get("input_sha256")
+            if want and arrays_sha256(self.xs) != want:
+                raise InputError(f"{path}: the stored input does not match its sha256 (the file was altered?)")
+            for key in self.jacobians:
+                if key not in self.f or not isinstance(self.f[key], h5py.Dataset):
+                    raise InputError(f"{path}: the metadata lists {key} but the file has no such dataset")
+        except InputError:
+            self.close()
+            raise
+        except Exception as e:
+            self.close()
+            raise InputError(f"cannot read baseline {path}: {_short(e)}") from None
+        self.batch = bool(self.meta.get("batch", True))
+        self.input_names = [s["name"] for s in self.meta.get("inputs", [])] or list(self.xs)
+        self.output_names = [s["name"] for s in self.meta.get("outputs", [])] or list(self.ys)
+
+    def _group(self, group: str) -> dict[str, np.ndarray]:
+        import h5py
+
+        out: dict[str, np.ndarray] = {}
+
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                if obj.external or obj.is_virtual:
+                    raise InputError(f"{self.path}:{group}/{name} keeps its data in other files")
+                _check_header(obj.shape or (), obj.dtype, f"{self.path}:{group}/{name}", sum(a.nbytes for a in out.values()))
+                out[name] = obj[()]
+
+        self.f[group].visititems(visit)
+        return out
+
+    def probes(self):
+        """(order, tangents, values, J·v) stored by ``compute --locate-probes``, or None:
+        ``order`` lists {tensor, node, op_type} in topological order."""
+        order = self.meta.get("locate_probes")
+        if not order or "jacli_locate" not in self.f:
+            return None
+        try:
+            tangents = self._group("jacli_locate/tangent")
+            values = {t["tensor"]: self.f[f"jacli_locate/t{j}/value"][()] for j, t in enumerate(order)}
+            jvps = {t["tensor"]: self.f[f"jacli_locate/t{j}/jvp"][()] for j, t in enumerate(order)}
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{self.path}: its locate probes are incomplete ({_short(e)})") from None
+        return order, tangents, values, jvps
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.f[key].shape)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.f[key].dtype
+
+    def read(self, key: str, s0: int, s1: int) -> np.ndarray:
+        """Samples s0:s1 of a Jacobian, (s1 - s0, *out, *in) (the whole array, with a leading
+        axis of 1, without a batch axis)."""
+        ds = self.f[key]
+        return ds[s0:s1] if self.batch else ds[()][None]
+
+    def read_part(self, key: str, s: int, rows: slice, cols: slice, out_ndim: int) -> np.ndarray:
+        """Entries rows x cols of sample s's Jacobian flattened to (outputs, inputs), read
+        as rectangular pieces (never the whole sample)."""
+        from .writers import _slab_shape, slabs
+
+        ds = self.f[key]
+        shape = ds.shape[1:] if self.batch else ds.shape
+        outs, ins = shape[:out_ndim], shape[out_ndim:]
+        lead = (s,) if self.batch else ()
+        out = np.empty((rows.stop - rows.start, cols.stop - cols.start), ds.dtype)
+        for oi, r0, r1 in slabs(outs, rows.start, rows.stop):
+            for ii, c0, c1 in slabs(ins, cols.start, cols.stop):
+                piece = ds[lead + oi + ii]
+                out[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start] = piece.reshape(
+                    int(np.prod(_slab_shape(oi, outs))), -1)
+        return out
+
+    def close(self) -> None:
+        f = getattr(self, "f", None)
+        if f is not None and f.id.valid:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False

@@ -239,6 +239,11 @@ class H5Writer(Writer):
     def write(self, key, s0, s1, block):
         self._store(self.ds[key], s0, s1, block)
 
+    def store_arrays(self, group: str, arrays: dict[str, np.ndarray]) -> None:
+        """Datasets ``group/name`` beside the Jacobians (a baseline's input and outputs)."""
+        for name, a in arrays.items():
+            self.f.create_dataset(f"{group}/{name}", data=np.asarray(a))
+
     def write_part(self, key, s, rows, cols, block, out_ndim):
         """As hyperslabs of the (sample, *outputs, *inputs) dataset: a flat range of rows or
         columns is a few rectangular pieces of the output (input) axes."""

@@ -5,6 +5,7 @@
 * ``derive``: VJP/JVP graphs by graph transformation, with ``graph`` (what rules build
   with) and ``rules/`` (one module per operator family, registered in ``rules.registry``)
 * ``float64``: the model in double precision, for finite differences
+* ``locate``: intermediate tensors and their J·v, for ``jacli diff --locate``
 """
 from .model import OnnxModel, load
 
