@@ -150,7 +150,7 @@ def test_custom_backward_lost_in_export_is_caught_and_located(models):
 
     a = TorchModel.wrap(Quantise(), "quantise (live module)", "torch")
     b = jacli.load(str(models["quantise.onnx"]))
-    result = jacli.api.diff(a, b, models["q"])
+    result = jacli.diff(a, b, models["q"])
     assert not result.passed
     assert all(c.passed for c in result.outputs)  # the same function ...
     (jac,) = result.jacobians
