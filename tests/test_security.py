@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import _security_models as evil
-from jacli.backends import safety
+from jacli.backends import savedmodel_checks, torch_checks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_clean_torch_export_program_loads_without_trust(jacli, built, archives, 
     r = jacli("compute", archives["clean"], d / "x3.npy", "-o", tmp_path / "J.npy", "-q")
     assert r.code == 0, r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "J.npy"), _dense_jacobian(X3), rtol=1e-5, atol=1e-6)
-    assert safety.torch_export_problems("clean.pt2", archives["clean"].read_bytes()) == []
+    assert torch_checks.torch_export_problems("clean.pt2", archives["clean"].read_bytes()) == []
     assert not marker.exists()
 
 
@@ -221,14 +221,14 @@ def test_torch_export_reads_the_bytes_it_checked(archives, marker, tmp_path, mon
 
     path = tmp_path / "swapped.pt2"
     shutil.copy(archives["clean"], path)
-    real = safety.torch_export_problems
+    real = torch_checks.torch_export_problems
 
     def check_then_swap(p, data):
         problems = real(p, data)
         shutil.copy(archives["guard"], path)  # the file changes after it was checked
         return problems
 
-    monkeypatch.setattr(safety, "torch_export_problems", check_then_swap)
+    monkeypatch.setattr(torch_checks, "torch_export_problems", check_then_swap)
     model = te.load(str(path))
     assert [s.name for s in model.inputs] == ["x"]
     (y,) = model.forward({"x": X3}).values()
@@ -321,9 +321,9 @@ def test_savedmodel_scan_finds_the_saver_ops_it_deliberately_skips(savedmodels):
     sm.ParseFromString((savedmodels["Clean"] / "saved_model.pb").read_bytes())
     ops = {n.op for f in sm.meta_graphs[0].graph_def.library.function for n in f.node_def}
     assert {"SaveV2", "RestoreV2", "MergeV2Checkpoints"} <= ops
-    assert safety.savedmodel_problems(str(savedmodels["Clean"])) == []
+    assert savedmodel_checks.savedmodel_problems(str(savedmodels["Clean"]), sm) == []
     everything = [(f.signature.name, "all") for f in sm.meta_graphs[0].graph_def.library.function]
-    found = safety._TFLibrary(sm.meta_graphs[0].graph_def.library).scan(everything)
+    found = savedmodel_checks._Library(sm.meta_graphs[0].graph_def.library).scan(everything)
     assert any(p.startswith("SaveV2") for p in found) and any(p.startswith("RestoreV2") for p in found)
 
 
