@@ -96,18 +96,19 @@ def read_regular(path: str, what: str, error: type[Exception], used: int = 0) ->
     return data
 
 
-def read_stream_exactly(f, nbytes: int, what: str, error: type[Exception]) -> bytes:
-    """Exactly ``nbytes`` from the binary stream ``f`` (in pieces: nothing more is read or
-    held), else ``error`` saying it was truncated."""
-    parts, left = [], nbytes
-    while left:
-        part = f.read(min(left, 16 << 20))
+def read_stream_exactly(f, nbytes: int, what: str, error: type[Exception]) -> bytearray:
+    """Exactly ``nbytes`` from the binary stream ``f``, into one buffer (nothing more is
+    read), else ``error`` saying it was truncated."""
+    buffer = bytearray(nbytes)
+    view, done = memoryview(buffer), 0
+    while done < nbytes:
+        part = f.read(min(nbytes - done, 16 << 20))
         if not part:
-            raise error(f"cannot read {what}: {size_text(nbytes - left)} of the {size_text(nbytes)} its header "
+            raise error(f"cannot read {what}: {size_text(done)} of the {size_text(nbytes)} its header "
                         "declares (truncated?)")
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+        view[done:done + len(part)] = part
+        done += len(part)
+    return buffer
 
 
 def zip_members(z: zipfile.ZipFile, what: str, error: type[Exception]) -> list[zipfile.ZipInfo]:
@@ -131,7 +132,7 @@ def read_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, error: type[Exception
     its CRC is checked by ``zipfile`` at the end."""
     try:
         with z.open(info) as f:
-            data = read_stream_exactly(f, info.file_size, f"{what}:{info.filename}", error)
+            data = bytes(read_stream_exactly(f, info.file_size, f"{what}:{info.filename}", error))
             if f.read(1):
                 raise error(f"{what}:{info.filename} inflates past its declared size")
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:

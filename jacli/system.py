@@ -7,14 +7,17 @@ import tempfile
 from pathlib import Path
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file (mode 0600) beside ``path`` and rename it over
-    ``path``: readers see the old file or the new one, never a part. Raises OSError; the
-    temporary file is gone on any failure (Ctrl-C included)."""
+def replace_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``:
+    readers see the old file or the new one, never a part. The file keeps mode 0600 unless
+    ``mode`` is given. Raises OSError; the temporary file is gone on any failure (Ctrl-C
+    included)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import _security_models as evil
+from jacli import limits
 from jacli.backends import savedmodel_checks, torch_checks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -414,7 +415,7 @@ def test_input_limit_follows_available_memory_and_nothing_is_allocated(jacli, tm
     np.save(tmp_path / "x.npy", x)
     np.savez(tmp_path / "x.npz", xy=x)
     assert jacli("inspect", MAP2D).code == 0  # imports done before memory is measured
-    monkeypatch.setattr(readers, "available_memory", lambda: 12 << 20)  # the input is over half of 12 MiB
+    monkeypatch.setattr(limits, "available_memory", lambda: 12 << 20)  # the input is over half of 12 MiB
     for path in (tmp_path / "x.npy", tmp_path / "x.npz"):
         tracemalloc.start()
         r = jacli("compute", MAP2D, path)
@@ -423,7 +424,7 @@ def test_input_limit_follows_available_memory_and_nothing_is_allocated(jacli, tm
         assert r.code == 2 and "8.0 MiB" in r.stderr and "12.0 MiB available" in r.stderr, r.stderr
         assert peak < x.nbytes // 2, f"{peak} bytes allocated while refusing a {x.nbytes}-byte input"
     assert "more than 50%" in jacli("compute", MAP2D, "--random", "1000000").stderr
-    monkeypatch.setattr(readers, "available_memory", lambda: 1 << 30)
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 30)
     for path in (tmp_path / "x.npy", tmp_path / "x.npz"):
         assert next(iter(readers._read_arrays(str(path)).values())).shape == x.shape
 
@@ -432,9 +433,7 @@ def test_compressed_npz_bomb_refused_without_inflating(jacli, tmp_path, monkeypa
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("xy.npy", npy_header((64 << 20, 2)) + bytes(64 << 20))  # 512 MiB announced, 64 MiB of zeros
     assert (tmp_path / "bomb.npz").stat().st_size < 1 << 20
-    from jacli.io import readers
-
-    monkeypatch.setattr(readers, "available_memory", lambda: 256 << 20)
+    monkeypatch.setattr(limits, "available_memory", lambda: 256 << 20)
     tracemalloc.start()
     r = jacli("compute", MAP2D, tmp_path / "bomb.npz")
     peak = tracemalloc.get_traced_memory()[1]
@@ -539,7 +538,7 @@ def test_crash_in_the_middle_of_a_streamed_write(jacli, tmp_path, monkeypatch, s
         return original(self, key, s0, s1, block)
 
     monkeypatch.setattr(cls, "write", crash_on_second_block)
-    r = jacli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-o", out, "--max-memory", "50K", "-q")
+    r = jacli("compute", SAMPLES / "mlp.onnx", "--random", "200", "-o", out, "--max-memory", "1M", "-q")
     assert r.code == 3 and "simulated crash" in r.stderr, r.stderr
     assert len(calls) == 2
     assert out.read_bytes() == OLD

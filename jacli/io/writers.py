@@ -3,7 +3,10 @@
 
 Every writer streams sample blocks into a temporary file in the target's directory and
 renames it over the target only when everything is written; on any failure (including
-Ctrl-C) the temporary file is removed and an existing file of that name is untouched.
+Ctrl-C, and any OS error, which becomes one OutputError) the temporary file is removed and
+an existing file of that name is untouched. The finished file gets the mode of the file it
+replaces, or that of a new file under the umask. A target that this process read as its
+model or input is refused.
 Before anything is written, a writer refuses a Jacobian that the disk has no room for.
 ``.npy`` blocks go to their offsets with plain file writes rather than a memory map, so
 written pages stay in the page cache instead of counting towards the process's memory.
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputError
-from ..system import replace_atomically
+from ..system import new_file_mode, replace_atomically, was_read
 
 SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 
@@ -39,6 +42,7 @@ class Writer(abc.ABC):
             raise OutputError(f"cannot write {path}: directory {directory} does not exist")
         if self.path.is_dir():
             raise OutputError(f"cannot write {path}: it is a directory")
+        refuse_input(path)
         need, free = self._disk_bytes(), _free_bytes(directory)
         if free is not None and need > free:
             raise OutputError(
@@ -53,8 +57,10 @@ class Writer(abc.ABC):
         self.tmp = Path(tmp)
         try:
             self._open()
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {path}: {_reason(e)}") from None
             raise
 
     def _open(self) -> None:
@@ -78,16 +84,21 @@ class Writer(abc.ABC):
     def commit(self) -> None:
         try:
             self._finish()
+            os.chmod(self.tmp, new_file_mode(str(self.path)))
             os.replace(self.tmp, self.path)
         except BaseException as e:  # also Ctrl-C/SIGTERM while finishing: no temporary file is left
             self.abort()
             if isinstance(e, OSError):
-                raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+                raise OutputError(f"cannot write {self.path}: {_reason(e)}") from None
             raise
 
     def abort(self) -> None:
-        self._close_quietly()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._close_quietly()
+        except Exception:  # closing fails too when the disk is full: the file goes anyway
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def _close_quietly(self) -> None:
         """Release open handles before the temporary file is removed."""
@@ -98,8 +109,10 @@ class Writer(abc.ABC):
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return False
+        self.abort()
+        if isinstance(exc, OSError):  # a write failed: no space, I/O error, ...
+            raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
         return False
 
     def _store(self, target: np.ndarray, s0: int, s1: int, block: np.ndarray) -> None:
@@ -264,6 +277,8 @@ class StdoutWriter:
     """``.npy`` bytes on stdout (one pair); built in memory, written at the end."""
 
     def __init__(self, path, shapes, dtype, meta, batch, pieces=None):
+        if sys.stdout is None:
+            raise OutputError("cannot write to stdout: it is closed")
         if len(shapes) != 1:
             raise OutputError(f"-o - writes one .npy array but there are {len(shapes)} Jacobians; choose one with --of/--wrt")
         (shape,) = shapes.values()
@@ -280,10 +295,37 @@ class StdoutWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if exc_type is not None:
+            return False
+        try:
             np.lib.format.write_array(sys.stdout.buffer, self.array, allow_pickle=False)
             sys.stdout.buffer.flush()
+        except (OSError, ValueError) as e:  # a closed pipe (| head), a full disk; ValueError: stdout closed
+            _silence_stdout()
+            raise OutputError(f"cannot write to stdout: {_reason(e) if isinstance(e, OSError) else 'it is closed'}"
+                              ) from None
         return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests), or already gone
+        pass
+
+
+def refuse_input(path: str) -> None:
+    """Refuse an output path that names (or links to) the model or an input of this run."""
+    if was_read(path):
+        raise OutputError(f"refusing to write {path}: it is the model or an input file of this run; "
+                          "choose another output name")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
 
 
 def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool = True,
@@ -397,7 +439,8 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise OutputError(f"cannot write {path}: directory {target.parent} does not exist")
+    refuse_input(path)
     try:
-        replace_atomically(target, data)
+        replace_atomically(target, data, new_file_mode(path))
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        raise OutputError(f"cannot write {path}: {_reason(e)}") from None
