@@ -14,6 +14,7 @@ written pages stay in the page cache instead of counting towards the process's m
 from __future__ import annotations
 
 import abc
+import io
 import json
 import os
 import shutil
@@ -236,7 +237,8 @@ class H5Writer(Writer):
             import h5py
         except ImportError:
             raise OutputError("writing .h5 needs h5py: pip install h5py") from None
-        self.f = h5py.File(self.tmp, "w")
+        self.raw = _GuardedFile(self.tmp)
+        self.f = h5py.File(self.raw, "w")
         for k, v in self.meta.items():
             self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
         self.ds = {}
@@ -251,6 +253,7 @@ class H5Writer(Writer):
 
     def write(self, key, s0, s1, block):
         self._store(self.ds[key], s0, s1, block)
+        self.raw.check()
 
     def write_part(self, key, s, rows, cols, block, out_ndim):
         """As hyperslabs of the (sample, *outputs, *inputs) dataset: a flat range of rows or
@@ -263,14 +266,76 @@ class H5Writer(Writer):
             for ii, c0, c1 in slabs(ins, cols.start, cols.stop):
                 piece = block[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start]
                 ds[lead + oi + ii] = piece.reshape(_slab_shape(oi, outs) + _slab_shape(ii, ins))
+        self.raw.check()
 
     def _finish(self):
         self.f.close()
+        self.raw.close()
+        self.raw.check()
 
     def _close_quietly(self):
         f = getattr(self, "f", None)
         if f is not None and f.id.valid:
             f.close()
+        if getattr(self, "raw", None) is not None:
+            self.raw.close()
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's fileobj driver). HDF5 crashes when it closes a
+    file after a failed write (no space, a file size limit), so a failed write is kept
+    here and the ones after it are dropped; the writer raises the first error
+    (``check``) and the file is removed."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.f, self.error = open(path, "r+b"), None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        return self.f.readinto(b)
+
+    def seek(self, offset, whence=0):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def _guarded(self, op, *args):
+        if self.error is None and not self.f.closed:
+            try:
+                return op(*args)
+            except OSError as e:
+                self.error = e
+        return None
+
+    def write(self, b):
+        self._guarded(self.f.write, b)
+        return len(b)
+
+    def truncate(self, size=None):
+        self._guarded(self.f.truncate, size)
+        return size
+
+    def flush(self):
+        self._guarded(self.f.flush)
+
+    def close(self):
+        self._guarded(self.f.flush)
+        self.f.close()
+        super().close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class StdoutWriter:
