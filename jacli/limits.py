@@ -1,5 +1,6 @@
 """How much jacli reads: the one limit on model files, zip members, stdin and input arrays,
-and the bounded readers that enforce it (no framework, no jacli imports but errors).
+and the bounded readers that enforce it. A leaf like ``system`` (which alone it imports):
+io and backends use it, and pass the error class to raise.
 
 The limit is half of the memory available when jacli starts reading (``system.available_memory``:
 MemAvailable, lowered by a cgroup limit), or ``JACLI_READ_LIMIT`` (bytes, or a size such

@@ -24,32 +24,6 @@ def replace_atomically(path: Path, data: bytes, mode: int | None = None) -> None
         raise
 
 
-def available_memory() -> int | None:
-    """Bytes of memory a new allocation can still get: Linux MemAvailable (else psutil, if
-    installed), lowered by a cgroup v2 limit (containers, CI); None when it cannot be told."""
-    free = None
-    try:
-        with open("/proc/meminfo") as f:
-            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError, IndexError):
-        try:
-            import psutil
-
-            free = int(psutil.virtual_memory().available)
-        except ImportError:
-            pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit != "max":
-            with open("/sys/fs/cgroup/memory.current") as f:
-                headroom = max(0, int(limit) - int(f.read()))
-            free = headroom if free is None else min(free, headroom)
-    except (OSError, ValueError):
-        pass
-    return free
-
-
 # The files this process read as a model or an input, by identity (device, inode, size,
 # modification time): outputs must not replace them.
 _READ: set[tuple[int, int, int, int]] = set()
@@ -94,3 +68,30 @@ def new_file_mode(path: str) -> int:
         umask = os.umask(0o022)  # read it by setting it, then put it back
         os.umask(umask)
     return 0o666 & ~umask
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can still get: Linux MemAvailable (else psutil, if
+    installed), lowered by a cgroup v2 limit (containers, CI); None when it cannot be told."""
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        except ImportError:
+            pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                headroom = max(0, int(limit) - int(f.read()))
+            free = headroom if free is None else min(free, headroom)
+    except (OSError, ValueError):
+        pass
+    return free
+

@@ -49,15 +49,18 @@ def torchscript_problems(path: str, data: bytes) -> list[str]:
         records = set(reader.get_all_records())
         if records != {i.filename.split("/", 1)[-1] for i in infos if not i.filename.endswith("/")}:
             return ["an archive that torch's zip reader and Python's read differently"]
+        pickled = []
         for name in sorted(records):
             if name.startswith("code/") and name.endswith(".py"):
                 sources[name] = bytes(reader.get_record(name))
+            elif name.endswith(".pkl") and b"torch.classes" in bytes(reader.get_record(name)):
+                pickled.append(name)
     except ModelLoadError:
         raise
     except Exception as e:  # what cannot be checked is not loaded
         raise ModelLoadError(f"cannot read TorchScript archive {path}: corrupt or truncated ({str(e)[:200]})") \
             from None
-    trees, problems = {}, []
+    trees, problems = {}, [f"{name} holds a TorchBind object (native code jacli does not check)" for name in pickled]
     for name, source in sources.items():
         try:
             trees[name] = ast.parse(source.decode("utf-8"), filename=name)
