@@ -122,6 +122,27 @@ def test_keras_config_that_cannot_be_read_is_refused(jacli, tmp_path):
     assert_one_error(jacli("inspect", tmp_path / "m.keras"), "'code.py', which is not part of a .keras archive")
 
 
+def test_keras_weights_that_read_other_files_are_refused(jacli, tmp_path):
+    import h5py
+
+    (tmp_path / "secret.bin").write_bytes(np.ones(4, np.float32).tobytes())
+    shutil.copy(SAMPLES / "mlp.h5", tmp_path / "m.h5")
+    with h5py.File(tmp_path / "m.h5", "a") as f:
+        f["model_weights/evil"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/")
+    assert_refused(jacli("inspect", tmp_path / "m.h5"), "model_weights/evil links to another file")
+    with zipfile.ZipFile(SAMPLES / "mlp.keras") as z:
+        members = {i.filename: z.read(i) for i in z.infolist()}
+    weights = tmp_path / "w.h5"
+    weights.write_bytes(members["model.weights.h5"])
+    with h5py.File(weights, "a") as f:
+        f.create_dataset("stolen", shape=(4,), dtype="<f4", external=[(str(tmp_path / "secret.bin"), 0, 16)])
+    members["model.weights.h5"] = weights.read_bytes()
+    with zipfile.ZipFile(tmp_path / "m.keras", "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    assert_refused(jacli("inspect", tmp_path / "m.keras"), "stolen keeps its data in other files")
+
+
 # --- 2: TorchScript operators are allow-listed --------------------------------------------
 def test_torchscript_torch_save_refused_and_live(jacli, d, marker):
     path = d / "saver.pt"
@@ -140,6 +161,9 @@ def test_torchscript_torch_save_refused_and_live(jacli, d, marker):
     (b"x.numpy()\n    return torch.linear", [".numpy()"]),
     (b"return (lambda: 0)() + torch.linear", ["Lambda"]),
     (b"return torch.linear(((", ["not TorchScript jacli can read"]),
+    (b"_0 = 1 \\\n    return torch.linear", ["not TorchScript jacli can read"]),  # a backslash continuation
+    (b"return torch.linear  # a comment", ["not TorchScript jacli can read"]),
+    (b"_0 = r'a'\n    return torch.linear", ["not TorchScript jacli can read"]),  # a raw string
     (b"_1 = __torch__.torch.classes.dist_c10d.ProcessGroup\n    return torch.linear", ["TorchBind class"]),
 ])
 def test_torchscript_code_outside_the_allow_list_is_refused(jacli, tmp_path, new, words):
@@ -184,7 +208,8 @@ def test_savedmodel_op_allow_list():
     allowed = savedmodel_checks.allowed_ops()
     assert {"MatMul", "Conv2D", "FusedBatchNormV3", "ReadVariableOp", "StatefulPartitionedCall", "While",
             "TensorListReserve", "Einsum", "ResizeBilinear"} <= allowed
-    assert not {"WriteFile", "ReadFile", "MatchingFiles", "ImmutableConst", "RemoteCall", "PrintV2", "EagerPyFunc",
+    assert not {"WriteFile", "ReadFile", "MatchingFiles", "ImmutableConst", "RemoteCall", "Abort", "PrintV2",
+                "EagerPyFunc",
                 "SaveV2", "RestoreV2", "XlaCallModule", "DecodeProtoV2", "CreateSummaryFileWriter"} & allowed
 
 

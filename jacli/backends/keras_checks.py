@@ -18,8 +18,8 @@ import zipfile
 from pathlib import Path
 
 from .. import limits
-from ..errors import ModelLoadError
-from .refusal import cut as _cut, refuse
+from ..errors import ModelLoadError, UnsafeModelError
+from .refusal import cut as _cut, inside, refuse
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -194,14 +194,17 @@ def _zip_config(path: str, data: bytes):
             infos = limits.zip_members(z, f"Keras archive {path}", ModelLoadError)
             if not infos or min(i.header_offset for i in infos) != 0:
                 raise ModelLoadError(f"{path} is not a .keras zip archive (data before its first member)")
-            strays = [i.filename for i in infos
-                      if i.filename not in _KERAS_MEMBERS and not i.filename.startswith("assets/")]
+            strays = [i.filename for i in infos if i.filename not in _KERAS_MEMBERS
+                      and not (i.filename.startswith("assets/") and inside(i.filename))]
             if strays:
                 raise ModelLoadError(f"{path} holds {strays[0]!r}, which is not part of a .keras archive")
             config = next((i for i in infos if i.filename == "config.json"), None)
             if config is None:
                 raise ModelLoadError(f"{path} has no config.json; it is not a .keras model")
             raw = limits.read_member(z, config, ModelLoadError, path)
+            weights = next((i for i in infos if i.filename == "model.weights.h5"), None)
+            if weights is not None:
+                _hdf5_links(path, limits.read_member(z, weights, ModelLoadError, path), "model.weights.h5")
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise ModelLoadError(f"cannot read Keras archive {path}: {str(e)[:200]} (corrupt or truncated?)") from None
     return _json(path, raw, "config.json")
@@ -218,6 +221,7 @@ def _hdf5_config(path: str, data: bytes):
             if f.userblock_size:
                 raise ModelLoadError(f"{path} has an HDF5 user block; Keras files have none")
             raw = f.attrs.get("model_config")
+        _hdf5_links(path, data, "the file")
     except ModelLoadError:
         raise
     except Exception as e:
@@ -227,6 +231,33 @@ def _hdf5_config(path: str, data: bytes):
     if not isinstance(raw, (bytes, str)):
         raise ModelLoadError(f"{path}: its model_config is not text (corrupt?)")
     return _json(path, raw if isinstance(raw, bytes) else raw.encode("utf-8", "replace"), "model_config")
+
+
+def _hdf5_links(path: str, data: bytes, what: str) -> None:
+    """Refuse HDF5 weights that read other files: external links, datasets stored outside
+    the file, virtual datasets."""
+    import h5py
+
+    found = []
+
+    def visit(name, link):
+        if isinstance(link, h5py.ExternalLink):
+            found.append(f"{name} links to another file")
+            return
+        obj = f.get(name)
+        if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+            found.append(f"{name} keeps its data in other files")
+
+    try:
+        with h5py.File(io.BytesIO(data), "r") as f:
+            f.visititems_links(visit)
+    except ModelLoadError:
+        raise
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {what} of {path}: {str(e)[:200]} (corrupt?)") from None
+    if found:
+        raise UnsafeModelError(f"refusing to load {path}: in {what}, {found[0]} (which loading would read). "
+                               "Pass --trust-model only if you trust its source")
 
 
 def _json(path: str, raw: bytes, what: str):

@@ -45,9 +45,10 @@ _STATEFUL = set(
     "AnonymousMutableDenseHashTable AnonymousMutableHashTableOfTensors LookupTableFindV2 LookupTableImportV2 "
     "LookupTableInsertV2 LookupTableRemoveV2 LookupTableSizeV2 LookupTableExportV2 InitializeTableV2".split()
 )
-# In those families, yet they reach outside: a memory-mapped file named by an attribute, and
-# a function run on another device or task.
-_REACH_OUT = {"ImmutableConst": "memory-maps a file", "RemoteCall": "runs a function on another task"}
+# In those families, yet they reach outside: a memory-mapped file named by an attribute, a
+# function run on another device or task, the end of the process.
+_REACH_OUT = {"ImmutableConst": "memory-maps a file", "RemoteCall": "runs a function on another task",
+              "Abort": "ends the process"}
 # What some of the refused ops do, for the message (the allow-list decides).
 _WHY = {**dict.fromkeys("PyFunc PyFuncStateless EagerPyFunc".split(), "runs Python code"),
         **dict.fromkeys("WriteFile Save SaveV2 SaveSlices MergeV2Checkpoints".split(), "writes files"),

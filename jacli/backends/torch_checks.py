@@ -63,13 +63,39 @@ def torchscript_problems(path: str, data: bytes) -> list[str]:
     trees, problems = {}, [f"{name} holds a TorchBind object (native code jacli does not check)" for name in pickled]
     for name, source in sources.items():
         try:
-            trees[name] = ast.parse(source.decode("utf-8"), filename=name)
+            if not _PRINTED.fullmatch(source) or not _plain_tokens(source.decode("ascii")):
+                raise ValueError("not as torch prints code")
+            trees[name] = ast.parse(source.decode("ascii"), filename=name)
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             problems.append(f"{name} is not TorchScript jacli can read")
     methods = {n.name for tree in trees.values() for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     for name, tree in trees.items():
         problems += [f"{name[len('code/'):]} {p}" for p in _TorchScriptCode(methods).problems(tree)]
     return list(dict.fromkeys(problems))
+
+
+# Code as torch prints it: printable ASCII lines, plain one-line strings with simple escapes
+# only (others go to the constants table), no comments, no backslash outside a string.
+# Anything else could lex differently for TorchScript than for the Python parser used here.
+_PRINTED = re.compile(rb"[ -~\n]*")
+_STRING = re.compile(r"""\"(?:[^"\\]|\\[\\'"nt])*\"|'(?:[^'\\]|\\[\\'"nt])*'""")
+
+
+def _plain_tokens(source: str) -> bool:
+    import tokenize
+
+    escapes = 0
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.COMMENT, tokenize.ERRORTOKEN):
+                return False
+            if token.type == tokenize.STRING:
+                if not _STRING.fullmatch(token.string):
+                    return False
+                escapes += token.string.count("\\")
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return False
+    return source.count("\\") == escapes
 
 
 class _TorchScriptCode:
