@@ -277,6 +277,12 @@ def test_model_and_input_paths_must_be_regular_files(jacli, d, tmp_path):
     assert_one_error(jacli("inspect", tmp_path / "m"), "symbolic link to a file outside")
 
 
+def test_onnx_external_data_must_be_a_regular_file(jacli, tmp_path):
+    os.mkfifo(tmp_path / "w.bin")
+    evil.onnx_matmul(tmp_path / "m.onnx", external_location="w.bin")
+    assert_refused(jacli("inspect", tmp_path / "m.onnx"), "not a regular file")  # no hang reading a FIFO
+
+
 # --- 7: bounded reads -----------------------------------------------------------------------
 def _zip(path: Path, members: dict[str, bytes], compression=zipfile.ZIP_DEFLATED) -> Path:
     with zipfile.ZipFile(path, "w", compression) as z:

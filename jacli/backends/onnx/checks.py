@@ -3,18 +3,22 @@ would be read from outside the model's folder, and text that is not UTF-8. Custo
 operators are refused by the loader itself. See docs/security.md."""
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
+from ... import limits
+from ...errors import ModelLoadError
 from ..refusal import inside
 
 
 def onnx_external_data_problems(proto, model_dir: str) -> list[str]:
     """External-data tensors whose file lies outside the model's directory (an absolute
-    path, a '..' escape or a symbolic link pointing elsewhere)."""
+    path, a '..' escape or a symbolic link pointing elsewhere), or is not a regular file (a
+    FIFO would hang the load, a device never end); and external data over the read limit."""
     from onnx import TensorProto
 
     base = Path(model_dir).resolve()
-    problems = []
+    problems, sizes = [], {}
     for tensor in tensors(proto):
         if tensor.data_location != TensorProto.EXTERNAL:
             continue
@@ -22,6 +26,15 @@ def onnx_external_data_problems(proto, model_dir: str) -> list[str]:
         target = (base / location).resolve() if inside(location) else None
         if target is None or (target != base and base not in target.parents):
             problems.append(f"tensor {tensor.name!r} reads its data from {location!r}, outside the model's directory")
+            continue
+        try:
+            st = target.stat()
+        except OSError:
+            continue  # missing: the loader reports it
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"tensor {tensor.name!r} reads its data from {location!r}, which is not a regular file")
+        sizes[target] = st.st_size
+    limits.check_fits(sum(sizes.values()), "the model's external data", ModelLoadError, "see JACLI_READ_LIMIT")
     return problems
 
 
