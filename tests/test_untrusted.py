@@ -318,6 +318,16 @@ def test_zip_bombs_and_duplicate_members_are_refused_before_inflating(jacli, tmp
     assert_one_error(jacli("compute", SAMPLES / "map2d.onnx", twice), "two members named 'xy.npy'")
 
 
+def test_h5_input_linking_to_another_file_is_refused(jacli, tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["xy"] = np.ones((2, 2), np.float32)
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["xy"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/xy")
+    assert_one_error(jacli("compute", SAMPLES / "map2d.onnx", tmp_path / "x.h5"), "links to another file")
+
+
 def test_read_limit_can_be_set(jacli, monkeypatch):
     monkeypatch.setenv("JACLI_READ_LIMIT", "64K")
     assert_one_error(jacli("inspect", SAMPLES / "mlp.onnx"), "JACLI_READ_LIMIT limit of 64.0 KiB")

@@ -107,6 +107,10 @@ def _load_h5(p: Path) -> dict[str, np.ndarray]:
                     _check_header(obj.shape or (), obj.dtype, f"{p}:{name}", sum(a.nbytes for a in out.values()))
                     out[name] = obj[()]
 
+            external = []
+            f.visititems_links(lambda name, link: external.append(name) if isinstance(link, h5py.ExternalLink) else None)
+            if external:
+                raise InputError(f"{p}:{external[0]} links to another file; jacli reads only self-contained .h5 input")
             f.visititems(visit)
     except InputError:
         raise
