@@ -196,12 +196,42 @@ def test_savedmodel_with_two_serving_defaults_refused_and_live(jacli, d, marker)
     assert marker.exists()  # TensorFlow kept the last one
 
 
-def test_tf1_savedmodel_save_tensor_trick_refused_and_live(jacli, d, marker):
-    path = evil.savedmodel_tf1_save_tensor_trick(d, str(marker))
+@pytest.fixture(scope="module")
+def tf1_trick(d):
+    return evil.savedmodel_tf1_save_tensor_trick(d, str(d / "MARKER"))
+
+
+def test_tf1_savedmodel_save_tensor_trick_refused_and_live(jacli, d, tf1_trick, marker):
+    path = tf1_trick
     assert_refused(jacli("compute", path, d / "x3.npy", "--json"), "WriteFile", "TF1")
     assert not marker.exists()
     jacli("compute", "--trust-model", path, d / "x3.npy", "--json")
     assert marker.exists()
+
+
+@pytest.mark.parametrize("collection", ["legacy_init_op", "table_initializer", "__saved_model_init_op"])
+def test_tf1_init_ops_wherever_the_loader_finds_them(jacli, d, tf1_trick, marker, tmp_path, collection):
+    """The writing main op moved to the other places the TF1 loader takes init ops from."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = tmp_path / "m"
+    shutil.copytree(tf1_trick, path)
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    meta = sm.meta_graphs[0]
+    (main_op,) = meta.collection_def["saved_model_main_op"].node_list.value
+    del meta.collection_def["saved_model_main_op"]
+    meta.saver_def.save_tensor_name = meta.saver_def.filename_tensor_name  # any tensor will do
+    if collection.startswith("__"):
+        meta.signature_def[collection].outputs["init"].name = main_op
+    else:
+        meta.collection_def[collection].node_list.value.append(main_op)
+    (path / "saved_model.pb").write_bytes(sm.SerializeToString())
+    assert_refused(jacli("compute", path, d / "x3.npy", "--json"), "WriteFile", "TF1")
+    assert not marker.exists()
+    if collection == "legacy_init_op":
+        r = jacli("compute", "--trust-model", path, d / "x3.npy", "--json")
+        assert marker.exists(), r.stderr
 
 
 def test_savedmodel_op_allow_list():

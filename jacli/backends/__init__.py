@@ -35,6 +35,8 @@ def detect_format(path: str) -> str:
         raise ModelLoadError(f"{path} is a directory without saved_model.pb; it is not a TensorFlow SavedModel")
     fd = limits.open_regular(path, "model", ModelLoadError)  # not a device or FIFO
     try:
+        size = os.fstat(fd).st_size
+        limits.check_fits(size, f"model {path} ({limits.size_text(size)})", ModelLoadError, "see JACLI_READ_LIMIT")
         magic = os.read(fd, 8)
     except OSError as e:
         raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
