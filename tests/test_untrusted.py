@@ -234,6 +234,20 @@ def test_tf1_init_ops_wherever_the_loader_finds_them(jacli, d, tf1_trick, marker
         assert marker.exists(), r.stderr
 
 
+def test_savedmodel_check_passes_a_real_architecture(jacli, tmp_path):
+    """Convolution, batch norm, pooling, an LSTM (a While loop over TensorLists) and layer
+    norm, exported by Keras 3: the allow-list admits all it runs (tf_keras SavedModels are
+    among the sample models)."""
+    import keras
+
+    x = keras.Input((8, 8, 3))
+    y = keras.layers.MaxPooling2D()(keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 3)(x)))
+    y = keras.layers.LayerNormalization()(keras.layers.LSTM(5)(keras.layers.Reshape((9, 4))(y)))
+    keras.Model(x, keras.layers.Dense(2, activation="softmax")(y)).export(str(tmp_path / "k3"), verbose=False)
+    r = jacli("inspect", tmp_path / "k3", "--json")
+    assert r.code == 0, r.stderr
+
+
 def test_savedmodel_op_allow_list():
     allowed = savedmodel_checks.allowed_ops()
     assert {"MatMul", "Conv2D", "FusedBatchNormV3", "ReadVariableOp", "StatefulPartitionedCall", "While",
