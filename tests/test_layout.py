@@ -10,10 +10,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "jacli"
 ALLOWED = {
     "cli": {"api", "io", "render", "engine", "model", "errors", "cli", ""},
-    "api": {"backends", "engine", "io", "model", "errors", "system", ""},
-    "backends": {"model", "errors", "system", "backends"},
+    "api": {"backends", "engine", "io", "model", "errors", "system", "limits", ""},
+    "backends": {"model", "errors", "system", "limits", "backends"},
     "engine": {"model", "errors", "system", "engine"},
-    "io": {"model", "errors", "system", "io"},
+    "io": {"model", "errors", "system", "limits", "io"},
     "render": {"model", "errors", "render"},
 }
 

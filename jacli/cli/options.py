@@ -26,7 +26,10 @@ def _memory(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a size; use e.g. 512M or 2G")
     unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
     factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
-    return int(float(m.group(1)) * factor)
+    size = int(float(m.group(1)) * factor)
+    if size < 1 << 20:
+        raise click.BadParameter(f"{value!r} is less than 1 MiB, too little to work in; use e.g. 64M")
+    return size
 
 
 model = _stack(

@@ -2,19 +2,17 @@
 names), ``-`` (``.npy`` bytes on stdin), or random samples drawn from the signature."""
 from __future__ import annotations
 
-import io
 import math
+import os
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import limits, system
 from ..errors import InputError
 from ..model import Model
-from ..system import available_memory
-
-MEMORY_SHARE = 0.5  # inputs may take at most this share of the available memory
 
 
 def read_input(path: str, model: Model) -> dict[str, np.ndarray]:
@@ -25,20 +23,21 @@ def read_input(path: str, model: Model) -> dict[str, np.ndarray]:
 
 def _read_arrays(path: str) -> dict[str, np.ndarray]:
     if path == "-":
-        data = sys.stdin.buffer.read()
-        if not data:
-            raise InputError("no input on stdin: pipe a .npy file in, or give a path")
-        return {"": _load_npy(io.BytesIO(data), "stdin")}
+        return {"": _load_npy(sys.stdin.buffer, "stdin", whole=True)}
     p = Path(path)
     if not p.exists():
         raise InputError(f"input file not found: {path}")
     if p.is_dir():
         raise InputError(f"input {path} is a directory; give a .npy, .npz or .h5 file")
-    with open(p, "rb") as f:
+    fd = limits.open_regular(path, "input", InputError)  # not a device or FIFO
+    with os.fdopen(fd, "rb") as f:
         magic = f.read(8)
+        if magic.startswith(b"\x93NUMPY"):
+            f.seek(0)
+            arrays = {"": _load_npy(f, path, whole=True)}
+    system.note_read(path)  # no output may replace it
     if magic.startswith(b"\x93NUMPY"):
-        with open(p, "rb") as f:
-            return {"": _load_npy(f, path)}
+        return arrays
     if magic.startswith(b"PK"):
         return _load_npz(p)
     if magic.startswith(b"\x89HDF"):
@@ -46,31 +45,43 @@ def _read_arrays(path: str) -> dict[str, np.ndarray]:
     raise InputError(f"cannot read {path}: not a .npy, .npz or .h5 file (unrecognised contents)")
 
 
-def _load_npy(f, what: str, used: int = 0) -> np.ndarray:
+def _load_npy(f, what: str, used: int = 0, whole: bool = False) -> np.ndarray:
+    """An array from the .npy stream ``f``: the header parsed and checked first, then exactly
+    the bytes it declares; with ``whole``, anything after them is refused."""
+    magic = f.read(8)
+    if what == "stdin" and not magic:
+        raise InputError("no input on stdin: pipe a .npy file in, or give a path")
+    if len(magic) < 8 or not magic.startswith(b"\x93NUMPY"):
+        raise InputError(f"cannot read {what}: not a .npy array (no .npy magic number)")
     try:
-        version = np.lib.format.read_magic(f)
-        shape, fortran, dtype = (
-            np.lib.format.read_array_header_1_0(f) if version == (1, 0) else np.lib.format.read_array_header_2_0(f)
-        )
+        read_header = np.lib.format.read_array_header_1_0 if magic[6:] == b"\x01\x00" else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
     except Exception as e:
         raise InputError(f"cannot read {what}: corrupt .npy header ({_short(e)})") from None
     _check_header(shape, dtype, what, used)
-    f.seek(0)
+    dtype = np.dtype(dtype)
+    count = math.prod(int(d) for d in shape)
     try:
-        return np.load(f, allow_pickle=False)
-    except Exception as e:
-        raise InputError(f"cannot read {what}: {_short(e)} (truncated or corrupt .npy?)") from None
+        data = limits.read_stream_exactly(f, count * dtype.itemsize, what, InputError)
+        if whole and f.read(1):
+            raise InputError(f"cannot read {what}: bytes after the array its header declares (corrupt, or two "
+                             "arrays?); give one .npy array")
+    except OSError as e:
+        raise InputError(f"cannot read {what}: {e.strerror}") from None
+    return np.frombuffer(data, dtype, count).reshape(shape, order="F" if fortran else "C")
 
 
 def _load_npz(p: Path) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(p) as z:
             out = {}
-            for name in z.namelist():
-                if not name.endswith(".npy"):
-                    continue
-                with z.open(name) as f:  # header first: nothing is inflated before the size check
-                    out[name[: -len(".npy")]] = _load_npy(f, f"{p}:{name}", sum(a.nbytes for a in out.values()))
+            for info in limits.zip_members(z, f"input {p}", InputError):
+                if not info.filename.endswith(".npy"):
+                    continue  # never inflated
+                with z.open(info) as f:  # header first: nothing is inflated before the size check
+                    used = sum(a.nbytes for a in out.values())
+                    out[info.filename[: -len(".npy")]] = _load_npy(f, f"{p}:{info.filename}", used, whole=True)
     except InputError:
         raise
     except Exception as e:
@@ -96,6 +107,10 @@ def _load_h5(p: Path) -> dict[str, np.ndarray]:
                     _check_header(obj.shape or (), obj.dtype, f"{p}:{name}", sum(a.nbytes for a in out.values()))
                     out[name] = obj[()]
 
+            external = []
+            f.visititems_links(lambda name, link: external.append(name) if isinstance(link, h5py.ExternalLink) else None)
+            if external:
+                raise InputError(f"{p}:{external[0]} links to another file; jacli reads only self-contained .h5 input")
             f.visititems(visit)
     except InputError:
         raise
@@ -119,13 +134,8 @@ def _check_header(shape, dtype, what: str, used: int = 0) -> None:
 
 
 def check_memory(nbytes: int, what: str) -> None:
-    """Refuse arrays that would take more than MEMORY_SHARE of the available memory."""
-    avail = available_memory()
-    if avail is not None and nbytes > MEMORY_SHARE * avail:
-        raise InputError(
-            f"{what} would need {_size(nbytes)} of memory, more than {MEMORY_SHARE:.0%} of the "
-            f"{_size(avail)} available; use fewer samples"
-        )
+    """Refuse arrays over the read limit (``limits``: a share of the available memory)."""
+    limits.check_fits(nbytes, what, InputError, "use fewer samples")
 
 
 def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "input") -> dict[str, np.ndarray]:
@@ -208,13 +218,6 @@ def nonfinite(xs: dict[str, np.ndarray]) -> list[str]:
 
 def _fmt_shape(shape) -> str:
     return "(" + ", ".join("batch" if i == 0 and d is None else ("?" if d is None else str(d)) for i, d in enumerate(shape)) + ")"
-
-
-def _size(nbytes: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):,.1f} {unit}"
-    return f"{nbytes} bytes"
 
 
 def _short(e: Exception) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ... import limits
 from ...errors import InputError, ModelLoadError, UnsafeModelError
 from ...model import Model, TensorSpec
 from . import cache as onnx_cache
@@ -26,10 +26,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     this file was checked before: then ``onnx`` is imported only if a derived graph is
     missing from the cache."""
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    data = limits.read_regular(path, "model", ModelLoadError)
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs = onnx_cache.entry(m.sha256), {}
@@ -61,17 +58,17 @@ def _checked(path: str, data: bytes, trust: bool):
         proto = onnx.load_model_from_string(data, format=fmt)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
-    from ..safety import _onnx_tensors, onnx_undecodable_strings
+    from .checks import onnx_external_data_problems, onnx_undecodable_strings, tensors
 
     bad = onnx_undecodable_strings(proto)
     if bad:
         raise ModelLoadError(f"cannot load ONNX model {path}: text that is not UTF-8 ({bad[0]}; corrupt?)")
     model_dir = os.path.dirname(os.path.abspath(path))
     if not trust:
-        from ..safety import onnx_external_data_problems, refuse
+        from ..refusal import refuse
 
         refuse(path, onnx_external_data_problems(proto, model_dir))
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto))
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
         onnx.checker.check_model(proto)
