@@ -15,21 +15,23 @@ How the graphs are built. An activity analysis marks the tensors that depend on 
 are kept (they provide the primal values the rules need; a MaxPool may be asked for its
 Indices output as well), then the derivative nodes are appended: in reverse topological
 order with cotangents summed per tensor (VJP), or in topological order (JVP); finally
-everything the requested outputs do not need is pruned. Each operator has one VJP rule in
-``VJP_RULES`` and one JVP rule in ``JVP_RULES`` (``rules/``); a rule emits ordinary ONNX nodes through
-:class:`~.graph.Builder`, which folds shapes that shape inference knows statically and computes
-the rest at run time with ``Shape``/``Slice``/``Concat``, so a dynamic batch axis (or
-dynamic spatial axes) stays dynamic. Emitted nodes use the form of each operator that
-the model's opset defines (e.g. ``ReduceSum`` axes as an attribute before opset 13).
+everything the requested outputs do not need is pruned. The rules come from the registry
+(``rules.registry``): for each node, the entries serving its operator at the model's opset,
+each called for the active inputs it covers (contributions summed). A rule emits ordinary
+ONNX nodes through :class:`~.graph.Builder`, which folds shapes that shape inference knows
+statically and computes the rest at run time with ``Shape``/``Slice``/``Concat``, so a
+dynamic batch axis (or dynamic spatial axes) stays dynamic. Emitted nodes use the form of
+each operator that the model's opset defines (e.g. ``ReduceSum`` axes as an attribute
+before opset 13).
 
-Operators with integer/bool outputs (``Shape``, ``ArgMax``, comparisons, ...) are listed
-explicitly in ``NON_DIFFERENTIABLE``; piecewise-constant float operators (``Floor``,
-``Sign``, ...) in ``PIECEWISE_CONSTANT`` (zero derivative almost everywhere, as in
-PyTorch). Operators with rules differentiate their float outputs only (a ``Cast`` to an
-integer type, MaxPool's ``Indices``, Dropout's ``mask`` carry no derivative). Any other
-operator on the active path, and any input/output a rule does not cover (listed in
-``_DIFF_INPUTS``/``_DIFF_OUTPUTS``, e.g. Conv weights), raises
-:class:`~jacli.errors.UnsupportedError`; nothing is silently zero.
+Operators with integer/bool outputs (``Shape``, ``ArgMax``, comparisons, ...) and
+piecewise-constant float operators (``Floor``, ``Sign``, ...) are registry entries of kind
+``zero``/``piecewise`` (zero derivative almost everywhere, as in PyTorch). Operators with
+rules differentiate their float outputs only (a ``Cast`` to an integer type, MaxPool's
+``Indices``, Dropout's ``mask`` carry no derivative). Any other operator on the active path,
+and any input/output no entry covers (e.g. BatchNormalization's running mean), raises
+:class:`~jacli.errors.UnsupportedError` naming the option that works (``--wrt`` leaving
+that input out, or ``--method fd``); nothing is silently zero.
 
 Conventions at points where the derivative is not defined (chosen to match PyTorch):
 ``Relu``/``LeakyRelu``/``PRelu``/``Elu``/``Selu`` use the negative branch at 0, ``Abs`` has
@@ -51,22 +53,24 @@ from onnx import helper
 
 from ...errors import InputError, UnsupportedError
 from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs
-from .rules import JVP_RULES, NON_DIFFERENTIABLE, PIECEWISE_CONSTANT, VJP_RULES, _DIFF_INPUTS, _DIFF_OUTPUTS
+from .rules import lookup
 
 # =====================================================================================
 # Drivers
 # =====================================================================================
-def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str]) -> list[Node]:
-    """Nodes on a path from ``wrt`` to ``of`` (in topological order), each checked to have a
-    rule for the inputs/outputs it is differentiated along."""
+def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str],
+                  mode: str) -> list[Node]:
+    """Nodes on a path from ``wrt`` to ``of`` (in topological order), each given the registry
+    entries (``n.parts``: (entry, active inputs it covers)) that differentiate it in ``mode``."""
     nodes = list(model.graph.node)
     varied = set(wrt)
     for node in nodes:
         if not any(i in varied for i in _node_inputs(node)):
             continue
-        if node.op_type in NON_DIFFERENTIABLE or node.op_type in PIECEWISE_CONSTANT:
-            continue
-        if node.op_type in VJP_RULES and node.domain in ("", "ai.onnx"):
+        found = lookup(node.op_type, info.opset, node.domain)
+        if found and all(e.kind != "rule" for e in found):
+            continue  # zero derivative by definition
+        if found:
             varied |= {o for o in node.output if o and info.is_float(o)}
         else:
             varied |= {o for o in node.output if o}  # unknown op: treat all outputs as dependent
@@ -84,18 +88,41 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
         if not act_in and not implicit:
             continue
         n = Node(node, index, info, act_in)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in VJP_RULES or implicit:
+        found = [e for e in lookup(node.op_type, info.opset, node.domain)
+                 if e.kind == "rule" and getattr(e, mode) is not None]
+        if not found or (implicit and not any(e.implicit for e in found)):
             raise n.unsupported()
-        bad_in = sorted(act_in - set(_DIFF_INPUTS.get(n.op_type, act_in)))
-        if bad_in:
-            raise n.unsupported(f"has no derivative rule with respect to its input {bad_in[0]} "
-                                f"('{node.input[bad_in[0]]}')")
-        allowed_out = _DIFF_OUTPUTS.get(n.op_type, range(len(node.output)))
-        bad_out = [i for i, o in enumerate(node.output) if o in active and i not in allowed_out]
+        parts: dict[int, set[int]] = defaultdict(set)
+        for i in sorted(act_in):
+            owner = next((k for k, e in enumerate(found) if e.covers(i)), None)
+            if owner is None:
+                raise n.unsupported(f"has no derivative rule with respect to its input {i} ('{node.input[i]}')",
+                                    hint=_leave_out_hint(nodes, wrt, node.input[i]))
+            parts[owner].add(i)
+        if implicit and not parts:
+            parts[next(k for k, e in enumerate(found) if e.implicit)] = set()
+        bad_out = [i for i, o in enumerate(node.output) if o in active
+                   and not any(e.outputs is None or i in e.outputs for k, e in enumerate(found) if k in parts)]
         if bad_out:
-            raise n.unsupported(f"has no derivative rule for its output {bad_out[0]} ('{node.output[bad_out[0]]}')")
+            raise n.unsupported(f"has no derivative rule for its output {bad_out[0]} ('{node.output[bad_out[0]]}')",
+                                hint=f"leave it out with --of (outputs: {', '.join(of)})" if len(of) > 1 else None)
+        n.parts = [(found[k], frozenset(ins)) for k, ins in sorted(parts.items())]
+        n.implicit = frozenset(implicit)
         result.append(n)
     return result
+
+
+def _leave_out_hint(nodes: list, wrt: Sequence[str], tensor: str) -> str | None:
+    """``--wrt`` naming the inputs ``tensor`` does not depend on, when there are any."""
+    frontier = {tensor}
+    for node in reversed(nodes):
+        if frontier & set(node.output):
+            frontier |= set(_node_inputs(node))
+    sources = [x for x in wrt if x in frontier]
+    others = [x for x in wrt if x not in sources]
+    if not others:
+        return None
+    return f"differentiate with respect to the other inputs only with --wrt {','.join(others)}"
 
 
 def _check_request(info: Info, wrt: Sequence[str], of: Sequence[str]) -> None:
@@ -144,7 +171,7 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     return out
 
 
-def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str]):
+def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str):
     model = _prepare(model)
     info = Info(model)
     _check_request(info, wrt, of)
@@ -157,13 +184,13 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str]):
     ]:
         if name in taken:
             raise UnsupportedError(f"the model already uses the name '{name}' that jacli gives a derivative")
-    return model, info, Builder(info, taken), _active_nodes(model, info, wrt, of)
+    return model, info, Builder(info, taken), _active_nodes(model, info, wrt, of, mode)
 
 
 def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.ModelProto:
     """Reverse-mode derivative graph: original inputs + ``ct:<y>`` per ``y`` in ``of``
     (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x)."""
-    model, info, b, nodes = _start(model, wrt, of)
+    model, info, b, nodes = _start(model, wrt, of, "vjp")
     cts: dict[str, list[str]] = defaultdict(list)
     for y in of:
         cts[y].append(f"ct:{y}")
@@ -172,12 +199,16 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.Mod
         gs = [b.add(*cts.pop(o)) if o in cts else None for o in n.outputs]
         if all(g is None for g in gs):
             continue
-        grads = VJP_RULES[n.op_type](b, n, gs)
-        missing = n.active - set(grads)
-        if missing:
-            raise AssertionError(f"VJP rule of {n.op_type} gave no cotangent for inputs {sorted(missing)}")
-        for i, g in grads.items():
-            cts[n.inputs[i]].append(g)
+        for entry, part in n.parts:
+            grads = entry.vjp(b, n.restricted(part), gs)
+            missing = part - set(grads)
+            if missing:
+                raise AssertionError(f"VJP rule of {n.op_type} gave no cotangent for inputs {sorted(missing)}")
+            for i, g in grads.items():
+                if isinstance(i, int):
+                    cts[n.inputs[i]].append(g)
+                else:  # an outer-scope tensor a subgraph uses (control flow)
+                    cts[i].append(g)
     b.scope = "vjp"
     results = {}
     for x in wrt:
@@ -190,13 +221,17 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.Mod
 def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.ModelProto:
     """Forward-mode derivative graph: original inputs + ``tan:<x>`` per ``x`` in ``wrt``
     (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y)."""
-    model, info, b, nodes = _start(model, wrt, of)
+    model, info, b, nodes = _start(model, wrt, of, "jvp")
     tangents = {x: f"tan:{x}" for x in wrt}
     for n in nodes:
         b.scope = f"jvp/{n.name}"
-        ts = [tangents.get(name) if i in n.active else None for i, name in enumerate(n.inputs)]
-        outs = JVP_RULES[n.op_type](b, n, ts)
-        for o, t in zip(n.outputs, outs):
+        total: list = [None] * len(n.outputs)
+        for entry, part in n.parts:
+            ts = [tangents.get(name) if i in part else None for i, name in enumerate(n.inputs)]
+            outs = list(entry.jvp(b, n.restricted(part, tangents), ts))
+            outs += [None] * (len(n.outputs) - len(outs))
+            total = [b.add(a, t) for a, t in zip(total, outs)]
+        for o, t in zip(n.outputs, total):
             if t is not None:
                 tangents[o] = t
     b.scope = "jvp"

@@ -3,6 +3,7 @@ being differentiated (:class:`Node`) and the :class:`Builder` that emits new ONN
 folding shapes known statically and computing the rest at run time."""
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Sequence, Union
 
@@ -143,6 +144,9 @@ class Node:
         self.inputs = list(proto.input)
         self.outputs = list(proto.output)
         self.active = active
+        self.implicit: frozenset[str] = frozenset()  # active outer-scope tensors its subgraphs use
+        self.parts: list = []  # (registry entry, the active inputs it differentiates)
+        self.tangents: dict = {}
         self.info = info
         self.attrs = {}
         for a in proto.attribute:
@@ -175,11 +179,18 @@ class Node:
                 return self.info.types[name]
         return TensorProto.FLOAT
 
-    def unsupported(self, what: str = "") -> UnsupportedError:
+    def restricted(self, active: frozenset[int], tangents: dict | None = None) -> "Node":
+        """This node as one registry entry sees it: only ``active`` inputs, and (JVP) the
+        tangents known so far, which control-flow rules read for outer-scope tensors."""
+        view = copy.copy(self)
+        view.active = active
+        view.tangents = tangents or {}
+        return view
+
+    def unsupported(self, what: str = "", hint: str | None = None) -> UnsupportedError:
         detail = f" {what}" if what else " has no derivative rule in jacli"
-        return UnsupportedError(
-            f"operator '{self.op_type}' (node '{self.name}'){detail}; use --method fd for finite differences"
-        )
+        hint = f"{hint} (or use --method fd)" if hint else "use --method fd for finite differences"
+        return UnsupportedError(f"operator '{self.op_type}' (node '{self.name}'){detail}; {hint}")
 
 
 class Builder:

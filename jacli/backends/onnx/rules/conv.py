@@ -92,7 +92,7 @@ def _bias_shape(b: Builder, v: str, rank: int) -> str:
     return b.unsqueeze(v, list(range(1, rank - 1)))
 
 
-@vjp("Conv")
+@vjp("Conv", inputs=(0, 2))
 def _vjp_conv(b, n, gs):
     out = {}
     if 0 in n.active:
@@ -105,7 +105,7 @@ def _vjp_conv(b, n, gs):
     return out
 
 
-@jvp("Conv", "ConvTranspose")
+@jvp("Conv", "ConvTranspose", inputs=(0, 2))
 def _jvp_conv(b, n, ts):
     terms = [b.same(n, ts[0], n.inputs[1]) if ts[0] else None]
     if len(ts) > 2 and ts[2]:
@@ -136,7 +136,7 @@ def _conv_transpose_pads(b: Builder, n: Node, kernel: list[int]) -> tuple[list, 
     return begin, end
 
 
-@vjp("ConvTranspose")
+@vjp("ConvTranspose", inputs=(0, 2))
 def _vjp_conv_transpose(b, n, gs):
     out = {}
     if 0 in n.active:

@@ -144,13 +144,13 @@ def _d_gelu(b, n, v):
     return b.op("Mul", v, slope)
 
 
-@vjp("Dropout")
+@vjp("Dropout", inputs=(0,))
 def _vjp_dropout(b, n, gs):
     _check_inference_dropout(n)
     return {0: gs[0]}
 
 
-@jvp("Dropout")
+@jvp("Dropout", inputs=(0,))
 def _jvp_dropout(b, n, ts):
     _check_inference_dropout(n)
     return [ts[0]] + [None] * (len(n.outputs) - 1)
@@ -339,13 +339,13 @@ def _clip_mask(b: Builder, n: Node) -> str | None:
     return _mask(b, n, parts[0] if len(parts) == 1 else b.op("And", *parts))
 
 
-@vjp("Clip")
+@vjp("Clip", inputs=(0,))
 def _vjp_clip(b, n, gs):
     mask = _clip_mask(b, n)
     return {0: gs[0] if mask is None else b.op("Mul", gs[0], mask)}
 
 
-@jvp("Clip")
+@jvp("Clip", inputs=(0,))
 def _jvp_clip(b, n, ts):
     mask = _clip_mask(b, n)
     return [ts[0] if mask is None else b.op("Mul", ts[0], mask)]

@@ -136,7 +136,7 @@ def _vjp_slice(b, n, gs):
     return {0: _scatter_back(b, n, gs[0], n.inputs[1:], unique=True)}
 
 
-@vjp("Pad")
+@vjp("Pad", inputs=(0,))
 def _vjp_pad(b, n, gs):
     mode = n.attr("mode", "constant")
     if mode == "constant":  # crop: pad by the negated amounts
@@ -151,6 +151,6 @@ def _pad_rest(n: Node) -> list[str]:
     return ["", n.inputs[3]] if n.input(3) else []
 
 
-@jvp("Pad")
+@jvp("Pad", inputs=(0,))
 def _jvp_pad(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1], *_pad_rest(n))]

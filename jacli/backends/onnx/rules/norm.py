@@ -6,7 +6,7 @@ import numpy as np
 
 from .conv import _bias_shape
 from ..graph import Builder, Node
-from .registry import JVP_RULES, VJP_RULES, _c, jvp, vjp
+from .registry import _c, jvp, rule, vjp
 
 # --- normalisation ----------------------------------------------------------------------
 def _lrn_terms(b: Builder, n: Node) -> tuple[str, str, float]:
@@ -31,14 +31,14 @@ def _lrn_window(b: Builder, n: Node, v: str, transpose: bool) -> str:
     return b.squeeze(summed, [1])
 
 
-@vjp("LRN")
+@vjp("LRN", inputs=(0,))
 def _vjp_lrn(b, n, gs):
     s_beta, s_beta1, k = _lrn_terms(b, n)
     back = _lrn_window(b, n, b.op("Mul", b.op("Mul", gs[0], n.x), s_beta1), True)
     return {0: b.op("Sub", b.op("Mul", gs[0], s_beta), b.op("Mul", b.op("Mul", n.x, back), _c(b, n, k)))}
 
 
-@jvp("LRN")
+@jvp("LRN", inputs=(0,))
 def _jvp_lrn(b, n, ts):
     s_beta, s_beta1, k = _lrn_terms(b, n)
     fwd = _lrn_window(b, n, b.op("Mul", n.x, ts[0]), False)
@@ -54,8 +54,8 @@ def _batch_norm_scale(b: Builder, n: Node) -> str:
     return _bias_shape(b, b.op("Div", scale, std), b.rank(n.x, n))
 
 
-VJP_RULES["BatchNormalization"] = lambda b, n, gs: {0: b.op("Mul", gs[0], _batch_norm_scale(b, n))}
-JVP_RULES["BatchNormalization"] = lambda b, n, ts: [b.op("Mul", ts[0], _batch_norm_scale(b, n))]
+rule("BatchNormalization", inputs=(0,), vjp=lambda b, n, gs: {0: b.op("Mul", gs[0], _batch_norm_scale(b, n))},
+     jvp=lambda b, n, ts: [b.op("Mul", ts[0], _batch_norm_scale(b, n))])
 
 
 def _standardized(b: Builder, n: Node, axes: list[int]) -> tuple[str, str]:
@@ -79,7 +79,7 @@ def _layer_norm_axes(b: Builder, n: Node) -> list[int]:
     return list(range(n.attr("axis", -1) % rank, rank))
 
 
-@vjp("LayerNormalization")
+@vjp("LayerNormalization", outputs=(0,))
 def _vjp_layer_norm(b, n, gs):
     axes = _layer_norm_axes(b, n)
     xhat, r = _standardized(b, n, axes)
@@ -93,7 +93,7 @@ def _vjp_layer_norm(b, n, gs):
     return out
 
 
-@jvp("LayerNormalization")
+@jvp("LayerNormalization", outputs=(0,))
 def _jvp_layer_norm(b, n, ts):
     axes = _layer_norm_axes(b, n)
     xhat, r = _standardized(b, n, axes)
@@ -111,5 +111,5 @@ def _instance_norm(b: Builder, n: Node, v: str) -> str:
     return _d_standardize(b, n, b.op("Mul", v, _bias_shape(b, n.inputs[1], rank)), axes, xhat, r)
 
 
-VJP_RULES["InstanceNormalization"] = lambda b, n, gs: {0: _instance_norm(b, n, gs[0])}
-JVP_RULES["InstanceNormalization"] = lambda b, n, ts: [_instance_norm(b, n, ts[0])]
+rule("InstanceNormalization", inputs=(0,), vjp=lambda b, n, gs: {0: _instance_norm(b, n, gs[0])},
+     jvp=lambda b, n, ts: [_instance_norm(b, n, ts[0])])
