@@ -42,7 +42,19 @@ def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"opset {_opset(out)} models must be convertible to opset 11 for derivatives ({exc}); "
                 "use --method fd for finite differences"
             ) from exc
+        _keep_asymmetric_linear_resize(out.graph)
     return out
+
+
+def _keep_asymmetric_linear_resize(graph: onnx.GraphProto) -> None:
+    """Upsample and Resize-10 interpolate linearly in asymmetric coordinates; onnx's version
+    converter makes them a Resize-11 with the default half_pixel ones (another function, in
+    onnxruntime too). Nearest modes it converts faithfully."""
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if (node.op_type == "Resize" and "coordinate_transformation_mode" not in attrs and "mode" in attrs
+                and attrs["mode"].s == b"linear"):
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
 
 def _subgraph_inputs(node: NodeProto) -> set[str]:
