@@ -182,10 +182,64 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     return out
 
 
+def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str]) -> onnx.ModelProto:
+    """The model with every node on the path from ``wrt`` to ``of`` whose registry entry is a
+    decomposition (``expand``) replaced by the operators it decomposes into (the model itself
+    when there is none)."""
+    nodes = list(model.graph.node)
+    opset = info.opset
+    expanding = {}
+    for index, node in enumerate(nodes):
+        found = [e for e in lookup(node.op_type, opset, node.domain) if e.expand is not None]
+        if found:
+            expanding[index] = found[0]
+    if not expanding:
+        return model
+    varied, useful = set(wrt), set(of)
+    for node in nodes:
+        if any(i in varied for i in _node_inputs(node)):
+            varied |= {o for o in node.output if o}
+    for node in reversed(nodes):
+        if any(o in useful for o in node.output):
+            useful |= set(_node_inputs(node))
+    taken = {t.name for t in model.graph.initializer} | {vi.name for vi in model.graph.input}
+    for node in nodes:
+        taken |= set(node.input) | set(node.output) | {node.name}
+    b = Builder(info, taken)
+    spliced, changed = [], False
+    for index, node in enumerate(nodes):
+        entry = expanding.get(index)
+        active = frozenset(i for i, name in enumerate(node.input) if name in varied)
+        if entry is None or not active or not any(o in useful for o in node.output):
+            spliced.append(node)
+            continue
+        changed = True
+        n = Node(node, index, info, active)
+        b.scope = f"expand/{n.name}"
+        start = len(b.nodes)
+        outs = entry.expand(b, n)
+        for public, internal in zip(node.output, outs):
+            if public and internal is not None:
+                b.op("Identity", internal)
+                b.nodes[-1].output[0] = public
+        spliced += b.nodes[start:]
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(spliced)
+    out.graph.initializer.extend(b.initializers)
+    return out
+
+
 def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str):
     model = _prepare(model)
     info = Info(model)
     _check_request(info, wrt, of)
+    expanded = _decomposed(model, info, wrt, of)
+    if expanded is not model:
+        model, info = expanded, Info(expanded)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:
