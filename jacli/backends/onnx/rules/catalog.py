@@ -28,7 +28,7 @@ def _names(e: Entry, schema, which: str) -> list[str]:
         if not formal:
             return ["all"]
         return [f.name + ("..." if f.option == f.option.Variadic else "") for f in formal if _floating(schema, f)]
-    return [formal[i].name if i < len(formal) else str(i) for i in chosen]
+    return [formal[i].name if i < len(formal) else str(i) for i in chosen if i < len(formal) or not formal]
 
 
 def _floating(schema, formal) -> bool:
@@ -43,7 +43,8 @@ def _floating(schema, formal) -> bool:
 def rows() -> list[dict]:
     """One dict per (operator, version range): ``op``, ``since``, ``until`` (None: open),
     ``kind`` (rule / zero / piecewise), ``family`` (the rules module), ``vjp``/``jvp`` (the
-    inputs each mode differentiates, [] when the mode has no rule) and ``outputs``."""
+    inputs each mode differentiates, [] when the mode has no rule; a decomposition serves
+    both), ``decomposed`` (whether it is one) and ``outputs``."""
     grouped: dict[tuple, list[Entry]] = defaultdict(list)
     for e in entries():
         grouped[(e.op, e.since, e.until)].append(e)
@@ -52,12 +53,12 @@ def rows() -> list[dict]:
         schema = _schema(op, until)
         row = {"op": op, "since": since, "until": until, "kind": group[0].kind,
                "family": sorted({e.module for e in group})[0] if group[0].kind == "rule" else "",
-               "vjp": [], "jvp": [], "outputs": []}
+               "vjp": [], "jvp": [], "outputs": [], "decomposed": any(e.expand is not None for e in group)}
         for e in group:
             if e.kind != "rule":
                 continue
             for mode in ("vjp", "jvp"):
-                if getattr(e, mode) is not None:
+                if getattr(e, mode) is not None or e.expand is not None:
                     row[mode] += [n for n in _names(e, schema, "inputs") if n not in row[mode]]
             row["outputs"] += [n for n in _names(e, schema, "outputs") if n not in row["outputs"]]
         out.append(row)

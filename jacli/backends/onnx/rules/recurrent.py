@@ -112,7 +112,8 @@ def _unsqueeze(b: Builder, t: _Tensors, v: str, dims: list, axis: int) -> str:
     return t.op(new, "Unsqueeze", v, axes=[axis])
 
 
-@decompose("LSTM", "GRU", "RNN", inputs=(0, 1, 2, 3, 5, 6, 7))
+@decompose("LSTM", inputs=(0, 1, 2, 3, 5, 6, 7))
+@decompose("GRU", "RNN", inputs=(0, 1, 2, 3, 5))
 def _expand_recurrent(b: Builder, n: Node) -> list:
     kind, layout = n.op_type, n.attr("layout", 0)
     gates, hidden = _GATES[kind], n.attr("hidden_size")
