@@ -103,8 +103,8 @@ def check_model(model, feeds, wrt=None, of=None, tol=2e-4, fd_eps=1e-6):
     except Exception:  # onnxruntime has no kernel for these attributes (recurrent layout=1)
         forward = session(decomposed(model, wrt, of))
     ys = dict(zip(of, forward.run(of, feeds)))
-    tangents = {x: RNG.standard_normal(feeds[x].shape).astype(feeds[x].dtype) for x in wrt}
-    cotangents = {y: RNG.standard_normal(ys[y].shape).astype(ys[y].dtype) for y in of}
+    tangents = {x: np.asarray(RNG.standard_normal(feeds[x].shape), feeds[x].dtype) for x in wrt}
+    cotangents = {y: np.asarray(RNG.standard_normal(ys[y].shape), ys[y].dtype) for y in of}
     jt = dict(zip(of, session(jvp).run([f"jvp:{y}" for y in of], {**feeds, **{f"tan:{x}": t for x, t in tangents.items()}})))
     jc = dict(zip(wrt, session(vjp).run([f"grad:{x}" for x in wrt], {**feeds, **{f"ct:{y}": c for y, c in cotangents.items()}})))
     for y in of:
@@ -118,15 +118,15 @@ def check_model(model, feeds, wrt=None, of=None, tol=2e-4, fd_eps=1e-6):
     f64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in feeds.items()}
     ref = reference64(model, wrt, of, f64)
     if ref is not None:
-        plus = ref({**f64, **{x: f64[x] + fd_eps * tangents[x] for x in wrt}})
-        minus = ref({**f64, **{x: f64[x] - fd_eps * tangents[x] for x in wrt}})
+        plus = ref({**f64, **{x: np.asarray(f64[x] + fd_eps * tangents[x]) for x in wrt}})
+        minus = ref({**f64, **{x: np.asarray(f64[x] - fd_eps * tangents[x]) for x in wrt}})
         for y, p, m in zip(of, plus, minus):
             fd = (p - m) / (2 * fd_eps)
             errors.append(float(np.abs(jt[y] - fd).max() / max(1.0, np.abs(fd).max())))
     else:  # float32 central differences of onnxruntime's own kernel, with a coarser step
         s, eps = forward, 1e-3
-        plus = s.run(of, {**feeds, **{x: feeds[x] + eps * tangents[x] for x in wrt}})
-        minus = s.run(of, {**feeds, **{x: feeds[x] - eps * tangents[x] for x in wrt}})
+        plus = s.run(of, {**feeds, **{x: np.asarray(feeds[x] + eps * tangents[x], feeds[x].dtype) for x in wrt}})
+        minus = s.run(of, {**feeds, **{x: np.asarray(feeds[x] - eps * tangents[x], feeds[x].dtype) for x in wrt}})
         for y, p, m in zip(of, plus, minus):
             fd = (p.astype(np.float64) - m) / (2 * eps)
             errors.append(float(np.abs(jt[y] - fd).max() / max(1.0, np.abs(fd).max())) * tol / 2e-2)
