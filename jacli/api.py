@@ -280,3 +280,14 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict):
     if output == "-" or Path(output).suffix.lower() not in (".npz", ".h5", ".hdf5"):
         raise OutputError(f"cannot write {output}: svd and det write several arrays; use a .npz or .h5 file")
     return open_writer(output, arrays, np.float64, meta, batch=True)
+
+
+def onnx_ops() -> list[dict]:
+    """The ONNX operators jacli differentiates, from the rule registry: one dict per operator
+    and version range (see ``jacli.backends.onnx.rules.catalog.rows``)."""
+    from .backends._common import require
+
+    require("onnx", "onnx", "onnx", "ONNX")
+    from .backends.onnx.rules import catalog
+
+    return catalog.rows()

@@ -18,9 +18,10 @@ from .check import check
 from .compute import compute
 from .export_grad import export_grad
 from .inspect_cmd import inspect_cmd
+from .ops import ops
 from .spectral import det, svd
 
-COMMANDS = [inspect_cmd, compute, check, export_grad, svd, det]
+COMMANDS = [inspect_cmd, compute, check, export_grad, svd, det, ops]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -79,7 +79,7 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
         if any(o in useful for o in node.output):
             useful |= set(_node_inputs(node))
     active = varied & useful
-    result = []
+    result, uncovered = [], []
     for index, node in enumerate(nodes):
         if not any(o in active for o in node.output):
             continue
@@ -96,11 +96,13 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
         for i in sorted(act_in):
             owner = next((k for k, e in enumerate(found) if e.covers(i)), None)
             if owner is None:
-                raise n.unsupported(f"has no derivative rule with respect to its input {i} ('{node.input[i]}')",
-                                    hint=_leave_out_hint(nodes, wrt, node.input[i]))
-            parts[owner].add(i)
+                uncovered.append((n, i))
+            else:
+                parts[owner].add(i)
         if implicit and not parts:
             parts[next(k for k, e in enumerate(found) if e.implicit)] = set()
+        if not parts:
+            continue  # only inputs without a rule: reported below
         bad_out = [i for i, o in enumerate(node.output) if o in active
                    and not any(e.outputs is None or i in e.outputs for k, e in enumerate(found) if k in parts)]
         if bad_out:
@@ -109,12 +111,16 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
         n.parts = [(found[k], frozenset(ins)) for k, ins in sorted(parts.items())]
         n.implicit = frozenset(implicit)
         result.append(n)
+    if uncovered:
+        n, i = uncovered[0]
+        raise n.unsupported(f"has no derivative rule with respect to its input {i} ('{n.inputs[i]}')",
+                            hint=_leave_out_hint(nodes, wrt, [m.inputs[j] for m, j in uncovered]))
     return result
 
 
-def _leave_out_hint(nodes: list, wrt: Sequence[str], tensor: str) -> str | None:
-    """``--wrt`` naming the inputs ``tensor`` does not depend on, when there are any."""
-    frontier = {tensor}
+def _leave_out_hint(nodes: list, wrt: Sequence[str], tensors: list[str]) -> str | None:
+    """``--wrt`` naming the inputs none of ``tensors`` depends on, when there are any."""
+    frontier = set(tensors)
     for node in reversed(nodes):
         if frontier & set(node.output):
             frontier |= set(_node_inputs(node))
@@ -164,10 +170,66 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     del new.node[:], new.initializer[:], new.output[:], new.value_info[:]
     new.node.extend(kept)
     new.initializer.extend(t for t in list(graph.initializer) + b.initializers if t.name in needed)
-    new.input.extend(extra_inputs)
+    # graph inputs backed by an initializer (IR < 4 style) are optional inputs with a default:
+    # they go where their initializer goes, so an unused one is not left as a required input
+    defaults = {t.name for t in graph.initializer}
+    inputs = [vi for vi in graph.input if vi.name not in defaults or vi.name in needed]
+    del new.input[:]
+    new.input.extend(inputs + extra_inputs)
     new.output.extend(result_types)
     produced = {o for node in kept for o in node.output}
     new.value_info.extend(vi for vi in graph.value_info if vi.name in produced)
+    return out
+
+
+def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str]) -> onnx.ModelProto:
+    """The model with every node on the path from ``wrt`` to ``of`` whose registry entry is a
+    decomposition (``expand``) replaced by the operators it decomposes into (the model itself
+    when there is none)."""
+    nodes = list(model.graph.node)
+    opset = info.opset
+    expanding = {}
+    for index, node in enumerate(nodes):
+        found = [e for e in lookup(node.op_type, opset, node.domain) if e.expand is not None]
+        if found:
+            expanding[index] = found[0]
+    if not expanding:
+        return model
+    varied, useful = set(wrt), set(of)
+    for node in nodes:
+        if any(i in varied for i in _node_inputs(node)):
+            varied |= {o for o in node.output if o}
+    for node in reversed(nodes):
+        if any(o in useful for o in node.output):
+            useful |= set(_node_inputs(node))
+    taken = {t.name for t in model.graph.initializer} | {vi.name for vi in model.graph.input}
+    for node in nodes:
+        taken |= set(node.input) | set(node.output) | {node.name}
+    b = Builder(info, taken)
+    spliced, changed = [], False
+    for index, node in enumerate(nodes):
+        entry = expanding.get(index)
+        active = frozenset(i for i, name in enumerate(node.input) if name in varied)
+        if entry is None or not active or not any(o in useful for o in node.output):
+            spliced.append(node)
+            continue
+        changed = True
+        n = Node(node, index, info, active)
+        b.scope = f"expand/{n.name}"
+        start = len(b.nodes)
+        outs = entry.expand(b, n)
+        for public, internal in zip(node.output, outs):
+            if public and internal is not None:
+                b.op("Identity", internal)
+                b.nodes[-1].output[0] = public
+        spliced += b.nodes[start:]
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(spliced)
+    out.graph.initializer.extend(b.initializers)
     return out
 
 
@@ -175,6 +237,9 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     model = _prepare(model)
     info = Info(model)
     _check_request(info, wrt, of)
+    expanded = _decomposed(model, info, wrt, of)
+    if expanded is not model:
+        model, info = expanded, Info(expanded)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:

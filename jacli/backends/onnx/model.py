@@ -4,9 +4,12 @@ the same runtime); a graph with an operator that has no rule says so and points 
 ``--method fd``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -167,14 +170,38 @@ class OnnxModel(Model):
 def _session(data: bytes):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        with _native_stderr_captured():
+            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
     sess.jacli_inputs = frozenset(i.name for i in sess.get_inputs())  # looked up on every run
     return sess
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """File descriptor 2 pointed at a temporary file while native code runs, so that lines
+    onnxruntime's C++ side writes there directly (whatever the logger severity) never reach
+    the terminal; discarded afterwards (failures come back as exceptions)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to capture
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _spec(value_info) -> TensorSpec:

@@ -54,7 +54,7 @@ def _batch_norm_scale(b: Builder, n: Node) -> str:
     return _bias_shape(b, b.op("Div", scale, std), b.rank(n.x, n))
 
 
-rule("BatchNormalization", inputs=(0,), vjp=lambda b, n, gs: {0: b.op("Mul", gs[0], _batch_norm_scale(b, n))},
+rule("BatchNormalization", inputs=(0,), outputs=(0,), vjp=lambda b, n, gs: {0: b.op("Mul", gs[0], _batch_norm_scale(b, n))},
      jvp=lambda b, n, ts: [b.op("Mul", ts[0], _batch_norm_scale(b, n))])
 
 

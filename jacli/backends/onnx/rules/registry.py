@@ -10,6 +10,9 @@ have several entries for disjoint sets of inputs (say one for Conv's ``X``/``B``
 for its ``W``); the drivers in ``derive`` call each entry for the active inputs it covers
 and sum what they give.
 
+An entry can instead give an exact decomposition (``decompose``, e.g. a recurrent
+network unrolled over its time steps) into operators that have rules.
+
 A VJP function maps (builder, node, cotangent per output or None) to {input index:
 cotangent} for every active input it covers; a JVP function maps (builder, node, tangent
 per input or None) to a tangent per output (None where there is none). ``node.active``
@@ -40,6 +43,7 @@ class Entry:
     jvp: Callable | None = None
     kind: str = "rule"  # "rule", "zero" (integer/bool outputs) or "piecewise" (float, zero a.e.)
     implicit: bool = False  # also differentiates outer-scope tensors its subgraphs use (control flow)
+    expand: Callable | None = None  # (builder, node) -> an output name per output: an exact decomposition
     module: str = ""
 
     def serves(self, version: int) -> bool:
@@ -112,6 +116,20 @@ def unary(op: str, since: int = 1, until: int | None = ANY):
                  since=since, until=until, inputs=(0,))
         e.module = _module_of(apply).rsplit(".", 1)[-1]
         return apply
+
+    return register
+
+
+def decompose(*ops: str, since: int = 1, until: int | None = ANY, inputs: Sequence[int] | None = None,
+              outputs: Sequence[int] | None = None):
+    """Decorator: the function rewrites the operator into operators that have rules, emitting
+    them with the builder and returning the name of each output (None where the node has
+    none); the drivers substitute it before differentiating, so it serves both modes."""
+    def register(fn):
+        for op in ops:
+            e = _entry(op, since, until, inputs, outputs, "rule", _module_of(fn))
+            e.expand = fn
+        return fn
 
     return register
 
