@@ -102,8 +102,9 @@ def test_resize_at_older_opsets(opset, how, mode):
     check_rule(model, feeds, linear=True)
 
 
-def test_resize_3d_and_5d_inputs():
-    for shape, scales in [((2, 3, 4), (1, 1, 1.75)), ((1, 1, 2, 3, 2), (1, 1, 2, 0.7, 1.5))]:
+def test_resize_3d_5d_and_nhwc_inputs():
+    for shape, scales in [((2, 3, 4), (1, 1, 1.75)), ((1, 1, 2, 3, 2), (1, 1, 2, 0.7, 1.5)),
+                          ((1, 3, 5, 2), (1, 1.5, 0.6, 1))]:  # tf2onnx's NHWC resizes: axes 1 and 2
         model, feeds = _resize_case({"mode": "linear"}, scales=scales, shape=shape)
         check_rule(model, feeds, linear=True)
         model, feeds = _resize_case({"mode": "nearest"}, scales=scales, shape=shape)

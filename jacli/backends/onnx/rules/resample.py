@@ -61,8 +61,8 @@ class _Resize:
         else:
             self.roi, self.scales, self.sizes = n.input(1), n.input(2), n.input(3)
             self.const_scales = n.const(2) if self.scales else None
-            if self.const_scales is not None and self.const_scales.size == 0:  # scales '' given as empty
-                self.scales, self.const_scales = None, None
+            if self.sizes or (self.const_scales is not None and self.const_scales.size == 0):
+                self.scales, self.const_scales = None, None  # sizes rule (scales '' or empty before 13)
         self.const_sizes = n.const(3) if self.sizes else None
         self.const_roi = n.const(1) if self.roi else None
 
