@@ -21,7 +21,7 @@ from onnx import numpy_helper as nh
 from jacli.backends.onnx.derive import build_vjp
 from jacli.errors import UnsupportedError
 from onnx_harness import RNG, assert_close, jacobians, node_model
-from onnx_rules_check import as_rule_case, check_rule, node_tests
+from onnx_rules_check import as_rule_case, basis_images, check_rule, node_tests
 
 OPS = [("resize", "Resize"), ("upsample", "Upsample"), ("gridsample", "GridSample"),
        ("depthtospace", "DepthToSpace"), ("spacetodepth", "SpaceToDepth"), ("center_crop_pad", "CenterCropPad")]
@@ -149,10 +149,35 @@ def test_grid_sample_with_dynamic_batch():
     check_rule(model, feeds, linear=True)
 
 
-def test_grid_sample_wrt_grid_is_refused_by_input():
-    model, _ = node_model("GridSample", {"x": np.ones((1, 1, 2, 2), np.float32), "g": [1, 2, 2, 2]}, opset=20)
-    with pytest.raises(UnsupportedError, match="input 1"):
-        build_vjp(model, ["g"], ["y"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("align_corners", [0, 1])
+@pytest.mark.parametrize("opset, mode", [(16, "bilinear"), (20, "linear"), (20, "nearest")])
+def test_grid_sample_wrt_grid(padding, align_corners, opset, mode):
+    """Against torch autograd of F.grid_sample in float64 (the same definition; onnx.reference's
+    slopes w.r.t. the grid are off), VJP and JVP, plus the adjoint identity; the grid reaches
+    past the border and stays off the integer pixel positions, where the slope jumps."""
+    x = RNG.standard_normal((2, 2, 3, 4)).astype(np.float32)
+    model, _ = node_model("GridSample", {"i": x, "x": [2, 3, 2, 2]},
+                          {"mode": mode, "padding_mode": padding, "align_corners": align_corners}, opset=opset)
+    grid = RNG.uniform(-1.3, 1.3, (2, 3, 2, 2))
+    size = np.array([4, 3])  # pixels along grid x, y
+    pixels = (grid + 1) * (size - 1) / 2 if align_corners else ((grid + 1) * size - 1) / 2
+    pixels = np.where(np.abs(pixels - np.round(pixels)) < 0.1, pixels + 0.25, pixels)
+    grid = (2 * pixels / (size - 1) - 1) if align_corners else ((2 * pixels + 1) / size - 1)
+    feeds = {"x": grid.astype(np.float32)}
+    g64, x64 = torch.from_numpy(feeds["x"].astype(np.float64)), torch.from_numpy(x.astype(np.float64))
+    torch_mode = "nearest" if mode == "nearest" else "bilinear"
+    expected = torch.autograd.functional.jacobian(
+        lambda g: F.grid_sample(x64, g, torch_mode, padding, bool(align_corners)), g64).reshape(24, 24).numpy()
+    check_rule(model, feeds, expected=expected, reference=False, nonzero=mode != "nearest")
+
+
+def test_grid_sample_wrt_grid_refuses_cubic_and_reflection_by_name():
+    for attrs in [{"mode": "cubic"}, {"padding_mode": "reflection"}]:
+        model, _ = node_model("GridSample", {"i": np.ones((1, 1, 2, 2), np.float32), "x": [1, 2, 2, 2]}, attrs,
+                              opset=20)
+        with pytest.raises(UnsupportedError, match="with respect to its grid with mode="):
+            build_vjp(model, ["x"], ["y"])
 
 
 # -------------------------------------------- end to end: a U-Net-style decoder from torch.onnx
@@ -216,3 +241,44 @@ def test_unet_decoder_exported_by_torch_matches_torch_autograd(decoder, opset, d
     rows, cols = jacobians(model, {"x": x})
     assert_close(rows, expected, 1e-4)
     assert_close(cols, expected, 1e-4)
+
+
+# ------------------------------- end to end: a spatial transformer (AffineGrid + GridSample)
+class _SpatialTransformer(nn.Module):
+    """theta from the image, the image resampled on its grid: GridSample w.r.t. X and grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Linear(2 * 4 * 5, 6)
+        with torch.no_grad():
+            self.loc.weight.mul_(0.1)
+            self.loc.bias.copy_(torch.tensor([0.9, 0.1, 0.05, -0.1, 1.1, 0.02]))
+
+    def forward(self, x):
+        theta = self.loc(x.flatten(1)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, [x.shape[0], 2, 3, 4], align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def test_spatial_transformer_exported_by_torch_matches_torch_autograd():
+    torch.manual_seed(0)
+    net = _SpatialTransformer().eval()
+    x = RNG.standard_normal((2, 2, 4, 5)).astype(np.float32)
+    model = _export(net, torch.from_numpy(x), 20, False)
+    assert {"AffineGrid", "GridSample"} <= {n.op_type for n in model.graph.node}
+    net64 = _SpatialTransformer().double()
+    net64.load_state_dict(net.state_dict())
+    expected = torch.autograd.functional.jacobian(net64, torch.from_numpy(x.astype(np.float64)))
+    rows, cols = jacobians(model, {"x": x})
+    assert_close(rows, expected.reshape(rows.shape).numpy(), 1e-4)
+    assert_close(cols, expected.reshape(rows.shape).numpy(), 1e-4)
+
+
+@pytest.mark.parametrize("align_corners", [0, 1])
+@pytest.mark.parametrize("size", [[2, 1, 3, 4], [1, 1, 2, 3, 2]])
+def test_affine_grid(align_corners, size):
+    k = len(size) - 2
+    model, feeds = node_model("AffineGrid", {"x": [size[0], k, k + 1], "s": np.array(size, np.int64)},
+                              {"align_corners": align_corners}, opset=20)
+    # linear in theta: onnxruntime's images of the basis thetas (onnx.reference computes in float32)
+    check_rule(model, feeds, linear=True, expected=basis_images(model, feeds), reference=False)

@@ -1,4 +1,5 @@
-"""Resampling: Resize and Upsample, GridSample, DepthToSpace, SpaceToDepth, CenterCropPad.
+"""Resampling: Resize and Upsample, GridSample and AffineGrid, DepthToSpace, SpaceToDepth,
+CenterCropPad.
 
 All of them are linear in their data input X, so the JVP is the operator itself applied to
 the tangent (with a zero extrapolation value) and the VJP is its transpose. The transposes
@@ -12,7 +13,8 @@ exclude_outside, antialias, padding modes):
   each axis in turn with MatMul; axes statically left as they are (scale 1) are skipped.
 * GridSample is not separable: the VJP uses the matrix M_n (output positions x input
   positions, per sample) given by sampling the basis images, one per input position, so it
-  costs O((H W)^2) per sample.
+  costs O((H W)^2) per sample. W.r.t. the grid (2-D, linear or nearest, zeros or border
+  padding) the bilinear weights' slopes are formed the same way.
 * DepthToSpace/SpaceToDepth/CenterCropPad move elements: the VJP is the inverse movement.
 """
 from __future__ import annotations
@@ -169,6 +171,112 @@ def _vjp_grid_sample(b, n, gs):
 
 @jvp("GridSample", inputs=(0,))
 def _jvp_grid_sample(b, n, ts):
+    return [b.same(n, ts[0], n.inputs[1])]
+
+
+# GridSample w.r.t. the grid, 2-D bilinear with zeros or border padding: with (ix, iy) the
+# grid in pixel units, out = sum_k X_k wx_k wy_k, wx_k = max(0, 1 - |ix - x_k|); d wx_k / d ix
+# is +1 at x_k = floor(ix) + 1 and -1 at floor(ix) (torch's convention at integers). Border
+# padding clamps ix first (derivative 0 outside, as torch). Like the rule for X, it forms
+# the (output x input positions) weights, O((H W)^2) per sample. Nearest: zero derivative.
+class _GridWeights:
+    def __init__(self, b: Builder, n: Node):
+        self.b, self.n = b, n
+        mode, padding = n.attr("mode", "bilinear"), n.attr("padding_mode", "zeros")
+        if b.rank(n.x, n) != 4:
+            raise n.unsupported("has no derivative rule with respect to its grid for volumetric inputs")
+        if mode not in ("bilinear", "linear", "nearest") or padding not in ("zeros", "border"):
+            raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' and "
+                                f"padding_mode='{padding}' (only linear/nearest, zeros/border)")
+        self.nearest = mode == "nearest"
+        h, w = b.dim(n.x, 2), b.dim(n.x, 3)
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise n.unsupported("needs static spatial dimensions of its input")
+        self.h, self.w, self.border = h, w, padding == "border"
+        self.flat_grid = b.op("Reshape", n.inputs[1], b.ints([0, -1, 2]))  # (N, P, 2)
+
+    def pixels(self, axis: int, size: int) -> tuple[str, str]:
+        """Grid coordinate ``axis`` (0: x, 1: y) in pixels, (N, P, 1), and d pixel / d grid."""
+        b, n = self.b, self.n
+        g = b.op("Slice", self.flat_grid, b.ints([axis]), b.ints([axis + 1]), b.ints([2]))
+        if n.attr("align_corners", 0):
+            scale, shift = (size - 1) / 2.0, (size - 1) / 2.0
+        else:
+            scale, shift = size / 2.0, (size - 1) / 2.0
+        p = b.op("Add", b.op("Mul", g, b.scalar(scale, n.dtype)), b.scalar(shift, n.dtype))
+        d = b.scalar(scale, n.dtype)
+        if self.border:
+            lo, hi = b.scalar(0.0, n.dtype), b.scalar(size - 1.0, n.dtype)
+            inside = b.op("And", b.op("Not", b.op("Less", p, lo)), b.op("Not", b.op("Greater", p, hi)))
+            d = b.op("Mul", b.op("Cast", inside, to=n.dtype), d)
+            p = b.op("Max", b.op("Min", p, hi), lo)
+        return p, d
+
+    def sensitivities(self) -> list[tuple[str, str]]:
+        """Per grid coordinate: d out / d pixel (N, C, P) and d pixel / d grid."""
+        b, n = self.b, self.n
+        ks = np.arange(self.h * self.w)
+        at = [b.const((ks % self.w).reshape(1, 1, -1).astype(np.float64), n.dtype),
+              b.const((ks // self.w).reshape(1, 1, -1).astype(np.float64), n.dtype)]
+        (px, dx), (py, dy) = self.pixels(0, self.w), self.pixels(1, self.h)
+        one = b.scalar(1.0, n.dtype)
+        weights, slopes = [], []
+        for p, k in ((px, at[0]), (py, at[1])):
+            weights.append(b.op("Relu", b.op("Sub", one, b.op("Abs", b.op("Sub", p, k)))))
+            fl = b.op("Floor", p)
+            slopes.append(b.op("Sub", b.op("Cast", b.op("Equal", k, b.op("Add", fl, one)), to=n.dtype),
+                               b.op("Cast", b.op("Equal", k, fl), to=n.dtype)))
+        xs = b.op("Reshape", n.x, b.ints([0, 0, -1]))  # (N, C, K)
+        out = []
+        for a, d in ((b.op("Mul", slopes[0], weights[1]), dx), (b.op("Mul", weights[0], slopes[1]), dy)):
+            out.append((b.op("MatMul", xs, b.op("Transpose", a, perm=[0, 2, 1])), d))  # (N, C, P)
+        return out
+
+
+@vjp("GridSample", inputs=(1,))
+def _vjp_grid_sample_grid(b, n, gs):
+    gw = _GridWeights(b, n)
+    if gw.nearest:
+        return {1: b.zeros_like(n.inputs[1], n.dtype)}
+    g = b.op("Reshape", gs[0], b.ints([0, 0, -1]))  # (N, C, P)
+    parts = [b.op("Mul", b.op("Transpose", b.reduce("ReduceSum", b.op("Mul", g, s), [1]), perm=[0, 2, 1]), d)
+             for s, d in gw.sensitivities()]  # (N, P, 1) each
+    return {1: b.reshape_like(b.op("Concat", *parts, axis=2), n.inputs[1])}
+
+
+@jvp("GridSample", inputs=(1,))
+def _jvp_grid_sample_grid(b, n, ts):
+    gw = _GridWeights(b, n)
+    if gw.nearest:
+        return [b.zeros_like(n.y, n.dtype)]
+    t = b.op("Reshape", ts[1], b.ints([0, -1, 2]))
+    terms = []
+    for axis, (s, d) in enumerate(gw.sensitivities()):
+        ti = b.op("Mul", b.op("Slice", t, b.ints([axis]), b.ints([axis + 1]), b.ints([2])), d)  # (N, P, 1)
+        terms.append(b.op("Mul", s, b.op("Transpose", ti, perm=[0, 2, 1])))
+    return [b.reshape_like(b.add(*terms), n.y)]
+
+
+# --- AffineGrid: grid[n, p] = theta[n] (x_p, y_p[, z_p], 1): linear in theta ------------------
+@vjp("AffineGrid", inputs=(0,))
+def _vjp_affine_grid(b, n, gs):
+    """g_theta[n, i, j] = sum_p g[n, p, i] base[p, j]; the base coordinates (x_p, y_p, 1) are
+    the op's grids for the thetas selecting one coordinate each (theta_j[0, j] = 1)."""
+    theta = n.inputs[0]
+    rows, cols = (b.dim(theta, 1), b.dim(theta, 2))
+    if not (isinstance(rows, int) and isinstance(cols, int)):
+        raise n.unsupported("needs a static theta shape")
+    selectors = np.zeros((cols, rows, cols))
+    selectors[np.arange(cols), 0, np.arange(cols)] = 1.0
+    size = b.op("Concat", b.ints([cols]), b.op("Slice", n.inputs[1], b.ints([1]), b.ints([2**62])), axis=0)
+    base = b.same(n, b.const(selectors, n.dtype), size)  # (cols, *spatial, rows)
+    base = b.op("Reshape", b.op("Slice", base, b.ints([0]), b.ints([1]), b.ints([-1])), b.ints([cols, -1]))
+    g = b.op("Reshape", gs[0], b.ints([0, -1, rows]))  # (N, P, rows)
+    return {0: b.op("Einsum", g, base, equation="npi,jp->nij")}
+
+
+@jvp("AffineGrid", inputs=(0,))
+def _jvp_affine_grid(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1])]
 
 
