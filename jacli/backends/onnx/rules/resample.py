@@ -13,8 +13,8 @@ exclude_outside, antialias, padding modes):
   each axis in turn with MatMul; axes statically left as they are (scale 1) are skipped.
 * GridSample is not separable: the VJP uses the matrix M_n (output positions x input
   positions, per sample) given by sampling the basis images, one per input position, so it
-  costs O((H W)^2) per sample. W.r.t. the grid (2-D, linear or nearest, zeros or border
-  padding) the bilinear weights' slopes are formed the same way.
+  costs O((H W)^2) per sample. W.r.t. the grid (2-D, linear or nearest, every padding)
+  the bilinear weights' slopes are formed the same way.
 * DepthToSpace/SpaceToDepth/CenterCropPad move elements: the VJP is the inverse movement.
 """
 from __future__ import annotations
@@ -174,10 +174,10 @@ def _jvp_grid_sample(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1])]
 
 
-# GridSample w.r.t. the grid, 2-D bilinear with zeros or border padding: with (ix, iy) the
+# GridSample w.r.t. the grid, 2-D bilinear with any padding: with (ix, iy) the
 # grid in pixel units, out = sum_k X_k wx_k wy_k, wx_k = max(0, 1 - |ix - x_k|); d wx_k / d ix
 # is +1 at x_k = floor(ix) + 1 and -1 at floor(ix) (torch's convention at integers). Border
-# padding clamps ix first (derivative 0 outside, as torch). Like the rule for X, it forms
+# padding clamps ix first (derivative 0 outside, as torch); reflection folds it first. Like the rule for X, it forms
 # the (output x input positions) weights, O((H W)^2) per sample. Nearest: zero derivative.
 class _GridWeights:
     def __init__(self, b: Builder, n: Node):
@@ -185,14 +185,14 @@ class _GridWeights:
         mode, padding = n.attr("mode", "bilinear"), n.attr("padding_mode", "zeros")
         if b.rank(n.x, n) != 4:
             raise n.unsupported("has no derivative rule with respect to its grid for volumetric inputs")
-        if mode not in ("bilinear", "linear", "nearest") or padding not in ("zeros", "border"):
-            raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' and "
-                                f"padding_mode='{padding}' (only linear/nearest, zeros/border)")
+        if mode not in ("bilinear", "linear", "nearest"):
+            raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' "
+                                "(only linear and nearest)")
         self.nearest = mode == "nearest"
         h, w = b.dim(n.x, 2), b.dim(n.x, 3)
         if not (isinstance(h, int) and isinstance(w, int)):
             raise n.unsupported("needs static spatial dimensions of its input")
-        self.h, self.w, self.border = h, w, padding == "border"
+        self.h, self.w, self.padding = h, w, padding
         self.flat_grid = b.op("Reshape", n.inputs[1], b.ints([0, -1, 2]))  # (N, P, 2)
 
     def pixels(self, axis: int, size: int) -> tuple[str, str]:
@@ -205,12 +205,34 @@ class _GridWeights:
             scale, shift = size / 2.0, (size - 1) / 2.0
         p = b.op("Add", b.op("Mul", g, b.scalar(scale, n.dtype)), b.scalar(shift, n.dtype))
         d = b.scalar(scale, n.dtype)
-        if self.border:
+        if self.padding == "reflection":
+            p, d = self._reflect(p, d, size)
+        if self.padding != "zeros":
             lo, hi = b.scalar(0.0, n.dtype), b.scalar(size - 1.0, n.dtype)
             inside = b.op("And", b.op("Not", b.op("Less", p, lo)), b.op("Not", b.op("Greater", p, hi)))
             d = b.op("Mul", b.op("Cast", inside, to=n.dtype), d)
             p = b.op("Max", b.op("Min", p, hi), lo)
         return p, d
+
+    def _reflect(self, p: str, d, size: int) -> tuple[str, str]:
+        """Reflection about the borders (pixel centres with align_corners, else the image's
+        edges, then clamped as border): |p - lo| folded by fmod into [0, span], the slope's
+        sign flipping with the side and with every other fold (torch's reflect_coordinates)."""
+        b, n = self.b, self.n
+        lo, span = (0.0, size - 1.0) if n.attr("align_corners", 0) else (-0.5, float(size))
+        if span <= 0:
+            return b.op("Mul", p, b.scalar(0.0, n.dtype)), b.op("Mul", p, b.scalar(0.0, n.dtype))
+        c = lambda v: b.scalar(v, n.dtype)  # noqa: E731
+        shifted = b.op("Sub", p, c(lo))
+        dist = b.op("Abs", shifted)
+        extra = b.op("Mod", dist, c(span), fmod=1)
+        flips = b.op("Floor", b.op("Div", dist, c(span)))
+        odd = b.op("Mod", flips, c(2.0), fmod=1)  # 1 where the fold count is odd
+        even = b.op("Sub", c(1.0), odd)
+        folded = b.op("Add", b.op("Add", b.op("Mul", even, extra), b.op("Mul", odd, b.op("Sub", c(span), extra))),
+                      c(lo))
+        side = b.op("Sub", c(1.0), b.op("Mul", c(2.0), b.op("Cast", b.op("Less", shifted, c(0.0)), to=n.dtype)))
+        return folded, b.op("Mul", d, b.op("Mul", side, b.op("Sub", even, odd)))
 
     def sensitivities(self) -> list[tuple[str, str]]:
         """Per grid coordinate: d out / d pixel (N, C, P) and d pixel / d grid."""
