@@ -2,16 +2,24 @@
 Einsum, Det, TopK (values), ScatterND/ScatterElements (none/add/mul), GatherElements/GatherND
 (also before opset 16, without scatter-add), Compress, ReverseSequence and Hardmax, on the
 attribute sets and inputs of onnx's own node tests and on tables of our own, against float64
-finite differences of onnx.reference, VJP and JVP, plus the adjoint identity."""
+finite differences of onnx.reference, VJP and JVP, plus the adjoint identity; and a module
+of them exported by torch.onnx (both exporters) against torch float64 autograd."""
 from __future__ import annotations
 
+import io
+import warnings
+
 import numpy as np
+import onnx
 import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from onnx import TensorProto as TP
 
 from jacli.backends.onnx.derive import build_vjp
 from jacli.errors import UnsupportedError
-from onnx_harness import I64, RNG, _session, jacobians, node_model
+from onnx_harness import I64, RNG, _session, assert_close, jacobians, node_model
 from onnx_rules_check import as_rule_case, check_rule, node_tests
 
 NODE_TESTS = [("einsum", "Einsum"), ("det", "Det"), ("topk", "TopK"), ("scatternd", "ScatterND"),
@@ -178,3 +186,44 @@ def test_topk_values(largest, sorted_):
     rows, cols = jacobians(model, {"x": x})
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_array_equal(cols, expected)
+
+
+# --------------------------- end to end: a module of these operators exported by torch.onnx
+class _Selections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, x):  # (B, 3, 4), positive
+        a = torch.einsum("bij,kj->bik", x, self.w @ self.w.T)
+        top = torch.topk(x, 2, dim=-1).values.sum(-1, keepdim=True)
+        prod = torch.prod(x, dim=2, keepdim=True)
+        det = torch.linalg.det(x[:, :, :3]).view(-1, 1, 1)
+        y = x.clone()
+        y[:, 1] = x[:, 0] * 2.0  # index_put: ScatterND / ScatterElements
+        mod = torch.fmod(x, 0.7) + torch.remainder(x, 0.9)
+        return a + top + prod + det + y + mod + torch.tan(x * 0.3) + F.mish(x) + F.celu(x, 0.5)
+
+
+@pytest.mark.parametrize("opset, dynamo", [(17, False), (18, True)])
+def test_exported_selection_module_matches_torch_autograd(opset, dynamo):
+    torch.manual_seed(0)
+    net = _Selections().eval()
+    x = RNG.uniform(0.2, 1.5, (2, 3, 4)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            model = torch.onnx.export(net, (torch.from_numpy(x),), dynamo=True, verbose=False, opset_version=opset,
+                                      input_names=["x"], output_names=["y"]).model_proto
+        else:
+            buffer = io.BytesIO()
+            torch.onnx.export(net, (torch.from_numpy(x),), buffer, dynamo=False, opset_version=opset,
+                              input_names=["x"], output_names=["y"])
+            model = onnx.load_from_string(buffer.getvalue())
+    assert {"Einsum", "TopK", "ReduceProd", "Det", "Mod", "Tan"} <= {n.op_type for n in model.graph.node}
+    net64 = _Selections().double()
+    net64.load_state_dict(net.state_dict())
+    expected = torch.autograd.functional.jacobian(net64, torch.from_numpy(x.astype(np.float64))).reshape(24, 24)
+    rows, cols = jacobians(model, {"x": x})
+    assert_close(rows, expected.numpy(), 1e-4)
+    assert_close(cols, expected.numpy(), 1e-4)
