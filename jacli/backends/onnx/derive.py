@@ -182,6 +182,9 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     return out
 
 
+_NESTING = 8  # rounds of decomposition: the depth of nested control flow jacli unrolls
+
+
 def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str]) -> onnx.ModelProto:
     """The model with every node on the path from ``wrt`` to ``of`` whose registry entry is a
     decomposition (``expand``) replaced by the operators it decomposes into (the model itself
@@ -210,14 +213,18 @@ def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequ
     for index, node in enumerate(nodes):
         entry = expanding.get(index)
         active = frozenset(i for i, name in enumerate(node.input) if name in varied)
-        if entry is None or not active or not any(o in useful for o in node.output):
+        if entry is None or not set(_node_inputs(node)) & varied or not any(o in useful for o in node.output):
             spliced.append(node)
             continue
-        changed = True
         n = Node(node, index, info, active)
         b.scope = f"expand/{n.name}"
         start = len(b.nodes)
         outs = entry.expand(b, n)
+        if outs is None:  # the decomposition does not apply here: the node's own rules do
+            del b.nodes[start:]
+            spliced.append(node)
+            continue
+        changed = True
         for public, internal in zip(node.output, outs):
             if public and internal is not None:
                 b.op("Identity", internal)
@@ -237,8 +244,10 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     model = _prepare(model)
     info = Info(model)
     _check_request(info, wrt, of)
-    expanded = _decomposed(model, info, wrt, of)
-    if expanded is not model:
+    for _ in range(_NESTING):  # a decomposition may bring nodes that decompose (a Loop inside a Loop)
+        expanded = _decomposed(model, info, wrt, of)
+        if expanded is model:
+            break
         model, info = expanded, Info(expanded)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}

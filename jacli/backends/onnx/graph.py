@@ -90,6 +90,7 @@ class Info:
                     self.consts[node.output[0]] = value
         self.inputs = {vi.name: vi for vi in graph.input}
         self.outputs = {vi.name: vi for vi in graph.output}
+        self.producers = {o: node for node in graph.node for o in node.output if o}
 
     def _record(self, value_infos, missing_only: bool = False) -> None:
         for vi in value_infos:
@@ -249,6 +250,7 @@ class Builder:
                 tensor = helper.make_tensor(name, dtype, value.shape, value.astype(np.float64).ravel().tolist())
             self.initializers.append(tensor)
             self._consts[key] = name
+            self.info.consts[name] = numpy_helper.to_array(tensor)
         return self._consts[key]
 
     def scalar(self, value: float, dtype: int) -> str:

@@ -124,7 +124,8 @@ def decompose(*ops: str, since: int = 1, until: int | None = ANY, inputs: Sequen
               outputs: Sequence[int] | None = None):
     """Decorator: the function rewrites the operator into operators that have rules, emitting
     them with the builder and returning the name of each output (None where the node has
-    none); the drivers substitute it before differentiating, so it serves both modes."""
+    none), or returning None to keep the node for its other entries; the drivers substitute
+    it before differentiating, so it serves both modes."""
     def register(fn):
         for op in ops:
             e = _entry(op, since, until, inputs, outputs, "rule", _module_of(fn))
