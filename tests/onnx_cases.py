@@ -138,10 +138,11 @@ def check_model(model, feeds, wrt=None, of=None, tol=2e-4, fd_eps=1e-6):
     return max(errors)
 
 
-def check_decomposition(model, feeds, expected=None, atol=2e-5):
+def check_decomposition(model, feeds, expected=None, atol=2e-5, of=None):
     """The decomposition computes what onnxruntime's kernel of the operator computes (or,
     where onnxruntime has none, the ``expected`` outputs)."""
-    wrt, of = floats(model, feeds)
+    wrt, all_of = floats(model, feeds)
+    of = of or all_of
     expanded = decomposed(model, wrt, of)
     ops = {n.op_type for n in expanded.graph.node}
     assert not ops & {n.op_type for n in model.graph.node}, ops

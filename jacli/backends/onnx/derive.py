@@ -54,6 +54,7 @@ from onnx import helper
 from ...errors import InputError, UnsupportedError
 from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs
 from .rules import lookup
+from .rules.control import fold_shapes
 
 # =====================================================================================
 # Drivers
@@ -85,11 +86,12 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
             continue
         act_in = frozenset(i for i, name in enumerate(node.input) if name in active)
         implicit = _subgraph_inputs(node) & active
+        entries = lookup(node.op_type, info.opset, node.domain)
+        act_in -= {i for e in entries if e.kind != "rule" and e.inputs is not None for i in e.inputs}
         if not act_in and not implicit:
-            continue
+            continue  # none, or only inputs whose derivative is zero by definition
         n = Node(node, index, info, act_in)
-        found = [e for e in lookup(node.op_type, info.opset, node.domain)
-                 if e.kind == "rule" and getattr(e, mode) is not None]
+        found = [e for e in entries if e.kind == "rule" and getattr(e, mode) is not None]
         if not found or (implicit and not any(e.implicit for e in found)):
             raise n.unsupported()
         parts: dict[int, set[int]] = defaultdict(set)
@@ -249,6 +251,9 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
         if expanded is model:
             break
         model, info = expanded, Info(expanded)
+        folded = fold_shapes(model, info)  # sizes a decomposition computes at run time, known
+        if folded is not model:
+            model, info = folded, Info(folded)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:

@@ -76,8 +76,12 @@ class Info:
         self.types: dict[str, int] = {}
         self.dims: dict[str, list | None] = {}
         self._record(itertools.chain(inferred.value_info, inferred.output, graph.output, graph.input))
+        known = set(self.dims)
         if any(o and o not in self.dims for node in graph.node for o in node.output):
             self._record(_symbolic_value_infos(model), missing_only=True)
+        # shapes only onnxruntime's symbolic inference gave (it guesses some, e.g. equal
+        # Split pieces when the sizes are computed): good for ranks, not for folding sizes
+        self.guessed = set(self.dims) - known
         self.consts: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)

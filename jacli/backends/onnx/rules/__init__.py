@@ -1,6 +1,6 @@
 """Derivative rules, one module per operator family; importing this package registers
 them all in :mod:`.registry`."""
-from . import control, conv, elementwise, linalg, movement, norm, params, recurrent, reduce  # noqa: F401  (they register their rules)
+from . import attention, control, conv, elementwise, linalg, movement, norm, params, recurrent, reduce  # noqa: F401  (they register their rules)
 from .registry import JVP_RULES, VJP_RULES, Entry, entries, lookup, operator_version
 
 __all__ = ["Entry", "JVP_RULES", "VJP_RULES", "entries", "lookup", "operator_version"]

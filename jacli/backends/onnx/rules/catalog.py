@@ -52,8 +52,9 @@ def rows() -> list[dict]:
     out = []
     for (op, since, until), group in grouped.items():
         schema = _schema(op, until)
-        row = {"op": op, "since": since, "until": until, "kind": group[0].kind,
-               "family": sorted({e.module for e in group})[0] if group[0].kind == "rule" else "",
+        rules = [e for e in group if e.kind == "rule"]
+        row = {"op": op, "since": since, "until": until, "kind": "rule" if rules else group[0].kind,
+               "family": sorted({e.module for e in rules})[0] if rules else "",
                "vjp": [], "jvp": [], "outputs": [], "decomposed": any(e.expand is not None for e in group)}
         for e in group:
             if e.kind != "rule":

@@ -56,6 +56,37 @@ _FOLDABLE = frozenset({"Add", "Sub", "Mul", "Div", "Mod", "Neg", "Unsqueeze", "S
                        "Or", "Not", "Identity", "Min", "Max"})
 
 
+def fold_shapes(model: onnx.ModelProto, info) -> onnx.ModelProto:
+    """The model with ``Shape`` of statically shaped tensors and the integer arithmetic on
+    constants that follows (slice bounds, split sizes of a decomposed function body) made
+    Constants, so that shape inference knows the sizes they determine; the model itself
+    when there is nothing to fold."""
+    b = Builder(info, set())
+    nodes, changed = [], False
+    for node in model.graph.node:
+        new = node
+        if node.op_type == "Shape" and node.domain in ("", "ai.onnx"):
+            dims = info.dims.get(node.input[0]) if node.input[0] not in info.guessed else None
+            if dims is not None and all(isinstance(d, int) for d in dims):
+                attrs = {a.name: a.i for a in node.attribute}
+                start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+                value = np.array(dims[slice(start, end if end != 0 or "end" in attrs else None)], np.int64)
+                new = helper.make_node("Constant", [], [node.output[0]], name=node.name,
+                                       value=numpy_helper.from_array(value))
+                info.consts[node.output[0]] = value
+        elif node.domain in ("", "ai.onnx"):
+            new = _folded(b, node)
+        changed |= new is not node
+        nodes.append(new)
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
 def _folded(b: Builder, node: NodeProto) -> NodeProto:
     """An unrolled node computing integers or booleans from constants (the iteration number
     and what is derived from it: slice bounds, counters, conditions) as a Constant, so that
