@@ -72,8 +72,9 @@ def _attention_block():
     return Block().eval()
 
 
-def test_exported_attention_block_matches_torch_autograd(tmp_path):
-    """torch.onnx's decomposition of scaled_dot_product_attention (MatMul, Softmax, Where...)."""
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+def test_exported_attention_block_matches_torch_autograd(tmp_path, dynamo):
+    """torch.onnx's decompositions of scaled_dot_product_attention (MatMul, Softmax, masks)."""
     torch = pytest.importorskip("torch")
     import onnx
 
@@ -81,8 +82,8 @@ def test_exported_attention_block_matches_torch_autograd(tmp_path):
 
     block = _attention_block()
     path = tmp_path / "attn.onnx"
-    torch.onnx.export(block, (torch.randn(1, 5, 8),), str(path), dynamo=False, input_names=["x"],
-                      output_names=["y"], opset_version=17)
+    torch.onnx.export(block, (torch.randn(1, 5, 8),), str(path), dynamo=dynamo, input_names=["x"],
+                      output_names=["y"], opset_version=None if dynamo else 17)
     assert "Softmax" in {n.op_type for n in onnx.load(path).graph.node}
     model = api.load(str(path))
     xs = np.random.default_rng(3).standard_normal((1, 5, 8)).astype(np.float32)
