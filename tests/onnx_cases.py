@@ -40,17 +40,21 @@ def node_cases(module: str, cls: str) -> dict:
     return found
 
 
-def case_model(node, inputs, opset: int, opset_imports=None) -> tuple[onnx.ModelProto, dict]:
-    """A model of the one node with every input a graph input (as the node tests have them)."""
-    graph_inputs, feeds = [], {}
+def case_model(node, inputs, opset: int, opset_imports=None, constants=()) -> tuple[onnx.ModelProto, dict]:
+    """A model of the one node with every input a graph input (as the node tests have them),
+    except those named in ``constants`` (initializers)."""
+    graph_inputs, feeds, inits = [], {}, []
     for name, value in zip(node.input, inputs):
         if not name:
             continue
         value = np.asarray(value)
+        if name in constants:
+            inits.append(nh.from_array(value, name))
+            continue
         graph_inputs.append(oh.make_tensor_value_info(name, oh.np_dtype_to_tensor_dtype(value.dtype), value.shape))
         feeds[name] = value
     outs = [oh.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in node.output if o]
-    graph = oh.make_graph([node], "case", graph_inputs, outs)
+    graph = oh.make_graph([node], "case", graph_inputs, outs, initializer=inits)
     model = oh.make_model(graph, opset_imports=opset_imports or [oh.make_opsetid("", opset)])
     model = onnx.shape_inference.infer_shapes(model)
     return model, feeds
@@ -134,10 +138,11 @@ def check_model(model, feeds, wrt=None, of=None, tol=2e-4, fd_eps=1e-6):
     return max(errors)
 
 
-def check_decomposition(model, feeds, expected=None, atol=2e-5):
+def check_decomposition(model, feeds, expected=None, atol=2e-5, of=None):
     """The decomposition computes what onnxruntime's kernel of the operator computes (or,
     where onnxruntime has none, the ``expected`` outputs)."""
-    wrt, of = floats(model, feeds)
+    wrt, all_of = floats(model, feeds)
+    of = of or all_of
     expanded = decomposed(model, wrt, of)
     ops = {n.op_type for n in expanded.graph.node}
     assert not ops & {n.op_type for n in model.graph.node}, ops

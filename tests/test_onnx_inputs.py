@@ -70,9 +70,14 @@ def test_scalar_inputs_are_whole_arrays_and_the_message_names_wrt(tmp_path):
     feeds = {"x": np.array([-2, -0.5, 0.5, 2], np.float32), "lo": np.float32(-1), "hi": np.float32(1)}
     J = api.jacobian(m, feeds, wrt="x", batch=False)
     np.testing.assert_array_equal(J, np.diag([0.0, 1, 1, 0]))
-    with pytest.raises(JacliError, match=r"input 1 \('lo'\); differentiate with respect to the other inputs "
+    full = api.jacobian(m, feeds, batch=False)  # the bounds are inputs too: scalars, whole
+    np.testing.assert_array_equal(full["dy/dlo"], [1.0, 0, 0, 0])
+    np.testing.assert_array_equal(full["dy/dhi"], [0, 0, 0, 1.0])
+    d = _save(tmp_path, "drop", [oh.make_node("Dropout", ["x", "ratio"], ["y"])],
+              [_vi("x", [4]), _vi("ratio", [])], [_vi("y", [4])], opset=13)
+    with pytest.raises(JacliError, match=r"input 1 \('ratio'\); differentiate with respect to the other inputs "
                                          r"only with --wrt x \(or use --method fd\)"):
-        api.jacobian(m, feeds, batch=False)
+        api.jacobian(d, {"x": feeds["x"], "ratio": np.float32(0.5)}, batch=False)
     with pytest.raises(JacliError, match="leading batch axis.*--no-batch"):  # batch mode: no shared batch axis
         api.jacobian(m, feeds, wrt="x")
 

@@ -172,7 +172,7 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
             if dtype.kind in "iub" and a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a))):
                 raise InputError(f"input {n!r} is {a.dtype} with fractional values, but the model expects {dtype}")
             a = a.astype(dtype)
-        out[n] = np.ascontiguousarray(a)
+        out[n] = np.require(a, requirements="C")  # (ascontiguousarray makes a scalar 1-D)
     return out
 
 

@@ -54,6 +54,7 @@ from onnx import helper
 from ...errors import InputError, UnsupportedError
 from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs
 from .rules import lookup
+from .rules.control import fold_shapes
 
 # =====================================================================================
 # Drivers
@@ -85,11 +86,12 @@ def _active_nodes(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Se
             continue
         act_in = frozenset(i for i, name in enumerate(node.input) if name in active)
         implicit = _subgraph_inputs(node) & active
+        entries = lookup(node.op_type, info.opset, node.domain)
+        act_in -= {i for e in entries if e.kind != "rule" and e.inputs is not None for i in e.inputs}
         if not act_in and not implicit:
-            continue
+            continue  # none, or only inputs whose derivative is zero by definition
         n = Node(node, index, info, act_in)
-        found = [e for e in lookup(node.op_type, info.opset, node.domain)
-                 if e.kind == "rule" and getattr(e, mode) is not None]
+        found = [e for e in entries if e.kind == "rule" and getattr(e, mode) is not None]
         if not found or (implicit and not any(e.implicit for e in found)):
             raise n.unsupported()
         parts: dict[int, set[int]] = defaultdict(set)
@@ -182,6 +184,9 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     return out
 
 
+_NESTING = 8  # rounds of decomposition: the depth of nested control flow jacli unrolls
+
+
 def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequence[str]) -> onnx.ModelProto:
     """The model with every node on the path from ``wrt`` to ``of`` whose registry entry is a
     decomposition (``expand``) replaced by the operators it decomposes into (the model itself
@@ -210,14 +215,18 @@ def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequ
     for index, node in enumerate(nodes):
         entry = expanding.get(index)
         active = frozenset(i for i, name in enumerate(node.input) if name in varied)
-        if entry is None or not active or not any(o in useful for o in node.output):
+        if entry is None or not set(_node_inputs(node)) & varied or not any(o in useful for o in node.output):
             spliced.append(node)
             continue
-        changed = True
         n = Node(node, index, info, active)
         b.scope = f"expand/{n.name}"
         start = len(b.nodes)
         outs = entry.expand(b, n)
+        if outs is None:  # the decomposition does not apply here: the node's own rules do
+            del b.nodes[start:]
+            spliced.append(node)
+            continue
+        changed = True
         for public, internal in zip(node.output, outs):
             if public and internal is not None:
                 b.op("Identity", internal)
@@ -237,9 +246,14 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     model = _prepare(model)
     info = Info(model)
     _check_request(info, wrt, of)
-    expanded = _decomposed(model, info, wrt, of)
-    if expanded is not model:
+    for _ in range(_NESTING):  # a decomposition may bring nodes that decompose (a Loop inside a Loop)
+        expanded = _decomposed(model, info, wrt, of)
+        if expanded is model:
+            break
         model, info = expanded, Info(expanded)
+        folded = fold_shapes(model, info)  # sizes a decomposition computes at run time, known
+        if folded is not model:
+            model, info = folded, Info(folded)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:

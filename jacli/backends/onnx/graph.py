@@ -88,8 +88,12 @@ class Info:
         self.types: dict[str, int] = {}
         self.dims: dict[str, list | None] = {}
         self._record(itertools.chain(inferred.value_info, inferred.output, graph.output, graph.input))
+        known = set(self.dims)
         if any(o and o not in self.dims for node in graph.node for o in node.output):
             self._record(_symbolic_value_infos(model), missing_only=True)
+        # shapes only onnxruntime's symbolic inference gave (it guesses some, e.g. equal
+        # Split pieces when the sizes are computed): good for ranks, not for folding sizes
+        self.guessed = set(self.dims) - known
         self.consts: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
@@ -102,6 +106,7 @@ class Info:
                     self.consts[node.output[0]] = value
         self.inputs = {vi.name: vi for vi in graph.input}
         self.outputs = {vi.name: vi for vi in graph.output}
+        self.producers = {o: node for node in graph.node for o in node.output if o}
 
     def _record(self, value_infos, missing_only: bool = False) -> None:
         for vi in value_infos:
@@ -261,6 +266,7 @@ class Builder:
                 tensor = helper.make_tensor(name, dtype, value.shape, value.astype(np.float64).ravel().tolist())
             self.initializers.append(tensor)
             self._consts[key] = name
+            self.info.consts[name] = numpy_helper.to_array(tensor)
         return self._consts[key]
 
     def scalar(self, value: float, dtype: int) -> str:

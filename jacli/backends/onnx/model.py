@@ -161,7 +161,7 @@ class OnnxModel(Model):
     @staticmethod
     def _run(sess, feeds, names):
         try:
-            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in sess.jacli_inputs})
+            values = sess.run(names, {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs})
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return dict(zip(names, values))

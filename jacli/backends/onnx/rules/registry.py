@@ -124,7 +124,8 @@ def decompose(*ops: str, since: int = 1, until: int | None = ANY, inputs: Sequen
               outputs: Sequence[int] | None = None):
     """Decorator: the function rewrites the operator into operators that have rules, emitting
     them with the builder and returning the name of each output (None where the node has
-    none); the drivers substitute it before differentiating, so it serves both modes."""
+    none), or returning None to keep the node for its other entries; the drivers substitute
+    it before differentiating, so it serves both modes."""
     def register(fn):
         for op in ops:
             e = _entry(op, since, until, inputs, outputs, "rule", _module_of(fn))
@@ -134,11 +135,13 @@ def decompose(*ops: str, since: int = 1, until: int | None = ANY, inputs: Sequen
     return register
 
 
-def zero(*ops: str, piecewise: bool = False, since: int = 1, until: int | None = ANY) -> None:
+def zero(*ops: str, piecewise: bool = False, since: int = 1, until: int | None = ANY,
+         inputs: Sequence[int] | None = None) -> None:
     """Operators whose derivative is zero: integer/bool outputs, or (``piecewise``) float
-    outputs that are piecewise constant."""
+    outputs that are piecewise constant; with ``inputs``, only with respect to those inputs
+    (a float input that only gives a type or a shape)."""
     for op in ops:
-        _entry(op, since, until, None, None, "piecewise" if piecewise else "zero", "registry")
+        _entry(op, since, until, inputs, None, "piecewise" if piecewise else "zero", "registry")
 
 
 class _ModeTable:
@@ -198,6 +201,7 @@ zero("Shape", "Size", "ArgMax", "ArgMin", "Equal", "Less", "LessOrEqual", "Great
      "And", "Or", "Xor", "IsNaN", "IsInf", "NonZero", "ConstantOfShape", "EyeLike", "RandomNormalLike",
      "RandomUniformLike", "BitShift")
 zero("Sign", "Floor", "Ceil", "Round", "Hardmax", piecewise=True)
+zero("CastLike", inputs=(1,))  # target_type: only its element type is used
 
 
 # --- helpers shared by rules ------------------------------------------------------------
