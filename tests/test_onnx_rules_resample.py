@@ -174,6 +174,22 @@ def test_grid_sample_wrt_grid(padding, align_corners, opset, mode):
     check_rule(model, feeds, expected=expected, reference=False, nonzero=mode != "nearest")
 
 
+@pytest.mark.parametrize("padding", ["zeros", "border", "reflection"])
+def test_grid_sample_wrt_grid_volumetric(padding):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 2, 3, 2, 4)).astype(np.float32)
+    model, _ = node_model("GridSample", {"i": x, "x": [1, 2, 2, 2, 3]},
+                          {"mode": "linear", "padding_mode": padding, "align_corners": 0}, opset=20)
+    size = np.array([4, 2, 3])  # pixels along grid x, y, z
+    pixels = ((rng.uniform(-1.2, 1.2, (1, 2, 2, 2, 3)) + 1) * size - 1) / 2
+    pixels = np.where(np.abs(pixels - np.round(pixels)) < 0.1, pixels + 0.25, pixels)
+    feeds = {"x": ((2 * pixels + 1) / size - 1).astype(np.float32)}
+    g64, x64 = torch.from_numpy(feeds["x"].astype(np.float64)), torch.from_numpy(x.astype(np.float64))
+    expected = torch.autograd.functional.jacobian(
+        lambda g: F.grid_sample(x64, g, "bilinear", padding, False), g64).reshape(16, 24).numpy()
+    check_rule(model, feeds, expected=expected, reference=False)
+
+
 def test_grid_sample_wrt_grid_refuses_cubic_by_name():
     for attrs in [{"mode": "cubic"}, {"mode": "cubic", "padding_mode": "reflection"}]:
         model, _ = node_model("GridSample", {"i": np.ones((1, 1, 2, 2), np.float32), "x": [1, 2, 2, 2]}, attrs,

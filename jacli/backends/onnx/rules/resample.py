@@ -13,8 +13,8 @@ exclude_outside, antialias, padding modes):
   each axis in turn with MatMul; axes statically left as they are (scale 1) are skipped.
 * GridSample is not separable: the VJP uses the matrix M_n (output positions x input
   positions, per sample) given by sampling the basis images, one per input position, so it
-  costs O((H W)^2) per sample. W.r.t. the grid (2-D, linear or nearest, every padding)
-  the bilinear weights' slopes are formed the same way.
+  costs O((H W)^2) per sample. W.r.t. the grid (linear or nearest, every padding) the
+  linear weights' slopes are formed the same way.
 * DepthToSpace/SpaceToDepth/CenterCropPad move elements: the VJP is the inverse movement.
 """
 from __future__ import annotations
@@ -174,8 +174,8 @@ def _jvp_grid_sample(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1])]
 
 
-# GridSample w.r.t. the grid, 2-D bilinear with any padding: with (ix, iy) the
-# grid in pixel units, out = sum_k X_k wx_k wy_k, wx_k = max(0, 1 - |ix - x_k|); d wx_k / d ix
+# GridSample w.r.t. the grid, linear (2-D or volumetric) with any padding: with (ix, iy) the
+# grid in pixel units, out = sum_k X_k wx_k wy_k (wz_k), wx_k = max(0, 1 - |ix - x_k|); d wx_k / d ix
 # is +1 at x_k = floor(ix) + 1 and -1 at floor(ix) (torch's convention at integers). Border
 # padding clamps ix first (derivative 0 outside, as torch); reflection folds it first. Like the rule for X, it forms
 # the (output x input positions) weights, O((H W)^2) per sample. Nearest: zero derivative.
@@ -183,20 +183,19 @@ class _GridWeights:
     def __init__(self, b: Builder, n: Node):
         self.b, self.n = b, n
         mode, padding = n.attr("mode", "bilinear"), n.attr("padding_mode", "zeros")
-        if b.rank(n.x, n) != 4:
-            raise n.unsupported("has no derivative rule with respect to its grid for volumetric inputs")
         if mode not in ("bilinear", "linear", "nearest"):
             raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' "
                                 "(only linear and nearest)")
         self.nearest = mode == "nearest"
-        h, w = b.dim(n.x, 2), b.dim(n.x, 3)
-        if not (isinstance(h, int) and isinstance(w, int)):
+        spatial = [b.dim(n.x, i) for i in range(2, b.rank(n.x, n))]
+        if not all(isinstance(d, int) for d in spatial):
             raise n.unsupported("needs static spatial dimensions of its input")
-        self.h, self.w, self.padding = h, w, padding
-        self.flat_grid = b.op("Reshape", n.inputs[1], b.ints([0, -1, 2]))  # (N, P, 2)
+        self.sizes = spatial[::-1]  # grid coordinate c runs along spatial axis -1 - c (x: width)
+        self.padding = padding
+        self.flat_grid = b.op("Reshape", n.inputs[1], b.ints([0, -1, len(spatial)]))  # (N, P, k)
 
     def pixels(self, axis: int, size: int) -> tuple[str, str]:
-        """Grid coordinate ``axis`` (0: x, 1: y) in pixels, (N, P, 1), and d pixel / d grid."""
+        """Grid coordinate ``axis`` (0: x, 1: y, 2: z) in pixels, (N, P, 1), and d pixel / d grid."""
         b, n = self.b, self.n
         g = b.op("Slice", self.flat_grid, b.ints([axis]), b.ints([axis + 1]), b.ints([2]))
         if n.attr("align_corners", 0):
@@ -237,20 +236,25 @@ class _GridWeights:
     def sensitivities(self) -> list[tuple[str, str]]:
         """Per grid coordinate: d out / d pixel (N, C, P) and d pixel / d grid."""
         b, n = self.b, self.n
-        ks = np.arange(self.h * self.w)
-        at = [b.const((ks % self.w).reshape(1, 1, -1).astype(np.float64), n.dtype),
-              b.const((ks // self.w).reshape(1, 1, -1).astype(np.float64), n.dtype)]
-        (px, dx), (py, dy) = self.pixels(0, self.w), self.pixels(1, self.h)
+        ks, stride = np.arange(int(np.prod(self.sizes))), 1
         one = b.scalar(1.0, n.dtype)
-        weights, slopes = [], []
-        for p, k in ((px, at[0]), (py, at[1])):
-            weights.append(b.op("Relu", b.op("Sub", one, b.op("Abs", b.op("Sub", p, k)))))
+        weights, slopes, scales = [], [], []
+        for axis, size in enumerate(self.sizes):  # the input position k's pixel along each coordinate
+            at = b.const(((ks // stride) % size).reshape(1, 1, -1).astype(np.float64), n.dtype)
+            stride *= size
+            p, d = self.pixels(axis, size)
+            weights.append(b.op("Relu", b.op("Sub", one, b.op("Abs", b.op("Sub", p, at)))))
             fl = b.op("Floor", p)
-            slopes.append(b.op("Sub", b.op("Cast", b.op("Equal", k, b.op("Add", fl, one)), to=n.dtype),
-                               b.op("Cast", b.op("Equal", k, fl), to=n.dtype)))
+            slopes.append(b.op("Sub", b.op("Cast", b.op("Equal", at, b.op("Add", fl, one)), to=n.dtype),
+                               b.op("Cast", b.op("Equal", at, fl), to=n.dtype)))
+            scales.append(d)
         xs = b.op("Reshape", n.x, b.ints([0, 0, -1]))  # (N, C, K)
         out = []
-        for a, d in ((b.op("Mul", slopes[0], weights[1]), dx), (b.op("Mul", weights[0], slopes[1]), dy)):
+        for axis, d in enumerate(scales):
+            factors = [slopes[i] if i == axis else weights[i] for i in range(len(scales))]
+            a = factors[0] if len(factors) == 1 else b.op("Mul", *factors[:2])
+            for f in factors[2:]:
+                a = b.op("Mul", a, f)
             out.append((b.op("MatMul", xs, b.op("Transpose", a, perm=[0, 2, 1])), d))  # (N, C, P)
         return out
 
@@ -271,7 +275,7 @@ def _jvp_grid_sample_grid(b, n, ts):
     gw = _GridWeights(b, n)
     if gw.nearest:
         return [b.zeros_like(n.y, n.dtype)]
-    t = b.op("Reshape", ts[1], b.ints([0, -1, 2]))
+    t = b.op("Reshape", ts[1], b.ints([0, -1, len(gw.sizes)]))
     terms = []
     for axis, (s, d) in enumerate(gw.sensitivities()):
         ti = b.op("Mul", b.op("Slice", t, b.ints([axis]), b.ints([axis + 1]), b.ints([2])), d)  # (N, P, 1)
