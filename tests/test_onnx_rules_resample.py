@@ -124,7 +124,8 @@ def test_resize_with_dynamic_batch_and_spatial_axes(how):
         nodes = [oh.make_node("Shape", ["x"], ["shape"]), oh.make_node("Mul", ["shape", "k"], ["scaled"]),
                  oh.make_node("Add", ["scaled", "o"], ["sizes"]),
                  oh.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="cubic")]
-        inits = [nh.from_array(np.array([1, 1, 2, 1], np.int64), "k"), nh.from_array(np.array([0, 0, 0, 1], np.int64), "o")]
+        inits = [nh.from_array(np.array([1, 1, 2, 1], np.int64), "k"),
+                 nh.from_array(np.array([0, 0, 0, 1], np.int64), "o")]
     model = oh.make_model(oh.make_graph(nodes, "g", [x], [y], initializer=inits),
                           opset_imports=[oh.make_opsetid("", 19)])
     feeds = {"x": RNG.standard_normal((2, 2, 3, 2)).astype(np.float32)}
