@@ -85,12 +85,9 @@ EINSUM = [
 
 @pytest.mark.parametrize("equation, shapes", EINSUM, ids=[e for e, _ in EINSUM])
 def test_einsum_equations(equation, shapes):
-    names = ["x"] + [f"in{i}" for i in range(1, len(shapes))]
-    for k in range(len(shapes)):
-        inputs = {name: (list(s) if i == k else RNG.standard_normal(s).astype(np.float32))
-                  for i, (name, s) in enumerate(zip(names, shapes))}
-        inputs = {("x" if i == k else (f"in{i}" if names[i] == "x" else names[i])): v
-                  for i, v in enumerate(inputs.values())}
+    for k in range(len(shapes)):  # each operand in turn is x, the others initializers
+        inputs = {("x" if i == k else f"in{i}"): (list(s) if i == k else RNG.standard_normal(s).astype(np.float32))
+                  for i, s in enumerate(shapes)}
         model, feeds = node_model("Einsum", inputs, {"equation": equation}, opset=12)
         check_rule(model, feeds)
 
