@@ -174,7 +174,8 @@ def _jvp_grid_sample(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1])]
 
 
-# GridSample w.r.t. the grid, linear (2-D or volumetric) with any padding: with (ix, iy) the
+# GridSample w.r.t. the grid, linear (2-D or volumetric) with any padding, or cubic with zeros
+# padding (the cubic kernel and its derivative in place of the tent's): with (ix, iy) the
 # grid in pixel units, out = sum_k X_k wx_k wy_k (wz_k), wx_k = max(0, 1 - |ix - x_k|); d wx_k / d ix
 # is +1 at x_k = floor(ix) + 1 and -1 at floor(ix) (torch's convention at integers). Border
 # padding clamps ix first (derivative 0 outside, as torch); reflection folds it first. Like the rule for X, it forms
@@ -183,9 +184,10 @@ class _GridWeights:
     def __init__(self, b: Builder, n: Node):
         self.b, self.n = b, n
         mode, padding = n.attr("mode", "bilinear"), n.attr("padding_mode", "zeros")
-        if mode not in ("bilinear", "linear", "nearest"):
-            raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' "
-                                "(only linear and nearest)")
+        self.cubic = mode in ("bicubic", "cubic")
+        if self.cubic and padding != "zeros":
+            raise n.unsupported(f"has no derivative rule with respect to its grid with mode='{mode}' and "
+                                f"padding_mode='{padding}' (cubic: zeros padding only)")
         self.nearest = mode == "nearest"
         spatial = [b.dim(n.x, i) for i in range(2, b.rank(n.x, n))]
         if not all(isinstance(d, int) for d in spatial):
@@ -233,6 +235,26 @@ class _GridWeights:
         side = b.op("Sub", c(1.0), b.op("Mul", c(2.0), b.op("Cast", b.op("Less", shifted, c(0.0)), to=n.dtype)))
         return folded, b.op("Mul", d, b.op("Mul", side, b.op("Sub", even, odd)))
 
+    def _cubic(self, t: str) -> tuple[str, str]:
+        """Keys' cubic kernel (A = -0.75) of t = pixel - tap and its derivative d/dt (C1:
+        no convention needed): |t| <= 1: (A+2)|t|^3 - (A+3)t^2 + 1; 1 < |t| < 2:
+        A|t|^3 - 5A t^2 + 8A|t| - 4A; 0 beyond."""
+        b, n = self.b, self.n
+        a = -0.75
+        c = lambda v: b.scalar(v, n.dtype)  # noqa: E731
+        u = b.op("Abs", t)
+        u2 = b.op("Mul", u, u)
+        near = b.op("Cast", b.op("Not", b.op("Greater", u, c(1.0))), to=n.dtype)
+        far = b.op("Mul", b.op("Cast", b.op("Less", u, c(2.0)), to=n.dtype), b.op("Sub", c(1.0), near))
+        w_near = b.op("Add", b.op("Mul", u2, b.op("Sub", b.op("Mul", u, c(a + 2)), c(a + 3))), c(1.0))
+        w_far = b.op("Mul", b.op("Add", b.op("Mul", u, b.op("Sub", b.op("Mul", u, c(a)), c(5 * a))), c(8 * a)), u)
+        w_far = b.op("Sub", w_far, c(4 * a))
+        d_near = b.op("Mul", u, b.op("Sub", b.op("Mul", u, c(3 * (a + 2))), c(2 * (a + 3))))
+        d_far = b.op("Add", b.op("Mul", u, b.op("Sub", b.op("Mul", u, c(3 * a)), c(10 * a))), c(8 * a))
+        weight = b.op("Add", b.op("Mul", near, w_near), b.op("Mul", far, w_far))
+        slope = b.op("Mul", b.op("Sign", t), b.op("Add", b.op("Mul", near, d_near), b.op("Mul", far, d_far)))
+        return weight, slope
+
     def sensitivities(self) -> list[tuple[str, str]]:
         """Per grid coordinate: d out / d pixel (N, C, P) and d pixel / d grid."""
         b, n = self.b, self.n
@@ -243,10 +265,15 @@ class _GridWeights:
             at = b.const(((ks // stride) % size).reshape(1, 1, -1).astype(np.float64), n.dtype)
             stride *= size
             p, d = self.pixels(axis, size)
-            weights.append(b.op("Relu", b.op("Sub", one, b.op("Abs", b.op("Sub", p, at)))))
-            fl = b.op("Floor", p)
-            slopes.append(b.op("Sub", b.op("Cast", b.op("Equal", at, b.op("Add", fl, one)), to=n.dtype),
-                               b.op("Cast", b.op("Equal", at, fl), to=n.dtype)))
+            if self.cubic:
+                w, slope = self._cubic(b.op("Sub", p, at))
+                weights.append(w)
+                slopes.append(slope)
+            else:
+                weights.append(b.op("Relu", b.op("Sub", one, b.op("Abs", b.op("Sub", p, at)))))
+                fl = b.op("Floor", p)
+                slopes.append(b.op("Sub", b.op("Cast", b.op("Equal", at, b.op("Add", fl, one)), to=n.dtype),
+                                   b.op("Cast", b.op("Equal", at, fl), to=n.dtype)))
             scales.append(d)
         xs = b.op("Reshape", n.x, b.ints([0, 0, -1]))  # (N, C, K)
         out = []
