@@ -13,8 +13,9 @@ exclude_outside, antialias, padding modes):
   each axis in turn with MatMul; axes statically left as they are (scale 1) are skipped.
 * GridSample is not separable: the VJP uses the matrix M_n (output positions x input
   positions, per sample) given by sampling the basis images, one per input position, so it
-  costs O((H W)^2) per sample. W.r.t. the grid (linear or nearest, every padding) the
-  linear weights' slopes are formed the same way.
+  costs O((H W)^2) per sample. W.r.t. the grid (linear or nearest with every padding,
+  cubic with zeros padding) the interpolation weights' slopes are formed the same way.
+  AffineGrid is linear in theta: its base coordinates come from the op itself.
 * DepthToSpace/SpaceToDepth/CenterCropPad move elements: the VJP is the inverse movement.
 """
 from __future__ import annotations
