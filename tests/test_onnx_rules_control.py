@@ -172,5 +172,8 @@ def test_symbolic_shape_inference_imports_no_torch():
 
     probe = ("import sys; from jacli.backends.onnx.graph import _symbolic_shape_module; "
              "print(_symbolic_shape_module().SymbolicShapeInference.__name__, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
     assert out == ["SymbolicShapeInference", "False"]
