@@ -11,7 +11,6 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
-import jacli
 from jacli import api
 from jacli.errors import JacliError
 

@@ -162,3 +162,18 @@ def test_keras_gru_and_simple_rnn_through_tf2onnx_loops_match_tensorflow():
     t = _r(2, 5, 3)
     (jt,) = jvp.run(None, {"x": xs, "tan:x": t})
     np.testing.assert_allclose(jt, np.einsum("boij,bij->bo", ref, t), rtol=1e-4, atol=1e-6)
+
+
+def test_symbolic_shape_inference_imports_no_torch():
+    """onnxruntime's symbolic shape inference (run when onnx's leaves a rank open, as for
+    tf2onnx's while loops) is loaded without its package's __init__, which imports torch."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from jacli.backends.onnx.graph import _symbolic_shape_module; "
+             "print(_symbolic_shape_module().SymbolicShapeInference.__name__, 'torch' in sys.modules)")
+    from conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.split()
+    assert out == ["SymbolicShapeInference", "False"]

@@ -161,3 +161,21 @@ def test_dynamic_sequence_length_is_refused_naming_the_node():
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "T"
     with pytest.raises(UnsupportedError, match=r"'RNN' \(node 'rnn'\).*sequence length known only at run time"):
         build_vjp(model, ["x"], ["h"])
+
+
+def test_float64_evaluation_of_a_recurrent_model_uses_the_decomposition(tmp_path):
+    """onnxruntime has no double LSTM/GRU kernel: jacli's float64 graph (for check and
+    --method fd) is the decomposition's, so finite differences run in float64."""
+    import onnx
+
+    from jacli import api
+
+    model, feeds = _recurrent("LSTM", direction="bidirectional", states=True, peep=True)
+    onnx.save(model, tmp_path / "lstm.onnx")
+    m = api.load(str(tmp_path / "lstm.onnx"))
+    y64 = m.forward64(feeds)
+    assert y64["Y"].dtype == np.float64
+    np.testing.assert_allclose(y64["Y"], m.forward(feeds)["Y"], atol=1e-5)
+    ad = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False)
+    fd = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False, method="fd")
+    np.testing.assert_allclose(fd, ad, rtol=1e-5, atol=1e-6)  # float32 differences would miss this by far

@@ -242,10 +242,17 @@ def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequ
     return out
 
 
-def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str):
+def decomposed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every operator that has a decomposition (recurrent networks, control
+    flow, attention) rewritten into the operators it is made of: the same function, e.g.
+    for onnxruntime kernels that exist in float64 when the operator's own does not."""
     model = _prepare(model)
     info = Info(model)
-    _check_request(info, wrt, of)
+    return _expanded(model, info, list(info.inputs), list(info.outputs))[0]
+
+
+def _expanded(model: onnx.ModelProto, info: Info, wrt, of) -> tuple[onnx.ModelProto, Info]:
+    """Decompositions substituted (and the sizes they compute folded), round after round."""
     for _ in range(_NESTING):  # a decomposition may bring nodes that decompose (a Loop inside a Loop)
         expanded = _decomposed(model, info, wrt, of)
         if expanded is model:
@@ -254,6 +261,14 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
         folded = fold_shapes(model, info)  # sizes a decomposition computes at run time, known
         if folded is not model:
             model, info = folded, Info(folded)
+    return model, info
+
+
+def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str):
+    model = _prepare(model)
+    info = Info(model)
+    _check_request(info, wrt, of)
+    model, info = _expanded(model, info, wrt, of)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 from typing import Sequence, Union
 
 import numpy as np
@@ -127,7 +128,7 @@ def _symbolic_value_infos(model: onnx.ModelProto) -> list:
     """onnxruntime's symbolic shape inference, which resolves ranks that onnx's leaves open
     (e.g. Reshape to a shape computed from Shape ops); [] where it is unavailable or fails."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        SymbolicShapeInference = _symbolic_shape_module().SymbolicShapeInference
 
         # the loop of SymbolicShapeInference.infer_shapes, which on an incomplete result
         # raises (dropping what it found) after saving a file in the working directory
@@ -138,6 +139,25 @@ def _symbolic_value_infos(model: onnx.ModelProto) -> list:
         return list(inference.out_mp_.graph.value_info)
     except Exception:  # optional refinement: rules needing a rank then say so themselves
         return []
+
+
+def _symbolic_shape_module():
+    """onnxruntime/tools/symbolic_shape_infer.py loaded on its own: importing it as
+    ``onnxruntime.tools.symbolic_shape_infer`` runs that package's __init__, which imports
+    torch when it is installed (seconds)."""
+    import importlib.util
+    import sys
+
+    name = "_jacli_ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def _constant_value(node: NodeProto) -> np.ndarray | None:

@@ -22,6 +22,7 @@ from .._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
+_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
@@ -115,8 +116,16 @@ class OnnxModel(Model):
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
+        from ...errors import UnsupportedError
         from .float64 import to_float64
 
+        if any(n.op_type in _NO_DOUBLE_KERNEL for n in self.proto.graph.node):
+            from .derive import decomposed  # the same function, of operators that have double kernels
+
+            try:
+                return to_float64(decomposed(self.proto))
+            except UnsupportedError:
+                pass
         return to_float64(self.proto)
 
     def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Builder, Node
-from .conv import _bias_shape, _conv_transpose_pads, _kernel_shape, _pad_spatial, _spatial, _window
+from .conv import _bias_shape, _conv_transpose_pads, _kernel_shape, _pad_spatial, _window, _Window
 from .registry import _c, _mask, jvp, vjp
 
 
@@ -58,8 +58,6 @@ def _vjp_conv_transpose_weight(b, n, gs):
     kernel = _kernel_shape(b, n)
     k = len(kernel)
     begin, end = _conv_transpose_pads(b, n, kernel)
-    from .conv import _Window
-
     strides, dilations = n.attr("strides") or [1] * k, n.attr("dilations") or [1] * k
     win = _Window(kernel, strides, dilations, begin, end)
     w = n.inputs[1]
