@@ -534,3 +534,14 @@ def _probe_intermediates(model: Model, xs, tangents):
     from .backends import torch_locate
 
     return torch_locate.probe(model, xs, tangents)
+
+
+def onnx_ops() -> list[dict]:
+    """The ONNX operators jacli differentiates, from the rule registry: one dict per operator
+    and version range (see ``jacli.backends.onnx.rules.catalog.rows``)."""
+    from .backends._common import require
+
+    require("onnx", "onnx", "onnx", "ONNX")
+    from .backends.onnx.rules import catalog
+
+    return catalog.rows()

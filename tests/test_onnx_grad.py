@@ -645,10 +645,10 @@ def _graph(nodes, inputs, outputs, inits=(), opset=17):
 
 def test_operator_without_rule_names_op_and_node():
     model = _graph([oh.make_node("Relu", ["x"], ["h"], name="act"),
-                    oh.make_node("Einsum", ["h", "h"], ["y"], name="ein_3", equation="ij,ij->i")],
-                   [("x", [2, 3])], [("y", [2])])
+                    oh.make_node("DFT", ["h"], ["y"], name="dft_3")],
+                   [("x", [2, 3, 1])], [("y", [2, 3, 2])])
     for build in (build_vjp, build_jvp):
-        with pytest.raises(UnsupportedError, match=r"operator 'Einsum' \(node 'ein_3'\) has no derivative rule.*"
+        with pytest.raises(UnsupportedError, match=r"operator 'DFT' \(node 'dft_3'\) has no derivative rule.*"
                                                    r"--method fd"):
             build(model, ["x"], ["y"])
 
@@ -666,20 +666,15 @@ def test_integer_output_op_without_rule_is_not_silently_zero():
 
 
 def test_derivative_wrt_unsupported_input_slot_is_refused():
-    model = _graph([oh.make_node("Conv", ["x", "w"], ["y"], name="conv")],
-                   [("x", [1, 1, 3, 3]), ("w", [1, 1, 2, 2])], [("y", None)])
-    with pytest.raises(UnsupportedError, match=r"'Conv' \(node 'conv'\).*input 1 \('w'\)"):
-        build_jvp(model, ["w"], ["y"])
+    model = _graph([oh.make_node("Dropout", ["x", "r"], ["y"], name="drop")],
+                   [("x", [1, 1, 3, 3]), ("r", [])], [("y", None)], opset=13)
+    with pytest.raises(UnsupportedError, match=r"'Dropout' \(node 'drop'\).*input 1 \('r'\)"):
+        build_jvp(model, ["r"], ["y"])
     model = _graph([oh.make_node("Dropout", ["x", "r", "t"], ["y"], name="drop")],
                    [("x", [2, 3])], [("y", None)], [nh.from_array(F32(0.5), "r"),
                                                     nh.from_array(np.array(True), "t")], opset=13)
     with pytest.raises(UnsupportedError, match="training mode"):
         build_vjp(model, ["x"], ["y"])
-    model = _graph([oh.make_node("LayerNormalization", ["x", "s"], ["h", "mean"], name="ln"),
-                    oh.make_node("Add", ["h", "mean"], ["y"])],
-                   [("x", [2, 3])], [("y", None)], [nh.from_array(F32(1, 1, 1), "s")])
-    with pytest.raises(UnsupportedError, match=r"'LayerNormalization' \(node 'ln'\).*output 1 \('mean'\)"):
-        build_jvp(model, ["x"], ["y"])
 
 
 def test_non_differentiable_ops_and_independent_subgraphs_are_forward_computation():

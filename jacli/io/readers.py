@@ -140,7 +140,10 @@ def check_memory(nbytes: int, what: str) -> None:
 
 def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "input") -> dict[str, np.ndarray]:
     """Assign arrays to model inputs by name (a single unnamed array goes to a single input),
-    check ranks and fixed dimensions, and cast to the model's dtypes."""
+    check ranks and fixed dimensions, and cast to the model's dtypes. Scalars and empty
+    arrays are valid where the signature allows them (a scalar Clip bound, an ``axes`` input
+    of static shape (0,)), not for an input with a batch axis; whether the arrays share a
+    batch axis is the plan's check, which knows about --no-batch."""
     names = model.input_names()
     if set(arrays) >= set(names):
         matched = {n: arrays[n] for n in names}
@@ -163,9 +166,9 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
         spec = specs[n]
         if a.dtype.kind not in "biuf":
             raise InputError(f"input {n!r}: dtype {a.dtype} is not numeric")
-        if a.ndim == 0:
+        if spec.shape != () and a.ndim == 0:
             raise InputError(f"input {n!r} is a scalar; it needs a batch of at least one sample, shape (batch, ...)")
-        if a.size == 0:
+        if (spec.shape is None or (spec.shape and spec.shape[0] is None)) and a.size == 0:
             raise InputError(f"input {n!r} has shape {a.shape}, which holds no values; it needs a batch of at least one sample")
         if spec.shape is not None:
             want = spec.shape
@@ -179,7 +182,7 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
             if dtype.kind in "iub" and a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a))):
                 raise InputError(f"input {n!r} is {a.dtype} with fractional values, but the model expects {dtype}")
             a = a.astype(dtype)
-        out[n] = np.ascontiguousarray(a)
+        out[n] = np.require(a, requirements="C")  # (ascontiguousarray makes a scalar 1-D)
     return out
 
 

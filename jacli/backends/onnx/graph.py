@@ -3,7 +3,9 @@ being differentiated (:class:`Node`) and the :class:`Builder` that emits new ONN
 folding shapes known statically and computing the rest at run time."""
 from __future__ import annotations
 
+import copy
 import itertools
+import os
 from typing import Sequence, Union
 
 import numpy as np
@@ -41,7 +43,19 @@ def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
                 f"opset {_opset(out)} models must be convertible to opset 11 for derivatives ({exc}); "
                 "use --method fd for finite differences"
             ) from exc
+        _keep_asymmetric_linear_resize(out.graph)
     return out
+
+
+def _keep_asymmetric_linear_resize(graph: onnx.GraphProto) -> None:
+    """Upsample and Resize-10 interpolate linearly in asymmetric coordinates; onnx's version
+    converter makes them a Resize-11 with the default half_pixel ones (another function, in
+    onnxruntime too). Nearest modes it converts faithfully."""
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if (node.op_type == "Resize" and "coordinate_transformation_mode" not in attrs and "mode" in attrs
+                and attrs["mode"].s == b"linear"):
+            node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
 
 
 def _subgraph_inputs(node: NodeProto) -> set[str]:
@@ -75,8 +89,12 @@ class Info:
         self.types: dict[str, int] = {}
         self.dims: dict[str, list | None] = {}
         self._record(itertools.chain(inferred.value_info, inferred.output, graph.output, graph.input))
+        known = set(self.dims)
         if any(o and o not in self.dims for node in graph.node for o in node.output):
             self._record(_symbolic_value_infos(model), missing_only=True)
+        # shapes only onnxruntime's symbolic inference gave (it guesses some, e.g. equal
+        # Split pieces when the sizes are computed): good for ranks, not for folding sizes
+        self.guessed = set(self.dims) - known
         self.consts: dict[str, np.ndarray] = {}
         for init in graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
@@ -89,6 +107,7 @@ class Info:
                     self.consts[node.output[0]] = value
         self.inputs = {vi.name: vi for vi in graph.input}
         self.outputs = {vi.name: vi for vi in graph.output}
+        self.producers = {o: node for node in graph.node for o in node.output if o}
 
     def _record(self, value_infos, missing_only: bool = False) -> None:
         for vi in value_infos:
@@ -109,7 +128,7 @@ def _symbolic_value_infos(model: onnx.ModelProto) -> list:
     """onnxruntime's symbolic shape inference, which resolves ranks that onnx's leaves open
     (e.g. Reshape to a shape computed from Shape ops); [] where it is unavailable or fails."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        SymbolicShapeInference = _symbolic_shape_module().SymbolicShapeInference
 
         # the loop of SymbolicShapeInference.infer_shapes, which on an incomplete result
         # raises (dropping what it found) after saving a file in the working directory
@@ -120,6 +139,25 @@ def _symbolic_value_infos(model: onnx.ModelProto) -> list:
         return list(inference.out_mp_.graph.value_info)
     except Exception:  # optional refinement: rules needing a rank then say so themselves
         return []
+
+
+def _symbolic_shape_module():
+    """onnxruntime/tools/symbolic_shape_infer.py loaded on its own: importing it as
+    ``onnxruntime.tools.symbolic_shape_infer`` runs that package's __init__, which imports
+    torch when it is installed (seconds)."""
+    import importlib.util
+    import sys
+
+    name = "_jacli_ort_symbolic_shape_infer"
+    if name not in sys.modules:
+        import onnxruntime
+
+        path = os.path.join(os.path.dirname(onnxruntime.__file__), "tools", "symbolic_shape_infer.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[name] = module
+    return sys.modules[name]
 
 
 def _constant_value(node: NodeProto) -> np.ndarray | None:
@@ -143,6 +181,9 @@ class Node:
         self.inputs = list(proto.input)
         self.outputs = list(proto.output)
         self.active = active
+        self.implicit: frozenset[str] = frozenset()  # active outer-scope tensors its subgraphs use
+        self.parts: list = []  # (registry entry, the active inputs it differentiates)
+        self.tangents: dict = {}
         self.info = info
         self.attrs = {}
         for a in proto.attribute:
@@ -175,11 +216,18 @@ class Node:
                 return self.info.types[name]
         return TensorProto.FLOAT
 
-    def unsupported(self, what: str = "") -> UnsupportedError:
+    def restricted(self, active: frozenset[int], tangents: dict | None = None) -> "Node":
+        """This node as one registry entry sees it: only ``active`` inputs, and (JVP) the
+        tangents known so far, which control-flow rules read for outer-scope tensors."""
+        view = copy.copy(self)
+        view.active = active
+        view.tangents = tangents or {}
+        return view
+
+    def unsupported(self, what: str = "", hint: str | None = None) -> UnsupportedError:
         detail = f" {what}" if what else " has no derivative rule in jacli"
-        return UnsupportedError(
-            f"operator '{self.op_type}' (node '{self.name}'){detail}; use --method fd for finite differences"
-        )
+        hint = f"{hint} (or use --method fd)" if hint else "use --method fd for finite differences"
+        return UnsupportedError(f"operator '{self.op_type}' (node '{self.name}'){detail}; {hint}")
 
 
 class Builder:
@@ -238,6 +286,7 @@ class Builder:
                 tensor = helper.make_tensor(name, dtype, value.shape, value.astype(np.float64).ravel().tolist())
             self.initializers.append(tensor)
             self._consts[key] = name
+            self.info.consts[name] = numpy_helper.to_array(tensor)
         return self._consts[key]
 
     def scalar(self, value: float, dtype: int) -> str:

@@ -4,9 +4,12 @@ the same runtime); a graph with an operator that has no rule says so and points 
 ``--method fd``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -19,6 +22,7 @@ from .._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
+_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
@@ -109,8 +113,16 @@ class OnnxModel(Model):
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
+        from ...errors import UnsupportedError
         from .float64 import to_float64
 
+        if any(n.op_type in _NO_DOUBLE_KERNEL for n in self.proto.graph.node):
+            from .derive import decomposed  # the same function, of operators that have double kernels
+
+            try:
+                return to_float64(decomposed(self.proto))
+            except UnsupportedError:
+                pass
         return to_float64(self.proto)
 
     def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
@@ -155,7 +167,7 @@ class OnnxModel(Model):
     @staticmethod
     def _run(sess, feeds, names):
         try:
-            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in sess.jacli_inputs})
+            values = sess.run(names, {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs})
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return dict(zip(names, values))
@@ -164,14 +176,38 @@ class OnnxModel(Model):
 def _session(data: bytes):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        with _native_stderr_captured():
+            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
     sess.jacli_inputs = frozenset(i.name for i in sess.get_inputs())  # looked up on every run
     return sess
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """File descriptor 2 pointed at a temporary file while native code runs, so that lines
+    onnxruntime's C++ side writes there directly (whatever the logger severity) never reach
+    the terminal; discarded afterwards (failures come back as exceptions)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to capture
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _spec(value_info) -> TensorSpec:

@@ -1,6 +1,8 @@
 """Derivative rules, one module per operator family; importing this package registers
-them all in :mod:`.registry` (``VJP_RULES``/``JVP_RULES``)."""
-from . import conv, elementwise, linalg, movement, norm, reduce  # noqa: F401  (they register their rules)
-from .registry import _DIFF_INPUTS, _DIFF_OUTPUTS, JVP_RULES, NON_DIFFERENTIABLE, PIECEWISE_CONSTANT, VJP_RULES
+them all in :mod:`.registry`."""
+from . import (  # noqa: F401  (they register their rules)
+    attention, control, conv, elementwise, linalg, movement, norm, params, recurrent, reduce, resample,
+)
+from .registry import JVP_RULES, VJP_RULES, Entry, entries, lookup, operator_version
 
-__all__ = ["JVP_RULES", "VJP_RULES", "NON_DIFFERENTIABLE", "PIECEWISE_CONSTANT", "_DIFF_INPUTS", "_DIFF_OUTPUTS"]
+__all__ = ["Entry", "JVP_RULES", "VJP_RULES", "entries", "lookup", "operator_version"]

@@ -92,7 +92,7 @@ def _bias_shape(b: Builder, v: str, rank: int) -> str:
     return b.unsqueeze(v, list(range(1, rank - 1)))
 
 
-@vjp("Conv")
+@vjp("Conv", inputs=(0, 2))
 def _vjp_conv(b, n, gs):
     out = {}
     if 0 in n.active:
@@ -105,7 +105,7 @@ def _vjp_conv(b, n, gs):
     return out
 
 
-@jvp("Conv", "ConvTranspose")
+@jvp("Conv", "ConvTranspose", inputs=(0, 2))
 def _jvp_conv(b, n, ts):
     terms = [b.same(n, ts[0], n.inputs[1]) if ts[0] else None]
     if len(ts) > 2 and ts[2]:
@@ -136,7 +136,7 @@ def _conv_transpose_pads(b: Builder, n: Node, kernel: list[int]) -> tuple[list, 
     return begin, end
 
 
-@vjp("ConvTranspose")
+@vjp("ConvTranspose", inputs=(0, 2))
 def _vjp_conv_transpose(b, n, gs):
     out = {}
     if 0 in n.active:
@@ -298,3 +298,43 @@ def _vjp_global_max_pool(b, n, gs):
 def _jvp_global_max_pool(b, n, ts):
     w, axes = _global_max_weights(b, n)
     return [b.reduce("ReduceSum", b.op("Mul", ts[0], w), axes, keepdims=1)]
+
+
+# --- LpPool: y = S(|x|^p)^(1/p), S the zero-padded window sum ------------------------------
+# dy/dx_k = y^(1-p) |x_k|^(p-1) sign(x_k) for each window holding x_k (0 where y = 0).
+def _lp_pool_parts(b: Builder, n: Node) -> tuple[str, str, _Window, list[int]]:
+    p = n.attr("p", 2)
+    x, y = n.x, n.y
+    if p == 1:
+        w = b.op("Sign", x)
+    elif p == 2:
+        w = x
+    else:
+        w = b.op("Mul", b.op("Sign", x), b.op("Pow", b.op("Abs", x), b.scalar(p - 1.0, n.dtype)))
+    zero = b.scalar(0.0, n.dtype)
+    if p == 1:
+        inv = b.op("Add", b.op("Mul", y, zero), b.scalar(1.0, n.dtype))
+    else:
+        inv = b.op("Where", b.op("Equal", y, zero), zero, b.op("Pow", y, b.scalar(1.0 - p, n.dtype)))
+    win, kernel = _window_geometry(b, n)
+    return w, inv, win, kernel
+
+
+@vjp("LpPool", inputs=(0,))
+def _vjp_lp_pool(b, n, gs):
+    w, inv, win, kernel = _lp_pool_parts(b, n)
+    k = len(kernel)
+    ones_k = b.const(np.ones([1, 1] + kernel), n.dtype)
+    routed = _planes(b, b.op("Mul", gs[0], inv), n.y, k)
+    back = _window_adjoint(b, routed, ones_k, _spatial(b, n.x, k), _spatial(b, n.y, k), win, 1)
+    return {0: b.op("Mul", b.reshape_like(back, n.x), w)}
+
+
+@jvp("LpPool", inputs=(0,))
+def _jvp_lp_pool(b, n, ts):
+    w, inv, win, kernel = _lp_pool_parts(b, n)
+    k = len(kernel)
+    ones_k = b.const(np.ones([1, 1] + kernel), n.dtype)
+    planes = _pad_spatial(b, _planes(b, b.op("Mul", ts[0], w), n.x, k), win.begin, win.end, None)
+    summed = b.op("Conv", planes, ones_k, strides=win.strides, dilations=win.dilations)
+    return [b.op("Mul", b.reshape_like(summed, n.y), inv)]

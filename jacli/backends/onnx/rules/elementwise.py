@@ -144,13 +144,13 @@ def _d_gelu(b, n, v):
     return b.op("Mul", v, slope)
 
 
-@vjp("Dropout")
+@vjp("Dropout", inputs=(0,))
 def _vjp_dropout(b, n, gs):
     _check_inference_dropout(n)
     return {0: gs[0]}
 
 
-@jvp("Dropout")
+@jvp("Dropout", inputs=(0,))
 def _jvp_dropout(b, n, ts):
     _check_inference_dropout(n)
     return [ts[0]] + [None] * (len(n.outputs) - 1)
@@ -339,13 +339,127 @@ def _clip_mask(b: Builder, n: Node) -> str | None:
     return _mask(b, n, parts[0] if len(parts) == 1 else b.op("And", *parts))
 
 
-@vjp("Clip")
+@vjp("Clip", inputs=(0,))
 def _vjp_clip(b, n, gs):
     mask = _clip_mask(b, n)
     return {0: gs[0] if mask is None else b.op("Mul", gs[0], mask)}
 
 
-@jvp("Clip")
+@jvp("Clip", inputs=(0,))
 def _jvp_clip(b, n, ts):
     mask = _clip_mask(b, n)
     return [ts[0] if mask is None else b.op("Mul", ts[0], mask)]
+
+
+# --- more activations and functions --------------------------------------------------
+@unary("Mish")
+def _d_mish(b, n, v):
+    # y = x tanh(softplus(x)); y' = tanh(sp) + x sigmoid(x) (1 - tanh^2(sp))
+    th = b.op("Tanh", b.op("Softplus", n.x))
+    sech2 = b.op("Sub", _c(b, n, 1.0), b.op("Mul", th, th))
+    return b.op("Mul", v, b.op("Add", th, b.op("Mul", b.op("Mul", n.x, b.op("Sigmoid", n.x)), sech2)))
+
+
+@unary("Swish")
+def _d_swish(b, n, v):
+    # y = x s, s = sigmoid(alpha x); y' = s + alpha x s (1 - s)
+    alpha = n.attr("alpha", 1.0)
+    s = b.op("Sigmoid", b.op("Mul", n.x, _c(b, n, alpha)))
+    ax = b.op("Mul", n.x, _c(b, n, alpha))
+    return b.op("Mul", v, b.op("Add", s, b.op("Mul", b.op("Mul", ax, s), b.op("Sub", _c(b, n, 1.0), s))))
+
+
+@unary("Celu")
+def _d_celu(b, n, v):
+    # y' = 1 for x > 0, exp(x / alpha) for x <= 0 (= y / alpha + 1 there)
+    negative = b.op("Add", b.op("Mul", n.y, _c(b, n, 1.0 / n.attr("alpha", 1.0))), _c(b, n, 1.0))
+    return b.op("Mul", v, _blend(b, n, _positive(b, n), _c(b, n, 1.0), negative))
+
+
+@unary("ThresholdedRelu")
+def _d_thresholded_relu(b, n, v):
+    return b.op("Mul", v, _mask(b, n, b.op("Greater", n.x, _c(b, n, n.attr("alpha", 1.0)))))
+
+
+@unary("Shrink")
+def _d_shrink(b, n, v):
+    lambd = n.attr("lambd", 0.5)
+    outside = b.op("Or", b.op("Greater", n.x, _c(b, n, lambd)), b.op("Less", n.x, _c(b, n, -lambd)))
+    return b.op("Mul", v, _mask(b, n, outside))
+
+
+@unary("Tan")
+def _d_tan(b, n, v):
+    return b.op("Mul", v, b.op("Add", _c(b, n, 1.0), b.op("Mul", n.y, n.y)))
+
+
+def _one_minus_x2(b: Builder, n: Node, sign: float = -1.0) -> str:
+    """1 - x^2, or x^2 - 1 with ``sign=1``."""
+    return b.op("Add", _c(b, n, -sign), b.op("Mul", b.op("Mul", n.x, n.x), _c(b, n, sign)))
+
+
+@unary("Asin")
+def _d_asin(b, n, v):
+    return b.op("Div", v, b.op("Sqrt", _one_minus_x2(b, n)))
+
+
+@unary("Acos")
+def _d_acos(b, n, v):
+    return b.op("Neg", b.op("Div", v, b.op("Sqrt", _one_minus_x2(b, n))))
+
+
+@unary("Atan")
+def _d_atan(b, n, v):
+    return b.op("Div", v, b.op("Add", _c(b, n, 1.0), b.op("Mul", n.x, n.x)))
+
+
+@unary("Sinh")
+def _d_sinh(b, n, v):
+    return b.op("Mul", v, b.op("Cosh", n.x))
+
+
+@unary("Cosh")
+def _d_cosh(b, n, v):
+    return b.op("Mul", v, b.op("Sinh", n.x))
+
+
+@unary("Asinh")
+def _d_asinh(b, n, v):
+    return b.op("Div", v, b.op("Sqrt", b.op("Add", b.op("Mul", n.x, n.x), _c(b, n, 1.0))))
+
+
+@unary("Acosh")
+def _d_acosh(b, n, v):
+    return b.op("Div", v, b.op("Sqrt", _one_minus_x2(b, n, 1.0)))
+
+
+@unary("Atanh")
+def _d_atanh(b, n, v):
+    return b.op("Div", v, _one_minus_x2(b, n))
+
+
+def _mod_quotient(b: Builder, n: Node) -> str:
+    """The integer q of y = a - q b: trunc(a / b) with fmod=1 (C fmod), floor(a / b) with
+    fmod=0 (Python's %, floats from Mod-28 on), read back exactly as round((a - y) / b).
+    dy/da = 1, dy/db = -q (torch.fmod's and torch.remainder's derivatives)."""
+    a, c = n.inputs
+    return b.op("Round", b.op("Div", b.op("Sub", a, n.y), c))
+
+
+@vjp("Mod", inputs=(0, 1))
+def _vjp_mod(b, n, gs):
+    q = _mod_quotient(b, n)
+    out = {}
+    if 0 in n.active:
+        out[0] = b.unbroadcast(gs[0], b.dims(n.y), n.inputs[0], n)
+    if 1 in n.active:
+        out[1] = b.unbroadcast(b.op("Neg", b.op("Mul", gs[0], q)), b.dims(n.y), n.inputs[1], n)
+    return out
+
+
+@jvp("Mod", inputs=(0, 1))
+def _jvp_mod(b, n, ts):
+    q = _mod_quotient(b, n)
+    terms = [b.expand_to(ts[0], b.dims(n.inputs[0]), n.y) if ts[0] else None,
+             b.op("Neg", b.op("Mul", ts[1], q)) if ts[1] else None]
+    return [b.add(*terms)]

@@ -8,7 +8,7 @@ import numpy as np
 from onnx import helper
 
 from ..graph import Builder, Node
-from .registry import jvp, vjp
+from .registry import _mask, jvp, vjp
 
 # --- data movement ----------------------------------------------------------------------
 @vjp("Flatten", "Reshape", "Squeeze", "Unsqueeze")
@@ -18,6 +18,7 @@ def _vjp_reshape(b, n, gs):
 
 @jvp("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile", "Slice", "Gather",
       "GatherElements", "GatherND")
+@jvp("Compress", "ReverseSequence", inputs=(0,))
 def _jvp_same(b, n, ts):
     """Linear in the first input, other inputs being indices/shapes: the op itself."""
     return [b.same(n, ts[0], *n.inputs[1:])]
@@ -83,9 +84,10 @@ def _scatter_back(b: Builder, n: Node, g: str, op_inputs: Sequence[str], unique:
     start, step = b.const(np.array(0, np.int64)), b.const(np.array(1, np.int64))
     positions = b.op("Reshape", b.op("Range", start, size, step), b.shape(x))
     taken = b.op("Reshape", b.same(n, positions, *op_inputs), b.ints([-1]))
-    if not unique and b.opset < 16:
-        raise n.unsupported(f"may select an element twice, which needs ScatterElements(reduction='add') "
-                            f"from opset 16 (model has opset {b.opset}) for its derivative")
+    if not unique and b.opset < 16:  # no scatter-add before opset 16: a one-hot (taken x size) matrix
+        onehot = _mask(b, n, b.op("Equal", b.unsqueeze(taken, [1]),
+                                  b.unsqueeze(b.op("Range", start, size, step), [0])))
+        return b.reshape_like(b.op("MatMul", b.op("Reshape", g, b.ints([1, -1])), onehot), x)
     zeros = b.op("ConstantOfShape", b.op("Reshape", size, b.ints([1])),
                  value=helper.make_tensor("value", n.dtype, [1], [0.0]))
     flat = b.op("ScatterElements", zeros, taken, b.op("Reshape", g, b.ints([-1])), axis=0,
@@ -136,7 +138,7 @@ def _vjp_slice(b, n, gs):
     return {0: _scatter_back(b, n, gs[0], n.inputs[1:], unique=True)}
 
 
-@vjp("Pad")
+@vjp("Pad", inputs=(0,))
 def _vjp_pad(b, n, gs):
     mode = n.attr("mode", "constant")
     if mode == "constant":  # crop: pad by the negated amounts
@@ -151,6 +153,104 @@ def _pad_rest(n: Node) -> list[str]:
     return ["", n.inputs[3]] if n.input(3) else []
 
 
-@jvp("Pad")
+@jvp("Pad", inputs=(0,))
 def _jvp_pad(b, n, ts):
     return [b.same(n, ts[0], n.inputs[1], *_pad_rest(n))]
+
+
+@vjp("Compress", inputs=(0,))
+def _vjp_compress(b, n, gs):
+    return {0: _scatter_back(b, n, gs[0], n.inputs[1:], unique=True)}
+
+
+@vjp("ReverseSequence", inputs=(0,))
+def _vjp_reverse_sequence(b, n, gs):
+    """A permutation that is its own inverse."""
+    return {0: b.same(n, gs[0], n.inputs[1])}
+
+
+# --- TopK (values) ------------------------------------------------------------------------
+def _topk_axis(b: Builder, n: Node) -> int:
+    return n.attr("axis", -1) % b.rank(n.x, n)
+
+
+@vjp("TopK", inputs=(0,), outputs=(0,))
+def _vjp_topk(b, n, gs):
+    indices = n.outputs[1]  # distinct along the axis: no accumulation
+    return {0: b.op("ScatterElements", b.zeros_like(n.x, n.dtype), indices, gs[0], axis=_topk_axis(b, n))}
+
+
+@jvp("TopK", inputs=(0,), outputs=(0,))
+def _jvp_topk(b, n, ts):
+    return [b.op("GatherElements", ts[0], n.outputs[1], axis=_topk_axis(b, n)), None]
+
+
+# --- ScatterND / ScatterElements ------------------------------------------------------------
+class _Scatter:
+    """y = x with updates written (none), added (add) or multiplied (mul) at the indexed
+    positions; gather/scatter: the op's pair (GatherND/ScatterND or GatherElements/
+    ScatterElements, with the axis)."""
+
+    def __init__(self, b: Builder, n: Node):
+        self.b, self.n = b, n
+        self.reduction = n.attr("reduction", "none")
+        if self.reduction not in ("none", "add", "mul"):
+            raise n.unsupported(f"with reduction='{self.reduction}' has no derivative rule in jacli")
+        self.idx, self.upd = n.inputs[1], n.inputs[2]
+        self.attrs = {"axis": n.attr("axis", 0)} if n.op_type == "ScatterElements" else {}
+
+    def gather(self, v: str) -> str:
+        return self.b.op("GatherND" if self.n.op_type == "ScatterND" else "GatherElements", v, self.idx, **self.attrs)
+
+    def scatter(self, v: str, updates: str, reduction: str | None = None) -> str:
+        return self.b.op(self.n.op_type, v, self.idx, updates, reduction=reduction, **self.attrs)
+
+    def check_unique(self) -> None:
+        """The derivative of a mul-reduction w.r.t. the updates needs each position once."""
+        if not _scatter_positions_unique(self.b, self.n):
+            raise self.n.unsupported("has no derivative rule with respect to its updates with reduction='mul' "
+                                     "unless its indices are constant and distinct")
+
+
+def _scatter_positions_unique(b: Builder, n: Node) -> bool:
+    idx, dims = n.const(1), b.dims(n.x)
+    if idx is None or dims is None or not all(isinstance(d, int) for d in dims):
+        return False
+    if n.op_type == "ScatterND":
+        q = idx.shape[-1]
+        rows = idx.reshape(-1, q) % np.array(dims[:q])
+    else:
+        axis = n.attr("axis", 0) % len(dims)
+        coords = list(np.indices(idx.shape))
+        coords[axis] = idx % dims[axis]
+        rows = np.stack([c.ravel() for c in coords], 1)
+    return len({tuple(r) for r in rows.tolist()}) == len(rows)
+
+
+@vjp("ScatterND", "ScatterElements", inputs=(0, 2))
+def _vjp_scatter(b, n, gs):
+    s, g, out = _Scatter(b, n), gs[0], {}
+    if 0 in n.active:
+        out[0] = {"none": lambda: s.scatter(g, b.zeros_like(s.upd, n.dtype)), "add": lambda: g,
+                  "mul": lambda: s.scatter(g, s.upd, "mul")}[s.reduction]()
+    if 2 in n.active:
+        if s.reduction == "mul":
+            s.check_unique()
+            out[2] = b.op("Mul", s.gather(g), s.gather(n.x))
+        else:
+            out[2] = s.gather(g)
+    return out
+
+
+@jvp("ScatterND", "ScatterElements", inputs=(0, 2))
+def _jvp_scatter(b, n, ts):
+    s, tx, tu = _Scatter(b, n), ts[0], ts[2]
+    if s.reduction == "mul":
+        terms = [s.scatter(tx, s.upd, "mul") if tx else None]
+        if tu:
+            s.check_unique()
+            terms.append(s.scatter(b.zeros_like(n.x, n.dtype), b.op("Mul", s.gather(n.x), tu)))
+        return [b.add(*terms)]
+    tx = tx or b.zeros_like(n.x, n.dtype)
+    tu = tu or b.zeros_like(s.upd, n.dtype)
+    return [s.scatter(tx, tu, None if s.reduction == "none" else "add")]
