@@ -179,3 +179,35 @@ def test_float64_evaluation_of_a_recurrent_model_uses_the_decomposition(tmp_path
     ad = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False)
     fd = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False, method="fd")
     np.testing.assert_allclose(fd, ad, rtol=1e-5, atol=1e-6)  # float32 differences would miss this by far
+
+
+def test_dynamic_sequence_length_gets_a_graph_per_input_length(tmp_path):
+    """A torch export with a dynamic time axis: the derivative graph is built for the
+    sequence length of the input at hand (once per length), the batch axis stays dynamic."""
+    torch = pytest.importorskip("torch")
+    from jacli import api
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(x)[0]
+
+    torch.manual_seed(1)
+    net = Net().eval()
+    path = tmp_path / "gru.onnx"
+    torch.onnx.export(net, (torch.randn(2, 4, 3),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b", 1: "t"}})
+    model = api.load(str(path))
+    assert model.inputs[0].shape[1] is None
+    net64 = net.double()
+    for steps in (3, 6):
+        xs = RNG.standard_normal((2, steps, 3)).astype(np.float32)
+        ref = np.stack([torch.autograd.functional.jacobian(lambda v: net64(v[None])[0], torch.tensor(
+            s, dtype=torch.float64)).numpy() for s in xs])
+        for mode in ("forward", "reverse"):
+            J = api.jacobian(model, xs, mode=mode)
+            np.testing.assert_allclose(J, ref, rtol=1e-4, atol=1e-6)
+    assert sum(len(key) == 4 for key in model._graphs) == 4  # (vjp, jvp) x two lengths

@@ -128,21 +128,49 @@ class OnnxModel(Model):
                 pass
         return to_float64(self.proto)
 
-    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
+    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
+        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs; ``fixed``
+        (input -> dims) pins dynamic sizes of the model's inputs for one shape of input."""
         from . import derive
 
         build = derive.build_vjp if kind == "vjp" else derive.build_jvp
-        return build(self.proto, list(wrt), list(of))
+        return build(self.proto, list(wrt), list(of), fixed=fixed)
 
-    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """A session running the derivative graph (one per kind and selection)."""
+    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
+        """A session running the derivative graph (one per kind and selection). A graph that
+        cannot be built while some input sizes are dynamic (a recurrent network's sequence
+        length) is built again for the sizes of ``xs`` (all but the leading axis), once per
+        such shape."""
+        from ...errors import UnsupportedError
+
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
-            selection = hashlib.sha256(json.dumps([list(wrt), list(of)]).encode()).hexdigest()[:16]
-            build = lambda: self.derivative_graph(kind, wrt, of)  # noqa: E731
-            self._graphs[key] = self._cached_session(f"{kind}-{selection}", build)
-        return self._graphs[key]
+            try:
+                self._graphs[key] = self._build_session(kind, wrt, of, None)
+            except UnsupportedError as e:
+                if not self._dynamic_dims() or xs is None:
+                    raise
+                self._graphs[key] = e
+        sess = self._graphs[key]
+        if isinstance(sess, UnsupportedError):
+            fixed = {s.name: [None] + list(xs[s.name].shape[1:]) for s in self.inputs
+                     if s.name in xs and s.shape and any(d is None for d in s.shape[1:])}
+            special = key + (tuple(sorted((n, tuple(d)) for n, d in fixed.items())),)
+            if special not in self._graphs:
+                try:
+                    self._graphs[special] = self._build_session(kind, wrt, of, fixed)
+                except UnsupportedError:
+                    raise sess from None
+            return self._graphs[special]
+        return sess
+
+    def _dynamic_dims(self) -> bool:
+        return any(s.shape and any(d is None for d in s.shape[1:]) for s in self.inputs)
+
+    def _build_session(self, kind, wrt, of, fixed):
+        selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
+        build = lambda: self.derivative_graph(kind, wrt, of, fixed)  # noqa: E731
+        return self._cached_session(f"{kind}-{selection}", build)
 
     def _cached_session(self, name: str, build):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
@@ -156,13 +184,13 @@ class OnnxModel(Model):
         return session
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
-        sess = self._derivative("vjp", wrt, list(cts))
+        sess = self._derivative("vjp", wrt, list(cts), xs)
         feeds = {**xs, **{f"ct:{k}": v for k, v in cts.items()}}
         out = self._run(sess, feeds, [f"grad:{n}" for n in wrt])
         return {k[len("grad:"):]: v for k, v in out.items()}
 
     def _jvp(self, xs, ts, of: Sequence[str]):
-        sess = self._derivative("jvp", list(ts), of)
+        sess = self._derivative("jvp", list(ts), of, xs)
         feeds = {**xs, **{f"tan:{k}": v for k, v in ts.items()}}
         out = self._run(sess, feeds, [f"jvp:{n}" for n in of])
         return {k[len("jvp:"):]: v for k, v in out.items()}
