@@ -119,13 +119,15 @@ class OnnxModel(Model):
         from ...errors import UnsupportedError
         from .float64 import to_float64
 
-        if any(n.op_type in _NO_DOUBLE_KERNEL for n in self.proto.graph.node):
+        recurrent = sorted({n.op_type for n in self.proto.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
+        if recurrent:
             from .derive import decomposed  # the same function, of operators that have double kernels
 
             try:
                 return to_float64(decomposed(self.proto))
-            except UnsupportedError:
-                pass
+            except UnsupportedError as e:
+                raise UnsupportedError(f"onnxruntime (CPU) has no double-precision kernel for {recurrent[0]} and "
+                                       f"its decomposition does not apply ({e})") from None
         return to_float64(self.proto)
 
     def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
