@@ -212,3 +212,21 @@ def test_dynamic_sequence_length_gets_a_graph_per_input_length(tmp_path):
             np.testing.assert_allclose(J, ref, rtol=1e-4, atol=1e-6)
     assert sum(len(key) == 4 for key in model._graphs) == 4  # (vjp, jvp) x two lengths
     assert api.check(model, xs).passed  # finite differences in float32 (no double GRU kernel), not an error
+
+
+def test_dynamic_time_major_sequence_with_no_batch(tmp_path):
+    """A time-major export (X: time, batch, features) with both axes dynamic: with --no-batch
+    the graph is built for the whole input's shape."""
+    torch = pytest.importorskip("torch")
+    from jacli import api
+
+    torch.manual_seed(2)
+    net = torch.nn.RNN(2, 3).eval()
+    path = tmp_path / "rnn.onnx"
+    torch.onnx.export(net, (torch.randn(4, 1, 2),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y", "h"], dynamic_axes={"x": {0: "t", 1: "b"}, "y": {0: "t", 1: "b"}})
+    model = api.load(str(path))
+    xs = RNG.standard_normal((5, 2, 2)).astype(np.float32)
+    ref = torch.autograd.functional.jacobian(lambda v: net.double()(v)[0], torch.tensor(xs, dtype=torch.float64))
+    J = api.jacobian(model, xs, of="y", batch=False, mode="reverse")
+    np.testing.assert_allclose(J, ref.numpy(), rtol=1e-4, atol=1e-6)

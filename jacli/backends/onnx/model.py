@@ -22,7 +22,8 @@ from .._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
-_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}  # onnxruntime (CPU) fails at run time; their decomposition runs
+_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
+_SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
@@ -141,8 +142,8 @@ class OnnxModel(Model):
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
         """A session running the derivative graph (one per kind and selection). A graph that
         cannot be built while some input sizes are dynamic (a recurrent network's sequence
-        length) is built again for the sizes of ``xs`` (all but the leading axis), once per
-        such shape."""
+        length) is built again for the sizes of ``xs`` (all but the leading axis, else all),
+        once per such shape."""
         from ...errors import UnsupportedError
 
         key = (kind, tuple(wrt), tuple(of))
@@ -150,24 +151,27 @@ class OnnxModel(Model):
             try:
                 self._graphs[key] = self._build_session(kind, wrt, of, None)
             except UnsupportedError as e:
-                if not self._dynamic_dims() or xs is None:
+                if xs is None or not self._dynamic_dims() or _SIZE_AT_RUN_TIME not in str(e):
                     raise
                 self._graphs[key] = e
         sess = self._graphs[key]
-        if isinstance(sess, UnsupportedError):
-            fixed = {s.name: [None] + list(xs[s.name].shape[1:]) for s in self.inputs
-                     if s.name in xs and s.shape and any(d is None for d in s.shape[1:])}
+        if not isinstance(sess, UnsupportedError):
+            return sess
+        for lead in (False, True):  # the leading axis too only if need be (a time-major sequence)
+            fixed = {s.name: ([None] if not lead else [xs[s.name].shape[0]]) + list(xs[s.name].shape[1:])
+                     for s in self.inputs if s.name in xs and s.shape and any(d is None for d in s.shape)}
             special = key + (tuple(sorted((n, tuple(d)) for n, d in fixed.items())),)
             if special not in self._graphs:
                 try:
                     self._graphs[special] = self._build_session(kind, wrt, of, fixed)
                 except UnsupportedError:
-                    raise sess from None
-            return self._graphs[special]
-        return sess
+                    self._graphs[special] = None
+            if self._graphs[special] is not None:
+                return self._graphs[special]
+        raise sess
 
     def _dynamic_dims(self) -> bool:
-        return any(s.shape and any(d is None for d in s.shape[1:]) for s in self.inputs)
+        return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
     def _build_session(self, kind, wrt, of, fixed):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
