@@ -179,3 +179,54 @@ def test_float64_evaluation_of_a_recurrent_model_uses_the_decomposition(tmp_path
     ad = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False)
     fd = api.jacobian(m, feeds, wrt="X", of="Y_h", batch=False, method="fd")
     np.testing.assert_allclose(fd, ad, rtol=1e-5, atol=1e-6)  # float32 differences would miss this by far
+
+
+def test_dynamic_sequence_length_gets_a_graph_per_input_length(tmp_path):
+    """A torch export with a dynamic time axis: the derivative graph is built for the
+    sequence length of the input at hand (once per length), the batch axis stays dynamic."""
+    torch = pytest.importorskip("torch")
+    from jacli import api
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.gru(x)[0]
+
+    torch.manual_seed(1)
+    net = Net().eval()
+    path = tmp_path / "gru.onnx"
+    torch.onnx.export(net, (torch.randn(2, 4, 3),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y"], dynamic_axes={"x": {0: "b", 1: "t"}, "y": {0: "b", 1: "t"}})
+    model = api.load(str(path))
+    assert model.inputs[0].shape[1] is None
+    net64 = net.double()
+    for steps in (3, 6):
+        xs = RNG.standard_normal((2, steps, 3)).astype(np.float32)
+        ref = np.stack([torch.autograd.functional.jacobian(lambda v: net64(v[None])[0], torch.tensor(
+            s, dtype=torch.float64)).numpy() for s in xs])
+        for mode in ("forward", "reverse"):
+            J = api.jacobian(model, xs, mode=mode)
+            np.testing.assert_allclose(J, ref, rtol=1e-4, atol=1e-6)
+    assert sum(len(key) == 4 for key in model._graphs) == 4  # (vjp, jvp) x two lengths
+    assert api.check(model, xs).passed  # finite differences in float32 (no double GRU kernel), not an error
+
+
+def test_dynamic_time_major_sequence_with_no_batch(tmp_path):
+    """A time-major export (X: time, batch, features) with both axes dynamic: with --no-batch
+    the graph is built for the whole input's shape."""
+    torch = pytest.importorskip("torch")
+    from jacli import api
+
+    torch.manual_seed(2)
+    net = torch.nn.RNN(2, 3).eval()
+    path = tmp_path / "rnn.onnx"
+    torch.onnx.export(net, (torch.randn(4, 1, 2),), str(path), dynamo=False, input_names=["x"],
+                      output_names=["y", "h"], dynamic_axes={"x": {0: "t", 1: "b"}, "y": {0: "t", 1: "b"}})
+    model = api.load(str(path))
+    xs = RNG.standard_normal((5, 2, 2)).astype(np.float32)
+    ref = torch.autograd.functional.jacobian(lambda v: net.double()(v)[0], torch.tensor(xs, dtype=torch.float64))
+    J = api.jacobian(model, xs, of="y", batch=False, mode="reverse")
+    np.testing.assert_allclose(J, ref.numpy(), rtol=1e-4, atol=1e-6)

@@ -264,8 +264,21 @@ def _expanded(model: onnx.ModelProto, info: Info, wrt, of) -> tuple[onnx.ModelPr
     return model, info
 
 
-def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str):
+def _pin(model: onnx.ModelProto, fixed: dict | None) -> None:
+    """Set the dims in ``fixed`` (input -> dims, None keeps one dynamic) on the model's inputs."""
+    for vi in model.graph.input:
+        dims = (fixed or {}).get(vi.name)
+        if dims is None or not vi.type.tensor_type.HasField("shape"):
+            continue
+        for proto, value in zip(vi.type.tensor_type.shape.dim, dims):
+            if value is not None:
+                proto.Clear()
+                proto.dim_value = int(value)
+
+
+def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str, fixed: dict | None = None):
     model = _prepare(model)
+    _pin(model, fixed)
     info = Info(model)
     _check_request(info, wrt, of)
     model, info = _expanded(model, info, wrt, of)
@@ -281,10 +294,11 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     return model, info, Builder(info, taken), _active_nodes(model, info, wrt, of, mode)
 
 
-def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.ModelProto:
+def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None) -> onnx.ModelProto:
     """Reverse-mode derivative graph: original inputs + ``ct:<y>`` per ``y`` in ``of``
-    (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x)."""
-    model, info, b, nodes = _start(model, wrt, of, "vjp")
+    (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x). ``fixed`` pins
+    dynamic input dims (the graph then serves inputs of those sizes only)."""
+    model, info, b, nodes = _start(model, wrt, of, "vjp", fixed)
     cts: dict[str, list[str]] = defaultdict(list)
     for y in of:
         cts[y].append(f"ct:{y}")
@@ -312,10 +326,11 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.Mod
     return _assemble(model, b, extra, results, types)
 
 
-def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str]) -> onnx.ModelProto:
+def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None) -> onnx.ModelProto:
     """Forward-mode derivative graph: original inputs + ``tan:<x>`` per ``x`` in ``wrt``
-    (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y)."""
-    model, info, b, nodes = _start(model, wrt, of, "jvp")
+    (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y); ``fixed`` as for
+    :func:`build_vjp`."""
+    model, info, b, nodes = _start(model, wrt, of, "jvp", fixed)
     tangents = {x: f"tan:{x}" for x in wrt}
     for n in nodes:
         b.scope = f"jvp/{n.name}"

@@ -22,7 +22,8 @@ from .._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
-_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}  # onnxruntime (CPU) fails at run time; their decomposition runs
+_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
+_SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
@@ -116,30 +117,63 @@ class OnnxModel(Model):
         from ...errors import UnsupportedError
         from .float64 import to_float64
 
-        if any(n.op_type in _NO_DOUBLE_KERNEL for n in self.proto.graph.node):
+        recurrent = sorted({n.op_type for n in self.proto.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
+        if recurrent:
             from .derive import decomposed  # the same function, of operators that have double kernels
 
             try:
                 return to_float64(decomposed(self.proto))
-            except UnsupportedError:
-                pass
+            except UnsupportedError as e:
+                raise UnsupportedError(f"onnxruntime (CPU) has no double-precision kernel for {recurrent[0]} and "
+                                       f"its decomposition does not apply ({e})") from None
         return to_float64(self.proto)
 
-    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
+    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
+        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs; ``fixed``
+        (input -> dims) pins dynamic sizes of the model's inputs for one shape of input."""
         from . import derive
 
         build = derive.build_vjp if kind == "vjp" else derive.build_jvp
-        return build(self.proto, list(wrt), list(of))
+        return build(self.proto, list(wrt), list(of), fixed=fixed)
 
-    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """A session running the derivative graph (one per kind and selection)."""
+    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
+        """A session running the derivative graph (one per kind and selection). A graph that
+        cannot be built while some input sizes are dynamic (a recurrent network's sequence
+        length) is built again for the sizes of ``xs`` (all but the leading axis, else all),
+        once per such shape."""
+        from ...errors import UnsupportedError
+
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
-            selection = hashlib.sha256(json.dumps([list(wrt), list(of)]).encode()).hexdigest()[:16]
-            build = lambda: self.derivative_graph(kind, wrt, of)  # noqa: E731
-            self._graphs[key] = self._cached_session(f"{kind}-{selection}", build)
-        return self._graphs[key]
+            try:
+                self._graphs[key] = self._build_session(kind, wrt, of, None)
+            except UnsupportedError as e:
+                if xs is None or not self._dynamic_dims() or _SIZE_AT_RUN_TIME not in str(e):
+                    raise
+                self._graphs[key] = e
+        sess = self._graphs[key]
+        if not isinstance(sess, UnsupportedError):
+            return sess
+        for lead in (False, True):  # the leading axis too only if need be (a time-major sequence)
+            fixed = {s.name: ([None] if not lead else [xs[s.name].shape[0]]) + list(xs[s.name].shape[1:])
+                     for s in self.inputs if s.name in xs and s.shape and any(d is None for d in s.shape)}
+            special = key + (tuple(sorted((n, tuple(d)) for n, d in fixed.items())),)
+            if special not in self._graphs:
+                try:
+                    self._graphs[special] = self._build_session(kind, wrt, of, fixed)
+                except UnsupportedError:
+                    self._graphs[special] = None
+            if self._graphs[special] is not None:
+                return self._graphs[special]
+        raise sess
+
+    def _dynamic_dims(self) -> bool:
+        return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
+
+    def _build_session(self, kind, wrt, of, fixed):
+        selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
+        build = lambda: self.derivative_graph(kind, wrt, of, fixed)  # noqa: E731
+        return self._cached_session(f"{kind}-{selection}", build)
 
     def _cached_session(self, name: str, build):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
@@ -153,13 +187,13 @@ class OnnxModel(Model):
         return session
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
-        sess = self._derivative("vjp", wrt, list(cts))
+        sess = self._derivative("vjp", wrt, list(cts), xs)
         feeds = {**xs, **{f"ct:{k}": v for k, v in cts.items()}}
         out = self._run(sess, feeds, [f"grad:{n}" for n in wrt])
         return {k[len("grad:"):]: v for k, v in out.items()}
 
     def _jvp(self, xs, ts, of: Sequence[str]):
-        sess = self._derivative("jvp", list(ts), of)
+        sess = self._derivative("jvp", list(ts), of, xs)
         feeds = {**xs, **{f"tan:{k}": v for k, v in ts.items()}}
         out = self._run(sess, feeds, [f"jvp:{n}" for n in of])
         return {k[len("jvp:"):]: v for k, v in out.items()}
