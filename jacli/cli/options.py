@@ -102,5 +102,5 @@ svd = _stack(
                  help="Relative accuracy asked of matrix-free singular values (certified by residuals)."),
 )
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
-                            help="J counts as singular when its reciprocal condition number estimate is at most R "
-                                 "(default: n·eps of the model's dtype).")
+                            help="J counts as singular when σ_min/σ_max is at most R (default: where svd finds J "
+                                 "rank deficient, σ_min ≤ 4·eps·‖J‖_F at the model's precision).")
