@@ -15,12 +15,14 @@ from .errors import InputError, OutputError
 from .model import Model
 
 
-def load(path: str, format: str | None = None, trust: bool = False) -> Model:
+def load(path: str, format: str | None = None, trust: bool = False, custom_objects=()) -> Model:
     """Load a saved model (Keras .keras/.h5, SavedModel dir, TorchScript, ONNX).
-    ``trust=True`` allows formats that can run code on load (see docs/security.md)."""
+    ``trust=True`` allows formats that can run code on load (see docs/security.md).
+    ``custom_objects``: Python files or module names to import first, which define a Keras
+    model's custom layers (or register torch.export output types); their code runs."""
     from . import backends
 
-    return backends.load(str(path), fmt=format, trust=trust)
+    return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
 
 
 def as_inputs(model: Model, x) -> dict[str, np.ndarray]:

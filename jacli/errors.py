@@ -134,7 +134,8 @@ def _message_root(exc: BaseException) -> str:
         text = str(exc.args[0])
     if _ENCOUNTERED in text:  # Keras wraps each nested failure; the innermost is the reason
         text = text.rsplit(_ENCOUNTERED, 1)[1]
-        text = re.split(r"\s*(?:Full object config|config=)", text, maxsplit=1)[0]
+        text = re.split(r"\s*config=", text, maxsplit=1)[0]
+    text = re.split(r"\s*Full object config", text, maxsplit=1)[0]  # Keras appends the whole config
     lines = [ln.rstrip() for ln in text.strip().splitlines() if ln.strip()]
     if not lines:
         return ""

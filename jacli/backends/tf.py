@@ -39,24 +39,35 @@ def _tf():
     return tf
 
 
-def load_keras(path: str, trust: bool = False) -> "TFModel":
+def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
+    """``custom_objects``: modules the user imported (``--custom-objects``) that define the
+    model's own classes; those classes are given to Keras, and their layers pass the check."""
+    provided = _custom_objects(custom_objects)
     if not trust:  # before Keras sees the file; safe_mode below is the second line of defence
         from .safety import keras_problems, refuse
 
-        refuse(path, keras_problems(path))
+        problems = [p for p in keras_problems(path) if not _provided(p, provided)]
+        classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
+        if classes and len(classes) == len(problems):  # only custom classes: say how to supply them
+            raise UnsafeModelError(
+                f"{path} uses classes from outside Keras ({', '.join(f'{c!r} from module {m!r}' for c, m in classes)}), "
+                "whose modules Keras would import (running their code)",
+                option="--custom-objects FILE.py (the module that defines them; its code runs), or --trust-model "
+                       "to let Keras import it", hint="custom_objects=['FILE.py'] (its code runs), or trust=True")
+        refuse(path, problems)
     tf = _tf()
     keras = require("keras", "keras", "tf", "Keras")
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not trust)
+        model = keras.saving.load_model(path, compile=False, safe_mode=not trust, custom_objects=provided or None)
     except ValueError as e:
         if "safe_mode" in str(e) or "lambda" in str(e).lower():
             raise UnsafeModelError(
                 f"{path} contains a Lambda layer whose Python bytecode would run on load; "
                 "pass --trust-model if you trust its source"
             ) from None
-        model = _load_tf_keras(path, trust, e)
+        model = _load_tf_keras(path, trust, e, provided)
     except Exception as e:
-        model = _load_tf_keras(path, trust, e)
+        model = _load_tf_keras(path, trust, e, provided)
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
     inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
     outputs = [
@@ -69,18 +80,70 @@ def load_keras(path: str, trust: bool = False) -> "TFModel":
     return m
 
 
-def _load_tf_keras(path: str, trust: bool, first: Exception):
-    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read."""
+def _load_tf_keras(path: str, trust: bool, first: Exception, provided: dict):
+    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read. When both fail, the reason that
+    matters comes first: Keras 3's for a file Keras 3 wrote, tf_keras's for a Keras 2 file."""
     if not path.lower().endswith((".h5", ".hdf5")):
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)}") from None
+        raise _keras_load_error(path, short(first), first) from None
     try:
         import tf_keras
     except ImportError:
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)} (installing tf_keras may help)") from None
+        raise _keras_load_error(path, f"{short(first)} (installing tf_keras may help)", first) from None
     try:
-        return tf_keras.models.load_model(path, compile=False, safe_mode=not trust)
+        return tf_keras.models.load_model(path, compile=False, safe_mode=not trust, custom_objects=provided or None)
     except Exception as e:
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(e)}") from None
+        reasons = [f"Keras 3: {short(first)}", f"tf_keras: {short(e)}"]
+        if not _written_by_keras3(path):
+            reasons.reverse()
+        raise _keras_load_error(path, "; ".join(reasons), e, first) from None
+
+
+_MISSING_CLASS = re.compile(r"(?:Could not locate|Unknown) (?:class|layer|object)[:\s]*'?([A-Za-z_][\w.>]*)'?")
+_CUSTOM_CLASS = re.compile(r"class '([^']+)' from module '([^']+)'")
+
+
+def _keras_load_error(path: str, reason: str, *errors: BaseException) -> ModelLoadError:
+    """The load failure, naming the class Keras could not find (and how to supply it)."""
+    for e in errors:
+        missing = _MISSING_CLASS.search(str(e))
+        if missing:
+            return ModelLoadError(f"cannot load Keras model {path}: it uses the class {missing.group(1)!r}, which "
+                                  f"is not defined here ({missing.group(0)})",
+                                  option="--custom-objects FILE.py (the Python file that defines it; its code runs)",
+                                  hint="custom_objects=['FILE.py'], or import the module that defines it first")
+    return ModelLoadError(f"cannot load Keras model {path}: {reason}")
+
+
+def _written_by_keras3(path: str) -> bool:
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("keras_version", b"")
+        return str(version.decode() if isinstance(version, bytes) else version).startswith("3")
+    except Exception:  # unreadable: the loaders' messages say why
+        return True
+
+
+def _custom_objects(modules) -> dict:
+    """The classes and functions the user's modules define, by name and by the name they were
+    registered under (``register_keras_serializable``): what Keras may look up."""
+    provided = {}
+    for module in modules:
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) or callable(obj)) and getattr(obj, "__module__", None) == module.__name__:
+                provided[name] = obj
+    if provided:
+        keras = require("keras", "keras", "tf", "Keras")
+        owned = set(map(id, provided.values()))
+        provided.update({k: v for k, v in keras.saving.get_custom_objects().items() if id(v) in owned})
+    return provided
+
+
+def _provided(problem: str, provided: dict) -> bool:
+    """A safety problem about a class the user supplied with --custom-objects (its code is theirs)."""
+    found = _CUSTOM_CLASS.search(problem)
+    return bool(found) and found.group(1) in provided
 
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":

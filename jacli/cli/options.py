@@ -36,6 +36,11 @@ model = _stack(
     click.option("--trust-model", is_flag=True,
                  help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers, "
                       ".pt2 pickles and code)."),
+    click.option("--custom-objects", "custom_objects", multiple=True, metavar="MODULE", expose_value=False,
+                 callback=lambda ctx, param, value: ctx.meta.__setitem__("jacli.custom_objects", value),
+                 help="Import MODULE (a .py file or a module name) before loading: it defines the model's custom "
+                      "Keras layers, or registers its torch.export output types. Runs that code: only for code "
+                      "you trust, like --trust-model."),
 )
 
 data = _stack(
