@@ -326,7 +326,8 @@ class TFModel(Model):
 
     def _jvp(self, xs, ts, of: Sequence[str], mapped: bool = False):
         """Forward-mode AD; where TensorFlow's fails on this model, the double-VJP trick (kept
-        from then on); where both fail, a limitation that names reverse mode."""
+        from then on); where both fail, a limitation that names reverse mode (or, for an
+        operation without any gradient, finite differences)."""
         axes = (0, 1) if mapped else (0,)
         run = lambda by_vjp: {k: np.asarray(v) for k, v in self._run(  # noqa: E731
             self._traced, self._jvp_fns[by_vjp, mapped], axes, self._xs(xs), dict(ts), tuple(of), xs=xs,
@@ -341,10 +342,15 @@ class TFModel(Model):
         try:
             return run(True)
         except (LimitationError, InternalError) as e:
-            cause = f"{first.message}; then " if first is not None else ""
-            raise LimitationError(f"forward mode: TensorFlow cannot push tangents through this model ({cause}{e.message})",
-                                  operator=getattr(e, "operator", None), option="--mode reverse",
-                                  hint="mode='reverse'") from None
+            if getattr(e, "operator", None):  # no gradient at all: reverse mode cannot help either
+                raise
+            raise self._forward_limitation(first, e) from None
+
+    @staticmethod
+    def _forward_limitation(first, e) -> LimitationError:
+        cause = f"{first.message}; then " if first is not None else ""
+        return LimitationError(f"forward mode: TensorFlow cannot push tangents through this model ({cause}{e.message})",
+                               option="--mode reverse", hint="mode='reverse'")
 
     def _map_strategies(self, prim) -> tuple[str, ...]:
         if self._has_loops():  # pfor through a loop's gradient traces for minutes, or fails: fold k instead
@@ -438,11 +444,13 @@ def _framework_error(e: BaseException) -> bool:
 def _derivative_error(e: BaseException, what: str) -> JacliError:
     """What a failure of a derivative means, given that the model's forward pass runs."""
     cause = short(e)
-    missing = re.search(r"No gradient defined for operation\s*'?([^' ]*)'? \(op type: (\w+)\)", str(e))
+    text = str(e)
+    missing = re.search(r"No gradient defined for operation\s*'?[^' ]*'? \(op type: (\w+)\)", text) or \
+        re.search(r"gradient registry has no entry for:? ?(\w+)", text)
     if missing:
-        return LimitationError(f"TensorFlow has no gradient for the operation {missing.group(1)!r} (op type "
-                               f"{missing.group(2)}) in this model", operator=missing.group(2), option="--method fd",
-                               hint="method='fd'")
+        return LimitationError(f"TensorFlow has no gradient for the operation {missing.group(1)} in this model",
+                               operator=missing.group(1), option="--method fd (finite differences)",
+                               hint="method='fd' (finite differences)")
     return InternalError(f"{what} that jacli derived from the model failed, although the model's forward pass "
                          f"runs: {cause}")
 

@@ -41,7 +41,6 @@ MAX_COLS = 256
 LOG_MAX = float(np.log(np.finfo(np.float64).max))
 LOG_TINY = float(np.log(np.finfo(np.float64).smallest_subnormal))
 RANK_ROUNDINGS = 4  # see rank_floor
-ILL_CONDITIONED = 1e-2  # det flags log|det J| whose error estimate exceeds this (about 1% in det J)
 
 
 @dataclass(frozen=True)
@@ -147,12 +146,13 @@ class DetResult:
     ``rank_floor``, as ``svd`` finds it; or rcond ≤ ``tol`` when a tolerance is given): then
     sign = 0, det = 0, logabsdet = -inf. Elsewhere
     log|det J| is reported with ``logabsdet_error``, a first-order estimate of its error
-    from the rounding of J at the model's precision (``error_estimate``), and
-    ``ill_conditioned`` where that error exceeds ``ILL_CONDITIONED`` (det J is then known
-    to less than about 1%)."""
+    from the rounding of J at the model's precision ``unit`` (``error_estimate``), and
+    ``ill_conditioned`` where κ₂ ≥ 1/√unit: more than half the model's digits are lost in
+    J⁻¹ (the determinant itself may still be accurate: see its error estimate)."""
 
     n: int
     tol: float | None
+    unit: float
     sign: np.ndarray
     logabsdet: np.ndarray
     det: np.ndarray
@@ -167,7 +167,7 @@ class DetResult:
     def __post_init__(self):
         finite = np.isfinite(self.logabsdet)
         self.singular = self.sign == 0
-        self.ill_conditioned = finite & (self.logabsdet_error > ILL_CONDITIONED)
+        self.ill_conditioned = finite & (self.condition_number * np.sqrt(self.unit) >= 1)
         self.overflow = finite & (self.logabsdet > LOG_MAX)
         self.underflow = finite & (self.logabsdet < LOG_TINY)
 
@@ -593,7 +593,7 @@ def det(
 
     _dense(model, plan, lay, method, budget, chunk, consume)
     cat = {key: np.concatenate(v) for key, v in parts.items()}
-    return DetResult(lay.n, tol, *(cat[key] for key in keys))
+    return DetResult(lay.n, tol, eps(plan), *(cat[key] for key in keys))
 
 
 def error_estimate(sigma: np.ndarray, unit: float) -> float:

@@ -49,7 +49,7 @@ def det_view(doc: dict) -> Group:
             note = (f"singular (σ_min/σ_max {_f(s['rcond'])} ≤ {_f(doc['singular_tol'])})" if doc.get("singular_tol")
                     else "singular (rank deficient at the model's precision, as svd finds it)")
         elif s["ill_conditioned"]:
-            note = "ill-conditioned: log|det J| is known only to ±" + _f(s["logabsdet_error"], 2)
+            note = "ill-conditioned (κ₂ ≥ 1/√eps)"
         elif s["det_overflow"]:
             note = "|det J| overflows float64; log|det J| is exact"
         elif s["det_underflow"]:
