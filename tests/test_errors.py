@@ -88,6 +88,23 @@ def test_a_limitation_names_the_operation_and_the_option_that_works(area_model):
     assert caught.value.operator == "ResizeArea"
 
 
+def test_a_torch_operator_without_a_derivative_is_a_limitation(tmp_path):
+    import torch
+
+    class Zeta(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.zeta(x + 2, torch.ones_like(x))
+
+    torch.jit.save(torch.jit.script(Zeta()), tmp_path / "zeta.pt")
+    np.save(tmp_path / "x.npy", np.full((2, 3), 0.5, np.float32))
+    for mode in ("reverse", "forward"):  # forward mode's fallback needs the same derivative
+        line = _one_error_line(run("compute", tmp_path / "zeta.pt", tmp_path / "x.npy", "--mode", mode), 2)
+        assert "no derivative for the operator zeta" in line and "use --method fd" in line
+    with pytest.raises(LimitationError) as caught:
+        jacli.jacobian(jacli.load(tmp_path / "zeta.pt"), np.full((2, 3), 0.5, np.float32))
+    assert caught.value.operator == "zeta"
+
+
 def test_a_failure_inside_a_derived_graph_is_a_bug(monkeypatch, tmp_path):
     """A derivative graph jacli builds that fails where the model's forward pass runs is
     jacli's bug: exit 3, "please report", and TensorFlow's reason kept. The failure is planted

@@ -14,14 +14,15 @@ ALLOWED = {
     "__init__": {"api"},
     "__main__": {"cli"},
     "cli": {"api", "io", "render", "engine", "model", "errors"},
-    "api": {"backends", "engine", "io", "model", "errors", "system"},
-    "backends": {"model", "errors", "system", "backends"},
+    "api": {"backends", "engine", "io", "model", "errors", "system", "limits"},
+    "backends": {"model", "errors", "system", "limits", "backends"},
     "engine": {"model", "errors", "system", "engine"},
-    "io": {"model", "errors", "system", "io"},
+    "io": {"model", "errors", "system", "limits", "io"},
     "render": {"model", "errors", "render"},
     "model": {"errors"},
     "errors": set(),
     "system": {"errors"},
+    "limits": {"errors", "system"},  # resource limits for untrusted files (issue 11)
 }
 
 

@@ -163,7 +163,7 @@ class ExportedModel(TorchModel):
         if self.no_forward_ad:  # the double-VJP fallback does not help: these have no double backward
             raise UnsupportedError(
                 f"forward mode: torch's forward-mode AD gives no tangents through {', '.join(self.no_forward_ad)} "
-                "(torch.ops.higher_order) in this program; use --mode reverse"
+                "(torch.ops.higher_order) in this program", option="--mode reverse", hint="mode='reverse'"
             )
         return super()._jvp(xs, ts, of)
 

@@ -202,7 +202,7 @@ class TorchModel(Model):
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
             outputs = [o for o, _ in pairs]
-            grad = lambda cs, **kw: torch.autograd.grad(outputs, targets, cs, allow_unused=True, **kw)  # noqa: E731
+            grad = lambda cs, **kw: _grad(outputs, targets, cs, **kw)  # noqa: E731
             if not pairs:
                 grads = [None] * len(targets)
             elif sequential:
@@ -256,9 +256,38 @@ class TorchModel(Model):
                 jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs],
                                          allow_unused=True)
             except (RuntimeError, NotImplementedError) as e:
+                missing = _missing_derivative(e)
+                if missing is not None:  # no derivative at all: reverse mode cannot help either
+                    raise missing from None
                 raise UnsupportedError(f"forward mode needs a forward-mode rule or a second derivative that torch "
-                                       f"lacks here ({short(e)}); use --mode reverse") from None
+                                       f"lacks here ({short(e)})", option="--mode reverse",
+                                       hint="mode='reverse'") from None
         return {n: (np.zeros(outs[n].shape, np.float32) if v is None else v.numpy()) for n, v in zip(us, jt)}
+
+
+def _grad(outputs, targets, cotangents, **kw):
+    """``torch.autograd.grad``; an operator without a derivative is a limitation that names it."""
+    torch = _torch()
+    try:
+        return torch.autograd.grad(outputs, targets, cotangents, allow_unused=True, **kw)
+    except NotImplementedError as e:
+        missing = _missing_derivative(e)
+        if missing is None:
+            raise
+        raise missing from None
+
+
+def _missing_derivative(e: BaseException) -> LimitationError | None:
+    """The operator torch has no derivative for (not the derivative of a backward operator,
+    which only a second derivative needs), as a limitation."""
+    import re
+
+    found = re.search(r"derivative for '?([\w.:]+)'? is not implemented", str(e))
+    if found is None or found.group(1).endswith("_backward"):
+        return None
+    return LimitationError(f"torch has no derivative for the operator {found.group(1)} in this model",
+                           operator=found.group(1), option="--method fd (finite differences)",
+                           hint="method='fd' (finite differences)")
 
 
 def freeze(module) -> None:
