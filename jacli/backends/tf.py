@@ -42,32 +42,25 @@ def _tf():
 def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
     """``custom_objects``: modules the user imported (``--custom-objects``) that define the
     model's own classes; those classes are given to Keras, and their layers pass the check."""
-    provided = _custom_objects(custom_objects)
-    if not trust:  # before Keras sees the file; safe_mode below is the second line of defence
-        from .safety import keras_problems, refuse
+    from .keras_checks import checked_copy
 
-        problems = [p for p in keras_problems(path) if not _provided(p, provided)]
-        classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
-        if classes and len(classes) == len(problems):  # only custom classes: say how to supply them
-            raise UnsafeModelError(
-                f"{path} uses classes from outside Keras ({', '.join(f'{c!r} from module {m!r}' for c, m in classes)}), "
-                "whose modules Keras would import (running their code)",
-                option="--custom-objects FILE.py (the module that defines them; its code runs), or --trust-model "
-                       "to let Keras import it", hint="custom_objects=['FILE.py'] (its code runs), or trust=True")
-        refuse(path, problems)
+    provided = _custom_objects(custom_objects)
     tf = _tf()
     keras = require("keras", "keras", "tf", "Keras")
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not trust, custom_objects=provided or None)
-    except ValueError as e:
-        if "safe_mode" in str(e) or "lambda" in str(e).lower():
-            raise UnsafeModelError(
-                f"{path} contains a Lambda layer whose Python bytecode would run on load; "
-                "pass --trust-model if you trust its source"
-            ) from None
-        model = _load_tf_keras(path, trust, e, provided)
-    except Exception as e:
-        model = _load_tf_keras(path, trust, e, provided)
+    # Keras loads a private copy, checked first (unless trusted); safe_mode is the second line of defence
+    with checked_copy(path, trust, screen=lambda problems: _screen(path, problems, provided)) as (local, route):
+        try:
+            model = keras.saving.load_model(local, compile=False, safe_mode=not trust,
+                                            custom_objects=provided or None)
+        except ValueError as e:
+            if "safe_mode" in str(e) or "lambda" in str(e).lower():
+                raise UnsafeModelError(
+                    f"{path} contains a Lambda layer whose Python bytecode would run on load; "
+                    "pass --trust-model if you trust its source"
+                ) from None
+            model = _load_tf_keras(path, local, route, trust, e, provided)
+        except Exception as e:
+            model = _load_tf_keras(path, local, route, trust, e, provided)
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
     inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
     outputs = [
@@ -80,26 +73,28 @@ def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
     return m
 
 
-def _load_tf_keras(path: str, trust: bool, first: Exception, provided: dict):
-    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read. When both fail, the reason that
-    matters comes first: Keras 3's for a file Keras 3 wrote, tf_keras's for a Keras 2 file."""
-    if not path.lower().endswith((".h5", ".hdf5")):
-        raise _keras_load_error(path, short(first), first) from None
+def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Exception, provided: dict):
+    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read: the same checked HDF5 copy. When
+    both fail, the reason that matters comes first: Keras 3's for a file Keras 3 wrote,
+    tf_keras's for a Keras 2 file."""
+    first_error = short(first).replace(local, path)
+    if route != "hdf5":
+        raise _keras_load_error(path, first_error, first) from None
     try:
         import tf_keras
     except ImportError:
-        raise _keras_load_error(path, f"{short(first)} (installing tf_keras may help)", first) from None
+        raise _keras_load_error(path, f"{first_error} (installing tf_keras may help)", first) from None
     try:
-        return tf_keras.models.load_model(path, compile=False, safe_mode=not trust, custom_objects=provided or None)
+        return tf_keras.models.load_model(local, compile=False, safe_mode=not trust, custom_objects=provided or None)
     except Exception as e:
-        reasons = [f"Keras 3: {short(first)}", f"tf_keras: {short(e)}"]
-        if not _written_by_keras3(path):
+        reasons = [f"Keras 3: {first_error}", f"tf_keras: {short(e).replace(local, path)}"]
+        if not _written_by_keras3(local):
             reasons.reverse()
         raise _keras_load_error(path, "; ".join(reasons), e, first) from None
 
-
 _MISSING_CLASS = re.compile(r"(?:Could not locate|Unknown) (?:class|layer|object)[:\s]*'?([A-Za-z_][\w.>]*)'?")
-_CUSTOM_CLASS = re.compile(r"class '([^']+)' from module '([^']+)'")
+_CLASS = re.compile(r"^class '([^']+)'")  # the check's words for a class ...
+_CUSTOM_CLASS = re.compile(r"^class '([^']+)' (?:from module '([^']+)'|registered as)")  # ... a user's own
 
 
 def _keras_load_error(path: str, reason: str, *errors: BaseException) -> ModelLoadError:
@@ -140,22 +135,31 @@ def _custom_objects(modules) -> dict:
     return provided
 
 
-def _provided(problem: str, provided: dict) -> bool:
-    """A safety problem about a class the user supplied with --custom-objects (its code is theirs)."""
-    found = _CUSTOM_CLASS.search(problem)
-    return bool(found) and found.group(1) in provided
+def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
+    """The check's problems less those about classes the user supplied with --custom-objects
+    (its code is theirs); where only custom classes remain, an error that says how to supply them."""
+    problems = [p for p in problems if not (_CLASS.search(p) and _CLASS.search(p).group(1) in provided)]
+    classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
+    if classes and len(classes) == len(problems):
+        named = ", ".join(f"{c!r} from module {m!r}" if m else repr(c) for c, m in classes)
+        raise UnsafeModelError(
+            f"{path} uses classes from outside Keras ({named}), which Keras would import or look up (running "
+            "their code)", option="--custom-objects FILE.py (the module that defines them; its code runs), or "
+            "--trust-model to let Keras import them", hint="custom_objects=['FILE.py'] (its code runs), or trust=True")
+    return problems
 
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
-    tf = _tf()
-    if not trust:  # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops)
-        from .safety import refuse, savedmodel_problems
+    from .savedmodel_checks import checked_copy
 
-        refuse(path, savedmodel_problems(path))
-    try:
-        loaded = tf.saved_model.load(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load SavedModel {path}: {short(e)}") from None
+    tf = _tf()
+    # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops): it loads a private copy,
+    # checked first unless trusted
+    with checked_copy(path, trust) as local:
+        try:
+            loaded = tf.saved_model.load(local)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load SavedModel {path}: {short(e).replace(local, path)}") from None
     sigs = getattr(loaded, "signatures", {})
     if "serving_default" not in sigs:
         raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")

@@ -1,5 +1,5 @@
 """ONNX models run by onnxruntime (CPU). Exact derivatives come from VJP/JVP graphs that
-``jacli.backends.onnx_grad`` builds from the model's graph (themselves ONNX models run by
+``jacli.backends.onnx.derive`` builds from the model's graph (themselves ONNX models run by
 the same runtime); a graph with an operator that has no rule says so and points to
 ``--method fd``."""
 from __future__ import annotations
@@ -7,15 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
-from ..model import Model, TensorSpec
-from . import onnx_cache
-from ._common import require, short
+from ... import limits
+from ...errors import InputError, ModelLoadError, UnsafeModelError
+from ...model import Model, TensorSpec
+from . import cache as onnx_cache
+from .._common import require, short
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -26,10 +26,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     this file was checked before: then ``onnx`` is imported only if a derived graph is
     missing from the cache."""
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    data = limits.read_regular(path, "model", ModelLoadError)
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs = onnx_cache.entry(m.sha256), {}
@@ -61,17 +58,17 @@ def _checked(path: str, data: bytes, trust: bool):
         proto = onnx.load_model_from_string(data, format=fmt)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
-    from .safety import _onnx_tensors, onnx_undecodable_strings
+    from .checks import onnx_external_data_problems, onnx_undecodable_strings, tensors
 
     bad = onnx_undecodable_strings(proto)
     if bad:
         raise ModelLoadError(f"cannot load ONNX model {path}: text that is not UTF-8 ({bad[0]}; corrupt?)")
     model_dir = os.path.dirname(os.path.abspath(path))
     if not trust:
-        from .safety import onnx_external_data_problems, refuse
+        from ..refusal import refuse
 
         refuse(path, onnx_external_data_problems(proto, model_dir))
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto))
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
         onnx.checker.check_model(proto)
@@ -112,15 +109,15 @@ class OnnxModel(Model):
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
-        from .onnx_grad import to_float64
+        from .float64 import to_float64
 
         return to_float64(self.proto)
 
     def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
         """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
-        from . import onnx_grad
+        from . import derive
 
-        build = onnx_grad.build_vjp if kind == "vjp" else onnx_grad.build_jvp
+        build = derive.build_vjp if kind == "vjp" else derive.build_jvp
         return build(self.proto, list(wrt), list(of))
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
