@@ -350,3 +350,16 @@ def test_det_singular_only_where_svd_finds_the_rank_deficient(torch_dir):
     d = jacli.det(jacli.load(torch_dir / "rank6.pt"), x)
     want = np.linalg.slogdet(W.astype(np.float32).astype(np.float64))[1]
     assert not d.singular.any() and np.all(np.abs(d.logabsdet - want) <= d.logabsdet_error)
+
+
+def test_a_vectorised_map_that_fails_falls_back_to_an_exact_one(keras_corpus, monkeypatch):
+    """pfor cannot vectorise the gradient of a loaded LSTM loop (jacli folds loop models
+    instead); where pfor fails on a model, the k seeds are taken one after another."""
+    from jacli.backends import tf as tf_backend
+
+    model, xs, ref, paths = keras_corpus("lstm")
+    monkeypatch.setattr(tf_backend.TFModel, "_has_loops", lambda self: False)
+    loaded = jacli.load(paths["export"])
+    for mode in ("reverse", "forward"):
+        _close(jacli.jacobian(loaded, xs, mode=mode), ref[0, 0])
+    assert loaded._unmappable == {("vjp", "vectorised"), ("jvp", "vectorised")}

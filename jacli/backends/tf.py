@@ -255,6 +255,7 @@ class TFModel(Model):
             for by_vjp, push in ((False, pushforward), (True, pushforward_by_double_vjp)) for mapped in (False, True)
         }
         self._tangents_by_vjp = False  # set once forward-mode AD has failed where the forward pass runs
+        self._unmappable: set[tuple[str, str]] = set()  # (vjp|jvp, strategy) that failed on this model
         self._call_fn = tf.function(call, reduce_retracing=True)
         self._graphs = {}  # see _traced
         self._seeds = Constants(tf.constant)
@@ -359,7 +360,9 @@ class TFModel(Model):
     def _map_strategies(self, prim) -> tuple[str, ...]:
         if self._has_loops():  # pfor through a loop's gradient traces for minutes, or fails: fold k instead
             return ()
-        return ("vectorised", "sequential") if prim == self._vjp else ("vectorised",)
+        kind = "vjp" if prim == self._vjp else "jvp"
+        options = ("vectorised", "sequential") if kind == "vjp" else ("vectorised",)
+        return tuple(s for s in options if (kind, s) not in self._unmappable)
 
     def _has_loops(self) -> bool:
         """Whether the model's forward graph (as traced for the inputs seen so far) holds a loop."""
@@ -373,10 +376,18 @@ class TFModel(Model):
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
         if not strategy:  # no map of its own for this model (_map_strategies): one call per seed
             return super()._vjp_jvp_map(prim, xs, seeds, names)
-        if prim != self._vjp:
-            return self._jvp(xs, seeds, names, mapped=True)
-        if strategy != "sequential":
-            return self._vjp(xs, seeds, names, fn=self._vjp_map_fn, seed_axes=(0, 1))
+        if strategy == "vectorised":
+            kind = "vjp" if prim == self._vjp else "jvp"
+            try:
+                if kind == "jvp":
+                    return self._jvp(xs, seeds, names, mapped=True)
+                return self._vjp(xs, seeds, names, fn=self._vjp_map_fn, seed_axes=(0, 1))
+            except (InternalError, LimitationError) as e:  # pfor cannot vectorise this model's derivative
+                if getattr(e, "operator", None):  # an operation without any gradient: no map helps
+                    raise
+                self._unmappable.add((kind, strategy))
+                self._tangents_by_vjp = False  # decided under pfor: decide again without it
+                return self._vjp_jvp_map(prim, xs, seeds, names, "sequential" if kind == "vjp" else "")
         if len(next(iter(seeds.values()))) <= UNROLL:  # k static: one graph per k, no loop overhead
             return self._vjp(xs, seeds, names, fn=self._vjp_unrolled_fn, seed_axes=(1,))
         return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn, seed_axes=(0, 1))
