@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..errors import BackendMissing
+from ..errors import BackendMissing, root_cause
 
 
 def require(module: str, package: str, extra: str, fmt: str):
@@ -15,9 +15,8 @@ def require(module: str, package: str, extra: str, fmt: str):
 
 
 def short(e: BaseException) -> str:
-    """First line of an exception message, for one-line errors."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    """The framework's root cause of an exception, in one line (``errors.root_cause``)."""
+    return root_cause(e, 300)
 
 
 class Constants:

@@ -45,14 +45,15 @@ _KERAS_MEMBERS = {"config.json", "metadata.json", "model.weights.h5", "model.wei
 
 
 @contextlib.contextmanager
-def checked_copy(path: str, trust: bool):
+def checked_copy(path: str, trust: bool, screen=None):
     """Yield ``(local path, route)``: a private copy of the Keras file ``path``, named
-    ``model.keras`` (route "zip") or ``model.h5`` (route "hdf5"), checked unless ``trust``."""
+    ``model.keras`` (route "zip") or ``model.h5`` (route "hdf5"), checked unless ``trust``.
+    ``screen(problems)`` may drop what the user vouched for (classes of --custom-objects)."""
     data = limits.read_regular(path, "model", ModelLoadError)
     route = _route(path, data)
     if not trust:
         problems = keras_problems(path, data, route)
-        refuse(path, problems)
+        refuse(path, screen(problems) if screen else problems)
     folder = tempfile.mkdtemp(prefix="jacli-keras-")  # mode 0700: only this user can change the copy
     try:
         local = Path(folder) / ("model.keras" if route == "zip" else "model.h5")
