@@ -348,7 +348,7 @@ def det_plot(result) -> Plot:
 
 def det_classes(r) -> dict[str, np.ndarray]:
     """Sample indices: ok, ill (ill-conditioned), singular, nan (J held NaN/Inf)."""
-    logdet, rcond = np.asarray(r.logabsdet, np.float64), np.asarray(r.rcond, np.float64)
+    logdet = np.asarray(r.logabsdet, np.float64)
     singular = np.asarray(r.singular, bool)
     nan = np.isnan(logdet) & ~singular
     ill = ~singular & ~nan & np.asarray(r.ill_conditioned, bool)
