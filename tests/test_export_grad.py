@@ -58,14 +58,14 @@ def test_missing_rule_names_operator_and_suggests_fd(jacli, tmp_path):
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Tanh", ["x"], ["t"], name="act"), helper.make_node("Det", ["t"], ["y"], name="the_det")],
+        [helper.make_node("Tanh", ["x"], ["t"], name="act"), helper.make_node("DFT", ["t"], ["y"], name="the_dft")],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
-    path = tmp_path / "det.onnx"
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 2])])
+    path = tmp_path / "dft.onnx"
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
     np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((2, 2, 2)).astype(np.float32))
     r = jacli("compute", path, tmp_path / "x.npy")
     assert r.code == 2
-    assert "Det" in r.stderr and "the_det" in r.stderr and "--method fd" in r.stderr
+    assert "DFT" in r.stderr and "the_dft" in r.stderr and "--method fd" in r.stderr
     r = jacli("compute", path, tmp_path / "x.npy", "--method", "fd", "--json")
     assert r.code == 0, r.stderr

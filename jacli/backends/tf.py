@@ -94,7 +94,7 @@ def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Except
 
 _MISSING_CLASS = re.compile(r"(?:Could not locate|Unknown) (?:class|layer|object)[:\s]*'?([A-Za-z_][\w.>]*)'?")
 _CLASS = re.compile(r"^class '([^']+)'")  # the check's words for a class ...
-_CUSTOM_CLASS = re.compile(r"^class '([^']+)' (?:from module '([^']+)'|registered as)")  # ... a user's own
+_CUSTOM_CLASS = re.compile(r"^class '([^']+)' (?:from module '([^']+)'|registered as '([^']+)')")  # ... a user's own
 
 
 def _keras_load_error(path: str, reason: str, *errors: BaseException) -> ModelLoadError:
@@ -141,7 +141,7 @@ def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
     problems = [p for p in problems if not (_CLASS.search(p) and _CLASS.search(p).group(1) in provided)]
     classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
     if classes and len(classes) == len(problems):
-        named = ", ".join(f"{c!r} from module {m!r}" if m else repr(c) for c, m in classes)
+        named = ", ".join(f"{c!r} from module {m!r}" if m else f"{c!r} registered as {r!r}" for c, m, r in classes)
         raise UnsafeModelError(
             f"{path} uses classes from outside Keras ({named}), which Keras would import or look up (running "
             "their code)", option="--custom-objects FILE.py (the module that defines them; its code runs), or "
