@@ -431,50 +431,6 @@ def test_plan_skips_the_forward_pass_once_the_signature_is_confirmed(out_shape, 
     np.testing.assert_array_equal(jacli.jacobian(model, x), np.broadcast_to(2 * np.eye(3), (5, 3, 3)))
 
 
-class TwoWays(Counting):
-    """A backend with two exact map strategies, one of them slow."""
-
-    def __init__(self):
-        super().__init__((None, 3))
-        self.used = []
-
-    def _map_strategies(self, prim):
-        return ("slow", "fast")
-
-    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        self.used.append(strategy)
-        if strategy == "slow":
-            time.sleep(0.05)
-        return {"x": 2 * seeds["y"]}
-
-
-def test_the_faster_map_strategy_is_found_and_kept():
-    model, x = TwoWays(), np.ones((4, 3), np.float32)
-    cts = np.ones((3, 4, 3), np.float32)
-    for _ in range(16):
-        np.testing.assert_array_equal(model.vjp({"x": x}, {"y": cts}, ["x"])["x"], 2 * cts)
-    # each tried twice (the first may trace), then the fast one, the slow one re-timed on calls 8 and 16 only
-    assert model.used == ["slow", "fast", "slow", "fast"] + ["fast"] * 3 + ["slow"] + ["fast"] * 7 + ["slow"]
-
-
-class Unlucky(TwoWays):
-    """"slow" is the faster strategy, but load slowed its first two trials down."""
-
-    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        self.used.append(strategy)
-        loaded = strategy == "slow" and self.used.count("slow") <= 2
-        time.sleep(0.03 if loaded else 0.001 if strategy == "slow" else 0.01)
-        return {"x": 2 * seeds["y"]}
-
-
-def test_a_strategy_unlucky_in_its_first_trials_is_tried_again_and_chosen():
-    model, x = Unlucky(), np.ones((4, 3), np.float32)
-    for _ in range(12):
-        model.vjp({"x": x}, {"y": np.ones((3, 4, 3), np.float32)}, ["x"])
-    assert model.used[4:8] == ["fast", "fast", "fast", "slow"]  # the 8th call re-times "slow"...
-    assert model.used[8:] == ["slow"] * 4  # ...which is now the fastest seen
-
-
 def test_tensorflow_traces_each_graph_once_whatever_the_block_sizes(weights):
     model = jacli.load(str(SAMPLES / "mlp.keras"))
     x = np.random.default_rng(5).standard_normal((700, 500)).astype(np.float32)

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ..model import Model, TensorSpec
 from . import onnx_cache
-from ._common import require, short
+from ._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -169,6 +169,7 @@ def _session(data: bytes):
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads()
     try:
         sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
