@@ -204,3 +204,56 @@ def test_plans_are_cached_per_model_in_the_engine():
     jac.plan(model, jacli.api.as_inputs(model, x))  # confirms the signature
     jac.plan(model, jacli.api.as_inputs(model, x))
     assert len(strategies.memo(model).plans) == 1 and strategies.memo(jacli.load(str(SAMPLES / "mlp.pt"))).plans == {}
+
+
+# --- the thread policy --------------------------------------------------------------------
+def cgroup(tmp_path, v2=None, v1=None):
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
+    return str(tmp_path)
+
+
+def test_threads_follow_the_cpu_quota_the_affinity_and_jacli_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert system.thread_count({}, cgroup(tmp_path / "none")) == 8  # no cgroup files: the affinity mask
+    (tmp_path / "a").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "a", v2="150000 100000\n")) == 2  # 1.5 CPUs, rounded up
+    (tmp_path / "b").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "b", v2="max 100000\n")) == 8  # no limit
+    (tmp_path / "c").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "c", v2="3200000 100000\n")) == 8  # more than we may run on
+    (tmp_path / "d").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "d", v1=("300000", "100000"))) == 3  # cgroup v1
+    (tmp_path / "e").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "e", v1=("-1", "100000"))) == 8  # v1 without a limit
+    assert system.thread_count({"JACLI_THREADS": "12"}, str(tmp_path / "a")) == 12  # the override wins
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="JACLI_THREADS"):
+            system.thread_count({"JACLI_THREADS": bad})
+
+
+def test_each_backend_takes_the_thread_count(monkeypatch):
+    import torch
+
+    from jacli.backends import _common
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("JACLI_THREADS", "1")
+        _common._torch_threads(torch)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("JACLI_THREADS")
+        _common._torch_threads(torch)  # the policy only lowers what the caller chose
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    monkeypatch.setenv("JACLI_THREADS", "3")
+    model = jacli.load(str(SAMPLES / "mlp.onnx"))
+    assert model.session.get_session_options().intra_op_num_threads == 3
+    monkeypatch.setenv("JACLI_THREADS", "many")
+    r = run_jacli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-q")
+    assert r.code == 2 and r.stderr.startswith("Error: JACLI_THREADS='many': set a positive number")

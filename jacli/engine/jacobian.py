@@ -274,13 +274,15 @@ def sample_block(plan: Plan, budget: int | None = None) -> int:
 def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int | None = None) -> int:
     """Rows (reverse) or columns (forward) per backend call: seeds and results for every
     sample of the block, times a factor for the model's own intermediates, in the half of
-    the budget the Jacobian buffer leaves; the results themselves within BLOCK_BYTES."""
+    the budget the Jacobian buffer leaves; the seeds and the results themselves each within
+    BLOCK_BYTES (a forced --mode forward on an image model has wide seeds and narrow
+    results: its per-column intermediates grow with the seeds)."""
     if chunk:
         return int(chunk)
     outs, ins = plan.elements
     per_seed = samples * (ins + outs) * plan.dtype.itemsize
-    result = samples * (ins if plan.mode == "reverse" else outs) * plan.dtype.itemsize
-    k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed * _INTERMEDIATES or 1), BLOCK_BYTES // (result or 1))
+    widest = samples * max(ins, outs) * plan.dtype.itemsize  # the seeds or the results
+    k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed * _INTERMEDIATES or 1), BLOCK_BYTES // (widest or 1))
     return int(max(1, k))
 
 
