@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="thread counts, one speed run each (default 1,2)")
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
     ap.add_argument("--models", default=",".join(CASES))
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds of timing per method and case (at least)")
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method and case (at least)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--startup", action="store_true")

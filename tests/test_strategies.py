@@ -39,6 +39,12 @@ def test_each_strategy_is_tried_twice_then_the_fastest_is_kept():
     assert used[4:] == ["fast"] * 36  # re-timing "slow" would cost more than 1/32 of the time spent so far
 
 
+def test_a_hopeless_strategy_gets_no_second_trial():
+    used = simulate(strategies.Tuner(["vectorised", "sequential"]),
+                    lambda s, n: 280.0 if s == "sequential" else 1.0, 100)
+    assert used[:3] == ["vectorised", "sequential", "vectorised"] and used.count("sequential") == 1
+
+
 def test_a_much_slower_strategy_is_re_timed_rarely_and_costs_little():
     tuner = strategies.Tuner(["vectorised", "sequential"])
     used = simulate(tuner, lambda s, n: 20.0 if s == "sequential" else 1.0, 3000)

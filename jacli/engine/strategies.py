@@ -23,12 +23,15 @@ from ..model import Model
 
 PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty to tune
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
+HOPELESS = 16  # a strategy whose first run was this many times slower than another's gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
 
 
 class Tuner:
     """The choice among one primitive's strategies for one size of work. Each is tried
-    ``TRIALS`` times, then the one with the fastest run so far is used (load on a shared
+    ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's: k
+    small backward passes with 2 threads on a busy machine can be 280x slower than one
+    vmapped one), then the one with the fastest run so far is used (load on a shared
     machine only ever slows a run down, so the minimum is the honest figure). A loser is
     re-timed now and then, so that a burst of load during its trials does not decide for
     good, but only while re-timing has cost at most ``RETRY_SHARE`` of the time spent so
@@ -43,9 +46,10 @@ class Tuner:
         self.retried = 0.0  # seconds, re-timing calls only
 
     def pick(self, work: float = 1.0) -> str:
-        fewest = min(self.strategies, key=self.runs.__getitem__)
-        if self.runs[fewest] < TRIALS:
-            return fewest
+        fastest = min(self.best.values())
+        for s in sorted(self.strategies, key=self.runs.__getitem__):  # the fewest runs first
+            if self.runs[s] < TRIALS and not (self.runs[s] and self.best[s] > HOPELESS * fastest):
+                return s
         winner = self.winner()
         for s in sorted(self.strategies, key=self.runs.__getitem__):
             if s != winner and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
