@@ -1,7 +1,7 @@
 """Per-sample Jacobians: jacli's ONNX VJP graph in onnxruntime vs torch.func.
 
 ONNX path: the model exported by ``torch.onnx.export`` goes through
-``jacli.backends.onnx_grad.build_vjp``; the k = (outputs per sample) Jacobian rows are
+``jacli.backends.onnx.derive.build_vjp``; the k = (outputs per sample) Jacobian rows are
 folded into the batch axis (the input tiled k times, one-hot cotangents), so one
 ``session.run`` gives every sample's Jacobian; the timing includes the tiling, and the
 result is a (B, m, n) view. Torch path: ``torch.func.vmap(torch.func.jacrev(f))`` on the
@@ -53,7 +53,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jacli.backends.onnx_grad import build_vjp  # noqa: E402
+from jacli.backends.onnx.derive import build_vjp  # noqa: E402
 
 
 def mlp() -> nn.Module:

@@ -8,7 +8,7 @@ Imports no framework: each backend is imported when a model of its format is loa
 """
 __version__ = "0.1.0"
 
-__all__ = ["load", "jacobian", "check", "svd", "det", "__version__"]
+__all__ = ["load", "jacobian", "check", "svd", "det", "diff", "__version__"]
 
 
 def load(path, format=None, trust=False):
@@ -50,3 +50,12 @@ def det(model, x, **kwargs):
 
 svd.__doc__ = "Singular values and condition numbers of a model's per-sample Jacobians at x; see jacli.api.svd."
 det.__doc__ = "sign, log|det| and det of a model's square per-sample Jacobians at x; see jacli.api.det."
+
+
+def diff(a, b, x=None, **kwargs):
+    from .api import diff as _diff
+
+    return _diff(a, b, x, **kwargs)
+
+
+diff.__doc__ = "Compare two models' outputs and Jacobians (or a model with a baseline file); see jacli.api.diff."

@@ -79,12 +79,17 @@ def compute(
     progress: Callable[[int], None] | None = None,
     heat: bool = True,
     summaries: bool = True,
+    tap: Callable | None = None,
+    probes: bool = False,
 ) -> ComputeResult:
     """Run a plan, streaming to ``output`` (a path, ``-`` or None) and (unless
     ``summaries=False``) summarising each sample. A file output is written block by block
     in ``max_memory`` bytes of working memory; ``-`` (stdout) is assembled in memory first.
     Refuses, before computing anything, a Jacobian that the disk (or, for ``-``, the
-    memory) has no room for."""
+    memory) has no room for. ``tap(sink)``, if given, returns a sink that sees every block
+    before passing it on to ``sink`` (``render.plot_sink.PlotSink.wrap`` does). A ``.h5`` output also
+    stores the input and outputs (a baseline for ``diff``), and with ``probes`` (ONNX models) the J·v
+    of every intermediate tensor for one random tangent, for ``diff(..., locate=True)``."""
     from .io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:
@@ -94,17 +99,61 @@ def compute(
     shapes = {q.key: q.shape for q in p.pairs}
 
     def run(sink) -> None:
-        jac.run(model, p, sink, method=method, chunk=chunk_size, budget=max_memory, progress=progress)
+        jac.run(model, p, tap(sink) if tap else sink, method=method, chunk=chunk_size, budget=max_memory,
+                progress=progress)
 
     if output is None:
         stats = StatsSink(p.pairs, heat=heat)
         run(stats)
         return ComputeResult(p, stats.ordered())
     pieces = {q.key: (len(q.out_shape), jac.parts_direction(p, method)) for q in p.pairs} if jac.in_parts(p, max_memory) else None
-    with open_writer(output, shapes, p.dtype, metadata(model, p, method), batch=p.batch, pieces=pieces) as writer:
+    meta = metadata(model, p, method)
+    baseline = output != "-" and Path(output).suffix.lower() in (".h5", ".hdf5")  # with its input: a baseline
+    if baseline:
+        from .io.readers import arrays_sha256
+
+        meta["input_sha256"] = arrays_sha256(p.xs)
+    if probes and not baseline:
+        raise InputError("--locate-probes stores intermediate derivatives in a baseline: give -o FILE.h5")
+    found = _locate_probes(model, p) if probes else None
+    if found:
+        meta["locate_probes"] = found[0]
+    with open_writer(output, shapes, p.dtype, meta, batch=p.batch, pieces=pieces) as writer:
+        if baseline:
+            writer.store_arrays("jacli_input", p.xs)
+            writer.store_arrays("jacli_output", p.ys)
+        if found:
+            for group, arrays in found[1].items():
+                writer.store_arrays(group, arrays)
         stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
         run(stats or writer)
     return ComputeResult(p, stats.ordered() if stats else [], output)
+
+
+PROBE_SEED = 0  # the baseline's locate tangent
+PROBE_BYTES = 256 << 20  # at most this much of intermediate values and derivatives in a baseline
+
+
+def _locate_probes(model: Model, p: jac.Plan):
+    """(order, {group: arrays}): values and J·v of every float intermediate tensor of an ONNX
+    model or torch.export program at the plan's input, for one seeded Gaussian tangent on
+    the differentiated inputs."""
+    from .errors import UnsupportedError
+
+    if model.format not in _NAMED_GRAPHS:
+        raise UnsupportedError(f"--locate-probes needs an ONNX model or a torch.export program (their intermediate "
+                               f"tensors have names); {model.path} is {model.format}")
+    rng = np.random.default_rng(PROBE_SEED)
+    tangents = {i: rng.standard_normal(p.xs[i].shape).astype(p.xs[i].dtype) for i in p.wrt}
+    order, values, jvps = _probe_intermediates(model, p.xs, tangents)
+    size = sum(v.nbytes for v in values.values()) + sum(v.nbytes for v in jvps.values())
+    if size > PROBE_BYTES:
+        raise OutputError(f"--locate-probes would store {jac.size_text(size)} of intermediate tensors (more than "
+                          f"{jac.size_text(PROBE_BYTES)}); use fewer samples")
+    groups = {"jacli_locate/tangent": tangents}
+    for j, t in enumerate(order):  # by position: tensor names may hold "/"
+        groups[f"jacli_locate/t{j}"] = {"value": values[t["tensor"]], "jvp": jvps[t["tensor"]]}
+    return order, groups
 
 
 def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
@@ -280,3 +329,219 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict):
     if output == "-" or Path(output).suffix.lower() not in (".npz", ".h5", ".hdf5"):
         raise OutputError(f"cannot write {output}: svd and det write several arrays; use a .npz or .h5 file")
     return open_writer(output, arrays, np.float64, meta, batch=True)
+
+
+# --- diff: derivative parity of two models, or of a model and a baseline file --------------
+def diff(
+    a: Model,
+    b: Model | str,
+    x=None,
+    wrt: str | Sequence[str] | None = None,
+    of: str | Sequence[str] | None = None,
+    maps: Mapping[str, tuple[str, str | None]] | Sequence[str] | None = None,
+    atol: float | Mapping[str | None, float] | None = None,
+    rtol: float | Mapping[str | None, float] | None = None,
+    check_stat: str | Mapping[str | None, str] | None = None,
+    batch: bool | None = None,
+    mode: str = "auto",
+    directions: int | None = None,
+    seed: int = 0,
+    locate: bool = False,
+    chunk_size: int | None = None,
+    max_memory: int | None = None,
+    progress: Callable[[int], None] | None = None,
+):
+    """Compare model ``a`` with model ``b`` at ``x`` (or with a baseline file ``b``, a path
+    written by ``compute(..., output='base.h5')``, at the baseline's own input): outputs and
+    per-sample Jacobians (``batch=False``: of whole arrays; None: per sample, or as the
+    baseline was computed), streamed block by block in
+    ``max_memory``; with ``directions`` K, only J·v and Jᵀc for K random probes per sample.
+    ``maps``: {A name: (B name, layout None | 'nhwc' | 'nchw')} or ``["a=b:nhwc", ...]``;
+    tolerances: a number or {name or None: value}. Returns a ``jacli.engine.diff.DiffResult``
+    (``.passed``, ``.to_json()``); see docs/guide.md#diff."""
+    from .engine import diff as d
+    from .engine import mapping as mp
+
+    maps = mp.parse_maps(maps) if isinstance(maps, (list, tuple)) else dict(maps or {})
+    tol = d.Tolerances(*(dict(v) if isinstance(v, Mapping) else ({} if v is None else {None: v})
+                         for v in (atol, rtol, check_stat)))
+    for stat in tol.stat.values():
+        d.stat_value(stat)
+    d.require_ad(a, "A")
+    if isinstance(b, (str, Path)):
+        return _diff_baseline(a, str(b), x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size,
+                              max_memory, progress)
+    d.require_ad(b, "B")
+    batch = True if batch is None else batch
+    xs = as_inputs(a, x)
+    _check_maps(maps, a)
+    in_links = mp.match(a.input_names(), b.input_names(), maps, "input")
+    unfed = [n for n in b.input_names() if n not in {l.b for l in in_links}]
+    if unfed:
+        raise InputError(f"B's input(s) {', '.join(unfed)} have no counterpart in A; pair them with --map A_NAME=B_NAME")
+    mp.check_inputs(xs, in_links, b)
+    if not b.outputs:  # TorchScript: B learns its outputs from a real input
+        b.bind(mp.Mapped(b, in_links, []).b_inputs(xs, 0))
+    out_links = mp.match(_names(of) or a.output_names(), b.output_names(), maps, "output", a.output_names())
+    links = {"inputs": in_links, "outputs": out_links}
+    view = mp.Mapped(b, in_links, out_links)
+    pa = jac.plan(a, xs, _names(wrt), _names(of) or [l.a for l in out_links if a.spec(l.a).is_float] or None,
+                  mode=mode, batch=batch)
+    pb = jac.plan(view, xs, pa.wrt, pa.of, mode=pa.mode, batch=batch)
+    mp.check_shapes(pa, {q.key: (q.out_shape, q.in_shape) for q in pb.pairs}, links)
+    outputs = d.compare_outputs(pa, pb.ys, tol)
+    if directions:
+        jacobians = d.compare_directions(a, pa, view, tol, directions, seed, max_memory, progress)
+        result = d.DiffResult(outputs, jacobians, links, "directions", directions, d.miss_probability(directions))
+    else:
+        source = d.ModelSource(view, pb, (max_memory or jac.DEFAULT_BUDGET) // 2, chunk_size)
+        jacobians = d.compare_jacobians(a, pa, source, tol, pb.dtype, max_memory, chunk_size, progress)
+        result = d.DiffResult(outputs, jacobians, links, "jacobian")
+    if locate:
+        result.locate = _locate(a, b, pa, links, result, seed)
+    return result
+
+
+def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size, max_memory, progress):
+    from .engine import diff as d
+    from .engine import mapping as mp
+    from .io.readers import Baseline
+
+    if x is not None:
+        raise InputError("a baseline brings its own input: give MODEL and BASELINE.h5 only")
+    if directions:
+        raise InputError("--directions compares two models; a baseline holds whole Jacobians: drop --directions")
+    with Baseline(path) as base:
+        batch = base.batch if batch is None else batch
+        if base.batch != batch:
+            raise InputError(f"the baseline was computed {'per sample' if base.batch else 'with --no-batch'}; "
+                             f"{'drop' if base.batch else 'add'} --no-batch")
+        _check_maps(maps, a)
+        in_links = mp.match(a.input_names(), base.input_names, maps, "input")
+        xs = {}
+        for l in in_links:
+            v = base.xs[l.b]
+            xs[l.a] = mp.permute(v, mp.to_a(l, v.ndim - 1))
+        xs = as_inputs(a, xs)
+        stored_of = sorted({j["of"] for j in base.jacobians.values()}, key=base.output_names.index)
+        stored_wrt = sorted({j["wrt"] for j in base.jacobians.values()}, key=base.input_names.index)
+        out_links = mp.match(_names(of) or a.output_names(), base.output_names, maps, "output", a.output_names())
+        back_in = {l.b: l.a for l in in_links}
+        links = {"inputs": in_links, "outputs": [l for l in out_links if l.b in stored_of]}
+        if not links["outputs"]:
+            raise InputError(f"none of A's outputs match the baseline's differentiated outputs ({', '.join(stored_of)})")
+        pa = jac.plan(a, xs, _names(wrt) or [back_in[n] for n in stored_wrt if n in back_in],
+                      [l.a for l in links["outputs"]], mode=mode, batch=batch)
+        source = d.BaselineSource(base, pa, links)
+        if set(source.ys) >= set(pa.of):
+            outputs = d.compare_outputs(pa, source.ys, tol)
+        else:
+            outputs = []
+        dtype = np.result_type(*(base.dtype(k) for k in source.keys.values()))
+        jacobians = d.compare_jacobians(a, pa, source, tol, dtype, max_memory, chunk_size, progress)
+        result = d.DiffResult(outputs, jacobians, links, "jacobian")
+        if not outputs:
+            result.notes.append("the baseline stores no outputs; only Jacobians were compared")
+        if locate:
+            result.locate = _locate_baseline(a, base, pa, links, result)
+    return result
+
+
+def _locate_baseline(a: Model, base, pa: jac.Plan, links: dict, result) -> dict:
+    """The first node of ONNX model A whose output's J·v differs from the baseline's probes."""
+    from .engine import diff as d
+
+    stored = base.probes()
+    if a.format not in _NAMED_GRAPHS:
+        return {"available": False, "reason": f"--locate needs an ONNX model or a torch.export program as A (their "
+                f"intermediate tensors have names); {a.path} is {a.format}"}
+    if stored is None:
+        return {"available": False, "reason": "the baseline holds no intermediate derivatives; write it with "
+                "jacli compute MODEL.onnx INPUT -o BASELINE.h5 --locate-probes"}
+    if any(l.layout for ls in links.values() for l in ls):
+        return {"available": False, "reason": "--locate needs the model and the baseline in the same layout"}
+    order, tangents, values_b, jvps_b = stored
+    to_a = {l.b: l.a for l in links["inputs"]}
+    tangents = {to_a[k]: v for k, v in tangents.items() if k in to_a}
+    theirs = {t["tensor"]: t for t in order}
+    mine, values_a, jvps_a = _probe_intermediates(a, pa.xs, tangents)
+    shared = [t for t in mine if t["tensor"] in theirs]
+    if not shared:
+        return {"available": False, "reason": "the model and the baseline's model have no intermediate tensor names "
+                "in common"}
+    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
+    found = d.first_difference(shared, theirs, values_a, values_b, jvps_a, jvps_b, atol, rtol, pa.dtype)
+    return {"available": True, "sample": None, **found}
+
+
+def _check_maps(maps: Mapping, a: Model) -> None:
+    names = set(a.input_names()) | set(a.output_names())
+    for name in maps:
+        if name not in names:
+            raise InputError(f"--map {name}=...: A has no input or output {name!r} "
+                             f"(inputs: {', '.join(a.input_names())}; outputs: {', '.join(a.output_names())})")
+
+
+def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) -> dict:
+    """The first intermediate tensor of A (in its graph's order) whose J·v differs from B's
+    tensor of the same name: ONNX models and torch.export programs name their tensors
+    (the dynamo ONNX exporter keeps a program's names); else why it is unavailable."""
+    from .engine import diff as d
+    from .errors import JacliError
+
+    def unavailable(reason: str) -> dict:
+        return {"available": False, "reason": reason}
+
+    unnamed = [m for m in (a, b) if m.format not in _NAMED_GRAPHS]
+    if unnamed:
+        return unavailable(f"--locate compares named intermediate tensors (ONNX models, torch.export programs); "
+                           f"{unnamed[0].path} is {unnamed[0].format}, whose intermediate tensors have no such names")
+    if any(l.layout for ls in links.values() for l in ls):
+        return unavailable("--locate needs both models in the same layout (a --map layout was given)")
+    failing = [w for c in result.jacobians if not c.passed for w in c.worst[:1]]
+    sample = (failing[0].get("sample") or 0) if failing and pa.batch else 0
+    xs = {k: v[sample : sample + 1] for k, v in pa.xs.items()} if pa.batch else pa.xs
+    rng = np.random.default_rng(seed)
+    tangents = {i: rng.standard_normal(xs[i].shape).astype(xs[i].dtype) for i in pa.wrt}
+    to_b = {l.a: l.b for l in links["inputs"]}
+    try:
+        mine, va, ja = _probe_intermediates(a, xs, tangents)
+        order_b, vb, jb = _probe_intermediates(b, {to_b[k]: v for k, v in xs.items()},
+                                               {to_b[k]: v for k, v in tangents.items()})
+    except JacliError as e:
+        return unavailable(f"the intermediate derivatives could not be computed: {e}")
+    theirs = {t["tensor"]: t for t in order_b}
+    shared = [t for t in mine if t["tensor"] in theirs]
+    if not shared:
+        return unavailable("the two models have no intermediate tensor names in common")
+    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
+    found = d.first_difference(shared, theirs, va, vb, ja, jb, atol, rtol, pa.dtype)
+    return {"available": True, "sample": sample if pa.batch else None, **found}
+
+
+_NAMED_GRAPHS = ("onnx", "torch-export")  # formats whose intermediate tensors have names
+
+
+def _probe_intermediates(model: Model, xs, tangents):
+    """(order, values, J·v) of every float intermediate tensor of an ONNX model or a
+    torch.export program, for one tangent per differentiated input."""
+    if model.format == "onnx":
+        from .backends.onnx import locate as onnx_locate
+
+        order = onnx_locate.intermediates(model.proto)
+        values, jvps = onnx_locate.probe(model.proto, xs, tangents, order)
+        return [{k: t[k] for k in ("tensor", "node", "op_type")} for t in order], values, jvps
+    from .backends import torch_locate
+
+    return torch_locate.probe(model, xs, tangents)
+
+
+def onnx_ops() -> list[dict]:
+    """The ONNX operators jacli differentiates, from the rule registry: one dict per operator
+    and version range (see ``jacli.backends.onnx.rules.catalog.rows``)."""
+    from .backends._common import require
+
+    require("onnx", "onnx", "onnx", "ONNX")
+    from .backends.onnx.rules import catalog
+
+    return catalog.rows()

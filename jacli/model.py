@@ -152,8 +152,8 @@ class Model(abc.ABC):
         """Call ``fn(*groups)`` on the whole batch, or in pieces of the model's fixed
         batch size (the last piece padded with copies of its last sample, then trimmed)."""
         fixed = self._fixed_batch()
-        n = _leading(groups[0])
-        if fixed is None or n == fixed:
+        n = _shared_leading(groups[0])
+        if fixed is None or n is None or n == fixed:  # no shared batch axis (--no-batch): whole arrays
             return fn(*[dict(g) for g in groups])
         parts = []
         for s in range(0, n, fixed):
@@ -165,7 +165,7 @@ class Model(abc.ABC):
 
     def _fits(self, xs: Arrays) -> bool:
         fixed = self._fixed_batch()
-        return fixed is None or _leading(xs) == fixed
+        return fixed is None or _shared_leading(xs) in (None, fixed)
 
     def _blocked(self, prim, xs: Arrays, seeds: Arrays, names: list[str], per_sample: bool,
                  strategy: str | None) -> dict[str, np.ndarray]:
@@ -225,6 +225,13 @@ class MapUnavailable(Exception):
 
 def _leading(arrays: Arrays) -> int:
     return next(iter(arrays.values())).shape[0]
+
+
+def _shared_leading(arrays: Arrays) -> int | None:
+    """The leading size all arrays share; None when they do not (a data tensor beside an
+    ``axes`` input, a scalar), so that they cannot be split along a batch axis."""
+    sizes = {v.shape[0] if v.ndim else None for v in arrays.values()}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _copies(v: np.ndarray, k: int) -> np.ndarray:

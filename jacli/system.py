@@ -7,18 +7,67 @@ import tempfile
 from pathlib import Path
 
 
-def replace_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file (mode 0600) beside ``path`` and rename it over
-    ``path``: readers see the old file or the new one, never a part. Raises OSError; the
-    temporary file is gone on any failure (Ctrl-C included)."""
+def replace_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``:
+    readers see the old file or the new one, never a part. The file keeps mode 0600 unless
+    ``mode`` is given. Raises OSError; the temporary file is gone on any failure (Ctrl-C
+    included)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# The files this process read as a model or an input, by identity (device, inode, size,
+# modification time): outputs must not replace them.
+_READ: set[tuple[int, int, int, int]] = set()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def note_read(path: str) -> None:
+    """Remember that ``path`` (a file, or every file of a directory) was read as a model or input."""
+    try:
+        if os.path.isdir(path):
+            for here, _, files in os.walk(path):
+                _READ.update(_identity(os.stat(os.path.join(here, f))) for f in files)
+        else:
+            _READ.add(_identity(os.stat(path)))
+    except OSError:
+        pass
+
+
+def was_read(path: str) -> bool:
+    """Whether ``path`` is (a link to) a file this process read as a model or an input."""
+    try:
+        return _identity(os.stat(path)) in _READ
+    except OSError:
+        return False
+
+
+def new_file_mode(path: str) -> int:
+    """The permission bits an output replacing ``path`` gets: those of the file it replaces,
+    else what a newly created file gets under the umask."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        pass
+    umask = None
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # read it by setting it, then put it back
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def available_memory() -> int | None:

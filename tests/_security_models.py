@@ -367,3 +367,122 @@ def onnx_matmul(path: Path, external_location: str | None = None, custom_domain:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
     onnx.save(model, path)
+
+
+# --- issue 11: files that fooled the checks of earlier releases -------------------------------
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def keras_polyglots(d: Path, marker: str) -> dict[str, Path]:
+    """tf_keras models with a Lambda (and a ThresholdedReLU, which Keras 3 removed, so that
+    Keras 3 fails and tf_keras, whose .h5 loader ignores safe_mode, is tried) hidden where a
+    check reading the first bytes does not look:
+      zip_h5     a harmless .keras zip at byte 0, the HDF5 model in the user block (65536)
+      userblock  junk at byte 0, the HDF5 model at 512 (for --format keras on a .bin)
+      prefixed   a Keras 3 .keras Lambda archive after 100 bytes of junk (zip readers accept it)
+    Each is live: tf_keras (or Keras) itself runs the lambda."""
+    import h5py
+    import tf_keras
+
+    body = f"lambda t: __import__('pathlib').Path({marker!r}).write_text('pwned') and t * 2"
+    x = tf_keras.Input((3,), name="x")
+    y = tf_keras.layers.ThresholdedReLU(0.0)(tf_keras.layers.Lambda(eval(body))(x))
+    model = tf_keras.Model(x, tf_keras.layers.Dense(2, name="dense")(y))
+    files = {"zip_h5": d / "polyglot.h5", "userblock": d / "userblock.bin", "prefixed": d / "prefixed.keras"}
+    for name, block in (("zip_h5", 65536), ("userblock", 512)):
+        with h5py.File(files[name], "w", userblock_size=block) as f:
+            model.save(f)
+        data = bytearray(files[name].read_bytes())
+        assert data[block:block + 8] == HDF5_SIGNATURE
+        front = io.BytesIO()
+        with zipfile.ZipFile(front, "w") as z:  # harmless, as the first bytes show it
+            z.writestr("config.json", json.dumps({"class_name": "Functional", "config": {"layers": []}}))
+            z.writestr("model.weights.h5", b"")
+        front = front.getvalue() if name == "zip_h5" else b"junk" * 16
+        data[:len(front)] = front
+        files[name].write_bytes(bytes(data))
+    lambdas = keras_lambdas(d, marker)
+    files["prefixed"].write_bytes(b"#" * 100 + lambdas["keras"].read_bytes())
+    Path(marker).unlink(missing_ok=True)
+    return files
+
+
+def torchscript_torch_save(path: Path, marker: str) -> None:
+    """A scripted module whose forward calls torch.save (aten::save), writing ``marker``."""
+    import torch
+
+    class Saver(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.target = marker
+
+        def forward(self, x):
+            torch.save(x, self.target)
+            return x * self.w
+
+    torch.jit.save(torch.jit.script(Saver()), path)
+
+
+def torchscript_with_code(clean: Path, path: Path, old: bytes, new: bytes) -> None:
+    """A copy of the TorchScript archive ``clean`` with ``old`` replaced by ``new`` in its code."""
+    edited = 0
+    with zipfile.ZipFile(clean) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if "/code/" in info.filename and info.filename.endswith(".py") and old in data:
+                data, edited = data.replace(old, new), edited + 1
+            dst.writestr(info, data)
+    assert edited
+
+
+def savedmodel_two_serving_defaults(d: Path, marker: str) -> Path:
+    """A TF2 SavedModel whose signature map holds two children named serving_default: the
+    first clean, the last (the one TensorFlow keeps) writing ``marker``."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sig = [tf.TensorSpec([None, 3], tf.float32, name="x")]
+
+    class Two(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(W)
+
+        @tf.function(input_signature=sig)
+        def serve(self, x):
+            return {"y": tf.matmul(x, self.w)}
+
+        @tf.function(input_signature=sig)
+        def writes(self, x):
+            tf.io.write_file(marker, "pwned")
+            return {"y": tf.matmul(x, self.w)}
+
+    m, path = Two(), d / "TwoServingDefaults"
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve, "zz_other": m.writes})
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    nodes = sm.meta_graphs[0].object_graph_def.nodes
+    signatures = next(ref.node_id for ref in nodes[0].children if ref.local_name == "signatures")
+    renamed = [ref for ref in nodes[signatures].children if ref.local_name == "zz_other"]
+    assert len(renamed) == 1
+    renamed[0].local_name = "serving_default"
+    (path / "saved_model.pb").write_bytes(sm.SerializeToString())
+    Path(marker).unlink(missing_ok=True)
+    return path
+
+
+def savedmodel_tf1_save_tensor_trick(d: Path, marker: str) -> Path:
+    """A TF1 SavedModel whose main op writes ``marker``, and whose saver_def names that op as
+    its save tensor (a check that skips the save subgraph skips it)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = d / "TF1SaveTensorTrick"
+    _tf1_savedmodel(path, marker)
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    meta = sm.meta_graphs[0]
+    (main_op,) = meta.collection_def["saved_model_main_op"].node_list.value
+    meta.saver_def.save_tensor_name = main_op
+    (path / "saved_model.pb").write_bytes(sm.SerializeToString())
+    Path(marker).unlink(missing_ok=True)
+    return path

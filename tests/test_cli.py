@@ -255,3 +255,14 @@ def test_real_entry_points_in_subprocesses(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("Error: model not found") and r.stdout == ""
     r = subprocess.run([sys.executable, "-m", "jacli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "compute" in r.stdout
+
+
+def test_json_documents_are_strict_json(capsys):
+    """Non-finite numbers (an infinite relative error, a -inf log-determinant) become the
+    documented strings: jq and JSON.parse reject the NaN/Infinity literals."""
+    from jacli.cli.common import emit_json
+
+    emit_json({"a": float("inf"), "b": [np.float32("-inf"), np.nan], "c": np.array([1.0, np.inf]), "d": (1, None)})
+    text = capsys.readouterr().out
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"invalid JSON literal {c}"))
+    assert doc == {"a": "Infinity", "b": ["-Infinity", "NaN"], "c": [1.0, "Infinity"], "d": [1, None]}

@@ -18,19 +18,6 @@ MULTI = ["multi.keras", "multi_savedmodel", "multi.pt", "multi.onnx"]
 FORMAT = {"keras": "keras", "h5": "keras", "pt": "torchscript", "onnx": "onnx"}
 
 
-def _ad_available(model) -> bool:
-    try:
-        import jacli.backends.onnx_grad  # noqa: F401
-    except ImportError:
-        return model.format != "onnx"
-    return True
-
-
-def _method(model) -> str:
-    """ONNX models differentiate exactly once onnx_grad is present; until then by FD."""
-    return "ad" if _ad_available(model) else "fd"
-
-
 @pytest.fixture(scope="module")
 def loaded():
     cache = {}
@@ -48,10 +35,10 @@ def loaded():
 def test_mlp_matches_numpy_backward_pass(loaded, weights, name, mode):
     model = loaded(name)
     x = np.load(SAMPLES / "mlp_input.npy")
-    J = jacli.jacobian(model, x, mode=mode, method=_method(model))
+    J = jacli.jacobian(model, x, mode=mode, method="ad")
     ref = mlp_jacobian(weights, x)
     assert J.shape == (4, 10, 500)
-    tol = 2e-3 if _method(model) == "fd" else 1e-5
+    tol = 1e-5
     np.testing.assert_allclose(J, ref, atol=tol * np.abs(ref).max(), rtol=0)
 
 
@@ -60,8 +47,8 @@ def test_map2d_closed_form(loaded, name):
     model = loaded(name)
     x = np.load(SAMPLES / "map2d_input.npy")
     for mode in ("forward", "reverse"):
-        J = jacli.jacobian(model, x, mode=mode, method=_method(model))
-        np.testing.assert_allclose(J, map2d_jacobian(x), rtol=1e-5, atol=1e-4 if _method(model) == "fd" else 1e-6)
+        J = jacli.jacobian(model, x, mode=mode, method="ad")
+        np.testing.assert_allclose(J, map2d_jacobian(x), rtol=1e-5, atol=1e-6)
     # at (1.5, 0.5): [[3, -1], [1, 3]]
     np.testing.assert_allclose(J[0], [[3, -1], [1, 3]], atol=1e-4)
 
@@ -82,35 +69,32 @@ def test_multi_input_output_against_float64_fd(loaded, weights, name):
     data = np.load(SAMPLES / "multi_input.npz")
     xs = {"a": data["a"], "b": data["b"]}
     ref = _multi_ref(weights, xs["a"].astype(np.float64), xs["b"].astype(np.float64))
-    out = jacli.jacobian(model, xs, method=_method(model))
+    out = jacli.jacobian(model, xs, method="ad")
     # output names differ by format (Keras/ONNX: s, p; TorchScript: output_0, output_1)
     names = {"s": "s", "p": "p"} if "ds/da" in out else {"s": "output_0", "p": "output_1"}
     assert set(out) == {f"d{names[o]}/d{i}" for o in "sp" for i in "ab"}
     for o in "sp":
         for i in "ab":
             J = out[f"d{names[o]}/d{i}"]
-            np.testing.assert_allclose(J, ref[(o, i)], atol=2e-4 if _method(model) == "fd" else 2e-6, rtol=1e-4)
+            np.testing.assert_allclose(J, ref[(o, i)], atol=2e-6, rtol=1e-4)
 
 
 def test_every_format_gives_the_same_mlp_jacobian(loaded):
     x = np.random.default_rng(7).standard_normal((3, 500)).astype(np.float32)
-    results = {n: jacli.jacobian(loaded(n), x, method=_method(loaded(n))) for n in MLP}
-    exact = {n: J for n, J in results.items() if _method(loaded(n)) == "ad"}
-    base = exact["mlp.pt"]
-    for n, J in exact.items():
+    results = {n: jacli.jacobian(loaded(n), x, method="ad") for n in MLP}
+    base = results["mlp.pt"]
+    for n, J in results.items():
         np.testing.assert_allclose(J, base, rtol=0, atol=1e-6 * np.abs(base).max(), err_msg=n)
-    for n, J in results.items():  # finite differences (ONNX before exact AD): float32 FD accuracy
-        np.testing.assert_allclose(J, base, rtol=0, atol=2e-3 * np.abs(base).max(), err_msg=n)
 
 
 @pytest.mark.parametrize("name", ["mlp.keras", "mlp_savedmodel", "mlp.pt", "mlp.pt2", "mlp.onnx"])
 def test_no_batch_has_cross_sample_zeros(loaded, weights, name):
     model = loaded(name)
     x = np.load(SAMPLES / "mlp_input.npy")[:2]
-    J = jacli.jacobian(model, x, batch=False, method=_method(model))
+    J = jacli.jacobian(model, x, batch=False, method="ad")
     assert J.shape == (2, 10, 2, 500)
     ref = mlp_jacobian(weights, x)
-    tol = 2e-3 if _method(model) == "fd" else 1e-5
+    tol = 1e-5
     for b in range(2):
         np.testing.assert_allclose(J[b, :, b], ref[b], atol=tol * np.abs(ref).max())
         assert np.abs(J[b, :, 1 - b]).max() <= tol * np.abs(ref).max()

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -263,3 +264,120 @@ def test_fuzz_in_subprocesses(scratch):
             assert proc.returncode >= 0, f"{case}: killed by signal {-proc.returncode}\n{proc.stderr.decode()}"
             assert_clean_outcome(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"), case)
             CASES["models (subprocess)"] += 1
+
+
+# --- structure-aware mutations, of clean and of hostile models --------------------------------
+@pytest.fixture(scope="module")
+def hostile(scratch):
+    """Live payloads of every format (each creates ``marker`` when it runs), beside clean models."""
+    import _security_models as evil
+
+    d, marker = scratch / "hostile", scratch / "hostile" / "MARKER"
+    d.mkdir()
+    lambdas = evil.keras_lambdas(d, str(marker))
+    evil.torchscript_torch_save(d / "saver.pt", str(marker))
+    evil.torchscript_from_file(d / "from_file.pt", str(marker))
+    archives = evil.torch_export_archives(d, str(marker))
+    np.save(d / "x3.npy", np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.75]], np.float32))
+    payloads = [*lambdas.values(), d / "saver.pt", d / "from_file.pt", archives["pickle"], archives["guard"],
+                evil.savedmodel_two_serving_defaults(d, str(marker)), evil.savedmodel_tf1_save_tensor_trick(d, str(marker))]
+    clean = [SAMPLES / m for m in ("mlp.keras", "mlp_tfkeras.h5", "map2d.pt", "mlp.pt2", "map2d_savedmodel")]
+    seeds = [(p, d / "x3.npy") for p in payloads] + [(p, SAMPLES / SAMPLE_INPUTS[p.name.split("_")[0].split(".")[0]])
+                                                      for p in clean]
+    marker.unlink(missing_ok=True)
+    return seeds, marker
+
+
+CLASS_NAMES = st.sampled_from(["Lambda", "TFOpLambda", "TFSMLayer", "__lambda__", "Dense", "Functional", "function"])
+MODULES = st.sampled_from(["os", "subprocess", "keras.layers", "keras_evil", "builtins", "tf_keras.layers"])
+TF_OPS = st.sampled_from(["WriteFile", "ReadFile", "PyFunc", "EagerPyFunc", "PrintV2", "ImmutableConst", "Identity",
+                          "MatMul", "NoOp", "SaveV2"])
+
+
+def _edit_config(config, data) -> None:
+    """Set a class name or module, or add a lambda marker, somewhere in a Keras config."""
+    objects, stack = [], [config]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            objects.append(obj)
+            stack += list(obj.values())
+        elif isinstance(obj, list):
+            stack += obj
+    target = data.draw(st.sampled_from(objects))
+    how = data.draw(st.sampled_from(["class_name", "module", "function_type", "registered_name"]))
+    value = {"class_name": CLASS_NAMES, "module": MODULES, "function_type": st.just("lambda"),
+             "registered_name": st.sampled_from(["evil>X", "Dense", None])}[how]
+    target[how] = data.draw(value | st.text(max_size=6))
+
+
+def _mutate_zip(path: Path, data) -> None:
+    with zipfile.ZipFile(path) as z:
+        members = [(i, z.read(i)) for i in z.infolist()]
+    i, j = data.draw(st.integers(0, len(members) - 1)), data.draw(st.integers(0, len(members) - 1))
+    how = data.draw(st.sampled_from(["swap", "rename", "config"]))
+    if how == "swap":  # one member's bytes in another's place
+        members[i] = (members[i][0], members[j][1])
+    elif how == "rename":  # two members of one name
+        info = zipfile.ZipInfo(members[j][0].filename)
+        members[i] = (info, members[i][1])
+    elif members[i][0].filename.endswith(".json"):
+        try:
+            config = json.loads(members[i][1])
+            _edit_config(config, data)
+            members[i] = (members[i][0], json.dumps(config).encode())
+        except (ValueError, RecursionError):
+            pass
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "w") as z:
+        warnings.simplefilter("ignore")  # "Duplicate name": the point of a rename
+        for info, content in members:
+            z.writestr(info, content)
+
+
+def _mutate_h5(path: Path, data) -> None:
+    with h5py.File(path, "a") as f:
+        config = json.loads(f.attrs["model_config"])
+        _edit_config(config, data)
+        f.attrs["model_config"] = json.dumps(config)
+
+
+def _mutate_savedmodel(path: Path, data) -> None:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((path / "saved_model.pb").read_bytes())
+    meta = sm.meta_graphs[0]
+    nodes = [n for f in meta.graph_def.library.function for n in f.node_def] + list(meta.graph_def.node)
+    how = data.draw(st.sampled_from(["op", "child", "saver"]))
+    if how == "op" and nodes:
+        data.draw(st.sampled_from(nodes)).op = data.draw(TF_OPS)
+    elif how == "child" and meta.HasField("object_graph_def"):
+        refs = [r for n in meta.object_graph_def.nodes for r in n.children]
+        data.draw(st.sampled_from(refs)).local_name = data.draw(st.sampled_from(
+            ["serving_default", "_initialize", "_create_resource", "signatures"]))
+    elif nodes:
+        meta.saver_def.save_tensor_name = data.draw(st.sampled_from(nodes)).name
+    (path / "saved_model.pb").write_bytes(sm.SerializeToString())
+
+
+@examples(48)
+@given(data=st.data())
+def test_fuzz_structural_mutations_never_run_a_payload(jacli, scratch, hostile, data):
+    """Zip members swapped, renamed or their JSON edited; HDF5 model configs edited; SavedModel
+    ops, object names and saver fields changed; of clean models and of live payloads. No
+    mutation may run a payload (the marker stays absent) or end in anything but exit 0 or
+    one Error: line."""
+    seeds, marker = hostile
+    seed, x = data.draw(st.sampled_from(seeds))
+    with tempfile.TemporaryDirectory(dir=scratch) as d:
+        path = Path(d) / seed.name
+        shutil.copytree(seed, path) if seed.is_dir() else shutil.copy(seed, path)
+        if seed.is_dir():
+            _mutate_savedmodel(path, data)
+        elif zipfile.is_zipfile(path):
+            _mutate_zip(path, data)
+        else:
+            _mutate_h5(path, data)
+        run_in_process(jacli, ["compute", path, x, "--json", "-q"], f"{seed.name} {data}")
+        assert not marker.exists(), f"{seed.name}: a mutation ran the payload"
+    CASES["structural mutations (in-process)"] += 1

@@ -10,10 +10,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "jacli"
 ALLOWED = {
     "cli": {"api", "io", "render", "engine", "model", "errors", "cli", ""},
-    "api": {"backends", "engine", "io", "model", "errors", "system", ""},
-    "backends": {"model", "errors", "system", "backends"},
+    "api": {"backends", "engine", "io", "model", "errors", "system", "limits", ""},
+    "backends": {"model", "errors", "system", "limits", "backends"},
     "engine": {"model", "errors", "system", "engine"},
-    "io": {"model", "errors", "system", "io"},
+    "io": {"model", "errors", "system", "limits", "io"},
     "render": {"model", "errors", "render"},
 }
 
@@ -48,10 +48,13 @@ def test_import_rule():
 
 def test_importing_everything_pulls_in_no_framework():
     code = (
-        "import sys, importlib, pkgutil, jacli\n"
-        "for m in pkgutil.walk_packages(jacli.__path__, 'jacli.'):\n"
-        "    if m.name.startswith('jacli.backends.') or m.name == 'jacli.__main__': continue\n"
+        "import sys, importlib, pkgutil, jacli, jacli.backends, jacli.backends.onnx\n"
+        "for m in pkgutil.iter_modules(jacli.__path__, 'jacli.'):\n"
+        "    if m.name in ('jacli.backends', 'jacli.__main__'): continue\n"
         "    importlib.import_module(m.name)\n"
+        "    if m.ispkg:\n"
+        "        for sub in pkgutil.walk_packages(sys.modules[m.name].__path__, m.name + '.'):\n"
+        "            importlib.import_module(sub.name)\n"
         "print(sorted(n for n in ('torch', 'tensorflow', 'keras', 'onnxruntime', 'onnx') if n in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""The ONNX cache (jacli/backends/onnx_cache.py): a model seen before runs without
+"""The ONNX cache (jacli/backends/onnx/cache.py): a model seen before runs without
 ``import onnx`` and gives the same bits; a damaged, unwritable or disabled cache only costs
 time; models whose meaning depends on more than their bytes are never cached."""
 from __future__ import annotations

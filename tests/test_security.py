@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import _security_models as evil
-from jacli.backends import safety
+from jacli import limits
+from jacli.backends import savedmodel_checks, torch_checks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +141,7 @@ def test_clean_torch_export_program_loads_without_trust(jacli, built, archives, 
     r = jacli("compute", archives["clean"], d / "x3.npy", "-o", tmp_path / "J.npy", "-q")
     assert r.code == 0, r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "J.npy"), _dense_jacobian(X3), rtol=1e-5, atol=1e-6)
-    assert safety.torch_export_problems("clean.pt2", archives["clean"].read_bytes()) == []
+    assert torch_checks.torch_export_problems("clean.pt2", archives["clean"].read_bytes()) == []
     assert not marker.exists()
 
 
@@ -221,14 +222,14 @@ def test_torch_export_reads_the_bytes_it_checked(archives, marker, tmp_path, mon
 
     path = tmp_path / "swapped.pt2"
     shutil.copy(archives["clean"], path)
-    real = safety.torch_export_problems
+    real = torch_checks.torch_export_problems
 
     def check_then_swap(p, data):
         problems = real(p, data)
         shutil.copy(archives["guard"], path)  # the file changes after it was checked
         return problems
 
-    monkeypatch.setattr(safety, "torch_export_problems", check_then_swap)
+    monkeypatch.setattr(torch_checks, "torch_export_problems", check_then_swap)
     model = te.load(str(path))
     assert [s.name for s in model.inputs] == ["x"]
     (y,) = model.forward({"x": X3}).values()
@@ -321,9 +322,9 @@ def test_savedmodel_scan_finds_the_saver_ops_it_deliberately_skips(savedmodels):
     sm.ParseFromString((savedmodels["Clean"] / "saved_model.pb").read_bytes())
     ops = {n.op for f in sm.meta_graphs[0].graph_def.library.function for n in f.node_def}
     assert {"SaveV2", "RestoreV2", "MergeV2Checkpoints"} <= ops
-    assert safety.savedmodel_problems(str(savedmodels["Clean"])) == []
+    assert savedmodel_checks.savedmodel_problems(str(savedmodels["Clean"]), sm) == []
     everything = [(f.signature.name, "all") for f in sm.meta_graphs[0].graph_def.library.function]
-    found = safety._TFLibrary(sm.meta_graphs[0].graph_def.library).scan(everything)
+    found = savedmodel_checks._Library(sm.meta_graphs[0].graph_def.library).scan(everything)
     assert any(p.startswith("SaveV2") for p in found) and any(p.startswith("RestoreV2") for p in found)
 
 
@@ -414,7 +415,7 @@ def test_input_limit_follows_available_memory_and_nothing_is_allocated(jacli, tm
     np.save(tmp_path / "x.npy", x)
     np.savez(tmp_path / "x.npz", xy=x)
     assert jacli("inspect", MAP2D).code == 0  # imports done before memory is measured
-    monkeypatch.setattr(readers, "available_memory", lambda: 12 << 20)  # the input is over half of 12 MiB
+    monkeypatch.setattr(limits, "available_memory", lambda: 12 << 20)  # the input is over half of 12 MiB
     for path in (tmp_path / "x.npy", tmp_path / "x.npz"):
         tracemalloc.start()
         r = jacli("compute", MAP2D, path)
@@ -423,7 +424,7 @@ def test_input_limit_follows_available_memory_and_nothing_is_allocated(jacli, tm
         assert r.code == 2 and "8.0 MiB" in r.stderr and "12.0 MiB available" in r.stderr, r.stderr
         assert peak < x.nbytes // 2, f"{peak} bytes allocated while refusing a {x.nbytes}-byte input"
     assert "more than 50%" in jacli("compute", MAP2D, "--random", "1000000").stderr
-    monkeypatch.setattr(readers, "available_memory", lambda: 1 << 30)
+    monkeypatch.setattr(limits, "available_memory", lambda: 1 << 30)
     for path in (tmp_path / "x.npy", tmp_path / "x.npz"):
         assert next(iter(readers._read_arrays(str(path)).values())).shape == x.shape
 
@@ -432,9 +433,7 @@ def test_compressed_npz_bomb_refused_without_inflating(jacli, tmp_path, monkeypa
     with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("xy.npy", npy_header((64 << 20, 2)) + bytes(64 << 20))  # 512 MiB announced, 64 MiB of zeros
     assert (tmp_path / "bomb.npz").stat().st_size < 1 << 20
-    from jacli.io import readers
-
-    monkeypatch.setattr(readers, "available_memory", lambda: 256 << 20)
+    monkeypatch.setattr(limits, "available_memory", lambda: 256 << 20)
     tracemalloc.start()
     r = jacli("compute", MAP2D, tmp_path / "bomb.npz")
     peak = tracemalloc.get_traced_memory()[1]
@@ -539,7 +538,7 @@ def test_crash_in_the_middle_of_a_streamed_write(jacli, tmp_path, monkeypatch, s
         return original(self, key, s0, s1, block)
 
     monkeypatch.setattr(cls, "write", crash_on_second_block)
-    r = jacli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-o", out, "--max-memory", "50K", "-q")
+    r = jacli("compute", SAMPLES / "mlp.onnx", "--random", "200", "-o", out, "--max-memory", "1M", "-q")
     assert r.code == 3 and "simulated crash" in r.stderr, r.stderr
     assert len(calls) == 2
     assert out.read_bytes() == OLD

@@ -1,12 +1,16 @@
 """Loaders, one module per format family, imported only when a model of that format is
 loaded. ``load(path)`` detects the format from the path (extension, directory contents,
-magic bytes) unless ``fmt`` is given."""
+magic bytes) unless ``fmt`` is given. Each loader reads the model once (``limits``) and
+runs its format's checks (``*_checks``, ``onnx/checks``) on those bytes before the
+framework sees them; see docs/security.md."""
 from __future__ import annotations
 
 import importlib
+import os
 import zipfile
 from pathlib import Path
 
+from .. import limits, system
 from ..errors import ModelLoadError, UnsafeModelError
 from ..model import Model
 
@@ -29,11 +33,15 @@ def detect_format(path: str) -> str:
         if (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists():
             return "savedmodel"
         raise ModelLoadError(f"{path} is a directory without saved_model.pb; it is not a TensorFlow SavedModel")
+    fd = limits.open_regular(path, "model", ModelLoadError)  # not a device or FIFO
     try:
-        with open(p, "rb") as f:
-            magic = f.read(8)
+        size = os.fstat(fd).st_size
+        limits.check_fits(size, f"model {path} ({limits.size_text(size)})", ModelLoadError, "see JACLI_READ_LIMIT")
+        magic = os.read(fd, 8)
     except OSError as e:
         raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     suffix = p.suffix.lower()
     if not magic:
         raise ModelLoadError(f"model file {path} is empty")
@@ -84,7 +92,9 @@ def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:
             "save it with torch.jit.save (TorchScript) instead, or pass --trust-model if you trust its source"
         )
     module, func = LOADERS[detected].split(":")
-    return getattr(importlib.import_module(module), func)(str(path), trust=trust)
+    model = getattr(importlib.import_module(module), func)(str(path), trust=trust)
+    system.note_read(str(path))  # no output may replace it
+    return model
 
 
 def _is_torch_pickle(path: str) -> bool:

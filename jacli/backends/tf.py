@@ -39,23 +39,23 @@ def _tf():
 
 
 def load_keras(path: str, trust: bool = False) -> "TFModel":
-    if not trust:  # before Keras sees the file; safe_mode below is the second line of defence
-        from .safety import keras_problems, refuse
+    from .keras_checks import checked_copy
 
-        refuse(path, keras_problems(path))
     tf = _tf()
     keras = require("keras", "keras", "tf", "Keras")
-    try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=not trust)
-    except ValueError as e:
-        if "safe_mode" in str(e) or "lambda" in str(e).lower():
-            raise UnsafeModelError(
-                f"{path} contains a Lambda layer whose Python bytecode would run on load; "
-                "pass --trust-model if you trust its source"
-            ) from None
-        model = _load_tf_keras(path, trust, e)
-    except Exception as e:
-        model = _load_tf_keras(path, trust, e)
+    # Keras loads a private copy, checked first (unless trusted); safe_mode is the second line of defence
+    with checked_copy(path, trust) as (local, route):
+        try:
+            model = keras.saving.load_model(local, compile=False, safe_mode=not trust)
+        except ValueError as e:
+            if "safe_mode" in str(e) or "lambda" in str(e).lower():
+                raise UnsafeModelError(
+                    f"{path} contains a Lambda layer whose Python bytecode would run on load; "
+                    "pass --trust-model if you trust its source"
+                ) from None
+            model = _load_tf_keras(path, local, route, trust, e)
+        except Exception as e:
+            model = _load_tf_keras(path, local, route, trust, e)
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
     inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
     outputs = [
@@ -68,30 +68,32 @@ def load_keras(path: str, trust: bool = False) -> "TFModel":
     return m
 
 
-def _load_tf_keras(path: str, trust: bool, first: Exception):
-    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read."""
-    if not path.lower().endswith((".h5", ".hdf5")):
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)}") from None
+def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Exception):
+    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read: the same checked HDF5 copy."""
+    first_error = short(first).replace(local, path)
+    if route != "hdf5":
+        raise ModelLoadError(f"cannot load Keras model {path}: {first_error}") from None
     try:
         import tf_keras
     except ImportError:
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(first)} (installing tf_keras may help)") from None
+        raise ModelLoadError(f"cannot load Keras model {path}: {first_error} (installing tf_keras may help)") from None
     try:
-        return tf_keras.models.load_model(path, compile=False, safe_mode=not trust)
+        return tf_keras.models.load_model(local, compile=False, safe_mode=not trust)
     except Exception as e:
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(e)}") from None
+        raise ModelLoadError(f"cannot load Keras model {path}: {short(e).replace(local, path)}") from None
 
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
-    tf = _tf()
-    if not trust:  # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops)
-        from .safety import refuse, savedmodel_problems
+    from .savedmodel_checks import checked_copy
 
-        refuse(path, savedmodel_problems(path))
-    try:
-        loaded = tf.saved_model.load(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load SavedModel {path}: {short(e)}") from None
+    tf = _tf()
+    # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops): it loads a private copy,
+    # checked first unless trusted
+    with checked_copy(path, trust) as local:
+        try:
+            loaded = tf.saved_model.load(local)
+        except Exception as e:
+            raise ModelLoadError(f"cannot load SavedModel {path}: {short(e).replace(local, path)}") from None
     sigs = getattr(loaded, "signatures", {})
     if "serving_default" not in sigs:
         raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")

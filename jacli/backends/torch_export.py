@@ -9,15 +9,15 @@ program in pieces of that size) and dtypes.
 
 Loading a ``.pt2`` can run code (pickles, shape expressions evaluated as Python, code that
 torch generates from names in the archive); without ``--trust-model`` the archive's bytes are
-checked first (``safety.torch_export_problems``) and those same bytes are loaded.
+checked first (``torch_checks.torch_export_problems``) and those same bytes are loaded.
 """
 from __future__ import annotations
 
 import io
 import logging
 from contextlib import contextmanager
-from pathlib import Path
 
+from .. import limits
 from ..errors import ModelLoadError, UnsupportedError
 from ..model import TensorSpec
 from ._common import require, short
@@ -30,12 +30,10 @@ _FORWARD_AD_THROUGH = {"wrap_with_set_grad_enabled", "wrap_with_autocast"}
 
 def load(path: str, trust: bool = False) -> "ExportedModel":
     torch = require("torch", "torch", "torch", "torch.export")
-    try:
-        data = Path(path).read_bytes()  # read once: what is checked is what is loaded
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    data = limits.read_regular(path, "model", ModelLoadError)  # read once: what is checked is what is loaded
     if not trust:
-        from .safety import refuse, torch_export_problems
+        from .refusal import refuse
+        from .torch_checks import torch_export_problems
 
         refuse(path, torch_export_problems(path, data))
     with _quiet():

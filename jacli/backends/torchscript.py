@@ -8,6 +8,7 @@ pass's VJP or JVP (or k backward passes through it), see ``TorchModel._map_strat
 """
 from __future__ import annotations
 
+import io
 from typing import Sequence
 
 import numpy as np
@@ -18,13 +19,17 @@ from ._common import Constants, require, short
 
 
 def load(path: str, trust: bool = False) -> "TorchModel":
-    if not trust:  # torch.jit.load compiles the archive's code and runs any __setstate__
-        from .safety import refuse, torchscript_problems
+    from .. import limits
 
-        refuse(path, torchscript_problems(path))
     torch = require("torch", "torch", "torch", "TorchScript")
+    data = limits.read_regular(path, "model", ModelLoadError)  # read once: what is checked is what is loaded
+    if not trust:  # torch.jit.load compiles the archive's code and runs any __setstate__
+        from .refusal import refuse
+        from .torch_checks import torchscript_problems
+
+        refuse(path, torchscript_problems(path, data))
     try:
-        module = torch.jit.load(path, map_location="cpu")
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     except Exception as e:
         raise ModelLoadError(f"cannot load TorchScript model {path}: {short(e)}") from None
     return TorchModel.wrap(module, path, "torchscript")

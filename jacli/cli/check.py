@@ -2,7 +2,7 @@ import click
 
 from .. import api
 from ..errors import InputError
-from . import options
+from . import options, plotting
 from .common import console, emit_json, load_input, load_model
 
 SHOW = 10  # mismatches listed in the terminal view
@@ -14,8 +14,9 @@ SHOW = 10  # mismatches listed in the terminal view
 @options.select
 @options.check
 @options.common
+@options.plot
 def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd, rtol, atol, eps, directions, as_json,
-          quiet, debug):
+          quiet, debug, plot):
     """Check MODEL's automatic derivatives against finite differences at INPUT.
 
     Every entry of every sample's Jacobian (or, with --directions K, K random directional
@@ -31,12 +32,17 @@ def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd,
 
     if not fd:
         raise InputError("say what to check against: --fd (finite differences; the only check so far)")
+    plots = plotting.targets(plot)
     model = load_model(model_path, fmt, trust_model)
     xs = load_input(model, input_path, random_n, seed, quiet)
     samples = len(next(iter(xs.values())))
     with Progress(samples, enabled=not quiet) as progress:
         result = api.check(model, xs, wrt or None, of or None, rtol=rtol, atol=atol, eps=eps, directions=directions,
                            seed=seed, progress=progress)
+    if plots:
+        from ..render.plots import check_plot
+
+        plotting.save([check_plot(result)], plots, quiet)
     doc = {"model": model.path, "format": model.format, "backend": model.backend, **result.to_json()}
     if as_json:
         emit_json(doc)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -41,15 +42,25 @@ def load_input(model, input_path: str | None, random_n: int | None, seed: int, q
 
 
 def emit_json(doc: dict) -> None:
-    click.echo(json.dumps(doc, indent=2, default=_plain))
+    """Strict JSON (RFC 8259, what jq and JSON.parse accept): non-finite numbers become the
+    strings "Infinity", "-Infinity" and "NaN", as in every command's documented output."""
+    click.echo(json.dumps(_plain(doc), indent=2, allow_nan=False))
 
 
 def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
     if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(type(v).__name__)
+        return _plain(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if v is None or isinstance(v, (str, int, float, bool)):
+        return v
+    raise TypeError(f"{type(v).__name__} in a JSON document")
 
 
 def stdout_is_data(output: str | None) -> bool:

@@ -1,7 +1,7 @@
 import click
 
 from .. import api
-from . import options
+from . import options, plotting
 from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model
 
 
@@ -13,8 +13,13 @@ from .common import console, emit_json, fail_if_json_and_stdout, load_input, loa
 @options.engine
 @options.method
 @options.common
+@options.plot
+@options.plot_samples
+@options.plot_map
+@options.locate_probes
 def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wrt, of, mode, no_batch, chunk_size,
-            max_memory, method, as_json, quiet, debug):
+            max_memory, method, as_json, quiet, debug, plot, plot_samples, plot_output, plot_layout, plot_reduce,
+            locate_probes):
     """Compute the Jacobian d(outputs)/d(inputs) of MODEL at INPUT.
 
     Per-sample Jacobians of a batch, shape (B, *output, *input), unless --no-batch.
@@ -23,13 +28,20 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
     from ..render.progress import Progress
 
     fail_if_json_and_stdout(as_json, output)
+    plots = plotting.targets(plot)
     model = load_model(model_path, fmt, trust_model)
     xs = load_input(model, input_path, random_n, seed, quiet)
     plan = api.plan(model, xs, wrt or None, of or None, mode=mode, batch=not no_batch)
     shown = not (as_json or quiet or output == "-")  # the terminal view, with its heatmap
+    sink = None
+    if plots:
+        sink = plotting.jacobian_sink(model, plan, plot_samples, plot_output, plot_layout, plot_reduce, quiet)
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
-                             progress=progress, heat=shown, summaries=shown or as_json)
+                             progress=progress, heat=shown, summaries=shown or as_json, tap=sink.wrap if sink else None,
+                             probes=locate_probes)
+    if sink:
+        plotting.save(plotting.compute_plots(sink, plan, plot_reduce), plots, quiet)
     if not (as_json or shown):
         return
     meta = api.metadata(model, plan, method)

@@ -16,11 +16,13 @@ import click
 from .. import __version__
 from .check import check
 from .compute import compute
+from .diff import diff
 from .export_grad import export_grad
 from .inspect_cmd import inspect_cmd
+from .ops import ops
 from .spectral import det, svd
 
-COMMANDS = [inspect_cmd, compute, check, export_grad, svd, det]
+COMMANDS = [inspect_cmd, compute, check, export_grad, svd, det, diff, ops]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

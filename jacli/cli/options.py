@@ -26,7 +26,10 @@ def _memory(ctx, param, value):
         raise click.BadParameter(f"{value!r} is not a size; use e.g. 512M or 2G")
     unit = (m.group(2) or "").lower().rstrip("b").rstrip("i")
     factor = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[unit]
-    return int(float(m.group(1)) * factor)
+    size = int(float(m.group(1)) * factor)
+    if size < 1 << 20:
+        raise click.BadParameter(f"{value!r} is less than 1 MiB, too little to work in; use e.g. 64M")
+    return size
 
 
 model = _stack(
@@ -104,3 +107,78 @@ svd = _stack(
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
                             help="J counts as singular when its reciprocal condition number estimate is at most R "
                                  "(default: n·eps of the model's dtype).")
+
+
+# --plot (the optional extra jacli[plot]); see docs/plots.md
+def _plot_output(ctx, param, value):
+    if value is None:
+        return ("top", 1)
+    m = re.fullmatch(r"\s*top-?(\d+)\s*", value, re.I)
+    if m and int(m.group(1)) >= 1:
+        return ("top", int(m.group(1)))
+    if re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", value):
+        return ("index", tuple(int(i) for i in value.split(",")))
+    raise click.BadParameter(f"{value!r}: give an output index (flat, or i,j,… per axis) or top-K, e.g. top-3")
+
+
+def _plot_layouts(ctx, param, values):
+    if not values:
+        return {}
+    from ..render.plot_sink import LAYOUTS
+
+    out = {}
+    for value in values:
+        name, _, layout = value.rpartition(":")
+        if layout not in LAYOUTS:
+            raise click.BadParameter(f"{value!r}: give [INPUT:]LAYOUT with LAYOUT one of {', '.join(LAYOUTS)}")
+        out[name] = layout
+    return out
+
+
+plot = click.option("--plot", "plot", multiple=True, metavar="FILE",
+                    help="Draw the result to FILE (.png or .svg; repeatable), or to an existing directory (one PNG per "
+                         "plot). Needs the extra jacli[plot] (matplotlib). See docs/plots.md.")
+plot_samples = click.option("--plot-samples", type=click.IntRange(min=1), default=3, show_default=True, metavar="N",
+                            help="Samples drawn by --plot (the first N).")
+plot_map = _stack(
+    click.option("--plot-output", callback=_plot_output, metavar="INDEX|top-K",
+                 help="Outputs whose saliency maps --plot draws for image inputs: an index into the output, or the "
+                      "K largest outputs of each sample (default: top-1)."),
+    click.option("--plot-layout", multiple=True, callback=_plot_layouts, metavar="[INPUT:]LAYOUT",
+                 help="How --plot reads an input: chw, hwc, hw (images), seq (time × features), flat, or auto "
+                      "(default: images from 3-D shapes with 1, 3 or 4 channels, sequences from 2-D ones)."),
+    click.option("--plot-reduce", type=click.Choice(["max", "l2"]), default="max", show_default=True,
+                 help="Saliency maps: |dy/dx| reduced over an image's channels by max or L2 norm."),
+)
+
+
+# diff
+diff = _stack(
+    click.argument("a_path", metavar="A"),
+    click.argument("b_path", metavar="B"),
+    click.option("--trust-model", is_flag=True,
+                 help="Allow formats that can run code on load (for both models; see docs/security.md)."),
+    click.option("--atol", multiple=True, metavar="[NAME:]A",
+                 help="Absolute tolerance, for every output or (NAME:A, repeatable) for output NAME and its "
+                      "Jacobians, or one Jacobian dNAME/dIN (default by dtype: 1e-5 float32, 1e-9 float64, 1e-3 float16)."),
+    click.option("--rtol", multiple=True, metavar="[NAME:]R",
+                 help="Relative tolerance |a-b|/|b| (B is the reference), like --atol (default: 1e-4 float32, "
+                      "1e-7 float64, 1e-2 float16). An entry differs when both are exceeded."),
+    click.option("--check-stat", multiple=True, metavar="[NAME:]STAT",
+                 help="What is compared with the tolerances: elementwise (every entry; default), or the max, mean "
+                      "or median of the errors (passes when the absolute or the relative one is within tolerance)."),
+    click.option("--map", "maps", multiple=True, metavar="A=B[:LAYOUT]",
+                 help="Pair A's input/output A with B's B (repeatable; default: by name, else by position). "
+                      "LAYOUT nhwc: B holds it channels-last where A is channels-first; nchw: the reverse."),
+    click.option("--directions", type=click.IntRange(min=1), metavar="K",
+                 help="Compare only J·v and Jᵀc for K random probes per sample (for Jacobians too big to form); "
+                      "the miss probability is reported."),
+    click.option("--locate", is_flag=True,
+                 help="Name the first intermediate tensor whose derivative differs, and its node (ONNX models, "
+                      "torch.export programs, baselines written with compute --locate-probes)."),
+)
+locate_probes = click.option(
+    "--locate-probes", is_flag=True,
+    help="With -o FILE.h5 for an ONNX model or torch.export program: also store J·v of every intermediate tensor "
+         "for one random tangent, so that `jacli diff MODEL FILE.h5 --locate` can name the node where a later model "
+         "departs.")

@@ -2,7 +2,7 @@ import click
 import numpy as np
 
 from .. import api
-from . import options
+from . import options, plotting
 from .common import console, emit_json, load_input, load_model, warn
 
 
@@ -27,8 +27,10 @@ def _header(plan, meta: dict, result, output) -> dict:
 @options.engine
 @options.method
 @options.common
+@options.plot
+@options.plot_samples
 def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, smallest, vectors, solver, tol, output,
-        mode, no_batch, chunk_size, max_memory, method, as_json, quiet, debug):
+        mode, no_batch, chunk_size, max_memory, method, as_json, quiet, debug, plot, plot_samples):
     """Singular values and condition number of each sample's Jacobian at INPUT.
 
     J is every selected output (flattened) by every selected input (flattened). σ_max is
@@ -40,6 +42,7 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
     from ..render.progress import Progress
     from ..render.spectral import svd_view
 
+    plots = plotting.targets(plot)
     model, plan = _prepare(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, mode, no_batch, quiet)
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.svd(model, plan, k=k, smallest=smallest, vectors=vectors, solver=solver, method=method, tol=tol,
@@ -53,6 +56,10 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
         if stuck:
             warn(f"the matrix-free solver did not converge for {stuck} sample(s) within {result.iterations} "
                  "iterations; see error_bounds", quiet)
+    if plots:
+        from ..render.plots import svd_plot
+
+        plotting.save([svd_plot(result, plot_samples)], plots, quiet)
     meta = api.metadata(model, plan, method)
     doc = {**_header(plan, meta, result, output), "solver": result.solver, "shape": [result.m, result.n],
            "k": k, "tol": tol if result.solver == "matrix-free" else None}
@@ -75,8 +82,9 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
 @options.engine
 @options.method
 @options.common
+@options.plot
 def det(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, singular_tol, output, mode, no_batch,
-        chunk_size, max_memory, method, as_json, quiet, debug):
+        chunk_size, max_memory, method, as_json, quiet, debug, plot):
     """sign, log|det J| and det J of each sample's square Jacobian at INPUT, by LU.
 
     For invertible maps such as normalizing flows (output size = input size). A Jacobian
@@ -87,6 +95,7 @@ def det(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, singu
     from ..render.progress import Progress
     from ..render.spectral import det_view
 
+    plots = plotting.targets(plot)
     model, plan = _prepare(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, mode, no_batch, quiet)
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.det(model, plan, method=method, singular_tol=singular_tol, output=output, chunk_size=chunk_size,
@@ -94,6 +103,10 @@ def det(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, singu
     if result.overflow.any():
         warn(f"|det J| exceeds the float64 range for {int(result.overflow.sum())} sample(s): det is ±inf there; "
              "logabsdet is exact", quiet)
+    if plots:
+        from ..render.plots import det_plot
+
+        plotting.save([det_plot(result)], plots, quiet)
     meta = api.metadata(model, plan, method)
     doc = {**_header(plan, meta, result, output), "shape": [result.n, result.n], "singular_tol": result.tol}
     if as_json:

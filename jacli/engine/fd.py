@@ -17,11 +17,12 @@ from ..errors import InputError, UnsupportedError
 from ..model import Model
 
 
-def forward_fn(model: Model, xs: dict, prefer64: bool = True):
-    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes in."""
+def forward_fn(model: Model, xs: dict, prefer64: bool = True, batch: bool = True):
+    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes in
+    (probed on one sample, or on the whole arrays with ``batch=False``)."""
     if prefer64 and model.supports_float64:
         try:
-            model.forward64({k: v[:1] for k, v in xs.items()})
+            model.forward64({k: v[:1] for k, v in xs.items()} if batch else dict(xs))
             return model.forward64, np.dtype(np.float64)
         except UnsupportedError:
             pass  # e.g. an operator without a float64 kernel: differences in the model's dtype
@@ -55,7 +56,7 @@ def fd_columns(
 ) -> Iterator[tuple[str, tuple[int, np.ndarray]]]:
     """Yield ``(output, (c0, block))`` with block of shape (S, m, kc): columns c0:c0+kc of
     the per-sample (S samples) or whole (S=1) Jacobian by central differences."""
-    fwd, dtype = forward_fn(model, xs, prefer64)
+    fwd, dtype = forward_fn(model, xs, prefer64, batch)
     x = xs[wrt]
     lead = x.shape[:1] if batch else ()
     flat = x.reshape(lead + (-1,)) if batch else x.reshape(1, -1)

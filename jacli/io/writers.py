@@ -3,7 +3,10 @@
 
 Every writer streams sample blocks into a temporary file in the target's directory and
 renames it over the target only when everything is written; on any failure (including
-Ctrl-C) the temporary file is removed and an existing file of that name is untouched.
+Ctrl-C, and any OS error, which becomes one OutputError) the temporary file is removed and
+an existing file of that name is untouched. The finished file gets the mode of the file it
+replaces, or that of a new file under the umask. A target that this process read as its
+model or input is refused.
 Before anything is written, a writer refuses a Jacobian that the disk has no room for.
 ``.npy`` blocks go to their offsets with plain file writes rather than a memory map, so
 written pages stay in the page cache instead of counting towards the process's memory.
@@ -11,6 +14,7 @@ written pages stay in the page cache instead of counting towards the process's m
 from __future__ import annotations
 
 import abc
+import io
 import json
 import os
 import shutil
@@ -22,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OutputError
-from ..system import replace_atomically
+from ..system import new_file_mode, replace_atomically, was_read
 
 SUFFIXES = (".npy", ".npz", ".h5", ".hdf5")
 
@@ -39,6 +43,7 @@ class Writer(abc.ABC):
             raise OutputError(f"cannot write {path}: directory {directory} does not exist")
         if self.path.is_dir():
             raise OutputError(f"cannot write {path}: it is a directory")
+        refuse_input(path)
         need, free = self._disk_bytes(), _free_bytes(directory)
         if free is not None and need > free:
             raise OutputError(
@@ -53,8 +58,10 @@ class Writer(abc.ABC):
         self.tmp = Path(tmp)
         try:
             self._open()
-        except BaseException:
+        except BaseException as e:
             self.abort()
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot write {path}: {_reason(e)}") from None
             raise
 
     def _open(self) -> None:
@@ -78,16 +85,21 @@ class Writer(abc.ABC):
     def commit(self) -> None:
         try:
             self._finish()
+            os.chmod(self.tmp, new_file_mode(str(self.path)))
             os.replace(self.tmp, self.path)
         except BaseException as e:  # also Ctrl-C/SIGTERM while finishing: no temporary file is left
             self.abort()
             if isinstance(e, OSError):
-                raise OutputError(f"cannot write {self.path}: {e.strerror}") from None
+                raise OutputError(f"cannot write {self.path}: {_reason(e)}") from None
             raise
 
     def abort(self) -> None:
-        self._close_quietly()
-        self.tmp.unlink(missing_ok=True)
+        try:
+            self._close_quietly()
+        except Exception:  # closing fails too when the disk is full: the file goes anyway
+            pass
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def _close_quietly(self) -> None:
         """Release open handles before the temporary file is removed."""
@@ -98,8 +110,10 @@ class Writer(abc.ABC):
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.commit()
-        else:
-            self.abort()
+            return False
+        self.abort()
+        if isinstance(exc, OSError):  # a write failed: no space, I/O error, ...
+            raise OutputError(f"cannot write {self.path}: {_reason(exc)}") from None
         return False
 
     def _store(self, target: np.ndarray, s0: int, s1: int, block: np.ndarray) -> None:
@@ -223,7 +237,8 @@ class H5Writer(Writer):
             import h5py
         except ImportError:
             raise OutputError("writing .h5 needs h5py: pip install h5py") from None
-        self.f = h5py.File(self.tmp, "w")
+        self.raw = _GuardedFile(self.tmp)
+        self.f = h5py.File(self.raw, "w")
         for k, v in self.meta.items():
             self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
         self.ds = {}
@@ -238,6 +253,12 @@ class H5Writer(Writer):
 
     def write(self, key, s0, s1, block):
         self._store(self.ds[key], s0, s1, block)
+        self.raw.check()
+
+    def store_arrays(self, group: str, arrays: dict[str, np.ndarray]) -> None:
+        """Datasets ``group/name`` beside the Jacobians (a baseline's input and outputs)."""
+        for name, a in arrays.items():
+            self.f.create_dataset(f"{group}/{name}", data=np.asarray(a))
 
     def write_part(self, key, s, rows, cols, block, out_ndim):
         """As hyperslabs of the (sample, *outputs, *inputs) dataset: a flat range of rows or
@@ -250,20 +271,84 @@ class H5Writer(Writer):
             for ii, c0, c1 in slabs(ins, cols.start, cols.stop):
                 piece = block[r0 - rows.start : r1 - rows.start, c0 - cols.start : c1 - cols.start]
                 ds[lead + oi + ii] = piece.reshape(_slab_shape(oi, outs) + _slab_shape(ii, ins))
+        self.raw.check()
 
     def _finish(self):
         self.f.close()
+        self.raw.close()
+        self.raw.check()
 
     def _close_quietly(self):
         f = getattr(self, "f", None)
         if f is not None and f.id.valid:
             f.close()
+        if getattr(self, "raw", None) is not None:
+            self.raw.close()
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes through (h5py's fileobj driver). HDF5 crashes when it closes a
+    file after a failed write (no space, a file size limit), so a failed write is kept
+    here and the ones after it are dropped; the writer raises the first error
+    (``check``) and the file is removed."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.f, self.error = open(path, "r+b"), None
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, b):
+        return self.f.readinto(b)
+
+    def seek(self, offset, whence=0):
+        return self.f.seek(offset, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+    def _guarded(self, op, *args):
+        if self.error is None and not self.f.closed:
+            try:
+                return op(*args)
+            except OSError as e:
+                self.error = e
+        return None
+
+    def write(self, b):
+        self._guarded(self.f.write, b)
+        return len(b)
+
+    def truncate(self, size=None):
+        self._guarded(self.f.truncate, size)
+        return size
+
+    def flush(self):
+        self._guarded(self.f.flush)
+
+    def close(self):
+        self._guarded(self.f.flush)
+        self.f.close()
+        super().close()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class StdoutWriter:
     """``.npy`` bytes on stdout (one pair); built in memory, written at the end."""
 
     def __init__(self, path, shapes, dtype, meta, batch, pieces=None):
+        if sys.stdout is None:
+            raise OutputError("cannot write to stdout: it is closed")
         if len(shapes) != 1:
             raise OutputError(f"-o - writes one .npy array but there are {len(shapes)} Jacobians; choose one with --of/--wrt")
         (shape,) = shapes.values()
@@ -280,10 +365,37 @@ class StdoutWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
+        if exc_type is not None:
+            return False
+        try:
             np.lib.format.write_array(sys.stdout.buffer, self.array, allow_pickle=False)
             sys.stdout.buffer.flush()
+        except (OSError, ValueError) as e:  # a closed pipe (| head), a full disk; ValueError: stdout closed
+            _silence_stdout()
+            raise OutputError(f"cannot write to stdout: {_reason(e) if isinstance(e, OSError) else 'it is closed'}"
+                              ) from None
         return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's own flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests), or already gone
+        pass
+
+
+def refuse_input(path: str) -> None:
+    """Refuse an output path that names (or links to) the model or an input of this run."""
+    if was_read(path):
+        raise OutputError(f"refusing to write {path}: it is the model or an input file of this run; "
+                          "choose another output name")
+
+
+def _reason(e: OSError) -> str:
+    return e.strerror or str(e) or type(e).__name__
 
 
 def open_writer(path: str, shapes: dict[str, tuple[int, ...]], dtype, meta: dict, batch: bool = True,
@@ -397,7 +509,8 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
     target = Path(path)
     if not target.parent.is_dir():
         raise OutputError(f"cannot write {path}: directory {target.parent} does not exist")
+    refuse_input(path)
     try:
-        replace_atomically(target, data)
+        replace_atomically(target, data, new_file_mode(path))
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+        raise OutputError(f"cannot write {path}: {_reason(e)}") from None

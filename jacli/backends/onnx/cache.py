@@ -20,25 +20,25 @@ from pathlib import Path
 
 import numpy as np
 
-from ..model import TensorSpec
+from ...model import TensorSpec
 
-_SOURCES = ("onnx.py", "onnx_cache.py", "onnx_grad.py")  # what entries are made by, next to this module
+_PACKAGE = Path(__file__).parent  # every module of the ONNX backend (loader, checks, rules) makes entries
 
 
 def entry(model_sha256: str) -> Path | None:
     """The folder for this model's entry (it may not exist yet); None when caching is off."""
     import onnxruntime
 
-    from .. import __version__
+    from ... import __version__
 
     root = _root()
     if root is None:
         return None
     try:
-        stats = [os.stat(Path(__file__).parent / name) for name in _SOURCES]
+        stats = [(str(f.relative_to(_PACKAGE)), f.stat()) for f in sorted(_PACKAGE.rglob("*.py"))]
     except OSError:  # not installed as files
         return None
-    sources = hashlib.sha256(repr([(s.st_size, s.st_mtime_ns) for s in stats]).encode()).hexdigest()[:12]
+    sources = hashlib.sha256(repr([(name, s.st_size, s.st_mtime_ns) for name, s in stats]).encode()).hexdigest()[:12]
     return root / "onnx" / model_sha256 / f"jacli{__version__}-ort{onnxruntime.__version__}-{sources}"
 
 
@@ -109,7 +109,7 @@ def _spec(d: dict) -> TensorSpec:
 def _write(folder: Path | None, filename: str, data: bytes) -> None:
     if folder is None:
         return
-    from ..system import replace_atomically
+    from ...system import replace_atomically
 
     try:
         folder.mkdir(parents=True, exist_ok=True)

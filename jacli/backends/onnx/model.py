@@ -1,24 +1,29 @@
 """ONNX models run by onnxruntime (CPU). Exact derivatives come from VJP/JVP graphs that
-``jacli.backends.onnx_grad`` builds from the model's graph (themselves ONNX models run by
+``jacli.backends.onnx.derive`` builds from the model's graph (themselves ONNX models run by
 the same runtime); a graph with an operator that has no rule says so and points to
 ``--method fd``."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from pathlib import Path
+import sys
+import tempfile
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
-from ..model import Model, TensorSpec
-from . import onnx_cache
-from ._common import require, short, threads
+from ... import limits
+from ...errors import InputError, ModelLoadError, UnsafeModelError
+from ...model import Model, TensorSpec
+from . import cache as onnx_cache
+from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
+_NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
+_SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
 def load(path: str, trust: bool = False) -> "OnnxModel":
@@ -26,10 +31,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     this file was checked before: then ``onnx`` is imported only if a derived graph is
     missing from the cache."""
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelLoadError(f"cannot read model {path}: {e.strerror}") from None
+    data = limits.read_regular(path, "model", ModelLoadError)
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs = onnx_cache.entry(m.sha256), {}
@@ -61,17 +63,17 @@ def _checked(path: str, data: bytes, trust: bool):
         proto = onnx.load_model_from_string(data, format=fmt)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
-    from .safety import _onnx_tensors, onnx_undecodable_strings
+    from .checks import onnx_external_data_problems, onnx_undecodable_strings, tensors
 
     bad = onnx_undecodable_strings(proto)
     if bad:
         raise ModelLoadError(f"cannot load ONNX model {path}: text that is not UTF-8 ({bad[0]}; corrupt?)")
     model_dir = os.path.dirname(os.path.abspath(path))
     if not trust:
-        from .safety import onnx_external_data_problems, refuse
+        from ..refusal import refuse
 
         refuse(path, onnx_external_data_problems(proto, model_dir))
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _onnx_tensors(proto))
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
         onnx.checker.check_model(proto)
@@ -112,25 +114,66 @@ class OnnxModel(Model):
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
-        from .onnx_grad import to_float64
+        from ...errors import UnsupportedError
+        from .float64 import to_float64
 
+        recurrent = sorted({n.op_type for n in self.proto.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
+        if recurrent:
+            from .derive import decomposed  # the same function, of operators that have double kernels
+
+            try:
+                return to_float64(decomposed(self.proto))
+            except UnsupportedError as e:
+                raise UnsupportedError(f"onnxruntime (CPU) has no double-precision kernel for {recurrent[0]} and "
+                                       f"its decomposition does not apply ({e})") from None
         return to_float64(self.proto)
 
-    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs."""
-        from . import onnx_grad
+    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
+        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs; ``fixed``
+        (input -> dims) pins dynamic sizes of the model's inputs for one shape of input."""
+        from . import derive
 
-        build = onnx_grad.build_vjp if kind == "vjp" else onnx_grad.build_jvp
-        return build(self.proto, list(wrt), list(of))
+        build = derive.build_vjp if kind == "vjp" else derive.build_jvp
+        return build(self.proto, list(wrt), list(of), fixed=fixed)
 
-    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """A session running the derivative graph (one per kind and selection)."""
+    def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
+        """A session running the derivative graph (one per kind and selection). A graph that
+        cannot be built while some input sizes are dynamic (a recurrent network's sequence
+        length) is built again for the sizes of ``xs`` (all but the leading axis, else all),
+        once per such shape."""
+        from ...errors import UnsupportedError
+
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
-            selection = hashlib.sha256(json.dumps([list(wrt), list(of)]).encode()).hexdigest()[:16]
-            build = lambda: self.derivative_graph(kind, wrt, of)  # noqa: E731
-            self._graphs[key] = self._cached_session(f"{kind}-{selection}", build)
-        return self._graphs[key]
+            try:
+                self._graphs[key] = self._build_session(kind, wrt, of, None)
+            except UnsupportedError as e:
+                if xs is None or not self._dynamic_dims() or _SIZE_AT_RUN_TIME not in str(e):
+                    raise
+                self._graphs[key] = e
+        sess = self._graphs[key]
+        if not isinstance(sess, UnsupportedError):
+            return sess
+        for lead in (False, True):  # the leading axis too only if need be (a time-major sequence)
+            fixed = {s.name: ([None] if not lead else [xs[s.name].shape[0]]) + list(xs[s.name].shape[1:])
+                     for s in self.inputs if s.name in xs and s.shape and any(d is None for d in s.shape)}
+            special = key + (tuple(sorted((n, tuple(d)) for n, d in fixed.items())),)
+            if special not in self._graphs:
+                try:
+                    self._graphs[special] = self._build_session(kind, wrt, of, fixed)
+                except UnsupportedError:
+                    self._graphs[special] = None
+            if self._graphs[special] is not None:
+                return self._graphs[special]
+        raise sess
+
+    def _dynamic_dims(self) -> bool:
+        return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
+
+    def _build_session(self, kind, wrt, of, fixed):
+        selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
+        build = lambda: self.derivative_graph(kind, wrt, of, fixed)  # noqa: E731
+        return self._cached_session(f"{kind}-{selection}", build)
 
     def _cached_session(self, name: str, build):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
@@ -144,13 +187,13 @@ class OnnxModel(Model):
         return session
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
-        sess = self._derivative("vjp", wrt, list(cts))
+        sess = self._derivative("vjp", wrt, list(cts), xs)
         feeds = {**xs, **{f"ct:{k}": v for k, v in cts.items()}}
         out = self._run(sess, feeds, [f"grad:{n}" for n in wrt])
         return {k[len("grad:"):]: v for k, v in out.items()}
 
     def _jvp(self, xs, ts, of: Sequence[str]):
-        sess = self._derivative("jvp", list(ts), of)
+        sess = self._derivative("jvp", list(ts), of, xs)
         feeds = {**xs, **{f"tan:{k}": v for k, v in ts.items()}}
         out = self._run(sess, feeds, [f"jvp:{n}" for n in of])
         return {k[len("jvp:"):]: v for k, v in out.items()}
@@ -158,7 +201,7 @@ class OnnxModel(Model):
     @staticmethod
     def _run(sess, feeds, names):
         try:
-            values = sess.run(names, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in sess.jacli_inputs})
+            values = sess.run(names, {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs})
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return dict(zip(names, values))
@@ -167,15 +210,39 @@ class OnnxModel(Model):
 def _session(data: bytes):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     opts.intra_op_num_threads = threads()
     try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        with _native_stderr_captured():
+            sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
     sess.jacli_inputs = frozenset(i.name for i in sess.get_inputs())  # looked up on every run
     return sess
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """File descriptor 2 pointed at a temporary file while native code runs, so that lines
+    onnxruntime's C++ side writes there directly (whatever the logger severity) never reach
+    the terminal; discarded afterwards (failures come back as exceptions)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2 (embedded interpreters): nothing to capture
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 def _spec(value_info) -> TensorSpec:
