@@ -11,10 +11,10 @@ __version__ = "0.1.0"
 __all__ = ["load", "jacobian", "check", "svd", "det", "diff", "__version__"]
 
 
-def load(path, format=None, trust=False):
+def load(path, format=None, trust=False, custom_objects=()):
     from .api import load as _load
 
-    return _load(path, format=format, trust=trust)
+    return _load(path, format=format, trust=trust, custom_objects=custom_objects)
 
 
 def jacobian(model, x, **kwargs):

@@ -15,12 +15,14 @@ from .errors import InputError, OutputError
 from .model import Model
 
 
-def load(path: str, format: str | None = None, trust: bool = False) -> Model:
+def load(path: str, format: str | None = None, trust: bool = False, custom_objects=()) -> Model:
     """Load a saved model (Keras .keras/.h5, SavedModel dir, TorchScript, ONNX).
-    ``trust=True`` allows formats that can run code on load (see docs/security.md)."""
+    ``trust=True`` allows formats that can run code on load (see docs/security.md).
+    ``custom_objects``: Python files or module names to import first, which define a Keras
+    model's custom layers (or register torch.export output types); their code runs."""
     from . import backends
 
-    return backends.load(str(path), fmt=format, trust=trust)
+    return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
 
 
 def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
@@ -303,15 +305,14 @@ def det(
     max_memory: int | None = None,
     progress: Callable[[int], None] | None = None,
 ):
-    """sign, log|det J| and det J of each sample's square Jacobian, by LU; a Jacobian whose
-    reciprocal condition estimate is at most ``singular_tol`` (default n·eps of the model's
-    dtype) is reported singular. Returns a ``jacli.engine.spectral.DetResult``."""
+    """sign, log|det J| (with an error estimate) and det J of each sample's square Jacobian;
+    a Jacobian that ``svd`` finds rank deficient (or, given ``singular_tol``, whose
+    σ_min/σ_max is at most that) is reported singular. Returns a
+    ``jacli.engine.spectral.DetResult``."""
     from .engine import spectral
 
     p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
-    if singular_tol is None:
-        singular_tol = spectral.default_singular_tol(p)
-    meta = {**metadata(model, p, method), "command": "det", "singular_tol": singular_tol}
+    meta = {**metadata(model, p, method), "command": "det", "singular_rule": spectral.singular_rule(p, singular_tol)}
     with _spectral_writer(output, spectral.det_arrays(p), meta) as sink:
         return spectral.det(model, p, method, singular_tol, max_memory, chunk_size, sink, progress)
 

@@ -8,42 +8,108 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "jacli"
+# layer -> the top-level parts of jacli it may import; any layer may import its own parts and
+# the package root's own names ("", e.g. jacli.__version__)
 ALLOWED = {
-    "cli": {"api", "io", "render", "engine", "model", "errors", "cli", ""},
-    "api": {"backends", "engine", "io", "model", "errors", "system", "limits", ""},
+    "__init__": {"api"},
+    "__main__": {"cli"},
+    "cli": {"api", "io", "render", "engine", "model", "errors"},
+    "api": {"backends", "engine", "io", "model", "errors", "system", "limits"},
     "backends": {"model", "errors", "system", "limits", "backends"},
     "engine": {"model", "errors", "system", "engine"},
     "io": {"model", "errors", "system", "limits", "io"},
     "render": {"model", "errors", "render"},
+    "model": {"errors"},
+    "errors": set(),
+    "system": {"errors"},
+    "limits": {"errors", "system"},  # resource limits for untrusted files (issue 11)
 }
 
 
-def _internal_imports(path: Path):
-    tree = ast.parse(path.read_text())
-    for node in ast.walk(tree):
+def imported_parts(path: Path, pkg: Path) -> list[str]:
+    """The top-level parts of the package (``backends``, ``cli``, ...; "" for the package
+    root's own names) that the module at ``path`` imports, anywhere in it (function-level
+    imports too), with relative imports resolved from the module's own package."""
+    rel = path.relative_to(pkg)
+    package = list(rel.parts[:-1])  # the package the module is in (for __init__.py: itself)
+    subpackages = {p.stem for p in pkg.iterdir() if p.is_dir() or p.suffix == ".py"}
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            rel = path.relative_to(PKG).parts
-            base = list(rel[:-1])[: len(rel) - node.level]
-            target = (base + (node.module.split(".") if node.module else []))
-            yield target[0] if target else ""
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jacli"):
+            if node.level - 1 > len(package):
+                found.append("<beyond the package>")
+                continue
+            base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            if base:
+                found.append(base[0])
+            else:  # ``from .. import backends``: each name is a submodule, or an attribute of the root
+                found += [a.name if a.name in subpackages else "" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == pkg.name:
             parts = node.module.split(".")
-            yield parts[1] if len(parts) > 1 else ""
+            if len(parts) > 1:
+                found.append(parts[1])
+            else:
+                found += [a.name if a.name in subpackages else "" for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                parts = a.name.split(".")
+                if parts[0] == pkg.name:
+                    found.append(parts[1] if len(parts) > 1 else "")
+    return found
+
+
+def rule_violations(pkg: Path = PKG) -> list[str]:
+    problems = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg)
+        layer = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        allowed = ALLOWED.get(layer)
+        if allowed is None:
+            problems.append(f"{rel}: layer {layer!r} has no import rule in tests/test_layout.py")
+            continue
+        for target in imported_parts(path, pkg):
+            if target == "cli" and layer not in ("cli", "__main__"):
+                problems.append(f"{rel} imports cli")
+            elif target not in allowed | {layer, ""}:
+                problems.append(f"{rel} ({layer}) imports {target or 'the package root'}")
+    return problems
 
 
 def test_import_rule():
-    problems = []
-    for path in PKG.rglob("*.py"):
-        rel = path.relative_to(PKG)
-        layer = rel.parts[0] if len(rel.parts) > 1 else rel.stem
-        for target in _internal_imports(path):
-            if target == "cli" and layer not in ("cli", "__main__"):
-                problems.append(f"{rel} imports cli")
-            allowed = ALLOWED.get(layer)
-            if allowed is not None and target not in allowed | {"", "__init__"}:
-                # "" is the package root (jacli.__version__)
-                problems.append(f"{rel} ({layer}) imports {target}")
-    assert problems == []
+    assert rule_violations() == []
+
+
+def test_import_rule_catches_planted_violations(tmp_path):
+    """The checker itself: each planted bad import is reported, the good ones are not."""
+    pkg = tmp_path / "jacli"
+    files = {
+        "__init__.py": "from .api import load\n",
+        "errors.py": "",
+        "model.py": "from .errors import InputError\n",
+        "api.py": "from . import backends\nfrom .engine import jacobian\n",
+        "cli/__init__.py": "",
+        "cli/main.py": "from .. import __version__\nfrom ..api import load\nfrom . import options\n",
+        "cli/options.py": "",
+        "backends/__init__.py": "from ..errors import ModelLoadError\n",
+        "backends/tf.py": "def f():\n    from ..cli.main import main\n",  # a function-level import of cli
+        "engine/__init__.py": "",
+        "engine/jacobian.py": "from ..model import Model\nfrom . import stats\n",
+        "engine/stats.py": "",
+        "engine/spectral.py": "from .. import backends\n",  # the case the old resolution missed
+        "engine/check.py": "import jacli.cli.main\n",
+        "render/view.py": "from jacli import api\n",
+        "io/readers.py": "from ...outside import thing\n",
+    }
+    for name, text in files.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    assert sorted(rule_violations(pkg)) == sorted([
+        "backends/tf.py imports cli",
+        "engine/check.py imports cli",
+        "engine/spectral.py (engine) imports backends",
+        "io/readers.py (io) imports <beyond the package>",
+        "render/view.py (render) imports api",
+    ])
 
 
 def test_importing_everything_pulls_in_no_framework():

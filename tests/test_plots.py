@@ -310,11 +310,12 @@ def test_cli_svd_det_and_check_plots(tmp_path):
 def test_det_marks_singular_and_ill_conditioned_samples(tmp_path):
     from jacli.engine.spectral import DetResult
 
-    tol = 1e-6
+    unit = float(np.finfo(np.float32).eps)  # ill-conditioned where rcond <= √eps ≈ 3.5e-4
     rcond = np.array([0.5, 1e-4, 1e-8, np.nan, 0.2])
     logdet = np.array([1.0, -3.0, -np.inf, np.nan, 2.0])
     sign = np.array([1.0, 1.0, 0.0, np.nan, -1.0])
-    r = DetResult(3, tol, sign, logdet, sign * np.exp(logdet), rcond)
+    cond = np.where(sign == 0, np.inf, 1 / rcond)
+    r = DetResult(3, None, unit, sign, logdet, sign * np.exp(logdet), rcond, cond, np.full(5, 1e-6))
     assert {k: v.tolist() for k, v in plots.det_classes(r).items()} == {"ok": [0, 4], "ill": [1], "singular": [2],
                                                                          "nan": [3]}
     _, (svg,) = draw([plots.det_plot(r)], ".svg")

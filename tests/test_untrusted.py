@@ -105,6 +105,47 @@ def test_keras_classes_must_be_keras_own(jacli, tmp_path, edit, words):
     assert_refused(jacli("inspect", path), *words)
 
 
+@pytest.fixture(scope="module")
+def keras_ops_model(d):
+    """A Keras 3 functional model with keras.ops calls, recorded as Operation classes
+    (GetItem, Exp, Multiply from keras.src.ops.numpy) in its config."""
+    import keras
+
+    x = keras.Input((4,), name="x")
+    y = keras.ops.exp(x[:, :2]) * x[:, 2:]
+    path = d / "ops.keras"
+    keras.Model(x, y).save(path)
+    return path
+
+
+def _op_layer(config, cls):
+    return next(layer for layer in config["config"]["layers"] if layer["class_name"] == cls)
+
+
+def test_keras_ops_operations_load_untrusted(jacli, keras_ops_model, tmp_path):
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = jacli("compute", keras_ops_model, tmp_path / "x.npy", "-o", tmp_path / "J.npy", "-q")
+    assert r.code == 0, r.stderr
+    J = np.load(tmp_path / "J.npy")
+    expected = np.zeros((3, 2, 4), np.float32)  # y_i = exp(x_i) x_{i+2}
+    for i in range(2):
+        expected[:, i, i] = np.exp(x[:, i]) * x[:, i + 2]
+        expected[:, i, i + 2] = np.exp(x[:, i])
+    np.testing.assert_allclose(J, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: _op_layer(c, "Exp").update(class_name="Cond", registered_name="Cond"), ["'Cond'", "Python function"]),
+    (lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop", registered_name="WhileLoop"), ["'WhileLoop'", "Python function"]),
+    (lambda c: _op_layer(c, "Exp").update(module="keras.src.ops.core"), ["'Exp'", "not one of Keras"]),
+])
+def test_keras_ops_operations_outside_the_allow_list_are_refused(jacli, keras_ops_model, tmp_path, edit, words):
+    path = tmp_path / "edited.keras"
+    evil.keras_with_config(keras_ops_model, path, edit)
+    assert_refused(jacli("inspect", path), *words)
+
+
 def test_keras_config_that_cannot_be_read_is_refused(jacli, tmp_path):
     import h5py
 

@@ -6,6 +6,7 @@ framework sees them; see docs/security.md."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import zipfile
 from pathlib import Path
@@ -79,8 +80,11 @@ def _zip_format(p: Path) -> str:
     raise ModelLoadError(f"{p} is a zip archive but not a .keras model, a TorchScript archive or a torch.export .pt2")
 
 
-def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:
-    """Load a model; ``trust`` allows formats that run code on load (see docs/security.md)."""
+def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=()) -> Model:
+    """Load a model; ``trust`` allows formats that run code on load (see docs/security.md).
+    ``custom_objects``: Python files or module names imported first (trusted code: they
+    define custom Keras classes, or register output types with torch's pytree)."""
+    modules = import_modules(custom_objects)
     if fmt is not None and fmt not in FORMATS:
         raise ModelLoadError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     detected = detect_format(path) if fmt is None else fmt
@@ -92,9 +96,43 @@ def load(path: str, fmt: str | None = None, trust: bool = False) -> Model:
             "save it with torch.jit.save (TorchScript) instead, or pass --trust-model if you trust its source"
         )
     module, func = LOADERS[detected].split(":")
-    model = getattr(importlib.import_module(module), func)(str(path), trust=trust)
+    extra = {"custom_objects": modules} if detected == "keras" else {}
+    model = getattr(importlib.import_module(module), func)(str(path), trust=trust, **extra)
     system.note_read(str(path))  # no output may replace it
     return model
+
+
+def import_modules(specs) -> list:
+    """Import each of ``specs`` (a ``.py`` file, or a module name on sys.path) and return the
+    modules. This runs their code: the user vouches for it."""
+    import sys
+
+    modules = []
+    for spec in specs or ():
+        spec = str(spec)
+        try:
+            if spec.endswith(".py") or Path(spec).is_file():
+                file = Path(spec)
+                if not file.is_file():
+                    raise ModelLoadError(f"--custom-objects {spec}: no such file")
+                found = importlib.util.spec_from_file_location(file.stem, file)
+                module = importlib.util.module_from_spec(found)
+                sys.modules[file.stem] = module  # as if imported by name (Keras records classes' modules)
+                sys.path.insert(0, str(file.resolve().parent))  # its own imports of its neighbours
+                try:
+                    found.loader.exec_module(module)
+                finally:
+                    sys.path.remove(str(file.resolve().parent))
+            else:
+                module = importlib.import_module(spec)
+        except (ModelLoadError, KeyboardInterrupt):
+            raise
+        except BaseException as e:  # its code is the user's: whatever it raises is reported, not a bug of jacli
+            from ..errors import root_cause
+
+            raise ModelLoadError(f"--custom-objects {spec}: importing it failed: {root_cause(e)}") from None
+        modules.append(module)
+    return modules
 
 
 def _is_torch_pickle(path: str) -> bool:

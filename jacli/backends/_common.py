@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from ..errors import BackendMissing, InputError
+from ..errors import BackendMissing, InputError, root_cause
 from ..system import THREADS, thread_count
 
 
@@ -48,9 +48,8 @@ _threaded: set[str] = set()
 
 
 def short(e: BaseException) -> str:
-    """First line of an exception message, for one-line errors."""
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
+    """The framework's root cause of an exception, in one line (``errors.root_cause``)."""
+    return root_cause(e, 300)
 
 
 class Constants:

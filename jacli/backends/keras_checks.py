@@ -33,6 +33,11 @@ CODE_LAYERS = {"Lambda", "TFOpLambda", "SlicingOpLambda", "ClassMethod", "Instan
 _NAMESPACES = ("layers", "initializers", "regularizers", "constraints", "losses", "metrics", "optimizers",
                "optimizers.schedules", "dtype_policies", "mixed_precision", "models", "random", "quantizers")
 _FUNCTION_NAMESPACES = ("activations", "losses", "metrics")
+# Keras 3 functional models record keras.ops calls as Operation classes (``Exp`` from
+# ``keras.src.ops.numpy``, ``GetItem``, ...): allowed from these modules, and only under the
+# module that defines them, except the ones that take a Python callable.
+_OPS_MODULES = ("core", "einops", "image", "linalg", "math", "nn", "numpy")
+CALLABLE_OPS = {"Map", "Scan", "AssociativeScan", "Switch", "WhileLoop", "ForiLoop", "Cond", "VectorizedMap"}
 # Keras's serialization of values that are not objects (tensors, arrays, slices, ...).
 _VALUE_CLASSES = {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__typespec__", "__ellipsis__",
                   "__slice__", "Functional", "Sequential", "Model", "TensorShape"}
@@ -40,14 +45,15 @@ _KERAS_MEMBERS = {"config.json", "metadata.json", "model.weights.h5", "model.wei
 
 
 @contextlib.contextmanager
-def checked_copy(path: str, trust: bool):
+def checked_copy(path: str, trust: bool, screen=None):
     """Yield ``(local path, route)``: a private copy of the Keras file ``path``, named
-    ``model.keras`` (route "zip") or ``model.h5`` (route "hdf5"), checked unless ``trust``."""
+    ``model.keras`` (route "zip") or ``model.h5`` (route "hdf5"), checked unless ``trust``.
+    ``screen(problems)`` may drop what the user vouched for (classes of --custom-objects)."""
     data = limits.read_regular(path, "model", ModelLoadError)
     route = _route(path, data)
     if not trust:
         problems = keras_problems(path, data, route)
-        refuse(path, problems)
+        refuse(path, screen(problems) if screen else problems)
     folder = tempfile.mkdtemp(prefix="jacli-keras-")  # mode 0700: only this user can change the copy
     try:
         local = Path(folder) / ("model.keras" if route == "zip" else "model.h5")
@@ -131,7 +137,9 @@ def _class_problem(obj: dict, cls, name, allowed: "_OwnClasses") -> str | None:
         return None
     if registered is not None and registered != cls:
         return f"class {cls!r} registered as {_cut(registered)}, a custom object jacli does not load untrusted"
-    if cls not in _VALUE_CLASSES and not allowed.has(cls):
+    if cls in CALLABLE_OPS and isinstance(module, str) and module.startswith("keras.src.ops"):
+        return f"operation {cls!r} ({name!r}) takes a Python function that would run on load"
+    if cls not in _VALUE_CLASSES and not allowed.has(cls) and not allowed.operation(cls, module):
         return f"class {cls!r}, which is not one of Keras's own"
     return None
 
@@ -144,6 +152,7 @@ class _OwnClasses:
         self.classes: set[str] | None = None
         self.functions: set[str] = set()
         self.tf_keras: set[str] | None = None
+        self.ops: dict[str, str] | None = None  # class name -> the keras.src.ops module defining it
 
     @staticmethod
     def _collect(package) -> tuple[set[str], set[str]]:
@@ -184,6 +193,20 @@ class _OwnClasses:
     def function(self, name: str) -> bool:
         self._load()
         return name in self.functions
+
+    def operation(self, cls: str, module) -> bool:
+        """A keras.ops Operation class named under the Keras 3 module that defines it."""
+        if self.ops is None:
+            import importlib
+
+            from keras.src.ops.operation import Operation
+
+            self.ops = {}
+            for m in _OPS_MODULES:
+                mod = importlib.import_module(f"keras.src.ops.{m}")
+                self.ops.update({n: mod.__name__ for n, v in vars(mod).items() if isinstance(v, type)
+                                 and issubclass(v, Operation) and v.__module__ == mod.__name__ and n not in CALLABLE_OPS})
+        return self.ops.get(cls) == module
 
 
 def _zip_config(path: str, data: bytes):

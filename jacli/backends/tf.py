@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
+from ..errors import InputError, InternalError, JacliError, LimitationError, ModelLoadError, UnsafeModelError
 from ..model import Model, TensorSpec
 from ._common import Constants, require, short
 
@@ -38,24 +39,28 @@ def _tf():
     return tf
 
 
-def load_keras(path: str, trust: bool = False) -> "TFModel":
+def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
+    """``custom_objects``: modules the user imported (``--custom-objects``) that define the
+    model's own classes; those classes are given to Keras, and their layers pass the check."""
     from .keras_checks import checked_copy
 
+    provided = _custom_objects(custom_objects)
     tf = _tf()
     keras = require("keras", "keras", "tf", "Keras")
     # Keras loads a private copy, checked first (unless trusted); safe_mode is the second line of defence
-    with checked_copy(path, trust) as (local, route):
+    with checked_copy(path, trust, screen=lambda problems: _screen(path, problems, provided)) as (local, route):
         try:
-            model = keras.saving.load_model(local, compile=False, safe_mode=not trust)
+            model = keras.saving.load_model(local, compile=False, safe_mode=not trust,
+                                            custom_objects=provided or None)
         except ValueError as e:
             if "safe_mode" in str(e) or "lambda" in str(e).lower():
                 raise UnsafeModelError(
                     f"{path} contains a Lambda layer whose Python bytecode would run on load; "
                     "pass --trust-model if you trust its source"
                 ) from None
-            model = _load_tf_keras(path, local, route, trust, e)
+            model = _load_tf_keras(path, local, route, trust, e, provided)
         except Exception as e:
-            model = _load_tf_keras(path, local, route, trust, e)
+            model = _load_tf_keras(path, local, route, trust, e, provided)
     fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
     inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
     outputs = [
@@ -68,19 +73,80 @@ def load_keras(path: str, trust: bool = False) -> "TFModel":
     return m
 
 
-def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Exception):
-    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read: the same checked HDF5 copy."""
+def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Exception, provided: dict):
+    """Keras 2 (tf_keras) .h5 files that Keras 3 cannot read: the same checked HDF5 copy. When
+    both fail, the reason that matters comes first: Keras 3's for a file Keras 3 wrote,
+    tf_keras's for a Keras 2 file."""
     first_error = short(first).replace(local, path)
     if route != "hdf5":
-        raise ModelLoadError(f"cannot load Keras model {path}: {first_error}") from None
+        raise _keras_load_error(path, first_error, first) from None
     try:
         import tf_keras
     except ImportError:
-        raise ModelLoadError(f"cannot load Keras model {path}: {first_error} (installing tf_keras may help)") from None
+        raise _keras_load_error(path, f"{first_error} (installing tf_keras may help)", first) from None
     try:
-        return tf_keras.models.load_model(local, compile=False, safe_mode=not trust)
+        return tf_keras.models.load_model(local, compile=False, safe_mode=not trust, custom_objects=provided or None)
     except Exception as e:
-        raise ModelLoadError(f"cannot load Keras model {path}: {short(e).replace(local, path)}") from None
+        reasons = [f"Keras 3: {first_error}", f"tf_keras: {short(e).replace(local, path)}"]
+        if not _written_by_keras3(local):
+            reasons.reverse()
+        raise _keras_load_error(path, "; ".join(reasons), e, first) from None
+
+_MISSING_CLASS = re.compile(r"(?:Could not locate|Unknown) (?:class|layer|object)[:\s]*'?([A-Za-z_][\w.>]*)'?")
+_CLASS = re.compile(r"^class '([^']+)'")  # the check's words for a class ...
+_CUSTOM_CLASS = re.compile(r"^class '([^']+)' (?:from module '([^']+)'|registered as)")  # ... a user's own
+
+
+def _keras_load_error(path: str, reason: str, *errors: BaseException) -> ModelLoadError:
+    """The load failure, naming the class Keras could not find (and how to supply it)."""
+    for e in errors:
+        missing = _MISSING_CLASS.search(str(e))
+        if missing:
+            return ModelLoadError(f"cannot load Keras model {path}: it uses the class {missing.group(1)!r}, which "
+                                  f"is not defined here ({missing.group(0)})",
+                                  option="--custom-objects FILE.py (the Python file that defines it; its code runs)",
+                                  hint="custom_objects=['FILE.py'], or import the module that defines it first")
+    return ModelLoadError(f"cannot load Keras model {path}: {reason}")
+
+
+def _written_by_keras3(path: str) -> bool:
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            version = f.attrs.get("keras_version", b"")
+        return str(version.decode() if isinstance(version, bytes) else version).startswith("3")
+    except Exception:  # unreadable: the loaders' messages say why
+        return True
+
+
+def _custom_objects(modules) -> dict:
+    """The classes and functions the user's modules define, by name and by the name they were
+    registered under (``register_keras_serializable``): what Keras may look up."""
+    provided = {}
+    for module in modules:
+        for name, obj in vars(module).items():
+            if (isinstance(obj, type) or callable(obj)) and getattr(obj, "__module__", None) == module.__name__:
+                provided[name] = obj
+    if provided:
+        keras = require("keras", "keras", "tf", "Keras")
+        owned = set(map(id, provided.values()))
+        provided.update({k: v for k, v in keras.saving.get_custom_objects().items() if id(v) in owned})
+    return provided
+
+
+def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
+    """The check's problems less those about classes the user supplied with --custom-objects
+    (its code is theirs); where only custom classes remain, an error that says how to supply them."""
+    problems = [p for p in problems if not (_CLASS.search(p) and _CLASS.search(p).group(1) in provided)]
+    classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
+    if classes and len(classes) == len(problems):
+        named = ", ".join(f"{c!r} from module {m!r}" if m else repr(c) for c, m in classes)
+        raise UnsafeModelError(
+            f"{path} uses classes from outside Keras ({named}), which Keras would import or look up (running "
+            "their code)", option="--custom-objects FILE.py (the module that defines them; its code runs), or "
+            "--trust-model to let Keras import them", hint="custom_objects=['FILE.py'] (its code runs), or trust=True")
+    return problems
 
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
@@ -98,6 +164,7 @@ def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     if "serving_default" not in sigs:
         raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")
     sig = sigs["serving_default"]
+    _restore_handle_data(sig)
     _, kw = sig.structured_input_signature
     inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
     outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
@@ -142,6 +209,26 @@ class TFModel(Model):
                 ys = call(xs)
             return {k: acc.jvp(ys[k], unconnected_gradients=tf.UnconnectedGradients.ZERO) for k in of}
 
+        def pushforward_by_double_vjp(xs, ts, of):
+            """J t = d/du <Jᵀu, t> (at any u, here 0): two reverse passes, for models whose
+            operations (e.g. loops whose bodies read variables) forward-mode AD cannot cross."""
+            mask = tuple(s.name in ts for s in self.inputs)
+            with tf.GradientTape(watch_accessed_variables=False) as outer:
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    for x, on in zip(xs, mask):
+                        if on:
+                            inner.watch(x)
+                    ys = call(xs)
+                us = {k: tf.zeros_like(ys[k]) for k in of}
+                outer.watch(list(us.values()))
+                grads = inner.gradient([ys[k] for k in of], [x for x, on in zip(xs, mask) if on],
+                                       output_gradients=[us[k] for k in of],
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            tangents = [ts[s.name] for s in self.inputs if s.name in ts]
+            out = outer.gradient(grads, [us[k] for k in of], output_gradients=tangents,
+                                 unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            return dict(zip(of, out))
+
         # one cotangent/tangent per call; or k of them after one forward pass, vectorised with pfor or
         # (cotangents) one after another
         self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
@@ -159,9 +246,16 @@ class TFModel(Model):
             return [tf.stack(column) for column in zip(*rows)]
 
         self._vjp_unrolled_fn = vjp_unrolled
-        self._jvp_fn = tf.function(pushforward, reduce_retracing=True)
-        self._jvp_map_fn = tf.function(
-            lambda xs, ts, of: tf.vectorized_map(lambda t: pushforward(xs, t, of), ts), reduce_retracing=True)
+        # JVPs: forward-mode AD, or (when that fails on this model) the double-VJP trick
+        def over_k(push):  # k tangents after one forward pass, vectorised with pfor
+            return lambda xs, ts, of: tf.vectorized_map(lambda t: push(xs, t, of), ts)
+
+        self._jvp_fns = {
+            (by_vjp, mapped): tf.function(over_k(push) if mapped else push, reduce_retracing=True)
+            for by_vjp, push in ((False, pushforward), (True, pushforward_by_double_vjp)) for mapped in (False, True)
+        }
+        self._tangents_by_vjp = False  # set once forward-mode AD has failed where the forward pass runs
+        self._unmappable: set[tuple[str, str]] = set()  # (vjp|jvp, strategy) that failed on this model
         self._call_fn = tf.function(call, reduce_retracing=True)
         self._graphs = {}  # see _traced
         self._seeds = Constants(tf.constant)
@@ -169,15 +263,22 @@ class TFModel(Model):
     def _xs(self, xs):
         return [xs[s.name] for s in self.inputs]
 
-    def _run(self, f, *args):
+    def _run(self, f, *args, xs=None, what: str = "the forward pass"):
+        """Call ``f``; a framework error becomes the user's ``InputError`` when the forward pass
+        itself fails on these inputs. Where the forward pass runs (``xs`` given: ``f`` derives
+        something from the model), it is a ``LimitationError`` for an operation TensorFlow
+        has no gradient for, else jacli's own ``InternalError``."""
         try:
             return f(*args)
-        except (ValueError, TypeError) as e:
-            raise InputError(f"the model rejected the input: {short(e)}") from None
-        except Exception as e:  # tf.errors.* on bad shapes reach here
-            if type(e).__module__.startswith("tensorflow"):
-                raise InputError(f"the model rejected the input: {short(e)}") from None
+        except JacliError:
             raise
+        except Exception as e:  # tf.errors.* on bad shapes, ValueError/TypeError while tracing
+            if not _framework_error(e):
+                raise
+            if xs is None:
+                raise InputError(f"the model rejected the input: {short(e)}") from None
+            self._forward(xs)  # raises the InputError when the input is the problem
+            raise _derivative_error(e, what) from None
 
     def _traced(self, fn, seed_axes: tuple[int, ...], xs: list, *rest):
         """Call ``fn`` through its graph for these shapes and dtypes, traced once with the
@@ -210,29 +311,83 @@ class TFModel(Model):
             model64 = _float64_keras(self.keras_model)
             self._fn64 = _tf().function(lambda *a: model64(list(a) if len(a) > 1 else a[0], training=False),
                                         reduce_retracing=True)
-        out = self._run(self._fn64, *[v.astype(np.float64) if v.dtype.kind == "f" else v for v in self._xs(xs)])
+        try:
+            out = self._fn64(*[v.astype(np.float64) if v.dtype.kind == "f" else v for v in self._xs(xs)])
+        except Exception as e:
+            if not _framework_error(e):
+                raise
+            self._forward(xs)  # the user's input error, if it is one
+            raise LimitationError(f"the float64 copy of this Keras model fails: {short(e)}") from None
         if not isinstance(out, dict):
             out = dict(zip(self.output_names(), out if isinstance(out, (list, tuple)) else [out]))
         return {k: np.asarray(v) for k, v in out.items()}
 
     def _vjp(self, xs, cts, wrt: Sequence[str], fn=None, seed_axes=(0,)):
         mask = tuple(s.name in wrt for s in self.inputs)
-        grads = self._run(self._traced, fn or self._vjp_fn, seed_axes, self._xs(xs), dict(cts), mask)
+        grads = self._run(self._traced, fn or self._vjp_fn, seed_axes, self._xs(xs), dict(cts), mask, xs=xs,
+                          what="the gradient (reverse mode)")
         names = [s.name for s in self.inputs if s.name in wrt]
         return {n: np.asarray(g) for n, g in zip(names, grads)}
 
-    def _jvp(self, xs, ts, of: Sequence[str], fn=None, seed_axes=(0,)):
-        outs = self._run(self._traced, fn or self._jvp_fn, seed_axes, self._xs(xs), dict(ts), tuple(of))
-        return {k: np.asarray(v) for k, v in outs.items()}
+    def _jvp(self, xs, ts, of: Sequence[str], mapped: bool = False):
+        """Forward-mode AD; where TensorFlow's fails on this model, the double-VJP trick (kept
+        from then on); where both fail, a limitation that names reverse mode (or, for an
+        operation without any gradient, finite differences)."""
+        axes = (0, 1) if mapped else (0,)
+        run = lambda by_vjp: {k: np.asarray(v) for k, v in self._run(  # noqa: E731
+            self._traced, self._jvp_fns[by_vjp, mapped], axes, self._xs(xs), dict(ts), tuple(of), xs=xs,
+            what="the forward-mode derivative" + (" (by two reverse passes)" if by_vjp else "")).items()}
+        if not self._tangents_by_vjp:
+            try:
+                return run(False)
+            except (LimitationError, InternalError) as e:
+                first, self._tangents_by_vjp = e, True
+        else:
+            first = None
+        try:
+            return run(True)
+        except (LimitationError, InternalError) as e:
+            if getattr(e, "operator", None):  # no gradient at all: reverse mode cannot help either
+                raise
+            raise self._forward_limitation(first, e) from None
+
+    @staticmethod
+    def _forward_limitation(first, e) -> LimitationError:
+        cause = f"{first.message}; then " if first is not None else ""
+        return LimitationError(f"forward mode: TensorFlow cannot push tangents through this model ({cause}{e.message})",
+                               option="--mode reverse", hint="mode='reverse'")
 
     def _map_strategies(self, prim) -> tuple[str, ...]:
-        return ("vectorised", "sequential") if prim == self._vjp else ("vectorised",)
+        if self._has_loops():  # pfor through a loop's gradient traces for minutes, or fails: fold k instead
+            return ()
+        kind = "vjp" if prim == self._vjp else "jvp"
+        options = ("vectorised", "sequential") if kind == "vjp" else ("vectorised",)
+        return tuple(s for s in options if (kind, s) not in self._unmappable)
+
+    def _has_loops(self) -> bool:
+        """Whether the model's forward graph (as traced for the inputs seen so far) holds a loop."""
+        if getattr(self, "_loops", None) is None:
+            graphs = [g.graph for key, g in self._graphs.items() if key[0] is self._call_fn]
+            if not graphs:
+                return False
+            self._loops = any(op.type in _LOOP_OPS for op in _operations(graphs[0]))
+        return self._loops
 
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        if prim != self._vjp:
-            return self._jvp(xs, seeds, names, fn=self._jvp_map_fn, seed_axes=(0, 1))
-        if strategy != "sequential":
-            return self._vjp(xs, seeds, names, fn=self._vjp_map_fn, seed_axes=(0, 1))
+        if not strategy:  # no map of its own for this model (_map_strategies): one call per seed
+            return super()._vjp_jvp_map(prim, xs, seeds, names)
+        if strategy == "vectorised":
+            kind = "vjp" if prim == self._vjp else "jvp"
+            try:
+                if kind == "jvp":
+                    return self._jvp(xs, seeds, names, mapped=True)
+                return self._vjp(xs, seeds, names, fn=self._vjp_map_fn, seed_axes=(0, 1))
+            except (InternalError, LimitationError) as e:  # pfor cannot vectorise this model's derivative
+                if getattr(e, "operator", None):  # an operation without any gradient: no map helps
+                    raise
+                self._unmappable.add((kind, strategy))
+                self._tangents_by_vjp = False  # decided under pfor: decide again without it
+                return self._vjp_jvp_map(prim, xs, seeds, names, "sequential" if kind == "vjp" else "")
         if len(next(iter(seeds.values()))) <= UNROLL:  # k static: one graph per k, no loop overhead
             return self._vjp(xs, seeds, names, fn=self._vjp_unrolled_fn, seed_axes=(1,))
         return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn, seed_axes=(0, 1))
@@ -272,7 +427,7 @@ def _float64_keras(model):
         clone = model.__class__.from_config(_retype(model.get_config()))
         clone.set_weights([w.astype(np.float64) if w.dtype.kind == "f" else w for w in model.get_weights()])
     except Exception as e:
-        raise UnsupportedError(f"cannot rebuild this Keras model in float64: {short(e)}") from None
+        raise LimitationError(f"cannot rebuild this Keras model in float64: {short(e)}") from None
     return clone
 
 
@@ -292,3 +447,60 @@ def _retype(config):
             v = _retype(v)
         out[k] = v
     return out
+
+
+def _framework_error(e: BaseException) -> bool:
+    """An error TensorFlow or Keras raised about the model or its inputs (not a bug of jacli's
+    Python code, which keeps its traceback)."""
+    return isinstance(e, (ValueError, TypeError, LookupError, NotImplementedError)) or \
+        type(e).__module__.split(".")[0] in ("tensorflow", "keras", "tf_keras")
+
+
+def _derivative_error(e: BaseException, what: str) -> JacliError:
+    """What a failure of a derivative means, given that the model's forward pass runs."""
+    cause = short(e)
+    text = str(e)
+    missing = re.search(r"No gradient defined for operation\s*'?[^' ]*'? \(op type: (\w+)\)", text) or \
+        re.search(r"gradient registry has no entry for:? ?(\w+)", text)
+    if missing:
+        return LimitationError(f"TensorFlow has no gradient for the operation {missing.group(1)} in this model",
+                               operator=missing.group(1), option="--method fd (finite differences)",
+                               hint="method='fd' (finite differences)")
+    return InternalError(f"{what} that jacli derived from the model failed, although the model's forward pass "
+                         f"runs: {cause}")
+
+
+def _restore_handle_data(fn) -> None:
+    """Loops (``While``) in a loaded SavedModel carry the variables their body reads as loop
+    variables; the loaded graphs give those outputs no handle data (the variable's dtype and
+    shape), and TensorFlow then fails to differentiate the loop a second time, or in forward
+    mode ("Tried to take gradients ... of a variable without handle data"). Each such output
+    gets the handle data of its loop input, in every function the signature calls."""
+    tf = _tf()
+    try:
+        from tensorflow.python.ops import handle_data_util
+    except ImportError:  # a TensorFlow without this module: nothing to restore
+        return
+    for op in _operations(fn.graph):
+        if op.type in _LOOP_OPS:
+            for src, dst in zip(op.inputs, op.outputs):
+                if dst.dtype == tf.resource and not handle_data_util.get_resource_handle_data(dst).is_set:
+                    handle_data_util.copy_handle_data(src, dst)
+
+
+_LOOP_OPS = ("While", "StatelessWhile")
+
+
+def _operations(graph):
+    """The operations of a graph and of every function it calls, directly or not."""
+    seen, todo = set(), [graph]
+    while todo:
+        graph = todo.pop()
+        if id(graph) in seen:
+            continue
+        seen.add(id(graph))
+        yield from graph.get_operations()
+        for function in getattr(graph, "_functions", {}).values():  # the functions this graph calls
+            sub = getattr(function, "graph", None)
+            if sub is not None:
+                todo.append(sub)

@@ -36,14 +36,101 @@ def load(path: str, trust: bool = False) -> "ExportedModel":
         from .torch_checks import torch_export_problems
 
         refuse(path, torch_export_problems(path, data))
-    with _quiet():
+    with _quiet() as warnings:
         try:
-            program = torch.export.load(io.BytesIO(data))
+            program = _load_program(torch, data)
             module = program.module()
+        except _Unregistered as e:
+            raise ModelLoadError(
+                f"cannot load torch.export program {path}: its inputs or outputs are of the type(s) "
+                f"{', '.join(e.types)}, which no module imported here registers with torch.utils._pytree, and jacli "
+                f"cannot read them as dicts or tuples ({e.cause})", option="--custom-objects MODULE (the module that "
+                "registers them, e.g. transformers; its code runs)", hint="import the module that registers them "
+                "before jacli.load") from None
         except Exception as e:
-            raise ModelLoadError(f"cannot load torch.export program {path}: {short(e)} (truncated or corrupt?)") \
-                from None
+            reason = f"{warnings[-1]}; " if warnings else ""  # what torch logged before its own summary
+            raise ModelLoadError(f"cannot load torch.export program {path}: {reason}{short(e)}") from None
     return ExportedModel.wrap_program(program, module, path)
+
+
+class _Unregistered(Exception):
+    def __init__(self, types: list[str], cause: str):
+        super().__init__(cause)
+        self.types, self.cause = types, cause
+
+
+def _load_program(torch, data: bytes):
+    """``torch.export.load`` of the archive; where its input or output structure uses types
+    registered with torch's pytree only by a module not imported here (transformers'
+    ``ModelOutput`` dataclasses), the same archive with those nodes read as dicts (keyed by
+    their recorded field names) or tuples: the leaves, their order and the graph are the same."""
+    try:
+        return torch.export.load(io.BytesIO(data))
+    except Exception as first:
+        rewritten, types = _plain_trees(data)
+        if not types:
+            raise
+        try:
+            return torch.export.load(io.BytesIO(rewritten))
+        except Exception as e:
+            raise _Unregistered(types, short(e)) from first
+
+
+def _plain_trees(data: bytes) -> tuple[bytes, list[str]]:
+    """The archive with each pytree node of an unregistered type in its programs' input and
+    output specs replaced by a dict (when its context is its list of keys) or a tuple; and
+    the types replaced (none: the archive is returned as it is)."""
+    import json
+
+    import torch.utils._pytree as pytree
+    from torch.export.pt2_archive import PT2ArchiveReader, PT2ArchiveWriter
+
+    unknown: list[str] = []
+
+    def plain(node):
+        kind, children = node.get("type"), node.get("children_spec") or []
+        if kind is not None and kind not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE:
+            unknown.append(kind)
+            try:
+                keys = json.loads(node.get("context") or "null")
+            except ValueError:
+                keys = None
+            keyed = isinstance(keys, list) and len(keys) == len(children) and all(isinstance(k, str) for k in keys)
+            node["type"], node["context"] = ("builtins.dict", node["context"]) if keyed else ("builtins.tuple", "null")
+        for child in children:
+            plain(child)
+
+    def visit(obj):
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                if key in ("in_spec", "out_spec") and isinstance(value, str):
+                    protocol, tree = json.loads(value)
+                    plain(tree)
+                    obj[key] = json.dumps([protocol, tree])
+                else:
+                    visit(value)
+        elif isinstance(obj, list):
+            for value in obj:
+                visit(value)
+
+    reader = PT2ArchiveReader(io.BytesIO(data))
+    names = reader.get_file_names()
+    changed = {}
+    for name in names:
+        if name.startswith("models/") and name.endswith(".json"):
+            doc = json.loads(reader.read_bytes(name))
+            before = len(unknown)
+            visit(doc)
+            if len(unknown) > before:
+                changed[name] = json.dumps(doc).encode()
+    if not changed:
+        return data, []
+    out = io.BytesIO()
+    writer = PT2ArchiveWriter(out)
+    for name in names:
+        writer.write_bytes(name, changed.get(name) or reader.read_bytes(name))
+    writer.close()
+    return out.getvalue(), list(dict.fromkeys(unknown))
 
 
 class ExportedModel(TorchModel):
@@ -58,7 +145,8 @@ class ExportedModel(TorchModel):
         nodes = {n.name: n for n in program.graph.nodes}
         signature = program.graph_signature
         m.inputs = [_spec(name, nodes, "input") for name in signature.user_inputs]
-        m.outputs = [_spec(name, nodes, "output") for name in signature.user_outputs]
+        keys = _output_keys(program.call_spec.out_spec, len(signature.user_outputs))
+        m.outputs = [_spec(name, nodes, "output", key) for name, key in zip(signature.user_outputs, keys)]
         m.no_forward_ad = sorted(_higher_order_operators(module) - _FORWARD_AD_THROUGH)
         return m
 
@@ -73,7 +161,7 @@ class ExportedModel(TorchModel):
         if self.no_forward_ad:  # the double-VJP fallback does not help: these have no double backward
             raise UnsupportedError(
                 f"forward mode: torch's forward-mode AD gives no tangents through {', '.join(self.no_forward_ad)} "
-                "(torch.ops.higher_order) in this program; use --mode reverse"
+                "(torch.ops.higher_order) in this program", option="--mode reverse", hint="mode='reverse'"
             )
         return super()._jvp(xs, ts, of)
 
@@ -109,27 +197,53 @@ def _higher_order_operators(module) -> set[str]:
             for node in graph_module.graph.nodes if isinstance(node.target, torch._ops.HigherOrderOperator)}
 
 
-def _spec(name, nodes: dict, kind: str) -> TensorSpec:
-    """A user input or output from its node's example value: symbolic dimensions are None."""
+def _spec(name, nodes: dict, kind: str, key: str | None = None) -> TensorSpec:
+    """A user input or output from its node's example value: symbolic dimensions are None.
+    Named ``key`` when given (the field of a dict or dataclass output), else by its node."""
     import torch
 
     value = nodes[name].meta.get("val") if isinstance(name, str) and name in nodes else None
     if not isinstance(value, torch.Tensor):
         raise ModelLoadError(f"the program's {kind} {name!r} is not a tensor; jacli differentiates tensors only")
     shape = tuple(d if isinstance(d, int) else None for d in value.shape)
-    return TensorSpec(name, shape, str(value.dtype).replace("torch.", ""))
+    return TensorSpec(key or name, shape, str(value.dtype).replace("torch.", ""))
+
+
+def _output_keys(spec, count: int) -> list:
+    """The field names of outputs returned as one flat dict or dataclass of tensors (as
+    transformers models return them), else None for each."""
+    keys = spec.context if spec.type is dict or spec.num_children == count and isinstance(spec.context, list) else None
+    flat = isinstance(keys, list) and len(keys) == count and all(isinstance(k, str) for k in keys) \
+        and all(child.is_leaf() for child in spec.children())
+    return list(keys) if flat else [None] * count
 
 
 @contextmanager
 def _quiet():
     """torch.export logs warnings (tracebacks included) to stderr while it loads; jacli
-    reports a failure as one line instead."""
-    loggers = [logging.getLogger(n) for n in ("torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+    reports a failure as one line instead. Yields the root causes of what ``torch.export``
+    itself logged (its load reports the real error only there)."""
+    kept, silenced = logging.getLogger("torch.export"), logging.getLogger("torch._export")
+    saved = [(lg, lg.level, lg.propagate, lg.handlers[:]) for lg in (kept, silenced)]
+    caught: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            try:
+                text = short(record.exc_info[1]) if record.exc_info and record.exc_info[1] else record.getMessage()
+            except Exception:  # a message whose arguments do not fit its format
+                text = str(record.msg)
+            caught.append(" ".join(text.split())[:300])
+
+        def handleError(self, record):  # never print logging's own errors
+            pass
+
+    kept.setLevel(logging.WARNING)
+    kept.propagate, kept.handlers = False, [Keep(logging.WARNING)]
+    silenced.setLevel(logging.CRITICAL)
     try:
-        yield
+        yield caught
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level, propagate, handlers in saved:
             lg.setLevel(level)
+            lg.propagate, lg.handlers = propagate, handlers

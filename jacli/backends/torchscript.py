@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError, UnsupportedError
+from ..errors import InputError, LimitationError, ModelLoadError, UnsupportedError
 from ..model import MapUnavailable, Model, TensorSpec
 from ._common import Constants, require, short
 
@@ -51,13 +51,20 @@ class TorchModel(Model):
     def wrap(cls, module, path: str, fmt: str) -> "TorchModel":
         module.eval()
         freeze(module)
-        names = _argument_names(module)
         m = cls(path=path, format=fmt, backend="torch", supports_float64=True)
         m.module = module
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
         dtype = str(floats[0]).replace("torch.", "") if floats else "float32"
-        m.inputs = [TensorSpec(n, None, dtype) for n in names]
+        names, m.optional_arguments = _arguments(module)
+        integers = _index_inputs(module)
+        m.inputs = [TensorSpec(n, None, "int64" if n in integers else dtype) for n in names]
         return m
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if getattr(self, "optional_arguments", None):
+            info["optional_arguments"] = self.optional_arguments  # not inputs: their defaults are used
+        return info
 
     # --- helpers ------------------------------------------------------------------------
     def bind(self, xs) -> None:
@@ -123,23 +130,46 @@ class TorchModel(Model):
         return {n: o.numpy() for n, o in zip(names, outs)}
 
     def _forward64(self, xs):
+        """The forward pass of a float64 copy (``_float64_copy``), run with float64 as torch's
+        default dtype so that tensors the code creates (an RNN's zero initial state) are
+        float64 too. Where the copy fails and the model itself runs, a limitation."""
         torch = _torch()
         module64 = getattr(self, "_module64", None)
         if module64 is None:
             module64 = self._module64 = self._float64_copy()
-        main, self.module = self.module, module64
+        main, self.module, default = self.module, module64, torch.get_default_dtype()
         try:
+            torch.set_default_dtype(torch.float64)
             with torch.no_grad():
                 names, outs = self._call(self._tensors(xs, dtype=np.float64))
+        except InputError as e:
+            torch.set_default_dtype(default)
+            self.module = main
+            self._forward(xs)  # the user's input error, if it is one
+            raise LimitationError(f"the float64 copy of this model fails where the model runs "
+                                  f"({e.message.removeprefix('the model rejected the input: ')})") from None
         finally:
+            torch.set_default_dtype(default)
             self.module = main
         return {n: o.numpy() for n, o in zip(names, outs)}
 
     def _float64_copy(self):
-        """The module with float64 parameters and buffers, for finite differences."""
+        """The module with float64 parameters and buffers, for finite differences. A TorchScript
+        module is copied by saving and reloading it (a deep copy would share its code, which is
+        edited here), and its code's float32 constants and dtype arguments become float64."""
         import copy
+        import io
         import warnings
 
+        torch = _torch()
+        if isinstance(self.module, torch.jit.ScriptModule):
+            buffer = io.BytesIO()
+            torch.jit.save(self.module, buffer)
+            buffer.seek(0)
+            module = torch.jit.load(buffer, map_location="cpu").double()
+            _retype_float_constants(module)
+            freeze(module)
+            return module
         with warnings.catch_warnings():  # deepcopy touches .grad of non-leaf parameters
             warnings.simplefilter("ignore")
             return copy.deepcopy(self.module).double()
@@ -212,7 +242,7 @@ class TorchModel(Model):
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
             outputs = [o for o, _ in pairs]
-            grad = lambda cs, **kw: torch.autograd.grad(outputs, targets, cs, allow_unused=True, **kw)  # noqa: E731
+            grad = lambda cs, **kw: _grad(outputs, targets, cs, **kw)  # noqa: E731
             if not pairs:
                 grads = [None] * len(targets)
             elif sequential:
@@ -266,9 +296,38 @@ class TorchModel(Model):
                 jt = torch.autograd.grad([p for p, _ in pairs], list(us.values()), [t for _, t in pairs],
                                          allow_unused=True)
             except (RuntimeError, NotImplementedError) as e:
+                missing = _missing_derivative(e)
+                if missing is not None:  # no derivative at all: reverse mode cannot help either
+                    raise missing from None
                 raise UnsupportedError(f"forward mode needs a forward-mode rule or a second derivative that torch "
-                                       f"lacks here ({short(e)}); use --mode reverse") from None
+                                       f"lacks here ({short(e)})", option="--mode reverse",
+                                       hint="mode='reverse'") from None
         return {n: (np.zeros(outs[n].shape, np.float32) if v is None else v.numpy()) for n, v in zip(us, jt)}
+
+
+def _grad(outputs, targets, cotangents, **kw):
+    """``torch.autograd.grad``; an operator without a derivative is a limitation that names it."""
+    torch = _torch()
+    try:
+        return torch.autograd.grad(outputs, targets, cotangents, allow_unused=True, **kw)
+    except NotImplementedError as e:
+        missing = _missing_derivative(e)
+        if missing is None:
+            raise
+        raise missing from None
+
+
+def _missing_derivative(e: BaseException) -> LimitationError | None:
+    """The operator torch has no derivative for (not the derivative of a backward operator,
+    which only a second derivative needs), as a limitation."""
+    import re
+
+    found = re.search(r"derivative for '?([\w.:]+)'? is not implemented", str(e))
+    if found is None or found.group(1).endswith("_backward"):
+        return None
+    return LimitationError(f"torch has no derivative for the operator {found.group(1)} in this model",
+                           operator=found.group(1), option="--method fd (finite differences)",
+                           hint="method='fd' (finite differences)")
 
 
 def freeze(module) -> None:
@@ -277,14 +336,97 @@ def freeze(module) -> None:
         p.requires_grad_(False)
 
 
-def _argument_names(module) -> list[str]:
+def _arguments(module) -> tuple[list[str], list[dict]]:
+    """``forward``'s inputs: its tensor arguments without defaults, in order; and the
+    arguments with defaults (optional tensors, flags, numbers), which are not inputs: jacli
+    leaves them at their defaults. A required argument that is not a tensor cannot be given."""
     try:
-        args = module.forward.schema.arguments[1:]  # TorchScript: skip self
-        return [a.name for a in args]
-    except AttributeError:
+        arguments = module.forward.schema.arguments[1:]  # TorchScript: skip self
+    except AttributeError:  # a plain nn.Module (trusted pickle)
         import inspect
 
-        return [p for p in inspect.signature(module.forward).parameters]
+        parameters = inspect.signature(module.forward).parameters.values()
+        return ([p.name for p in parameters if p.default is inspect.Parameter.empty],
+                [{"name": p.name, "default": repr(p.default)} for p in parameters
+                 if p.default is not inspect.Parameter.empty])
+    names, optional = [], []
+    for a in arguments:
+        kind = str(a.type)
+        if a.has_default_value():
+            optional.append({"name": a.name, "type": kind, "default": repr(a.default_value)})
+        elif kind in ("Tensor", "Optional[Tensor]"):
+            names.append(a.name)
+        else:
+            raise ModelLoadError(f"forward's argument {a.name!r} is {kind} and has no default; jacli passes tensors "
+                                 "only (wrap the model so that forward takes tensors)")
+    return names, optional
+
+
+# operators whose argument at this position holds indices, and operators that pass an
+# integer tensor through (views, copies): an input that reaches one is integer
+_INDEX_ARGUMENT = {"aten::embedding": 1, "aten::embedding_bag": 1, "aten::index_select": 2, "aten::gather": 2,
+                   "aten::one_hot": 0, "aten::take": 1, "aten::take_along_dim": 1, "aten::bincount": 0}
+_PASS_THROUGH = {"aten::slice", "aten::select", "aten::view", "aten::reshape", "aten::unsqueeze", "aten::squeeze",
+                 "aten::contiguous", "aten::flatten", "aten::expand", "aten::expand_as", "aten::clone",
+                 "aten::detach", "aten::narrow", "aten::permute", "aten::transpose", "aten::t", "aten::repeat"}
+
+
+def _index_inputs(module) -> set[str]:
+    """Names of ``forward``'s arguments that its code uses as indices (token ids into an
+    Embedding, say): TorchScript records no dtypes, and such an input must stay integer."""
+    try:
+        graph, arguments = module.inlined_graph, module.forward.schema.arguments
+    except (AttributeError, RuntimeError):
+        return set()
+    found = set()
+    for value, argument in zip(list(graph.inputs())[1:], arguments[1:]):  # both start with self
+        todo, seen = [value], set()
+        while todo and argument.name not in found:
+            v = todo.pop()
+            if v.unique() in seen:
+                continue
+            seen.add(v.unique())
+            for use in v.uses():
+                kind = use.user.kind()
+                if _INDEX_ARGUMENT.get(kind) == use.offset:
+                    found.add(argument.name)
+                elif kind in _PASS_THROUGH and use.offset == 0:
+                    todo += list(use.user.outputs())
+    return found
+
+
+_FLOAT_TYPES = (5, 6, 15)  # torch's ScalarType codes of float16, float32, bfloat16
+_FLOAT64 = 7
+
+
+def _retype_float_constants(module) -> None:
+    """In the code of every method of a TorchScript module and its submodules: tensor
+    constants of a float type become float64, and so does every ``dtype`` argument that names
+    one (``torch.zeros(..., dtype=torch.float32)`` in a traced RNN's initial state)."""
+    torch = _torch()
+    for sub in module.modules():
+        if not isinstance(sub, torch.jit.ScriptModule):
+            continue
+        for name in sub._c._method_names():
+            graph = sub._c._get_method(name).graph
+            todo = list(graph.nodes())
+            while todo:
+                node = todo.pop()
+                for block in node.blocks():
+                    todo += list(block.nodes())
+                if node.kind() == "prim::Constant":
+                    if node.hasAttribute("value") and node.kindOf("value") == "t" and node.t("value").is_floating_point():
+                        node.t_("value", node.t("value").double())
+                    continue
+                schema = node.schema()
+                if schema == "(no schema)":
+                    continue
+                for i, (argument, value) in enumerate(zip(torch._C.parse_schema(schema).arguments, list(node.inputs()))):
+                    source = value.node()
+                    if argument.name == "dtype" and source.kind() == "prim::Constant" and source.hasAttribute("value") \
+                            and source.kindOf("value") == "i" and source.i("value") in _FLOAT_TYPES:
+                        with graph.insert_point_guard(node):
+                            node.replaceInput(i, graph.insertConstant(_FLOAT64))
 
 
 def _torch():

@@ -25,7 +25,9 @@ def warn(message: str, quiet: bool) -> None:
 
 
 def load_model(model_path: str, fmt: str | None, trust_model: bool):
-    return api.load(model_path, format=fmt, trust=trust_model)
+    context = click.get_current_context(silent=True)
+    custom = context.meta.get("jacli.custom_objects", ()) if context is not None else ()
+    return api.load(model_path, format=fmt, trust=trust_model, custom_objects=custom)
 
 
 def load_input(model, input_path: str | None, random_n: int | None, seed: int, quiet: bool) -> dict[str, np.ndarray]:

@@ -1,7 +1,9 @@
 """Entry point: the command group, and the one place errors become exit codes.
 
-JacliError (and click usage errors) -> one ``Error:`` line on stderr, exit 2.
-Anything else is a bug -> one ``Error: internal error`` line, exit 3 (traceback with --debug).
+JacliError (and click usage errors) -> one ``Error:`` line on stderr, with the option that
+helps (``e.option``) in place of the hint for Python users; exit ``e.exit_code``: 2 for the
+user's input and for limitations, 3 for jacli's own bugs (``InternalError``). Anything else
+is a bug too -> one ``Error: internal error`` line, exit 3 (traceback with --debug).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def _one_line(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("JACLI_DEBUG"))
-    from ..errors import JacliError
+    from ..errors import JacliError, root_cause
 
     signals = [getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)]
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit_if_signalled()
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: {_one_line(str(e))}", err=True)
+        click.echo(f"Error: {_one_line(e.cli_message())}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("Error: interrupted", err=True)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         _exit_if_signalled()
         if debug:
             traceback.print_exc()
-        click.echo(f"Error: internal error ({type(e).__name__}: {_one_line(str(e).splitlines()[0][:200] if str(e) else '')}); "
+        click.echo(f"Error: internal error ({type(e).__name__}: {_one_line(root_cause(e, 300))}); "
                    "rerun with --debug for the traceback and please report it", err=True)
         sys.exit(3)
     finally:

@@ -39,6 +39,11 @@ model = _stack(
     click.option("--trust-model", is_flag=True,
                  help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers, "
                       ".pt2 pickles and code)."),
+    click.option("--custom-objects", "custom_objects", multiple=True, metavar="MODULE", expose_value=False,
+                 callback=lambda ctx, param, value: ctx.meta.__setitem__("jacli.custom_objects", value),
+                 help="Import MODULE (a .py file or a module name) before loading: it defines the model's custom "
+                      "Keras layers, or registers its torch.export output types. Runs that code: only for code "
+                      "you trust, like --trust-model."),
 )
 
 data = _stack(
@@ -105,8 +110,8 @@ svd = _stack(
                  help="Relative accuracy asked of matrix-free singular values (certified by residuals)."),
 )
 singular_tol = click.option("--singular-tol", type=click.FloatRange(min=0), metavar="R",
-                            help="J counts as singular when its reciprocal condition number estimate is at most R "
-                                 "(default: n·eps of the model's dtype).")
+                            help="J counts as singular when σ_min/σ_max is at most R (default: where svd finds J "
+                                 "rank deficient, σ_min ≤ 4·eps·‖J‖_F at the model's precision).")
 
 
 # --plot (the optional extra jacli[plot]); see docs/plots.md

@@ -40,6 +40,7 @@ MAX_ITER = 300
 MAX_COLS = 256
 LOG_MAX = float(np.log(np.finfo(np.float64).max))
 LOG_TINY = float(np.log(np.finfo(np.float64).smallest_subnormal))
+RANK_ROUNDINGS = 4  # see rank_floor
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,19 @@ def eps(plan: jac.Plan) -> float:
     return float(np.finfo(plan.dtype).eps)
 
 
-def default_singular_tol(plan: jac.Plan) -> float:
-    """Default threshold of ``det``: rcond at most n·eps means numerically singular."""
-    return Layout.of(plan).n * eps(plan)
+def singular_rule(plan: jac.Plan, tol: float | None) -> str:
+    """When ``det`` calls J singular, in words (for metadata)."""
+    if tol is not None:
+        return f"sigma_min/sigma_max <= {tol:.6g}"
+    return f"sigma_min <= {RANK_ROUNDINGS}*eps*||J||_F (eps = {eps(plan):.6g}, the rank criterion of svd)"
+
+
+def rank_floor(sigma: np.ndarray, unit: float) -> np.ndarray:
+    """Singular values (S, r) at most this (S, 1) cannot be told apart from 0 at the model's
+    precision ``unit``: they are within what RANK_ROUNDINGS rounding errors in each entry of
+    J move them (Weyl: |δσ| ≤ ‖δJ‖₂ ≤ ‖δJ‖_F = RANK_ROUNDINGS·unit·‖J‖_F). The rank criterion
+    of ``svd`` and the singular verdict of ``det`` both."""
+    return RANK_ROUNDINGS * unit * np.sqrt(np.sum(sigma**2, axis=1, keepdims=True))
 
 
 # --- results --------------------------------------------------------------------------
@@ -82,7 +93,7 @@ class SvdResult:
     """Singular values per sample, largest first; ``smallest``: the bottom k, also largest
     first (the last is σ_min). ``condition_number``: σ_max/σ_min; inf where σ_min cannot be
     told apart from 0, NaN where σ_min is unknown (matrix-free without ``smallest``).
-    ``rank`` (full solver): the number of σ > max(m, n)·eps·σ_max. Matrix-free:
+    ``rank`` (full solver): the number of σ above ``rank_floor``. Matrix-free:
     ``error_bound``/``smallest_error_bound`` hold a certified bound on each value's absolute
     error, ``converged`` whether a sample met the tolerance before the iteration limit."""
 
@@ -129,34 +140,49 @@ class SvdResult:
 class DetResult:
     """Per sample: ``sign`` (-1, 0, +1), ``logabsdet`` = log|det J|, ``det`` =
     sign·exp(logabsdet) (±inf only where |det J| exceeds float64's range, see
-    ``overflow``; 0 where it underflows, see ``underflow``), ``rcond`` (LAPACK's estimate of
-    1/κ₁(J)). ``singular`` where rcond ≤ ``tol``: then sign = 0, det = 0, logabsdet = -inf."""
+    ``overflow``; 0 where it underflows, see ``underflow``); ``condition_number`` κ₂ =
+    σ_max/σ_min and ``rcond`` = 1/κ₂, from the singular values, as ``svd`` reports them.
+    ``singular`` where J is rank deficient at the model's precision (σ_min at most
+    ``rank_floor``, as ``svd`` finds it; or rcond ≤ ``tol`` when a tolerance is given): then
+    sign = 0, det = 0, logabsdet = -inf. Elsewhere
+    log|det J| is reported with ``logabsdet_error``, a first-order estimate of its error
+    from the rounding of J at the model's precision ``unit`` (``error_estimate``), and
+    ``ill_conditioned`` where κ₂ ≥ 1/√unit: more than half the model's digits are lost in
+    J⁻¹ (the determinant itself may still be accurate: see its error estimate)."""
 
     n: int
-    tol: float
+    tol: float | None
+    unit: float
     sign: np.ndarray
     logabsdet: np.ndarray
     det: np.ndarray
     rcond: np.ndarray
+    condition_number: np.ndarray
+    logabsdet_error: np.ndarray
     singular: np.ndarray = field(init=False)
+    ill_conditioned: np.ndarray = field(init=False)
     overflow: np.ndarray = field(init=False)
     underflow: np.ndarray = field(init=False)
 
     def __post_init__(self):
         finite = np.isfinite(self.logabsdet)
         self.singular = self.sign == 0
+        self.ill_conditioned = finite & (self.condition_number * np.sqrt(self.unit) >= 1)
         self.overflow = finite & (self.logabsdet > LOG_MAX)
         self.underflow = finite & (self.logabsdet < LOG_TINY)
 
     def samples_json(self) -> list[dict]:
         return [{"index": i, "sign": int(self.sign[i]) if np.isfinite(self.sign[i]) else "NaN",
                  "logabsdet": _num(self.logabsdet[i]), "det": _num(self.det[i]),
-                 "singular": bool(self.singular[i]), "rcond": _num(self.rcond[i]),
+                 "logabsdet_error": _num(self.logabsdet_error[i]), "singular": bool(self.singular[i]),
+                 "ill_conditioned": bool(self.ill_conditioned[i]), "rcond": _num(self.rcond[i]),
+                 "condition_number": _num(self.condition_number[i]),
                  "det_overflow": bool(self.overflow[i]), "det_underflow": bool(self.underflow[i])}
                 for i in range(len(self.sign))]
 
     def summary(self) -> dict:
-        return {"logabsdet": spread(self.logabsdet), "singular": int(self.singular.sum())}
+        return {"logabsdet": spread(self.logabsdet), "singular": int(self.singular.sum()),
+                "ill_conditioned": int(self.ill_conditioned.sum())}
 
 
 def spread(values: np.ndarray) -> dict:
@@ -225,7 +251,7 @@ def _default_k(lay: Layout) -> int:
 
 def det_arrays(plan: jac.Plan) -> dict[str, tuple]:
     lead = (plan.samples,)  # with --no-batch: one "sample", the whole input
-    return {name: lead for name in ("sign", "logabsdet", "det", "rcond")}
+    return {name: lead for name in ("sign", "logabsdet", "det", "rcond", "condition_number", "logabsdet_error")}
 
 
 def _dense_bytes(lay: Layout) -> int:
@@ -277,7 +303,7 @@ def _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, pr
                 U[ok], s[ok], V[ok] = np.linalg.svd(J[ok], full_matrices=False)
         elif ok.any():
             s[ok] = np.linalg.svd(J[ok], compute_uv=False)
-        floor = max(lay.m, lay.n) * eps(plan) * s[:, :1]  # numpy's matrix_rank tolerance
+        floor = rank_floor(s, eps(plan))
         rank = (s > floor).sum(axis=1)
         cond = _condition(s[:, 0], s[:, -1], floor[:, 0])
         parts["s"].append(s[:, :r])
@@ -515,11 +541,14 @@ def det(
     sink: jac.Sink | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> DetResult:
-    """sign, log|det J| and det J of each sample's square J, by LU in float64.
+    """sign, log|det J| and det J of each sample's square J in float64: the sign from an LU
+    factorisation, log|det J| = Σ log σᵢ from the singular values, which also give the
+    condition number, the ``singular`` verdict and the error estimate (see ``DetResult``).
 
-    J counts as singular when LAPACK's reciprocal condition estimate rcond ≤
-    ``singular_tol`` (default n·eps of the model's dtype): at that precision J cannot be
-    told apart from a singular matrix, and its LU determinant would be rounding noise."""
+    J counts as singular where ``svd`` finds it rank deficient (σ_min ≤ ``rank_floor``), or,
+    when ``singular_tol`` is given, where σ_min/σ_max ≤ ``singular_tol``: at that precision
+    J cannot be told apart from a singular matrix, and its determinant would be rounding
+    noise. Anywhere else log|det J| is meaningful, to within ``logabsdet_error``."""
     from scipy.linalg import lapack
 
     budget = budget or jac.DEFAULT_BUDGET
@@ -531,24 +560,28 @@ def det(
     if _dense_bytes(lay) > budget:
         raise InputError(f"J is {lay.n}x{lay.n} per sample ({_dense_bytes(lay) / 2**20:.0f} MiB to factorise), "
                          "more than --max-memory allows; raise --max-memory")
-    tol = default_singular_tol(plan) if singular_tol is None else singular_tol
-    parts: dict[str, list] = {"sign": [], "logabsdet": [], "det": [], "rcond": []}
+    tol = singular_tol
+    keys = ("sign", "logabsdet", "det", "rcond", "condition_number", "logabsdet_error")
+    parts: dict[str, list] = {key: [] for key in keys}
 
     def consume(s0: int, s1: int, J: np.ndarray) -> None:
-        out = {key: np.full(s1 - s0, np.nan) for key in parts}
+        out = {key: np.full(s1 - s0, np.nan) for key in keys}
         for j, a in enumerate(J):
             if not np.isfinite(a).all():
                 continue
-            lu, piv, _ = lapack.dgetrf(a)  # P J = L U, piv 0-based
-            diag = np.diagonal(lu)
-            rcond, _ = lapack.dgecon(lu, np.abs(a).sum(axis=0).max(), norm="1")
-            swaps = np.count_nonzero(piv != np.arange(len(piv)))
-            if rcond <= tol or not diag.all():
-                out["sign"][j], out["logabsdet"][j], out["rcond"][j] = 0.0, -np.inf, rcond
-                continue
-            out["sign"][j] = (-1.0) ** swaps * np.prod(np.sign(diag))
-            out["logabsdet"][j] = np.log(np.abs(diag)).sum()
+            sigma = np.linalg.svd(a, compute_uv=False)
+            rcond = sigma[-1] / sigma[0] if sigma[0] > 0 else 0.0
+            singular = rcond <= tol if tol is not None else sigma[-1] <= rank_floor(sigma[None], eps(plan))[0, 0]
             out["rcond"][j] = rcond
+            out["condition_number"][j] = np.inf if singular else 1 / rcond
+            if singular:
+                out["sign"][j], out["logabsdet"][j], out["logabsdet_error"][j] = 0.0, -np.inf, np.inf
+                continue
+            lu, piv, _ = lapack.dgetrf(a)  # P J = L U, piv 0-based: the sign
+            swaps = np.count_nonzero(piv != np.arange(len(piv)))
+            out["sign"][j] = (-1.0) ** swaps * np.prod(np.sign(np.diagonal(lu)))
+            out["logabsdet"][j] = np.log(sigma).sum()
+            out["logabsdet_error"][j] = error_estimate(sigma, eps(plan))
         with np.errstate(over="ignore"):
             out["det"] = np.where(out["sign"] == 0, 0.0, out["sign"] * np.exp(out["logabsdet"]))
         for key, v in out.items():
@@ -560,5 +593,14 @@ def det(
 
     _dense(model, plan, lay, method, budget, chunk, consume)
     cat = {key: np.concatenate(v) for key, v in parts.items()}
-    return DetResult(lay.n, tol, cat["sign"], cat["logabsdet"], cat["det"], cat["rcond"])
+    return DetResult(lay.n, tol, eps(plan), *(cat[key] for key in keys))
 
+
+def error_estimate(sigma: np.ndarray, unit: float) -> float:
+    """First-order estimate of the error in log|det J| when each entry of J carries an
+    independent rounding error of about ``unit``·‖J‖_F/n (a Jacobian computed at that
+    precision): δ log|det J| = tr(J⁻¹ δJ), whose spread is unit·‖J‖_F·‖J⁻¹‖_F/n; at least
+    the rounding of the n logarithms summed."""
+    with np.errstate(over="ignore"):
+        spread = unit * np.sqrt(np.sum(sigma**2)) * np.sqrt(np.sum(sigma**-2.0)) / len(sigma)
+    return float(max(spread, unit * np.sqrt(len(sigma))))

@@ -340,19 +340,18 @@ def _rows(a, n):
 
 # --- det --------------------------------------------------------------------------------------
 def det_plot(result) -> Plot:
-    """log|det J| over the batch, and LAPACK's rcond beneath it with the thresholds:
-    singular (rcond ≤ singular_tol) and ill-conditioned (rcond ≤ √singular_tol: at least
-    half the digits lost) samples get their own marks."""
+    """log|det J| over the batch, and rcond = σ_min/σ_max beneath it: singular samples (rank
+    deficient at the model's precision, or rcond ≤ --singular-tol) and ill-conditioned ones
+    (rcond ≤ √eps: at least half the digits lost) get their own marks."""
     return Plot("det", (8.0, 5.6), lambda fig: _det(fig, result))
 
 
 def det_classes(r) -> dict[str, np.ndarray]:
     """Sample indices: ok, ill (ill-conditioned), singular, nan (J held NaN/Inf)."""
-    logdet, rcond = np.asarray(r.logabsdet, np.float64), np.asarray(r.rcond, np.float64)
+    logdet = np.asarray(r.logabsdet, np.float64)
     singular = np.asarray(r.singular, bool)
     nan = np.isnan(logdet) & ~singular
-    with np.errstate(invalid="ignore"):
-        ill = ~singular & ~nan & (rcond <= np.sqrt(r.tol))
+    ill = ~singular & ~nan & np.asarray(r.ill_conditioned, bool)
     ok = ~(singular | nan | ill)
     return {k: np.flatnonzero(v) for k, v in (("ok", ok), ("ill", ill), ("singular", singular), ("nan", nan))}
 
@@ -369,9 +368,10 @@ def _det(fig, r) -> list[Panel]:
     ill = classes["ill"]
     if ill.size:
         top.plot(ill, logdet[ill], "s", color=ORANGE, ms=7, ls="none", gid="logdet-ill",
-                 label=f"ill-conditioned (rcond ≤ √tol = {np.sqrt(r.tol):.2g})")
+                 label=f"ill-conditioned (rcond ≤ √eps = {np.sqrt(r.unit):.2g})")
     edge = top.get_xaxis_transform()  # x in data, y in axes units: marks along the bottom edge
-    for key, mk, colour, label in (("singular", "v", VERMILLION, f"singular (rcond ≤ {r.tol:.2g}): log|det| = −∞"),
+    rule = "rank deficient" if r.tol is None else f"rcond ≤ {r.tol:.2g}"
+    for key, mk, colour, label in (("singular", "v", VERMILLION, f"singular ({rule}): log|det| = −∞"),
                                    ("nan", "X", PURPLE, "NaN/Inf in J")):
         idx = classes[key]
         if idx.size:
@@ -383,14 +383,16 @@ def _det(fig, r) -> list[Panel]:
     top.set_title(title)
     top.legend(loc="best")
     positive = rcond[np.isfinite(rcond) & (rcond > 0)]
-    floor = min(float(positive.min(initial=r.tol)), r.tol) / 10 if r.tol > 0 else 1e-300
+    line = r.tol if r.tol is not None else r.unit
+    floor = min(float(positive.min(initial=line)), line) / 10 if line > 0 else 1e-300
     shown = np.where(np.isfinite(rcond) & (rcond > 0), rcond, floor)
     x = np.arange(len(rcond))
     bottom.plot(x, shown, "o", color=BLUE, ms=4, ls="none", gid="rcond")
-    bottom.axhline(r.tol, color=VERMILLION, ls="-", label="singular_tol")
-    bottom.axhline(np.sqrt(r.tol), color=ORANGE, ls="--", label="√singular_tol")
+    if r.tol is not None:
+        bottom.axhline(r.tol, color=VERMILLION, ls="-", label="singular_tol")
+    bottom.axhline(np.sqrt(r.unit), color=ORANGE, ls="--", label="√eps (ill-conditioned below)")
     bottom.set_yscale("log")
-    bottom.set_ylabel("rcond (≈ 1/κ₁)")
+    bottom.set_ylabel("rcond = 1/κ₂")
     bottom.set_xlabel("sample")
     bottom.xaxis.set_major_locator(_integers())
     bottom.legend(loc="best")

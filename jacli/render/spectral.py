@@ -38,26 +38,33 @@ def svd_view(doc: dict) -> Group:
 
 def det_view(doc: dict) -> Group:
     n = doc["shape"][0]
-    parts = [_title("Determinant", f"(LU) of J, {n}×{n} per sample ({_pairs(doc)})", doc)]
+    parts = [_title("Determinant", f"of J, {n}×{n} per sample ({_pairs(doc)})", doc)]
     t = Table(box=None, pad_edge=False)
-    for col in ("sample", "sign", "log|det J|", "det J", ""):
+    for col in ("sample", "sign", "log|det J|", "±", "det J", "cond", ""):
         t.add_column(col, justify="left" if not col else "right")
     samples = doc["samples"]
     for s in samples[:SHOW_SAMPLES]:
         note = ""
         if s["singular"]:
-            note = f"singular (rcond {_f(s['rcond'])} ≤ {_f(doc['singular_tol'])})"
+            note = (f"singular (σ_min/σ_max {_f(s['rcond'])} ≤ {_f(doc['singular_tol'])})" if doc.get("singular_tol")
+                    else "singular (rank deficient at the model's precision, as svd finds it)")
+        elif s["ill_conditioned"]:
+            note = "ill-conditioned (κ₂ ≥ 1/√eps)"
         elif s["det_overflow"]:
             note = "|det J| overflows float64; log|det J| is exact"
         elif s["det_underflow"]:
             note = "|det J| underflows float64; log|det J| is exact"
         sign = {1.0: "+1", -1.0: "-1", 0.0: "0"}.get(s["sign"], _f(s["sign"]))
-        t.add_row(str(s["index"]), sign, _f(s["logabsdet"]), _f(s["det"]), Text(note, style="yellow" if note else ""))
+        error = "" if s["singular"] else _f(s["logabsdet_error"], 2)
+        t.add_row(str(s["index"]), sign, _f(s["logabsdet"]), error, _f(s["det"]), _f(s["condition_number"], 3),
+                  Text(note, style="yellow" if note else ""))
     parts.append(t)
     parts += _more(samples)
     parts.append(_spread("log|det J|", doc["summary"]["logabsdet"], len(samples)))
-    if doc["summary"]["singular"]:
-        parts.append(Text(f"{doc['summary']['singular']} of {len(samples)} samples singular", style="yellow"))
+    for kind in ("singular", "ill_conditioned"):
+        if doc["summary"].get(kind):
+            parts.append(Text(f"{doc['summary'][kind]} of {len(samples)} samples {kind.replace('_', '-')}",
+                              style="yellow"))
     return Group(*parts)
 
 
