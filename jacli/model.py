@@ -14,7 +14,9 @@ independent, so the k axis can be folded into the batch axis: one batched call o
 samples. ``per_sample=False`` (``--no-batch``) asks for the exact product with no such
 assumption; backends vectorise with their own map or fall back to a loop over k. A
 backend with a map of its own (``_map_strategies``) serves both with it: one forward pass
-for all k seeds instead of k.
+for all k seeds instead of k. When it has several ways to map (``strategies``), the caller
+may choose one (``strategy=``); which is fastest is the engine's business
+(``jacli.engine.strategies``), not the model's.
 
 Backends implement ``_forward``/``_vjp``/``_jvp`` on a plain batch (no k axis); this
 class does folding, and chunking for models whose batch axis is fixed (e.g. to 1).
@@ -22,8 +24,6 @@ class does folding, and chunking for models whose batch axis is fixed (e.g. to 1
 from __future__ import annotations
 
 import abc
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -71,8 +71,6 @@ class Model(abc.ABC):
     # a forward pass returned exactly ``outputs`` (names, per-sample shapes, dtypes): plans
     # may then take output shapes from the signature instead of running one
     signature_confirmed: bool = field(default=False, repr=False, compare=False)
-    _strategy_times: dict = field(default_factory=dict, repr=False, compare=False)  # see _tuned
-    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # see engine.jacobian.plan
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod
@@ -119,11 +117,22 @@ class Model(abc.ABC):
     def forward64(self, xs: Arrays) -> dict[str, np.ndarray]:
         return self._chunked(self._forward64, xs)
 
-    def vjp(self, xs: Arrays, cotangents: Arrays, wrt: Sequence[str], per_sample: bool = True) -> dict[str, np.ndarray]:
-        return self._blocked(self._vjp, xs, cotangents, list(wrt), per_sample)
+    def vjp(self, xs: Arrays, cotangents: Arrays, wrt: Sequence[str], per_sample: bool = True,
+            strategy: str | None = None) -> dict[str, np.ndarray]:
+        return self._blocked(self._vjp, xs, cotangents, list(wrt), per_sample, strategy)
 
-    def jvp(self, xs: Arrays, tangents: Arrays, of: Sequence[str], per_sample: bool = True) -> dict[str, np.ndarray]:
-        return self._blocked(self._jvp, xs, tangents, list(of), per_sample)
+    def jvp(self, xs: Arrays, tangents: Arrays, of: Sequence[str], per_sample: bool = True,
+            strategy: str | None = None) -> dict[str, np.ndarray]:
+        return self._blocked(self._jvp, xs, tangents, list(of), per_sample, strategy)
+
+    def strategies(self, kind: str, xs: Arrays, seeds: Arrays) -> tuple[str, ...]:
+        """The ways ``vjp``/``jvp`` (``kind``) can map these seeds' k axis with one forward
+        pass, each exact (they differ in speed and float rounding); ``strategy=`` picks one,
+        the first is the default. Empty where the k seeds are folded into the batch or
+        looped over."""
+        if _leading(seeds) == 1 or not self._fits(xs):
+            return ()
+        return self._map_strategies(self._vjp if kind == "vjp" else self._jvp)
 
     def describe(self) -> dict:
         return {
@@ -154,47 +163,31 @@ class Model(abc.ABC):
             parts.append({k: v[: fixed - short] for k, v in out.items()})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _blocked(self, prim, xs: Arrays, seeds: Arrays, names: list[str], per_sample: bool) -> dict[str, np.ndarray]:
-        k = _leading(seeds)
+    def _fits(self, xs: Arrays) -> bool:
         fixed = self._fixed_batch()
-        fits = fixed is None or _shared_leading(xs) in (None, fixed)
-        strategies = self._map_strategies(prim) if fits else ()
-        if per_sample and not strategies:
-            return self._folded(prim, xs, seeds, names)
-        if not fits:
-            raise InputError(
-                f"this model's batch axis is fixed at {fixed}, so --no-batch needs exactly {fixed} sample(s), "
-                f"got {_leading(xs)}"
-            )
-        if k == 1:
-            return {n: v[None] for n, v in prim(xs, {n: v[0] for n, v in seeds.items()}, names).items()}
-        if len(strategies) < 2:
-            return self._vjp_jvp_map(prim, xs, seeds, names, *strategies)
-        return self._tuned(prim, strategies, xs, seeds, names)
+        return fixed is None or _shared_leading(xs) in (None, fixed)
 
-    def _tuned(self, prim, strategies: tuple[str, ...], xs: Arrays, seeds: Arrays, names: list[str]):
-        """The backend's faster map strategy for this primitive and amount of work. Every call
-        is timed and each strategy counts with its fastest run (the first may include
-        tracing; load on a shared machine only ever slows a run down): each is tried twice,
-        then the fastest so far is used, except that on the 4th, 8th, 16th, ... call the
-        least-run strategy runs again, so that a burst of load during the first trials does
-        not decide for good (a logarithmic share of calls). Every strategy is exact; they
-        differ in speed and float rounding."""
-        work = _leading(seeds) * _leading(xs)
-        key = (prim.__name__, work.bit_length() // 4)
-        stats = self._strategy_times.setdefault(key, {"calls": 0, **{s: [0, math.inf] for s in strategies}})
-        stats["calls"] += 1
-        runs = lambda s: stats[s][0]  # noqa: E731
-        fewest = min(strategies, key=runs)
-        if runs(fewest) < 2 or stats["calls"] & (stats["calls"] - 1) == 0:
-            strategy = fewest
-        else:
-            strategy = min(strategies, key=lambda s: stats[s][1])
-        start = time.perf_counter()
-        out = self._vjp_jvp_map(prim, xs, seeds, names, strategy)
-        stats[strategy][0] += 1
-        stats[strategy][1] = min(stats[strategy][1], (time.perf_counter() - start) / work)
-        return out
+    def _blocked(self, prim, xs: Arrays, seeds: Arrays, names: list[str], per_sample: bool,
+                 strategy: str | None) -> dict[str, np.ndarray]:
+        k = _leading(seeds)
+        fits = self._fits(xs)
+        if not fits and not per_sample:
+            raise InputError(
+                f"this model's batch axis is fixed at {self._fixed_batch()}, so --no-batch needs exactly "
+                f"{self._fixed_batch()} sample(s), got {_leading(xs)}"
+            )
+        while True:  # until a strategy takes it (a backend drops one that raises MapUnavailable)
+            strategies = self._map_strategies(prim) if fits else ()
+            if per_sample and not strategies:
+                return self._folded(prim, xs, seeds, names)
+            if k == 1:
+                return {n: v[None] for n, v in prim(xs, {n: v[0] for n, v in seeds.items()}, names).items()}
+            chosen = strategy if strategy in strategies else strategies[0] if strategies else ""
+            try:
+                return self._vjp_jvp_map(prim, xs, seeds, names, chosen)
+            except MapUnavailable:
+                if chosen in self._map_strategies(prim):
+                    raise  # the backend must drop what it cannot do, or this would never end
 
     def _folded(self, prim, xs: Arrays, seeds: Arrays, names: list[str]) -> dict[str, np.ndarray]:
         """Samples are independent: fold k into the batch axis, k*B samples in one call."""
@@ -212,7 +205,9 @@ class Model(abc.ABC):
         pass for all k seeds: "vectorised" (vmap, pfor) and/or "sequential" (k backward passes
         through one recorded forward pass). Then the per-sample product uses it too: with
         independent samples it equals the folded one, without repeating the forward pass k
-        times. None: fold k into the batch (per sample) or loop over k (exact)."""
+        times. None: fold k into the batch (per sample) or loop over k (exact). A strategy
+        that turns out not to work for this model raises MapUnavailable after dropping
+        itself from this list."""
         return ()
 
     def _vjp_jvp_map(self, prim, xs: Arrays, seeds: Arrays, names: list[str], strategy: str = "") -> dict:
@@ -221,6 +216,11 @@ class Model(abc.ABC):
         k = _leading(seeds)
         outs = [prim(xs, {n: v[i] for n, v in seeds.items()}, names) for i in range(k)]
         return {n: np.stack([o[n] for o in outs]) for n in outs[0]}
+
+
+class MapUnavailable(Exception):
+    """Raised by ``_vjp_jvp_map`` when a strategy cannot take this model (an operator its
+    map cannot batch); the call goes on with the next strategy, or folds or loops."""
 
 
 def _leading(arrays: Arrays) -> int:

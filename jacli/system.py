@@ -95,3 +95,43 @@ def available_memory() -> int | None:
         pass
     return free
 
+
+THREADS = "JACLI_THREADS"  # environment variable: threads per framework, overriding the policy
+
+
+def thread_count(environ=None, cgroup: str = "/sys/fs/cgroup") -> int:
+    """Threads each framework should use for its operators: ``JACLI_THREADS`` when set (a
+    positive integer; ValueError otherwise), else the CPUs this process may run on (its
+    affinity mask) lowered by a cgroup CPU quota (v2 ``cpu.max``, v1
+    ``cpu/cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), rounded up, at least 1. A
+    framework left to itself counts the machine's cores, so in a container limited to 2 of
+    64 it runs 64 threads that spin and wait on each other."""
+    environ = os.environ if environ is None else environ
+    asked = environ.get(THREADS, "").strip()
+    if asked:
+        if not asked.isdigit() or int(asked) < 1:
+            raise ValueError(f"{THREADS}={asked!r}: set a positive number of threads, or unset it")
+        return int(asked)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota(Path(cgroup))
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_quota(root: Path) -> int | None:
+    """CPUs a cgroup CPU quota allows (rounded up), or None without one."""
+    try:
+        limit, period = (root / "cpu.max").read_text().split()[:2]  # v2: "max 100000" or "200000 100000"
+    except (OSError, ValueError):
+        try:  # v1
+            limit = (root / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (root / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        limit, period = int(limit), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return -(-limit // period) if limit > 0 and period > 0 else None

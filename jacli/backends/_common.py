@@ -2,16 +2,49 @@
 from __future__ import annotations
 
 import importlib
+import os
 
-from ..errors import BackendMissing, root_cause
+from ..errors import BackendMissing, InputError, root_cause
+from ..system import THREADS, thread_count
 
 
 def require(module: str, package: str, extra: str, fmt: str):
-    """Import a framework module or raise one clear BackendMissing error."""
+    """Import a framework module or raise one clear BackendMissing error; the first import
+    of torch or TensorFlow also sets its thread pools (``threads``)."""
     try:
-        return importlib.import_module(module)
+        mod = importlib.import_module(module)
     except ImportError:
         raise BackendMissing(package, extra, fmt) from None
+    if module in _THREAD_SETTERS and module not in _threaded:
+        _THREAD_SETTERS[module](mod)
+        _threaded.add(module)
+    return mod
+
+
+def threads() -> int:
+    """Threads per framework (``system.thread_count``); a bad JACLI_THREADS is bad input."""
+    try:
+        return thread_count()
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _torch_threads(torch) -> None:
+    """At most the usable CPUs (a lower count the caller set stays), exactly JACLI_THREADS."""
+    n = threads()
+    torch.set_num_threads(n if os.environ.get(THREADS, "").strip() else min(n, torch.get_num_threads()))
+
+
+def _tf_threads(tf) -> None:
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads())
+        tf.config.threading.set_inter_op_parallelism_threads(threads())
+    except RuntimeError:  # the runtime has started (the caller's own TensorFlow work): its settings stand
+        pass
+
+
+_THREAD_SETTERS = {"torch": _torch_threads, "tensorflow": _tf_threads}
+_threaded: set[str] = set()
 
 
 def short(e: BaseException) -> str:

@@ -1,10 +1,10 @@
 """TorchScript archives (``torch.jit.save``, traced or scripted) and, only with
 ``--trust-model``, plain ``torch.save`` pickles of an ``nn.Module``.
 
-Derivatives come from torch's own autodiff: VJPs by ``torch.autograd.grad`` (batched
-cotangents with ``is_grads_batched`` for the exact, unfolded product), JVPs by
+Derivatives come from torch's own autodiff: VJPs by ``torch.autograd.grad``, JVPs by
 forward-mode AD (dual tensors), falling back to the double-VJP trick when an operator
-lacks a forward-mode formula.
+lacks a forward-mode formula; a block of k seeds by ``torch.func.vmap`` over one forward
+pass's VJP or JVP (or k backward passes through it), see ``TorchModel._map_strategies``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, LimitationError, ModelLoadError, UnsupportedError
-from ..model import Model, TensorSpec
+from ..model import MapUnavailable, Model, TensorSpec
 from ._common import Constants, require, short
 
 
@@ -175,30 +175,65 @@ class TorchModel(Model):
             return copy.deepcopy(self.module).double()
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
-        return self._pullback(xs, cts, wrt, batched=False)
+        return self._pullback(xs, cts, wrt)
 
     def _map_strategies(self, prim) -> tuple[str, ...]:
-        if prim != self._vjp:
-            return ()
-        return ("sequential",) if getattr(self, "_unbatchable", False) else ("vectorised", "sequential")
+        """VJPs: "vectorised" (torch.func: one forward pass, its pullback vmapped over the k
+        cotangents) or "sequential" (k backward passes through one recorded forward pass;
+        faster where an operator has no fast batching rule). JVPs: "vectorised" (the JVP
+        vmapped over the k tangents), except through control-flow operators whose tangents
+        forward-mode AD drops (``no_forward_ad``); else the k tangents are folded into the batch."""
+        if prim == self._vjp:
+            options = ("vectorised", "sequential")
+        else:
+            options = () if getattr(self, "no_forward_ad", ()) else ("vectorised",)
+        dropped = getattr(self, "_unmappable", set())
+        return tuple(s for s in options if (prim.__name__, s) not in dropped)
 
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
-        if prim != self._vjp:
-            return super()._vjp_jvp_map(prim, xs, seeds, names)
-        if strategy != "sequential":  # one forward pass for all k cotangents
+        if strategy == "vectorised":
             try:
-                return self._pullback(xs, seeds, names, batched=True)
-            except (RuntimeError, NotImplementedError):  # an operator vmap cannot batch (e.g. torch.cond)
-                self._unbatchable = True
-        return self._pullback(xs, seeds, names, batched=True, sequential=True)
+                return self._vectorised(prim == self._vjp, xs, seeds, names)
+            except Exception:  # an operator torch.func cannot batch or trace (e.g. .item(), in-place on an input)
+                self._forward(xs)  # a bad input is reported as such, not taken for an unbatchable model
+                self._unmappable = {*getattr(self, "_unmappable", ()), (prim.__name__, strategy)}
+                raise MapUnavailable(strategy) from None
+        if strategy == "sequential":
+            return self._pullback(xs, seeds, names, sequential=True)
+        return super()._vjp_jvp_map(prim, xs, seeds, names)
 
-    def _pullback(self, xs, cts, wrt, batched: bool, sequential: bool = False):
-        """Input gradients for cotangents ``cts`` (with a leading k axis when ``batched``):
-        one backward pass vectorised over k (vmap inside autograd), or, ``sequential``, k
-        backward passes through the recorded forward pass (faster where some operator,
-        e.g. max-pooling, has no fast batching rule)."""
+    def _vectorised(self, reverse: bool, xs, seeds, names):
+        """torch.func over the k axis of ``seeds``: ``vmap`` of one forward pass's pullback
+        (reverse; ``names`` are the inputs) or of its pushforward (forward; ``names`` are the
+        outputs), the forward pass itself run once, unbatched."""
+        import warnings
+
         torch = _torch()
-        lead = (next(iter(cts.values())).shape[0],) if batched else ()
+        order = [s.name for s in self.inputs]
+        tensors = dict(zip(order, self._tensors(xs)))
+        varied = [n for n in order if n in (names if reverse else seeds)]  # the inputs differentiated
+        taken = [n for n in seeds] if reverse else list(names)  # the outputs differentiated
+
+        def f(*primals):
+            got = dict(zip(*self._named(self._run([{**tensors, **dict(zip(varied, primals))}[n] for n in order]))))
+            return tuple(got[n] for n in taken)
+
+        primals = tuple(tensors[n] for n in varied)
+        with warnings.catch_warnings(), torch.jit.optimized_execution(False):
+            warnings.simplefilter("ignore")  # functorch's "performance drop" notes for unbatched operators
+            if reverse:
+                _, pullback = torch.func.vjp(f, *primals)
+                grads = torch.func.vmap(pullback)(tuple(self._seed(seeds[n]) for n in taken))
+                return {n: g.numpy() for n, g in zip(varied, grads)}
+            pushforward = lambda *t: torch.func.jvp(f, primals, t)[1]  # noqa: E731
+            outs = torch.func.vmap(pushforward)(*(self._seed(seeds[n]) for n in varied))
+            return {n: o.numpy() for n, o in zip(taken, outs)}
+
+    def _pullback(self, xs, cts, wrt, sequential: bool = False):
+        """Input gradients for cotangents ``cts``: one backward pass, or, ``sequential``, one
+        per entry of the cotangents' leading k axis, through one recorded forward pass."""
+        torch = _torch()
+        lead = (next(iter(cts.values())).shape[0],) if sequential else ()
         with torch.enable_grad():
             ts = self._tensors(xs, requires_grad=wrt)
             names, outs = self._call(ts)
@@ -214,7 +249,7 @@ class TorchModel(Model):
                 rows = [grad([c[i] for _, c in pairs], retain_graph=i < lead[0] - 1) for i in range(lead[0])]
                 grads = [None if rows[0][j] is None else torch.stack([r[j] for r in rows]) for j in range(len(targets))]
             else:
-                grads = grad([c for _, c in pairs], is_grads_batched=batched)
+                grads = grad([c for _, c in pairs])
         return {
             n: (np.zeros(lead + xs[n].shape, xs[n].dtype) if g is None else g.detach().numpy())
             for n, g in zip(wrt, grads)

@@ -18,7 +18,7 @@ from ... import limits
 from ...errors import InputError, ModelLoadError, UnsafeModelError
 from ...model import Model, TensorSpec
 from . import cache as onnx_cache
-from .._common import require, short
+from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -213,6 +213,7 @@ def _session(data: bytes):
     ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    opts.intra_op_num_threads = threads()
     try:
         with _native_stderr_captured():
             sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])

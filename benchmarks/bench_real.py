@@ -1,0 +1,496 @@
+"""Per-sample Jacobians of real architectures: jacli against each framework's best idiom.
+
+    .venv/bin/python benchmarks/bench_real.py [--threads 1,2] [--quick] [--skip-speed]
+                                              [--memory] [--startup] [--big]
+
+Speed (one child process per thread count, so that every framework starts its thread pools
+with that count; JACLI_THREADS is set to it too). Models (benchmarks/real_models.py, random
+weights; image networks at 3x64x64 with 10 classes, as in issue 15): a 48x48 LSTM, a
+Conv1d-GELU-Conv1d-Tanh 64x64 net, a 256x256 transformer block, ResNet-18,
+MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a torch.export
+.pt2 and ONNX; and Keras' own MobileNetV3Small (weights=None, 64x64x3) as .keras and a
+SavedModel. Per model and batch, in one process, on the same weights:
+
+  jacli <format>        ``jacli.jacobian(jacli.load(file), x)``
+  torch vmap(jacrev)    ``torch.func.vmap(torch.func.jacrev(f))`` on the eager module
+  torch vmap(jacfwd)    the same with ``jacfwd``
+  tf batch_jacobian     ``GradientTape.batch_jacobian`` inside a ``tf.function``
+  floor                 min(m, n) x one batched VJP (m <= n) or JVP on the eager module /
+                        Keras model: what any method needs if one product costs as much
+                        as one batched pass
+
+ONNX Runtime has no autodiff: jacli-onnx is set against the best torch idiom of the same
+architecture. Methods are timed round-robin after a warm-up call (a burst of load hits
+all alike), the minimum is reported; every result is checked against ``vmap(jacrev)``
+(or ``batch_jacobian``) first.
+
+``--memory``: peak RSS of ``jacli compute MODEL x.npy -o J.h5 -q --max-memory 256M`` in
+both modes (MobileNetV3-small at 3x32x32 as TorchScript and as a Keras SavedModel), and of
+``jacli inspect`` on the same file (the model itself). ``--startup``: time to the first
+line of ``jacli inspect`` per format, cold processes, against importing the framework and
+loading the model with its own API. ``--big``: ResNet-18 with 1000 classes on one 3x224x224
+image (a 602 MB Jacobian) to .h5, against ``torch.func.jacrev(f, chunk_size=100)``.
+Tables are printed and written to benchmarks/results/real-<time>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# model -> batches (full run, --quick)
+CASES = {
+    "lstm": ((1, 16, 256), (1, 16)),
+    "conv1d": ((1, 16, 256), (1, 16)),
+    "transformer": ((1, 16, 256), (1, 16)),
+    "resnet18": ((1, 4), (1,)),
+    "mobilenet_v3_small": ((1, 4), (1,)),
+    "efficientnet_b0": ((1, 4), (1,)),
+    "keras_mobilenet_v3_small": ((1, 4), (1,)),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", default="1,2", help="thread counts, one speed run each (default 1,2)")
+    ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
+    ap.add_argument("--models", default=",".join(CASES))
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method and case (at least)")
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--startup", action="store_true")
+    ap.add_argument("--big", action="store_true", help="the 1000 x 150528 ResNet-18 Jacobian, once")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one speed run, results to this file
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    started = time.perf_counter()
+    report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "speed": {}}
+    md = [f"Machine: {report['machine']['cpus']} CPUs, load average {report['machine']['load_average'][0]:.1f} "
+          f"at the start; {report['machine']['platform']}, Python {report['machine']['python']}\n"]
+    if not args.skip_speed:
+        for n in [int(t) for t in args.threads.split(",") if t]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                cmd = [sys.executable, __file__, "--child", out.name, "--threads", str(n), "--models", args.models,
+                       "--min-time", str(args.min_time), *(["--quick"] if args.quick else [])]
+                subprocess.run(cmd, check=True, env=thread_env(n), cwd=ROOT)
+                rows = json.loads(Path(out.name).read_text())
+            report["speed"][n] = rows
+            md += speed_table(rows, n)
+    if args.memory:
+        report["memory"] = memory()
+        md += memory_table(report["memory"])
+    if args.startup:
+        report["startup"] = startup()
+        md += startup_table(report["startup"])
+    if args.big:
+        report["big"] = big()
+        md += big_table(report["big"])
+    report["seconds"] = time.perf_counter() - started
+    text = "\n".join(md)
+    print("\n" + text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"real-{report['when'].replace(':', '')}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {stem.relative_to(ROOT)}.json and .md ({report['seconds']:.0f} s in all)")
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def thread_env(n: int) -> dict:
+    env = {**os.environ, "JACLI_THREADS": str(n), "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(n)
+    return env
+
+
+# --- speed (in a child per thread count) ------------------------------------------------------
+def child(args) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(int(args.threads))
+    warnings.filterwarnings("ignore")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            full, quick = CASES[name]
+            setup = keras_case if name.startswith("keras") else torch_case
+            methods, shape, floor_of, m, n = setup(name, Path(tmp))
+            for batch in quick if args.quick else full:
+                x = np.random.default_rng(batch).standard_normal((batch, *shape)).astype(np.float32)
+                row = {"model": name, "batch": batch, "m": m, "n": n, "ms": {}, "error": {}, "skipped": {}}
+                ok = {}
+                want = None
+                for label, fn in methods.items():
+                    try:
+                        got = np.asarray(fn(x)).reshape(batch, m, n)
+                    except Exception as e:  # a format or idiom that cannot take this model
+                        row["skipped"][label] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                        continue
+                    want = got if want is None else want
+                    row["error"][label] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+                    ok[label] = fn
+                times = time_round_robin(ok, x, args.min_time)
+                row["ms"] = {k: min(v) for k, v in times.items()}
+                row["floor_ms"] = 1e3 * floor_of(x)
+                rows.append(row)
+                print_row(row, flush=True)
+    Path(args.child).write_text(json.dumps(rows))
+
+
+def torch_case(name: str, tmp: Path):
+    """Methods for one torch architecture: jacli on its three files, torch.func on the module."""
+    import numpy as np
+    import torch
+    from real_models import build
+
+    import jacli
+
+    net, shape = build(name)
+    example = torch.zeros(2, *shape)
+    m, n = int(np.prod(net(example[:1]).shape[1:])), int(np.prod(shape))
+    files = {}
+    files["jacli .pt"] = _saved(tmp / f"{name}.pt", lambda p: torch.jit.trace(net, example).save(str(p)))
+    files["jacli .pt2"] = _saved(tmp / f"{name}.pt2", lambda p: torch.export.save(
+        torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)), str(p)))
+    files["jacli .onnx"] = _saved(tmp / f"{name}.onnx", lambda p: torch.onnx.export(
+        net, (example,), str(p), dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}))
+    f = lambda v: net(v[None])[0]  # noqa: E731
+    chunk = max(1, (64 << 20) // (4 * n * 8))  # rows per vmap chunk: ~64 MiB of cotangent work
+    rev = torch.func.vmap(torch.func.jacrev(f, chunk_size=chunk if m > chunk else None))
+    fwd = torch.func.vmap(torch.func.jacfwd(f, randomness="same"))
+    methods = {"torch vmap(jacrev)": lambda x: rev(torch.from_numpy(x)).numpy()}  # the first: the reference
+    if n <= 4096:  # forward mode over 12,288 image columns is not anyone's idiom for a 10-class net
+        methods["torch vmap(jacfwd)"] = lambda x: fwd(torch.from_numpy(x)).numpy()
+    for label, path in files.items():
+        if isinstance(path, str):  # the error that prevented saving
+            methods[label] = _failing(path)
+            continue
+        try:
+            model = jacli.load(str(path))
+            methods[label] = lambda x, model=model: jacli.jacobian(model, x)
+        except Exception as e:
+            methods[label] = _failing(f"{type(e).__name__}: {e}")
+
+    def floor(x):
+        t = torch.from_numpy(x)
+        if m <= n:
+            def one():
+                with torch.enable_grad():
+                    tx = t.clone().requires_grad_(True)
+                    y = net(tx)
+                    torch.autograd.grad(y, tx, torch.ones_like(y))
+        else:
+            def one():
+                torch.func.jvp(net, (t,), (torch.ones_like(t),))
+        return min(m, n) * best_of(one)
+
+    return methods, shape, floor, m, n
+
+
+def keras_case(name: str, tmp: Path):
+    """Keras' own MobileNetV3Small (channels last): jacli on .keras and a SavedModel, and
+    GradientTape.batch_jacobian."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import jacli
+
+    shape = (64, 64, 3)
+    keras.utils.set_random_seed(0)
+    kmodel = keras.applications.MobileNetV3Small(input_shape=shape, weights=None, classes=10,
+                                                 include_preprocessing=False)
+    kmodel.save(tmp / "app.keras")
+    kmodel.export(str(tmp / "app_savedmodel"), verbose=False)
+    m, n = 10, int(np.prod(shape))
+    methods = {}
+    for label, path in (("jacli .keras", tmp / "app.keras"), ("jacli savedmodel", tmp / "app_savedmodel")):
+        model = jacli.load(str(path))
+        methods[label] = lambda x, model=model: jacli.jacobian(model, x)
+
+    @tf.function(reduce_retracing=True)
+    def batch_jacobian(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = kmodel(x, training=False)
+        return tape.batch_jacobian(y, x)
+
+    @tf.function(reduce_retracing=True)
+    def one_vjp(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = kmodel(x, training=False)
+        return tape.gradient(y, x, output_gradients=tf.ones_like(y))
+
+    methods["tf batch_jacobian"] = lambda x: batch_jacobian(tf.constant(x)).numpy()
+
+    def floor(x):
+        t = tf.constant(x)
+        one_vjp(t)
+        return min(m, n) * best_of(lambda: one_vjp(t).numpy())
+
+    return {"tf batch_jacobian": methods.pop("tf batch_jacobian"), **methods}, shape, floor, m, n
+
+
+def _saved(path: Path, save):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            save(path)
+        return path
+    except Exception as e:
+        return f"cannot save: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
+def _failing(reason: str):
+    def fail(x):
+        raise RuntimeError(reason)
+
+    return fail
+
+
+def best_of(fn, runs: int = 5) -> float:
+    fn()
+    return min(_timed(fn) for _ in range(runs))
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def time_round_robin(methods: dict, x, min_time: float) -> dict[str, list[float]]:
+    times = {k: [] for k in methods}
+    start = time.perf_counter()
+    while methods:
+        for k, fn in methods.items():
+            times[k].append(1e3 * _timed(lambda: fn(x)))
+        runs = len(next(iter(times.values())))
+        if runs >= 100 or (runs >= 3 and time.perf_counter() - start > min_time * len(methods)):
+            break
+    return times
+
+
+BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "tf batch_jacobian")
+
+
+def best_idiom(row) -> tuple[str, float]:
+    return min(((k, v) for k, v in row["ms"].items() if k in BASELINE), key=lambda kv: kv[1])
+
+
+def print_row(row, flush=False) -> None:
+    label, best = best_idiom(row)
+    print(f"{row['model']} batch {row['batch']} ({row['m']}x{row['n']}): best idiom {label} {best:.2f} ms, "
+          f"floor {row['floor_ms']:.2f} ms", flush=flush)
+    for k, v in row["ms"].items():
+        print(f"  {k:20s} {v:10.2f} ms  {v / best:5.2f}x the best idiom  {v / row['floor_ms']:6.2f}x the floor  "
+              f"(max rel. difference {row['error'][k]:.1e})", flush=flush)
+    for k, why in row["skipped"].items():
+        print(f"  {k:20s} n/a: {why}", flush=flush)
+
+
+def speed_table(rows, threads: int) -> list[str]:
+    cols = ["jacli .pt", "jacli .pt2", "jacli .onnx", "jacli .keras", "jacli savedmodel"]
+    out = [f"\n### Speed, {threads} thread{'s' if threads > 1 else ''}: ms per call (ratio to the best idiom)\n",
+           "| model | m×n | batch | best idiom (ms) | " + " | ".join(cols) + " | jacli best / floor |",
+           "|---|---|---|---|" + "---|" * len(cols) + "---|"]
+    for row in rows:
+        label, best = best_idiom(row)
+        cells = []
+        for c in cols:
+            if c in row["ms"]:
+                cells.append(f"{row['ms'][c]:.1f} ({row['ms'][c] / best:.2f}×)")
+            else:
+                cells.append("n/a" if c in row["skipped"] else "")
+        ours = min(v for k, v in row["ms"].items() if k.startswith("jacli")) if any(
+            k.startswith("jacli") for k in row["ms"]) else float("nan")
+        idiom = label.replace("torch ", "").replace("tf ", "")
+        out.append(f"| {row['model']} | {row['m']}×{row['n']} | {row['batch']} | {best:.1f} {idiom} | "
+                   + " | ".join(cells) + f" | {ours / row['floor_ms']:.2f} |")
+    skipped = {(row["model"], k): why for row in rows for k, why in row["skipped"].items()}
+    for (model, k), why in skipped.items():
+        out.append(f"\nn/a {model} {k}: {why}")
+    return out
+
+
+# --- peak memory ---------------------------------------------------------------------------
+_RSS = ("import resource, subprocess, sys, time\n"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "t = time.perf_counter() - t\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, t)\n"
+        "sys.stderr.write(r.stderr[-500:])\n")
+
+
+def peak(cmd: list[str], env=None) -> tuple[int, float, float]:
+    r = subprocess.run([sys.executable, "-c", _RSS, *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
+    rc, kib, seconds = r.stdout.split()
+    return int(rc), int(kib) / 1024, float(seconds)
+
+
+def memory() -> list[dict]:
+    import numpy as np
+    import torch
+    from real_models import build
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        net, shape = build("mobilenet_v3_small", size=32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(net, torch.zeros(1, *shape)).save(f"{tmp}/mnv3.pt")
+        np.save(f"{tmp}/x_nchw.npy", np.random.default_rng(0).standard_normal((1, *shape)).astype(np.float32))
+        code = ("import keras\nm = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None, "
+                "classes=10, include_preprocessing=False)\nimport sys\nm.export(sys.argv[1], verbose=False)\n")
+        subprocess.run([sys.executable, "-c", code, f"{tmp}/mnv3_savedmodel"], check=True, env=thread_env(2),
+                       capture_output=True)
+        np.save(f"{tmp}/x_nhwc.npy", np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32))
+        jacli_cmd = [sys.executable, "-m", "jacli"]
+        for model, x in (("mnv3.pt", "x_nchw.npy"), ("mnv3_savedmodel", "x_nhwc.npy")):
+            _, base, _ = peak([*jacli_cmd, "inspect", f"{tmp}/{model}"])
+            for mode in ("reverse", "forward"):
+                rc, mb, seconds = peak([*jacli_cmd, "compute", f"{tmp}/{model}", f"{tmp}/{x}", "-o", f"{tmp}/J.h5",
+                                        "-q", "--mode", mode, "--max-memory", "256M"])
+                row = {"model": model, "mode": mode, "returncode": rc, "peak_mb": mb, "inspect_peak_mb": base,
+                       "seconds": seconds}
+                rows.append(row)
+                print(f"  {model:16s} {mode:8s} peak {mb:6.0f} MiB (inspect alone {base:.0f} MiB), {seconds:.1f} s, "
+                      f"exit {rc}", flush=True)
+    return rows
+
+
+def memory_table(rows) -> list[str]:
+    out = ["\n### Peak memory: MobileNetV3-small, 3×32×32 → 10, one sample, `--max-memory 256M`\n",
+           "| file | mode | peak RSS | `jacli inspect` peak (the model) | above it | wall time |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['mode']} | {r['peak_mb']:.0f} MiB | {r['inspect_peak_mb']:.0f} MiB | "
+                   f"{r['peak_mb'] - r['inspect_peak_mb']:.0f} MiB | {r['seconds']:.1f} s |")
+    return out
+
+
+# --- start-up ------------------------------------------------------------------------------
+def startup(runs: int = 3) -> list[dict]:
+    import torch
+    from real_models import build
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        net, shape = build("resnet18")
+        example = torch.zeros(2, *shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(net, example).save(f"{tmp}/m.pt")
+            torch.export.save(torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("b")},)),
+                              f"{tmp}/m.pt2")
+            torch.onnx.export(net, (example,), f"{tmp}/m.onnx", dynamo=False, opset_version=17, input_names=["x"],
+                              dynamic_axes={"x": {0: "b"}})
+        code = ("import keras\nm = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), weights=None, "
+                "classes=10, include_preprocessing=False)\nimport sys\nm.save(sys.argv[1] + '/m.keras')\n"
+                "m.export(sys.argv[1] + '/m_savedmodel', verbose=False)\n")
+        subprocess.run([sys.executable, "-c", code, tmp], check=True, env=thread_env(2), capture_output=True)
+        own = {
+            "m.pt": "import torch; torch.jit.load('{p}')",
+            "m.pt2": "import torch; torch.export.load('{p}').module()",
+            "m.onnx": "import onnxruntime as ort; ort.InferenceSession('{p}', providers=['CPUExecutionProvider'])",
+            "m.keras": "import keras; keras.saving.load_model('{p}', compile=False)",
+            "m_savedmodel": "import tensorflow as tf; tf.saved_model.load('{p}').signatures['serving_default']",
+        }
+        env = {**thread_env(2), "JACLI_CACHE_DIR": f"{tmp}/cache"}
+        for f, load in own.items():
+            path = f"{tmp}/{f}"
+            commands = {"own API": [sys.executable, "-c", load.format(p=path)],
+                        "jacli inspect": [sys.executable, "-m", "jacli", "inspect", path]}
+            first_line({"x": commands["jacli inspect"]}["x"], env)  # warm the page cache (and jacli's ONNX cache)
+            times = {k: [] for k in commands}
+            for _ in range(runs):
+                for k, cmd in commands.items():
+                    times[k].append(first_line(cmd, env))
+            row = {"file": f, **{k: min(v) for k, v in times.items()}}
+            rows.append(row)
+            print(f"  {f:14s} own API {row['own API']:.2f} s, jacli inspect first line {row['jacli inspect']:.2f} s "
+                  f"({row['jacli inspect'] / row['own API']:.2f}x)", flush=True)
+    return rows
+
+
+def first_line(cmd, env) -> float:
+    """Seconds until the command prints its first line (or exits, for one that prints nothing)."""
+    start = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    p.stdout.readline()
+    elapsed = time.perf_counter() - start
+    p.stdout.read()
+    if p.wait() != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed")
+    return elapsed
+
+
+def startup_table(rows) -> list[str]:
+    out = ["\n### Start-up: time to the first line of `jacli inspect` vs the framework's own load (cold processes, "
+           "best of 3)\n", "| file | import + load with the framework's API | `jacli inspect` first line | ratio |",
+           "|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['file']} | {r['own API']:.2f} s | {r['jacli inspect']:.2f} s | "
+                   f"{r['jacli inspect'] / r['own API']:.2f}× |")
+    return out
+
+
+# --- the big one ---------------------------------------------------------------------------
+def big() -> dict:
+    """ResNet-18, 1000 classes, one 3x224x224 image: jacli compute to .h5 (default budget),
+    against torch.func.jacrev(chunk_size=100) on the eager module, in another child."""
+    import numpy as np
+    import torch
+    from real_models import build
+
+    with tempfile.TemporaryDirectory() as tmp:
+        net, shape = build("resnet18", size=224, classes=1000)
+        x = torch.randn(1, *shape)
+        torch.jit.trace(net, x).save(f"{tmp}/r18.pt")
+        np.save(f"{tmp}/x.npy", x.numpy())
+        rc, mb, seconds = peak([sys.executable, "-m", "jacli", "compute", f"{tmp}/r18.pt", f"{tmp}/x.npy", "-o",
+                                f"{tmp}/J.h5", "-q"], env=thread_env(os.cpu_count()))
+        code = ("import sys, time, torch; sys.path.insert(0, 'benchmarks'); from real_models import build\n"
+                "net, shape = build('resnet18', size=224, classes=1000); x = torch.randn(*shape)\n"
+                "t = time.perf_counter(); J = torch.func.jacrev(lambda v: net(v[None])[0], chunk_size=100)(x)\n"
+                "print(time.perf_counter() - t, file=sys.stderr)\n")
+        r = subprocess.run([sys.executable, "-c", _RSS, sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, env=thread_env(os.cpu_count()))
+        _, native_mb, _ = r.stdout.split()
+        native_s = r.stderr.strip().splitlines()[-1]  # the jacrev call alone, without torch's import
+    out = {"jacli_seconds": seconds, "jacli_peak_mb": mb, "returncode": rc, "jacrev_seconds": float(native_s),
+           "jacrev_peak_mb": int(native_mb) / 1024}
+    print(f"  ResNet-18 1000x150528: jacli {seconds:.1f} s at {mb:.0f} MiB; jacrev(chunk_size=100) "
+          f"{out['jacrev_seconds']:.1f} s at {out['jacrev_peak_mb']:.0f} MiB", flush=True)
+    return out
+
+
+def big_table(r) -> list[str]:
+    return ["\n### ResNet-18, 1000 classes, one 3×224×224 image (a 602 MB Jacobian), all threads\n",
+            "| method | wall time | peak RSS |", "|---|---|---|",
+            f"| `jacli compute r18.pt x.npy -o J.h5` | {r['jacli_seconds']:.1f} s | {r['jacli_peak_mb']:.0f} MiB |",
+            f"| `torch.func.jacrev(f, chunk_size=100)` (eager, in memory) | {r['jacrev_seconds']:.1f} s | "
+            f"{r['jacrev_peak_mb']:.0f} MiB |"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""What the engine learns about a model while it works with it, kept here rather than on the
+model: the plans it has made (``jacobian.plan``) and, per primitive and amount of work, how
+fast each of the model's map strategies ran (``Tuner``).
+
+A backend may map a block of k seeds in several exact ways (``Model.strategies``: e.g.
+torch.func's vmap over one VJP, or k backward passes through one recorded forward pass);
+they differ in speed, by up to 20x either way depending on the model's operators, and in
+float rounding. ``vjp``/``jvp`` here time every call and use the fastest seen.
+``JACLI_STRATEGY=NAME`` pins one instead, for reproducible runs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..model import Model
+
+PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty to tune
+TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
+HOPELESS = 16  # a strategy whose first run was this many times slower than another's gets no second trial
+RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
+
+
+class Tuner:
+    """The choice among one primitive's strategies for one size of work. Each is tried
+    ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's: k
+    small backward passes with 2 threads on a busy machine can be 280x slower than one
+    vmapped one), then the one with the fastest run so far is used (load on a shared
+    machine only ever slows a run down, so the minimum is the honest figure). A loser is
+    re-timed now and then, so that a burst of load during its trials does not decide for
+    good, but only while re-timing has cost at most ``RETRY_SHARE`` of the time spent so
+    far, priced at its own best time: a strategy 2x slower than the winner is re-run about
+    once in 64 calls, one 20x slower once in 640."""
+
+    def __init__(self, strategies: Sequence[str]):
+        self.strategies = tuple(strategies)
+        self.runs = {s: 0 for s in self.strategies}
+        self.best = {s: math.inf for s in self.strategies}  # seconds per unit of work
+        self.spent = 0.0  # seconds, every call
+        self.retried = 0.0  # seconds, re-timing calls only
+
+    def pick(self, work: float = 1.0) -> str:
+        fastest = min(self.best.values())
+        for s in sorted(self.strategies, key=self.runs.__getitem__):  # the fewest runs first
+            if self.runs[s] < TRIALS and not (self.runs[s] and self.best[s] > HOPELESS * fastest):
+                return s
+        winner = self.winner()
+        for s in sorted(self.strategies, key=self.runs.__getitem__):
+            if s != winner and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
+                return s
+        return winner
+
+    def winner(self) -> str:
+        return min(self.strategies, key=self.best.__getitem__)
+
+    def record(self, strategy: str, seconds: float, work: float = 1.0) -> None:
+        if self.runs[strategy] >= TRIALS and strategy != self.winner():
+            self.retried += seconds
+        self.runs[strategy] += 1
+        self.best[strategy] = min(self.best[strategy], seconds / work)
+        self.spent += seconds
+
+
+class Memo:
+    """One model's plans (``jacobian.plan``'s cache) and tuners."""
+
+    def __init__(self):
+        self.plans: dict = {}
+        self.tuners: dict[tuple, Tuner] = {}
+
+
+_MEMOS: dict[int, tuple[weakref.ref, Memo]] = {}
+
+
+def memo(model: Model) -> Memo:
+    """The engine's memory of ``model``, dropped when the model is."""
+    key = id(model)
+    entry = _MEMOS.get(key)
+    if entry is None or entry[0]() is not model:
+        entry = _MEMOS[key] = (weakref.ref(model, lambda _, key=key: _MEMOS.pop(key, None)), Memo())
+    return entry[1]
+
+
+def pinned(kind: str, options: Sequence[str]) -> str | None:
+    """The strategy ``JACLI_STRATEGY`` names, if set; an InputError if this model's ``kind``
+    has no strategy of that name."""
+    name = os.environ.get(PIN, "").strip()
+    if not name:
+        return None
+    if name not in options:
+        raise InputError(f"{PIN}={name!r}: this model's {kind} can map seeds as {', '.join(options)}; "
+                         f"set one of those, or unset {PIN} to let jacli choose")
+    return name
+
+
+def vjp(model: Model, xs: Mapping[str, np.ndarray], cotangents: Mapping[str, np.ndarray], wrt: Sequence[str],
+        per_sample: bool = True) -> dict[str, np.ndarray]:
+    """``model.vjp`` by its fastest strategy (or the pinned one)."""
+    return _mapped(model, "vjp", xs, cotangents, wrt, per_sample)
+
+
+def jvp(model: Model, xs: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray], of: Sequence[str],
+        per_sample: bool = True) -> dict[str, np.ndarray]:
+    """``model.jvp`` by its fastest strategy (or the pinned one)."""
+    return _mapped(model, "jvp", xs, tangents, of, per_sample)
+
+
+def _mapped(model: Model, kind: str, xs, seeds, names, per_sample: bool) -> dict[str, np.ndarray]:
+    call = model.vjp if kind == "vjp" else model.jvp
+    options = model.strategies(kind, xs, seeds)
+    if len(options) < 2:
+        return call(xs, seeds, names, per_sample=per_sample)
+    chosen = pinned(kind, options)
+    if chosen:
+        return call(xs, seeds, names, per_sample=per_sample, strategy=chosen)
+    work = _leading(seeds) * _leading(xs)
+    key = (kind, work.bit_length() // 4, options)  # sizes within a factor of 16 share a tuner
+    tuner = memo(model).tuners.setdefault(key, Tuner(options))
+    chosen = tuner.pick(work)
+    start = time.perf_counter()
+    out = call(xs, seeds, names, per_sample=per_sample, strategy=chosen)
+    tuner.record(chosen, time.perf_counter() - start, work)
+    return out
+
+
+def _leading(arrays: Mapping[str, np.ndarray]) -> int:
+    return next(iter(arrays.values())).shape[0]

@@ -1,0 +1,265 @@
+"""The strategy tuner and the engine's per-model memory (jacli/engine/strategies.py): every
+map strategy gives the same Jacobian, the fastest is found, a much slower one is re-timed
+rarely, JACLI_STRATEGY pins one; and the thread policy (jacli/system.py)."""
+from __future__ import annotations
+
+import gc
+import time
+import warnings
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, mlp_jacobian, run_jacli
+
+import jacli
+from jacli import system
+from jacli.engine import jacobian as jac
+from jacli.engine import strategies
+from jacli.errors import InputError
+
+# Strategies differ only in float rounding: float32 Jacobians agree to this, relative to
+# their largest entry (and each is within 2e-5 of a float64 reference).
+STRATEGY_RTOL = 1e-5
+
+
+# --- the tuner, on simulated timings ------------------------------------------------------
+def simulate(tuner: strategies.Tuner, cost, calls: int) -> list[str]:
+    """``calls`` picks, each recorded with ``cost(strategy, how many times it has run)`` seconds."""
+    used = []
+    for _ in range(calls):
+        s = tuner.pick()
+        tuner.record(s, cost(s, used.count(s)))
+        used.append(s)
+    return used
+
+
+def test_each_strategy_is_tried_twice_then_the_fastest_is_kept():
+    used = simulate(strategies.Tuner(["slow", "fast"]), lambda s, n: 3.0 if s == "slow" else 1.0, 40)
+    assert used[:4] == ["slow", "fast", "slow", "fast"]
+    assert used[4:] == ["fast"] * 36  # re-timing "slow" would cost more than 1/32 of the time spent so far
+
+
+def test_a_hopeless_strategy_gets_no_second_trial():
+    used = simulate(strategies.Tuner(["vectorised", "sequential"]),
+                    lambda s, n: 280.0 if s == "sequential" else 1.0, 100)
+    assert used[:3] == ["vectorised", "sequential", "vectorised"] and used.count("sequential") == 1
+
+
+def test_a_much_slower_strategy_is_re_timed_rarely_and_costs_little():
+    tuner = strategies.Tuner(["vectorised", "sequential"])
+    used = simulate(tuner, lambda s, n: 20.0 if s == "sequential" else 1.0, 3000)
+    retrials = used[4:].count("sequential")
+    assert 1 <= retrials <= 3000 * strategies.RETRY_SHARE / 20 + 1  # ~once in 640 calls
+    wasted = tuner.spent - 3000 * 1.0 - 2 * 19.0  # beyond always-fastest and the two trials
+    assert wasted <= strategies.RETRY_SHARE * tuner.spent
+    # one only slightly slower is re-timed more often, within the same share of the time
+    used = simulate(strategies.Tuner(["a", "b"]), lambda s, n: 1.2 if s == "b" else 1.0, 3000)
+    assert 30 <= used[4:].count("b") <= 3000 * strategies.RETRY_SHARE / 1.2 + 1
+
+
+def test_a_strategy_unlucky_in_its_trials_is_re_timed_and_then_chosen():
+    """"quick" is 10x faster than "other", but load slowed its two trials down 3x past it."""
+    cost = lambda s, n: (30.0 if n < 2 else 1.0) if s == "quick" else 10.0  # noqa: E731
+    tuner = strategies.Tuner(["quick", "other"])
+    used = simulate(tuner, cost, 300)
+    assert used[4] == "other"
+    first = used.index("quick", 4)
+    assert first < 150 and tuner.winner() == "quick"
+    assert used[first:].count("other") <= 1 + (300 - first) * strategies.RETRY_SHARE
+
+
+# --- through the engine: choice, pinning, memory --------------------------------------------
+class TwoWays(jacli.model.Model):
+    """y = 2x on (B, 3), with two exact map strategies for its VJP, one slow."""
+
+    def __init__(self):
+        super().__init__(path="-", format="test", backend="numpy",
+                         inputs=[jacli.model.TensorSpec("x", (None, 3), "float32")],
+                         outputs=[jacli.model.TensorSpec("y", (None, 3), "float32")])
+        self.used = []
+
+    def _forward(self, xs):
+        return {"y": 2 * xs["x"]}
+
+    def _vjp(self, xs, cts, wrt):
+        return {"x": 2 * cts["y"]}
+
+    def _map_strategies(self, prim):
+        return ("slow", "fast") if prim == self._vjp else ()
+
+    def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
+        self.used.append(strategy)
+        time.sleep(0.006 if strategy == "slow" else 0.001)  # slower, but not hopelessly (HOPELESS)
+        return {"x": 2 * seeds["y"]}
+
+
+def test_the_engine_finds_the_faster_strategy_and_keeps_its_memory_beside_the_model(monkeypatch):
+    monkeypatch.delenv(strategies.PIN, raising=False)
+    model, x = TwoWays(), np.ones((4, 3), np.float32)
+    for _ in range(10):
+        np.testing.assert_array_equal(jacli.jacobian(model, x), np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
+    assert model.used == ["slow", "fast", "slow", "fast"] + ["fast"] * 6
+    assert not {"_plans", "_strategy_times"} & set(vars(model))  # nothing of the engine's on the model
+    memo = strategies.memo(model)
+    assert memo.plans and [t.winner() for t in memo.tuners.values()] == ["fast"]
+    key = id(model)
+    del model, memo
+    gc.collect()
+    assert key not in strategies._MEMOS
+
+
+def test_jacli_strategy_pins_the_choice(monkeypatch):
+    model, x = TwoWays(), np.ones((4, 3), np.float32)
+    monkeypatch.setenv(strategies.PIN, "slow")
+    for _ in range(3):
+        jacli.jacobian(model, x)
+    assert model.used == ["slow"] * 3
+    monkeypatch.setenv(strategies.PIN, "fastest")
+    with pytest.raises(InputError, match="JACLI_STRATEGY='fastest'.*slow, fast"):
+        jacli.jacobian(model, x)
+    r = run_jacli("compute", SAMPLES / "mlp.pt", SAMPLES / "mlp_input.npy", "-q")
+    assert r.code == 2 and r.stderr.startswith("Error: JACLI_STRATEGY='fastest'") and "vectorised, sequential" in r.stderr
+
+
+# --- every strategy, the same Jacobian, on real architectures --------------------------------
+@pytest.fixture(scope="module")
+def torch_models(tmp_path_factory):
+    """Traced TorchScript files of a Conv1d-GELU-Conv1d-Tanh net and an LSTM, with their
+    eager modules in float64 (the reference)."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = torch.nn.LSTM(3, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    conv = torch.nn.Sequential(torch.nn.Conv1d(3, 6, 3, padding=1), torch.nn.GELU(), torch.nn.Conv1d(6, 2, 3, padding=1),
+                               torch.nn.Tanh())
+    out = {}
+    for name, net, shape in (("conv1d", conv, (3, 5)), ("lstm", Recurrent(), (5, 3))):
+        net.eval()
+        path = tmp_path_factory.mktemp("strategies") / f"{name}.pt"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the LSTM's shape checks, traced as constants
+            torch.jit.trace(net, torch.zeros(2, *shape)).save(str(path))
+        net64 = net.double()
+        reference = lambda x, net64=net64: np.stack([  # noqa: E731  per sample, float64 autograd
+            torch.autograd.functional.jacobian(lambda v: net64(v[None])[0], torch.from_numpy(v)).numpy()
+            for v in x.astype(np.float64)])
+        out[name] = (path, shape, reference)
+    return out
+
+
+def every_strategy(model, kind, x, monkeypatch, **kw):
+    """The Jacobian with each of the model's strategies for ``kind`` pinned in turn, and
+    unpinned ("default")."""
+    mode = "reverse" if kind == "vjp" else "forward"
+    plan = jacli.api.plan(model, x, mode=mode, batch=kw.get("batch", True))
+    seeds = {n: np.zeros((2,) + v.shape, np.float32) for n, v in (plan.ys if kind == "vjp" else plan.xs).items()}
+    results = {"default": jacli.jacobian(model, x, mode=mode, **kw)}
+    for s in model.strategies(kind, plan.xs, seeds):
+        monkeypatch.setenv(strategies.PIN, s)
+        results[s] = jacli.jacobian(model, x, mode=mode, **kw)
+    monkeypatch.delenv(strategies.PIN, raising=False)
+    return results
+
+
+# VJP: torch.func's vmap over one pullback, k backward passes; JVP: torch.func's vmap over
+# the pushforward, except for the LSTM, whose CPU kernel has no forward-mode rule (its JVPs
+# fold into the batch and take the double-VJP route)
+@pytest.mark.parametrize("name, forward", [("conv1d", ["vectorised"]), ("lstm", [])])
+def test_every_torch_strategy_gives_the_same_jacobian(torch_models, name, forward, monkeypatch):
+    path, shape, reference = torch_models[name]
+    model = jacli.load(path)
+    x = np.random.default_rng(3).standard_normal((4, *shape)).astype(np.float32)
+    want = reference(x)
+    scale = np.abs(want).max()
+    for kind, expected in (("vjp", ["vectorised", "sequential"]), ("jvp", forward)):
+        got = every_strategy(model, kind, x, monkeypatch)
+        assert list(got) == ["default", *expected]
+        for s, J in got.items():
+            np.testing.assert_allclose(J, want, atol=2e-5 * scale, err_msg=f"{kind} {s}")
+            np.testing.assert_allclose(J, got["default"], atol=STRATEGY_RTOL * scale, err_msg=f"{kind} {s}")
+    whole = every_strategy(model, "vjp", x[:2], monkeypatch, batch=False)  # cross-sample: zero off the diagonal
+    assert list(whole) == ["default", "vectorised", "sequential"]
+    for s, J in whole.items():
+        blocks = np.stack([J[b, :, :, b] for b in range(2)])  # (2, *out) x (2, *in), per-sample shapes of rank 2
+        np.testing.assert_allclose(blocks, want[:2], atol=2e-5 * scale, err_msg=s)
+        np.testing.assert_allclose(J, whole["default"], atol=STRATEGY_RTOL * scale, err_msg=s)
+
+
+def test_every_tensorflow_strategy_gives_the_same_jacobian(weights, monkeypatch):
+    model = jacli.load(str(SAMPLES / "mlp.keras"))
+    x = np.random.default_rng(4).standard_normal((5, 500)).astype(np.float32)
+    want = mlp_jacobian(weights, x)
+    got = every_strategy(model, "vjp", x, monkeypatch)
+    assert list(got) == ["default", "vectorised", "sequential"]
+    for s, J in got.items():
+        np.testing.assert_allclose(J, want, atol=2e-5 * np.abs(want).max(), err_msg=s)
+        np.testing.assert_allclose(J, got["default"], atol=STRATEGY_RTOL * np.abs(want).max(), err_msg=s)
+
+
+def test_plans_are_cached_per_model_in_the_engine():
+    model = jacli.load(str(SAMPLES / "mlp.pt"))
+    x = np.zeros((3, 500), np.float32)
+    jac.plan(model, jacli.api.as_inputs(model, x))  # confirms the signature
+    jac.plan(model, jacli.api.as_inputs(model, x))
+    assert len(strategies.memo(model).plans) == 1 and strategies.memo(jacli.load(str(SAMPLES / "mlp.pt"))).plans == {}
+
+
+# --- the thread policy --------------------------------------------------------------------
+def cgroup(tmp_path, v2=None, v1=None):
+    if v2 is not None:
+        (tmp_path / "cpu.max").write_text(v2)
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0])
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1])
+    return str(tmp_path)
+
+
+def test_threads_follow_the_cpu_quota_the_affinity_and_jacli_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(system.os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert system.thread_count({}, cgroup(tmp_path / "none")) == 8  # no cgroup files: the affinity mask
+    (tmp_path / "a").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "a", v2="150000 100000\n")) == 2  # 1.5 CPUs, rounded up
+    (tmp_path / "b").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "b", v2="max 100000\n")) == 8  # no limit
+    (tmp_path / "c").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "c", v2="3200000 100000\n")) == 8  # more than we may run on
+    (tmp_path / "d").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "d", v1=("300000", "100000"))) == 3  # cgroup v1
+    (tmp_path / "e").mkdir()
+    assert system.thread_count({}, cgroup(tmp_path / "e", v1=("-1", "100000"))) == 8  # v1 without a limit
+    assert system.thread_count({"JACLI_THREADS": "12"}, str(tmp_path / "a")) == 12  # the override wins
+    for bad in ("0", "two", "-1"):
+        with pytest.raises(ValueError, match="JACLI_THREADS"):
+            system.thread_count({"JACLI_THREADS": bad})
+
+
+def test_each_backend_takes_the_thread_count(monkeypatch):
+    import torch
+
+    from jacli.backends import _common
+
+    saved = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("JACLI_THREADS", "1")
+        _common._torch_threads(torch)
+        assert torch.get_num_threads() == 1
+        monkeypatch.delenv("JACLI_THREADS")
+        _common._torch_threads(torch)  # the policy only lowers what the caller chose
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+    monkeypatch.setenv("JACLI_THREADS", "3")
+    model = jacli.load(str(SAMPLES / "mlp.onnx"))
+    assert model.session.get_session_options().intra_op_num_threads == 3
+    monkeypatch.setenv("JACLI_THREADS", "many")
+    r = run_jacli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-q")
+    assert r.code == 2 and r.stderr.startswith("Error: JACLI_THREADS='many': set a positive number")
