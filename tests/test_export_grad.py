@@ -7,7 +7,6 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 
 from conftest import SAMPLES, mlp_jacobian
 
