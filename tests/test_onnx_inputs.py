@@ -15,8 +15,6 @@ from jacli import api
 from jacli.errors import JacliError
 
 from conftest import run_jacli
-
-pytest.importorskip("onnxruntime")
 RNG = np.random.default_rng(7)
 
 

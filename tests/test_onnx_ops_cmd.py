@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("onnxruntime")
 
 from jacli.backends.onnx.rules import __main__ as rules_main  # noqa: E402
 from jacli.backends.onnx.rules import catalog, lookup, registry  # noqa: E402

@@ -6,8 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("onnxruntime")
-
 from onnx_cases import case_model, check_decomposition, check_model, node_cases, session  # noqa: E402
 
 CASES = {**node_cases("attention", "Attention"), **node_cases("rotaryembedding", "RotaryEmbedding")}
@@ -75,7 +73,7 @@ def _attention_block():
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
 def test_exported_attention_block_matches_torch_autograd(tmp_path, dynamo):
     """torch.onnx's decompositions of scaled_dot_product_attention (MatMul, Softmax, masks)."""
-    torch = pytest.importorskip("torch")
+    import torch
     import onnx
 
     from jacli import api
@@ -94,7 +92,7 @@ def test_exported_attention_block_matches_torch_autograd(tmp_path, dynamo):
 
 def test_opset23_attention_block_matches_torch_autograd(tmp_path):
     """The same block with its core as one opset-23 Attention node (heads as 4-D inputs)."""
-    torch = pytest.importorskip("torch")
+    import torch
     import onnx
     from onnx import TensorProto as TP
     from onnx import helper as oh

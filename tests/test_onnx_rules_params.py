@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 from onnx import helper as oh
 
-pytest.importorskip("onnxruntime")
-
 from onnx_cases import case_model, check_model  # noqa: E402
 
 RNG = np.random.default_rng(5)
@@ -81,7 +79,7 @@ def test_parameter_without_rule_names_the_wrt_that_works(tmp_path):
 @pytest.mark.parametrize("attrs", [dict(strides=[2, 1], pads=[1, 0, 0, 2], dilations=[1, 2]), dict(group=2)],
                          ids=["strided", "grouped"])
 def test_conv_weight_gradient_matches_torch_float64(attrs):
-    torch = pytest.importorskip("torch")
+    import torch
     from onnx_cases import session
 
     from jacli.backends.onnx.derive import build_jvp, build_vjp

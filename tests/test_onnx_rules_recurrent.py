@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from onnx import helper as oh
 
-pytest.importorskip("onnxruntime")
-
 from onnx_cases import case_model, check_decomposition, check_model, node_cases, session  # noqa: E402
 
 CASES = {**node_cases("lstm", "LSTM"), **node_cases("gru", "GRU"), **node_cases("rnn", "RNN")}
@@ -101,7 +99,7 @@ class _TorchRecurrent:
 
 
 def test_torch_lstm_gru_export_matches_torch_autograd(tmp_path):
-    torch = pytest.importorskip("torch")
+    import torch
     from jacli import api
 
     net = _TorchRecurrent.build()
@@ -120,8 +118,8 @@ def test_torch_lstm_gru_export_matches_torch_autograd(tmp_path):
 
 
 def test_keras_lstm_through_tf2onnx_matches_tensorflow(tmp_path):
-    tf2onnx = pytest.importorskip("tf2onnx")
-    tf = pytest.importorskip("tensorflow")
+    import tf2onnx
+    import tensorflow as tf
     from jacli import api
 
     def net(dtype):
@@ -184,7 +182,7 @@ def test_float64_evaluation_of_a_recurrent_model_uses_the_decomposition(tmp_path
 def test_dynamic_sequence_length_gets_a_graph_per_input_length(tmp_path):
     """A torch export with a dynamic time axis: the derivative graph is built for the
     sequence length of the input at hand (once per length), the batch axis stays dynamic."""
-    torch = pytest.importorskip("torch")
+    import torch
     from jacli import api
 
     class Net(torch.nn.Module):
@@ -217,7 +215,7 @@ def test_dynamic_sequence_length_gets_a_graph_per_input_length(tmp_path):
 def test_dynamic_time_major_sequence_with_no_batch(tmp_path):
     """A time-major export (X: time, batch, features) with both axes dynamic: with --no-batch
     the graph is built for the whole input's shape."""
-    torch = pytest.importorskip("torch")
+    import torch
     from jacli import api
 
     torch.manual_seed(2)

@@ -13,7 +13,7 @@ import pytest
 import jacli
 from jacli import api
 
-torch = pytest.importorskip("torch")
+import torch
 nn = torch.nn
 
 
@@ -463,7 +463,7 @@ def test_cli_entry_point_exit_codes(models):
 # --- ONNX -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def onnx_models(tmp_path_factory):
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     d = tmp_path_factory.mktemp("spectral_onnx")
@@ -489,7 +489,6 @@ def onnx_models(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["ad", "fd"])
 def test_onnx_determinants(models, onnx_models, method):
-    pytest.importorskip("onnxruntime")
     r = jacli.det(jacli.load(onnx_models["map2d"]), np.load(models["map2d_x"]), method=method)
     np.testing.assert_allclose(r.det, [10.0, 20.0], rtol=1e-6 if method == "ad" else 1e-4)
     soft = jacli.det(jacli.load(onnx_models["softmax"]), np.load(models["softmax_x"]), method=method)
