@@ -305,6 +305,34 @@ def test_baseline_round_trip(models, tmp_path):
     assert r.code == 2 and "sha256" in r.stderr
 
 
+
+def test_baseline_reading_other_files_is_refused(models, tmp_path):
+    """A baseline is read as untrusted input: a Jacobian (or input) that links to, or keeps
+    its data in, another file is refused before anything is compared."""
+    import h5py
+
+    base = tmp_path / "base.h5"
+    assert run_jacli("compute", models["net.pt"], models["dir"] / "x.npy", "-o", base, "-q").code == 0
+    with h5py.File(base, "r") as f:
+        key = next(iter(json.loads(f.attrs["jacobians"])))
+        shape, dtype = f[key].shape, f[key].dtype
+    secret = tmp_path / "secret.h5"
+    with h5py.File(secret, "w") as f:
+        f["J"] = np.zeros(shape, dtype)
+    for how in ("link", "external"):
+        edited = tmp_path / f"{how}.h5"
+        edited.write_bytes(base.read_bytes())
+        with h5py.File(edited, "r+") as f:
+            del f[key]
+            if how == "link":
+                f[key] = h5py.ExternalLink(str(secret), "J")
+            else:
+                raw = tmp_path / "raw.bin"
+                raw.write_bytes(np.zeros(shape, dtype).tobytes())
+                f.create_dataset(key, shape=shape, dtype=dtype, external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+        r = run_jacli("diff", models["net.pt"], edited)
+        assert r.code == 2 and r.stderr.startswith("Error:") and "self-contained" in r.stderr, (how, r.stderr)
+
 # --- bounded memory ------------------------------------------------------------------------------
 _MEMORY_PROBE = r"""
 import json, sys

@@ -96,28 +96,48 @@ def _load_h5(p: Path) -> dict[str, np.ndarray]:
         import h5py
     except ImportError:
         raise InputError("reading .h5 input needs h5py: pip install h5py") from None
-    out: dict[str, np.ndarray] = {}
     try:
         with h5py.File(p, "r") as f:
-
-            def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    if obj.external or obj.is_virtual:
-                        raise InputError(f"{p}:{name} keeps its data in other files; jacli reads only self-contained .h5 input")
-                    _check_header(obj.shape or (), obj.dtype, f"{p}:{name}", sum(a.nbytes for a in out.values()))
-                    out[name] = obj[()]
-
-            external = []
-            f.visititems_links(lambda name, link: external.append(name) if isinstance(link, h5py.ExternalLink) else None)
-            if external:
-                raise InputError(f"{p}:{external[0]} links to another file; jacli reads only self-contained .h5 input")
-            f.visititems(visit)
+            out = _h5_arrays(f, str(p))
     except InputError:
         raise
     except Exception as e:
         raise InputError(f"cannot read {p}: {_short(e)} (truncated or corrupt .h5?)") from None
     if not out:
         raise InputError(f"{p} holds no datasets")
+    return out
+
+
+def _self_contained(group, where: str) -> None:
+    """Refuse an open h5py group where a link or a dataset keeps its data in another file."""
+    import h5py
+
+    external = []
+    group.visititems_links(lambda name, link: external.append(name) if isinstance(link, h5py.ExternalLink) else None)
+    if external:
+        raise InputError(f"{where}:{external[0]} links to another file; jacli reads only self-contained .h5 files")
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset) and (obj.external or obj.is_virtual):
+            raise InputError(f"{where}:{name} keeps its data in other files; jacli reads only self-contained .h5 files")
+
+    group.visititems(visit)
+
+
+def _h5_arrays(group, where: str) -> dict[str, np.ndarray]:
+    """Every dataset under an open, self-contained h5py group, by path within it; refused
+    before reading when the arrays would not fit in memory."""
+    import h5py
+
+    _self_contained(group, where)
+    out: dict[str, np.ndarray] = {}
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Dataset):
+            _check_header(obj.shape or (), obj.dtype, f"{where}:{name}", sum(a.nbytes for a in out.values()))
+            out[name] = obj[()]
+
+    group.visititems(visit)
     return out
 
 
@@ -277,6 +297,7 @@ class Baseline:
         except Exception as e:
             raise InputError(f"cannot read baseline {path}: {_short(e)} (truncated or corrupt .h5?)") from None
         try:
+            _self_contained(self.f, path)  # the Jacobians too, read later in parts
             self.meta = {k: (json.loads(v) if k in ("inputs", "outputs", "jacobians", "locate_probes") else v)
                          for k, v in self.f.attrs.items()}
             self.jacobians = self.meta["jacobians"]
@@ -302,19 +323,7 @@ class Baseline:
         self.output_names = [s["name"] for s in self.meta.get("outputs", [])] or list(self.ys)
 
     def _group(self, group: str) -> dict[str, np.ndarray]:
-        import h5py
-
-        out: dict[str, np.ndarray] = {}
-
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                if obj.external or obj.is_virtual:
-                    raise InputError(f"{self.path}:{group}/{name} keeps its data in other files")
-                _check_header(obj.shape or (), obj.dtype, f"{self.path}:{group}/{name}", sum(a.nbytes for a in out.values()))
-                out[name] = obj[()]
-
-        self.f[group].visititems(visit)
-        return out
+        return _h5_arrays(self.f[group], f"{self.path}:{group}")
 
     def probes(self):
         """(order, tangents, values, J·v) stored by ``compute --locate-probes``, or None:
