@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...errors import InputError, ModelLoadError, UnsafeModelError
+from ...errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ...model import Model, TensorSpec
 from . import cache as onnx_cache
 from .._common import require, short
@@ -105,10 +105,21 @@ class OnnxModel(Model):
         return self._run(self.session, xs, [s.name for s in self.outputs])
 
     def _forward64(self, xs):
-        if "f64" not in self._graphs:
-            self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
+        """In onnxruntime on the double graph, or, where onnxruntime has no double kernel for
+        an operator, in ``float64.Evaluator``."""
         xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
-        return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])
+        names = [s.name for s in self.outputs]
+        if "f64" not in self._graphs:
+            from .float64 import Evaluator, lacks_double
+
+            if lacks_double(self.proto):
+                self._graphs["f64"] = Evaluator(self.proto)
+            else:
+                try:
+                    self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
+                except UnsupportedError:
+                    self._graphs["f64"] = Evaluator(self.proto)
+        return self._run(self._graphs["f64"], xs64, names)
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
@@ -167,6 +178,7 @@ class OnnxModel(Model):
 def _session(data: bytes):
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # kernels log run-time failures through the default logger
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:
