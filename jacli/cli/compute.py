@@ -2,7 +2,7 @@ import click
 
 from .. import api
 from . import options
-from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model
+from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model, warn
 
 
 @click.command("compute")
@@ -30,6 +30,8 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.compute(model, plan, output, method=method, chunk_size=chunk_size, max_memory=max_memory,
                              progress=progress, heat=shown, summaries=shown or as_json)
+    for note in plan.notes:  # e.g. reverse mode where forward mode is unavailable
+        warn(note, quiet)
     if not (as_json or shown):
         return
     meta = api.metadata(model, plan, method)

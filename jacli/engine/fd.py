@@ -17,16 +17,22 @@ from ..errors import InputError, UnsupportedError
 from ..model import Model
 
 
-def forward_fn(model: Model, xs: dict, prefer64: bool = True):
-    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes in."""
+def forward_fn(model: Model, xs: dict, prefer64: bool = True, notes: list | None = None):
+    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes
+    in. When the float64 path fails, the model's own precision, and ``notes`` (if given)
+    gets a line saying why."""
+    dtypes = [np.dtype(s.dtype) for s in model.inputs if s.is_float]
+    native = max(dtypes, key=lambda d: d.itemsize) if dtypes else np.dtype(np.float32)
     if prefer64 and model.supports_float64:
         try:
             model.forward64({k: v[:1] for k, v in xs.items()})
             return model.forward64, np.dtype(np.float64)
-        except UnsupportedError:
-            pass  # e.g. an operator without a float64 kernel: differences in the model's dtype
-    dtypes = [np.dtype(s.dtype) for s in model.inputs if s.is_float]
-    return model.forward, (max(dtypes, key=lambda d: d.itemsize) if dtypes else np.dtype(np.float32))
+        except Exception as e:  # noqa: BLE001 — any failure of the float64 path: differences in the model's dtype
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            note = f"finite differences run in {native}: the float64 evaluation of the model failed ({why})"
+            if notes is not None and note not in notes:
+                notes.append(note)
+    return model.forward, native
 
 
 def steps(x: np.ndarray, dtype: np.dtype, scale: float = 1.0) -> np.ndarray:
@@ -51,11 +57,13 @@ def shifted(model: Model, fwd, xs: dict, name: str, deltas: np.ndarray, of: Sequ
 
 
 def fd_columns(
-    model: Model, xs: dict, wrt: str, of: Sequence[str], batch: bool = True, k: int = 64, prefer64: bool = True
+    model: Model, xs: dict, wrt: str, of: Sequence[str], batch: bool = True, k: int = 64, prefer64: bool = True,
+    notes: list | None = None,
 ) -> Iterator[tuple[str, tuple[int, np.ndarray]]]:
     """Yield ``(output, (c0, block))`` with block of shape (S, m, kc): columns c0:c0+kc of
-    the per-sample (S samples) or whole (S=1) Jacobian by central differences."""
-    fwd, dtype = forward_fn(model, xs, prefer64)
+    the per-sample (S samples) or whole (S=1) Jacobian by central differences; ``notes``
+    as in ``forward_fn``."""
+    fwd, dtype = forward_fn(model, xs, prefer64, notes)
     x = xs[wrt]
     lead = x.shape[:1] if batch else ()
     flat = x.reshape(lead + (-1,)) if batch else x.reshape(1, -1)
@@ -107,9 +115,46 @@ class Estimate:
     excess: np.ndarray
 
 
+def forward_cost(fwd, xs: dict) -> int:
+    """Bytes of memory one sample takes in a forward call of ``fwd``, measured at ``xs`` (one
+    or two samples, the forward pass already warm) as the growth of the process's peak
+    resident memory (Linux; elsewhere, or if smaller, 64 bytes per input and output element)."""
+    samples = next(iter(xs.values())).shape[0]
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+        before = _status("VmRSS")
+        ys = fwd(xs)
+        grown = (_status("VmHWM") - before) // samples
+    except (OSError, ValueError, StopIteration):
+        ys, grown = fwd(xs), 0
+    elements = sum(v[:1].size for v in xs.values()) + sum(v[:1].size for v in ys.values())
+    return int(max(grown, 64 * elements))
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def in_pieces(fwd, limit: int | None):
+    """``fwd`` called on at most ``limit`` samples at a time (samples are independent)."""
+    if not limit:
+        return fwd
+
+    def pieces(xs):
+        n = next(iter(xs.values())).shape[0]
+        if n <= limit:
+            return fwd(xs)
+        parts = [fwd({k: v[s:s + limit] for k, v in xs.items()}) for s in range(0, n, limit)]
+        return {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
+
+    return pieces
+
+
 def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[dict, dict]:
-    """f at xs + t * deltas for every t in FACTORS, in one forward call on the stacked batch
-    (samples are independent). ``deltas``: input name -> (k, *x.shape), float64. Returns
+    """f at xs + t * deltas for every t in FACTORS, on the stacked batch (samples are
+    independent). ``deltas``: input name -> (k, *x.shape), float64. Returns
     outputs ``o -> (4, k, S, m)`` (float64) and the displacements actually applied once the
     points are rounded to ``dtype``, ``name -> (4, k, *x.shape)`` (float64, exact)."""
     k = next(iter(deltas.values())).shape[0]
