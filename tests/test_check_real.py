@@ -14,6 +14,7 @@ import corpus_onnx
 import corpus_torch as corpus
 import jacli
 from jacli.backends.onnx import float64 as f64
+from conftest import run_jacli
 from jacli.errors import UnsupportedError
 
 TS_EVERY_ENTRY = tuple(corpus.ARCHS)  # TorchScript trace: every entry of every architecture
@@ -40,6 +41,11 @@ def built(tmp_path_factory):
         return entry
 
     return get
+
+
+@pytest.fixture
+def run():
+    return lambda *args: run_jacli(*map(str, args))
 
 
 def _assert_passes(result, what):
@@ -156,3 +162,184 @@ def test_onnx_zoo_architectures_pass_at_224(tmp_path, name):
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
     doc = _assert_passes(jacli.check(model, x, directions=1), name)
     assert doc["fd_dtype"] == "float64", doc["notes"]
+
+
+# --- reverse-only models (no forward mode: torch's CPU flash attention) ----------------------
+@pytest.fixture(scope="session")
+def gpt2_paths(tmp_path_factory):
+    """A GPT-2 block (dim 16) whose SDPA runs torch's CPU flash kernel, which has no
+    forward-mode rule; and the same with an LM head (more outputs than inputs, so that
+    --mode auto would pick forward mode)."""
+    module, x = corpus.GPT2(seq=8, dim=16, depth=1, heads=2), torch.randn(2, 4, 16)
+    corpus.randomize(module)
+    head = corpus.randomize(torch.nn.Sequential(module, torch.nn.Linear(16, 40)))
+    root = tmp_path_factory.mktemp("gpt2")
+    paths, failed = corpus.save_all(module, x, root, formats=("trace", "pt2"))
+    headed, failed2 = corpus.save_all(head, x, root, formats=("trace",), name="lm")
+    assert not failed and not failed2
+    return module, head, x, paths, headed["trace"]
+
+
+@pytest.mark.parametrize("fmt", ["trace", "pt2"])
+def test_reverse_only_model_is_checkable(gpt2_paths, fmt):
+    module, _, x, paths, _ = gpt2_paths
+    model = jacli.load(str(paths[fmt]), trust=True)
+    with pytest.raises(UnsupportedError, match="in forward mode.*--mode reverse"):
+        jacli.check(model, x.numpy(), directions=2, mode="forward")
+    doc = _assert_passes(jacli.check(model, x.numpy(), directions=3), fmt)  # auto: falls back, with a note
+    assert doc["mode"] == "reverse" and any("forward mode is unavailable" in n for n in doc["notes"])
+    assert doc["checked"] == 2 * 3 and not doc["adjoint_failures"]
+    doc = _assert_passes(jacli.check(model, x.numpy(), mode="reverse"), fmt)  # every entry from VJP rows
+    assert doc["kind"] == "columns" and doc["checked"] == 2 * 64 * 64
+
+
+def test_compute_auto_falls_back_to_reverse_with_a_note(gpt2_paths, run):
+    _, head, x, _, lm = gpt2_paths
+    np.save(lm.parent / "x.npy", x.numpy())
+    r = run("compute", lm, lm.parent / "x.npy", "--trust-model", "-o", lm.parent / "J.npy")
+    assert r.code == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if "forward mode is unavailable" in line]
+    assert len(notes) == 1 and "using reverse mode" in notes[0] and "--mode reverse" not in notes[0]
+    ref = corpus.reference_jacobian(head, x)
+    np.testing.assert_allclose(np.load(lm.parent / "J.npy"), ref, atol=2e-5 * np.abs(ref).max())
+    r = run("check", lm, lm.parent / "x.npy", "--trust-model", "--fd", "--directions", "2", "--json")
+    assert r.code == 0, r.stderr
+
+
+def test_method_fd_falls_back_to_the_models_precision_with_a_note(built, run, tmp_path):
+    """A traced LSTM cannot run in float64 (its flat weights stay float32): --method fd
+    differences in float32 and says why, instead of failing."""
+    module, x, ref, paths = built("lstm", ("trace",))
+    np.save(tmp_path / "x.npy", x.numpy())
+    r = run("compute", paths["trace"], tmp_path / "x.npy", "--trust-model", "--method", "fd", "-o", tmp_path / "J.npy")
+    assert r.code == 0, r.stderr
+    assert "finite differences run in float32: the float64 evaluation of the model failed" in r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), ref, atol=3e-3 * np.abs(ref).max())
+
+
+# --- planted bugs, caught at the default settings ----------------------------------------------
+class WrongTanh(torch.autograd.Function):
+    """tanh with the derivative 1 - y instead of 1 - y²."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y)
+
+
+class ScaledRows(torch.autograd.Function):
+    """The identity whose gradient is 1.01 times too large for output entries ROWS."""
+
+    ROWS = ((1, 3), (0, 7))  # (channel, position) of the Conv1d net's output, in every sample
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        scale = torch.ones_like(g)
+        for c, p in ScaledRows.ROWS:
+            scale[:, c, p] = 1.01
+        return g * scale
+
+
+class Planted(torch.nn.Module):
+    def __init__(self, inner, bug):
+        super().__init__()
+        self.inner, self.bug = inner, bug
+
+    def forward(self, x):
+        y = self.inner(x)
+        return WrongTanh.apply(y) if self.bug == "tanh" else ScaledRows.apply(y)
+
+
+def _pickled(module, path):
+    torch.save(module, str(path))
+    return jacli.load(str(path), trust=True)
+
+
+def test_wrong_custom_autograd_function_is_caught(built, tmp_path):
+    module, x, _, _ = built("conv1d", ())
+    model = _pickled(Planted(module, "tanh"), tmp_path / "wrong_tanh.pt")
+    for kw in ({}, {"directions": 4}, {"directions": 4, "mode": "reverse"}):
+        doc = jacli.check(model, x.numpy(), **kw).to_json()
+        assert not doc["passed"], kw
+        assert doc["failures"] > 0 and {e["diagnosis"] for e in doc["mismatches"]} <= {"wrong-gradient"}
+
+
+def test_gradient_one_percent_off_on_a_few_entries_is_located(built, tmp_path):
+    module, x, _, _ = built("conv1d", ())
+    model = _pickled(Planted(module, "scale"), tmp_path / "scaled.pt")
+    doc = jacli.check(model, x.numpy()).to_json()
+    assert not doc["passed"] and doc["fd_dtype"] == "float64"
+    rows = {(e["sample"], *e["output_index"]) for e in doc["mismatches"]}
+    assert rows == {(s, *r) for s in range(2) for r in ScaledRows.ROWS}, rows
+    assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+
+
+def test_misplaced_detach_in_attention_is_caught(tmp_path):
+    """GPT-2 whose attention values are detach()ed: reverse-only, checked every entry."""
+
+    class Detached(corpus.Attention):
+        def forward(self, x):
+            b, t, d = x.shape
+            q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v.detach(), is_causal=True)
+            return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+    module = corpus.GPT2(seq=8, dim=16, depth=1, heads=2)
+    module.blocks[0].attn = Detached(16, 2, causal=True)
+    corpus.randomize(module)
+    x = torch.randn(2, 4, 16)
+    paths, _ = corpus.save_all(module, x, tmp_path, formats=("trace",))
+    model = jacli.load(str(paths["trace"]), trust=True)
+    for kw in ({}, {"directions": 3}):
+        doc = jacli.check(model, x.numpy(), **kw).to_json()
+        assert not doc["passed"] and doc["mode"] == "reverse", kw
+        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+
+
+@pytest.mark.parametrize("fd64", [True, False], ids=["float64-fd", "float32-only"])
+def test_wrong_onnx_derivative_rule_is_caught(built, tmp_path, monkeypatch, fd64):
+    """A Tanh rule of 1 - y instead of 1 - y² planted into the derivative graphs of a
+    Conv1d-GELU-Conv1d-Tanh ONNX model (a fresh file: derived graphs are cached per model)."""
+    from jacli.backends.onnx.rules import registry
+    from jacli.backends.onnx.rules.elementwise import _c
+
+    module, x, _, _ = built("conv1d", ())
+    paths, _ = corpus.save_all(corpus.randomize(corpus.conv1d(), seed=7), x, tmp_path, formats=("onnx",),
+                               name=f"planted{int(fd64)}")
+    wrong = lambda b, n, v: b.op("Mul", v, b.op("Sub", _c(b, n, 1.0), n.y))  # noqa: E731
+    monkeypatch.setitem(registry.VJP_RULES, "Tanh", lambda b, n, gs: {0: wrong(b, n, gs[0])})
+    monkeypatch.setitem(registry.JVP_RULES, "Tanh", lambda b, n, ts: [wrong(b, n, ts[0])])
+    model = jacli.load(str(paths["onnx"]))
+    if not fd64:
+        model.supports_float64 = False  # as for a graph nothing can evaluate in float64
+    for kw in ({}, {"directions": 4}):
+        doc = jacli.check(model, x.numpy(), **kw).to_json()
+        assert doc["fd_dtype"] == ("float64" if fd64 else "float32")
+        assert not doc["passed"] and doc["failures"] > 0, kw
+        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+
+
+def test_directions_stay_within_the_memory_budget(built):
+    """FD forward calls are cut to fit half of --max-memory: with a budget of 4 MB, 16
+    directions never send 4·16·2 samples at once."""
+    module, x, _, paths = built("resnet18", ("trace",))
+    model = jacli.load(str(paths["trace"]), trust=True)
+    sizes = []
+    inner = model._forward64
+    model._forward64 = lambda xs: sizes.append(len(next(iter(xs.values())))) or inner(xs)
+    _assert_passes(jacli.check(model, x.numpy(), directions=16), "resnet18")
+    assert max(sizes) == 4 * 16 * 2  # the default budget holds every FD point at once
+    sizes.clear()
+    doc = _assert_passes(jacli.check(model, x.numpy(), directions=16, max_memory=4 << 20), "resnet18")
+    assert doc["checked"] == 2 * 16 * 5
+    assert max(sizes) <= 40, sizes  # (2 MB for FD) / (4 points x 773 elements x 64 bytes): 10 points a call
