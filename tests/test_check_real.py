@@ -75,6 +75,36 @@ def test_onnx_every_entry_in_float64(built, name):
     np.testing.assert_allclose(jacli.jacobian(model, x.numpy()), ref, atol=2e-5 * np.abs(ref).max())
 
 
+OTHER_FORMATS = [(n, f) for f in ("script", "pt2", "onnx-dynamo") for n in corpus.ARCHS
+                 if not (f == "onnx-dynamo" and n in ("lstm", "gru"))]
+
+
+@pytest.mark.parametrize("name,fmt", OTHER_FORMATS)
+def test_other_formats_pass(built, name, fmt):
+    """TorchScript script and .pt2 by --directions 3 (forward mode, or reverse where torch
+    has none), dynamo-exported ONNX every entry."""
+    module, x, ref, paths = built(name, (fmt,))
+    model = jacli.load(str(paths[fmt]), trust=True)
+    doc = _assert_passes(jacli.check(model, x.numpy(), directions=None if fmt.startswith("onnx") else 3), (name, fmt))
+    assert doc["fd_dtype"] == "float64", doc["notes"]
+    np.testing.assert_allclose(jacli.jacobian(model, x.numpy()), ref, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+@pytest.mark.parametrize("fmt", ["onnx", "onnx-dynamo"])
+def test_recurrent_onnx(built, name, fmt):
+    """onnxruntime has no double LSTM/GRU: --method fd differences in float64 all the same;
+    check passes, or, while the operator has no derivative rule, says so (exit 2)."""
+    module, x, ref, paths = built(name, (fmt,))
+    model = jacli.load(str(paths[fmt]))
+    np.testing.assert_allclose(jacli.jacobian(model, x.numpy(), method="fd"), ref, atol=1e-6 * np.abs(ref).max())
+    try:
+        doc = _assert_passes(jacli.check(model, x.numpy()), (name, fmt))
+        assert doc["fd_dtype"] == "float64"
+    except UnsupportedError as e:
+        assert f"'{name.upper()}'" in str(e) and "derivative rule" in str(e)
+
+
 # --- float64 evaluation of ONNX graphs without double kernels ---------------------------
 def _one_node(op, x, inits=(), **attrs):
     import onnx
