@@ -7,7 +7,8 @@ Two kinds of check, both per sample of a batch:
 * ``directions=K``: K random directional derivatives J·v per sample (the protocol's
   ``jvp``) against (f(x+hv) − f(x−hv)) / 2h — four forward passes per direction, whatever
   the input size — plus the dot-product identity <J t, c> = <t, Jᵀc>, which checks the
-  VJP against the JVP.
+  VJP against the JVP; in reverse mode (a model without forward mode), <Jᵀc, v> from the
+  VJP against the FD of <c, f(x + hv)>.
 
 FD uses central differences at steps h = eps·max(|x|, 1) and h/2 combined by Richardson
 extrapolation, with an error estimate (``fd.Estimate``), evaluated in float64 when the

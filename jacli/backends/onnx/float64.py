@@ -94,8 +94,8 @@ def lacks_double(model: onnx.ModelProto) -> str | None:
 
 class Evaluator:
     """``model`` evaluated in float64 without onnxruntime, for graphs it cannot run in
-    double: onnx's reference evaluator with its float initializers, constants and casts
-    made double and the operators it implements slowly, or not to the spec in float64,
+    double: onnx's reference evaluator with its float initializers (cast when used),
+    constants and casts made double, and the operators it implements slowly, or not to the spec in float64,
     replaced (``_overrides``). Offers what the ONNX backend uses of an onnxruntime session
     (``run``, ``jacli_inputs``); intermediates are freed after their last use, and an
     operator that still computes in a narrower float raises UnsupportedError."""
@@ -109,8 +109,6 @@ class Evaluator:
             ref = ReferenceEvaluator(model, new_ops=_overrides())
         except Exception as exc:  # an operator the reference evaluator lacks
             raise UnsupportedError(f"the model cannot be evaluated in float64: {str(exc).splitlines()[0][:200]}") from exc
-        ref.rt_inits_ = {k: (v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v)
-                         for k, v in ref.rt_inits_.items()}
         for node in ref.rt_nodes_:
             if node.op_type == "Cast" and getattr(node, "to", None) in FLOAT_TYPES:
                 node.to = TensorProto.DOUBLE
@@ -124,7 +122,7 @@ class Evaluator:
         ref, keep = self._ref, set(names) | set(self._ref.rt_inits_)
         results = {"": None, **ref.rt_inits_, **feeds}
         for i, node in enumerate(ref.rt_nodes_):
-            args = [results[n] for n in node.input]
+            args = [_double(results[n]) for n in node.input]  # float initializers: cast per use, never stored twice
             values = node.run(*args, context=results) if node.need_context() else node.run(*args)
             for name, value in zip(node.output, values):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype != np.float64:
@@ -138,6 +136,10 @@ class Evaluator:
                     if self._last.get(name) == i and name not in keep:
                         results.pop(name, None)
         return [results[n] for n in names]
+
+
+def _double(v):
+    return v.astype(np.float64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" and v.dtype != np.float64 else v
 
 
 # --- the replaced operators ---------------------------------------------------------------
