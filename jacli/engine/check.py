@@ -39,7 +39,8 @@ import numpy as np
 from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
-from .fd import Estimate, default_eps, estimate_columns, estimate_directions, forward_cost, forward_fn, in_pieces
+from .fd import (Estimate, default_eps, estimate_columns, estimate_directions, forward_cost, forward_fn, in_pieces,
+                 rounding_noise)
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
@@ -509,10 +510,11 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
         xs = {k: v[s0:s1] for k, v in plan.xs.items()}
         f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
         k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
+        noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
         est = {}
         for i in plan.wrt:
             arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in fields] for o in plan.of}
-            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k):
+            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k, noise):
                 for o, e in block.items():
                     for dst, name in zip(arrays[o], fields):
                         dst[:, :, c0:c1] = getattr(e, name)
@@ -548,13 +550,14 @@ def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, t
         s1 = min(plan.samples, s0 + step)
         xs = {n: v[s0:s1] for n, v in plan.xs.items()}
         f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
+        noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
         for k0 in range(0, k, group):
             kg = min(group, k - k0)
             z = {i: rng.standard_normal((kg,) + xs[i].shape) for i in plan.wrt}
             norm = np.sqrt(sum(np.square(v).reshape(kg, s1 - s0, -1).sum(axis=2) for v in z.values()))  # (k, S)
             tangents = {i: v / norm.reshape(norm.shape + (1,) * (v.ndim - 2)) * np.maximum(np.abs(xs[i].astype(
                 np.float64)), 1) for i, v in z.items()}
-            est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0)
+            est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0, noise)
             t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
             cts = {o: rng.standard_normal((kg, *plan.ys[o][s0:s1].shape)).astype(plan.ys[o].dtype) for o in plan.of}
             largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)

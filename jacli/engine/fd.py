@@ -87,7 +87,8 @@ def fd_columns(
 
 # --- Richardson-extrapolated estimates with error estimates (used by the gradient check) ---
 FACTORS = np.array([1.0, -1.0, 0.5, -0.5])  # the points x + t*delta evaluated for each estimate
-ROUNDING = 4.0  # a forward pass is trusted to ROUNDING * eps * |f|
+ROUNDING = 4.0  # a forward pass is trusted to ROUNDING * eps * |f| (or the measured noise, if larger)
+NOISE_ULPS = 4  # the perturbation that measures the rounding noise, in units in the last place
 
 
 def default_eps(dtype) -> float:
@@ -173,15 +174,40 @@ def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[
     return {o: ys[o].reshape(4, k, samples, -1).astype(np.float64) for o in of}, moved
 
 
-def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) -> Estimate:
+def rounding_noise(fwd, xs: dict, dtype, of: Sequence[str], f0: dict, seed: int = 0) -> dict:
+    """The forward pass's rounding noise per sample and output element, measured: the
+    largest |f(x + δ) − f(x)| over two perturbations δ of NOISE_ULPS units in the last place
+    of every float input element (random signs; J·δ is ~1e-4 of an FD step's change).
+    Where the output is small by cancellation of large intermediates, the noise is far
+    above ROUNDING·eps·|f|. ``f0``: output -> (S, m) at xs. Returns output -> (S, m)."""
+    rng = np.random.default_rng([seed, 3])
+    samples = next(iter(xs.values())).shape[0]
+    eps = float(np.finfo(dtype).eps)
+    big = {}
+    for n, v in xs.items():
+        v = v.astype(dtype) if v.dtype.kind == "f" else v
+        if v.dtype.kind == "f":
+            step = NOISE_ULPS * eps * np.maximum(np.abs(v.astype(np.float64)), 1.0)
+            signs = rng.choice([-1.0, 1.0], size=(2, *v.shape))
+            big[n] = (v.astype(np.float64)[None] + signs * step).astype(dtype).reshape(-1, *v.shape[1:])
+        else:
+            big[n] = np.broadcast_to(v, (2, *v.shape)).reshape(-1, *v.shape[1:])
+    ys = fwd(big)
+    return {o: np.abs(ys[o].reshape(2, samples, -1).astype(np.float64) - f0[o][None]).max(axis=0) for o in of}
+
+
+def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float, noise=None) -> Estimate:
     """``f0`` (S, m): f at x; ``outs`` (4, k, S, m): f at the FACTORS points; ``spans``
     (4, k, S): the signed length of each displacement along its direction; ``eps``: the
-    machine epsilon of the dtype f was computed in."""
+    machine epsilon of the dtype f was computed in; ``noise`` (S, m): the measured rounding
+    noise (``rounding_noise``), a floor under the rounding bound."""
     fp1, fm1, fp2, fm2 = outs
     s = spans[..., None]
     d1 = (fp1 - fm1) / (s[0] - s[1])
     d2 = (fp2 - fm2) / (s[2] - s[3])
     r = ROUNDING * eps * np.maximum(np.abs(f0)[None], np.maximum(np.abs(fp1), np.abs(fm1)))
+    if noise is not None:
+        r = np.maximum(r, noise[None])
     truncation, h = np.abs(d1 - d2), np.abs(s[2] - s[3])
     forward, backward = (fp2 - f0[None]) / s[2], (f0[None] - fm2) / -s[3]
     extrapolated_gap = (2 * forward - (fp1 - f0[None]) / s[0]) - (2 * backward - (f0[None] - fm1) / -s[1])
@@ -194,9 +220,11 @@ def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) 
                     layout(excess))
 
 
-def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64):
+def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64,
+                     noise: dict | None = None):
     """Yield ``(c0, c1, {output: Estimate})``: columns c0:c1 of every sample's Jacobian
-    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element."""
+    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element; ``noise`` as in
+    ``richardson``, per output."""
     x = xs[wrt]
     samples = x.shape[0]
     n = x[0].size
@@ -212,10 +240,11 @@ def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: flo
         spans = np.stack([flat[t][idx, :, c0 + idx] for t in range(4)])  # (4, kc, S)
         if np.any(spans[0] == spans[1]) or np.any(spans[2] == spans[3]):
             raise InputError(f"the finite-difference step {rel:g} is too small for {np.dtype(dtype)}: x ± h rounds to x")
-        yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps) for o in of}
+        yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps, None if noise is None else noise[o]) for o in of}
 
 
-def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype, h: float, f0: dict):
+def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype, h: float, f0: dict,
+                        noise: dict | None = None):
     """Directional derivatives along ``tangents`` (input name -> (k, *x.shape)): returns
     ``({output: Estimate}, realized)`` where the estimates are of J · realized[name], the
     tangents actually realised once x ± h t is rounded to ``dtype`` (so that an exact J·t
@@ -225,4 +254,4 @@ def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype,
     spans = np.broadcast_to((FACTORS * h)[:, None, None], (4, k, samples))
     realized = {n: (4 * (m[2] - m[3]) / h - (m[0] - m[1]) / (2 * h)) / 3 for n, m in moved.items()}
     eps = float(np.finfo(dtype).eps)
-    return {o: richardson(f0[o], outs[o], spans, eps) for o in of}, realized
+    return {o: richardson(f0[o], outs[o], spans, eps, None if noise is None else noise[o]) for o in of}, realized
