@@ -373,3 +373,29 @@ def test_directions_stay_within_the_memory_budget(built):
     doc = _assert_passes(jacli.check(model, x.numpy(), directions=16, max_memory=4 << 20), "resnet18")
     assert doc["checked"] == 2 * 16 * 5
     assert max(sizes) <= 40, sizes  # (2 MB for FD) / (4 points x 773 elements x 64 bytes): 10 points a call
+
+
+def test_switch_point_resolved_differently_by_float32_and_float64_is_a_kink(tmp_path):
+    """z = ((x0 + 100) − 100) − x0 + x1 is x1 in float64 but x1 − 3e-6 in float32 at
+    x0 = 3e-6, x1 = 2e-6: relu(z) is active in float64 and not in the float32 model, though
+    no FD step crosses the switch. AD (the float32 model's slope) and float64 FD differ; a
+    step SHIFT away they agree: a kink, not a wrong gradient (as in VGG-19 at 224x224)."""
+
+    class Switch(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(400, 3, generator=torch.Generator().manual_seed(0)) / 20)
+
+        def forward(self, x):
+            z = ((x[:, :1] + 100.0) - 100.0) - x[:, :1] + x[:, 1:2]
+            return torch.cat([torch.relu(z), torch.tanh(x @ self.w)], dim=1)
+
+    x = torch.randn(2, 400, generator=torch.Generator().manual_seed(1))
+    x[:, 0], x[:, 1] = 3e-6, 2e-6
+    paths, _ = corpus.save_all(Switch().eval(), x, tmp_path, formats=("trace",))
+    model = jacli.load(str(paths["trace"]), trust=True)
+    xs = jacli.api.as_inputs(model, x.numpy())
+    out = model.output_names()[0]
+    assert model.forward(xs)[out][:, 0].max() == 0 and model.forward64(xs)[out][:, 0].min() > 0
+    doc = _assert_passes(jacli.check(model, x.numpy(), directions=4), "switch")
+    assert doc["kinks"] == 2 * 4 and {e["output_index"][0] for e in doc["unresolved"]} == {0}

@@ -47,6 +47,7 @@ RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of t
 RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest entry + |y|) + tiny)
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
+SHIFT = 1e-4  # a failing direction is judged again at x moved by SHIFT·max(|x|, 1) (random signs)
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
 DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
@@ -393,10 +394,9 @@ class _Tally:
         self.unresolved: list[Entry] = []
         self.adjoint: list[Adjoint] = []
 
-    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape, k0: int = 0):
-        """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
-        ``in_shape`` None for directions (k is then the direction). The relative error is
-        |AD − FD| / (|FD| + atol/rtol): at most rtol where |AD − FD| ≤ atol + rtol·|FD|."""
+    def judge(self, ad: np.ndarray, est, tol_abs, full: bool = False):
+        """The diagnosis code of every entry (and, with ``full``, |AD − FD|, the allowed
+        error and which are finite)."""
         a = ad.astype(np.float64)
         d = est.value
         err = np.abs(a - d)
@@ -409,6 +409,19 @@ class _Tally:
         kink = bad & finite & ((est.excess > band) | one_sided)
         noise = bad & finite & ~kink & (est.error > band) & (err <= 4 * allowed)
         code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
+        return (code, err, allowed, finite) if full else code
+
+    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape, k0: int = 0,
+            switched=None):
+        """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
+        ``in_shape`` None for directions (k is then the direction, numbered from ``k0``);
+        ``switched``: entries whose mismatch vanished a step SHIFT away, diagnosed as kinks.
+        The relative error is |AD − FD| / (|FD| + atol/rtol): at most rtol where
+        |AD − FD| ≤ atol + rtol·|FD|."""
+        a, d = ad.astype(np.float64), est.value
+        code, err, allowed, finite = self.judge(ad, est, tol_abs, full=True)
+        if switched is not None:
+            code = np.where(switched & (code == WRONG), KINK, code)
         err = np.where(finite, err, np.inf)
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = err / (np.abs(d) + (tol_abs / self.tol.rtol if self.tol.rtol > 0 else 0.0))
@@ -549,47 +562,68 @@ def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, t
     for s0 in range(0, plan.samples, step):
         s1 = min(plan.samples, s0 + step)
         xs = {n: v[s0:s1] for n, v in plan.xs.items()}
-        f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
-        noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
         for k0 in range(0, k, group):
             kg = min(group, k - k0)
             z = {i: rng.standard_normal((kg,) + xs[i].shape) for i in plan.wrt}
             norm = np.sqrt(sum(np.square(v).reshape(kg, s1 - s0, -1).sum(axis=2) for v in z.values()))  # (k, S)
             tangents = {i: v / norm.reshape(norm.shape + (1,) * (v.ndim - 2)) * np.maximum(np.abs(xs[i].astype(
                 np.float64)), 1) for i, v in z.items()}
-            est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0, noise)
-            t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
             cts = {o: rng.standard_normal((kg, *plan.ys[o][s0:s1].shape)).astype(plan.ys[o].dtype) for o in plan.of}
-            largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
-            norm1 = sum(np.abs(v.astype(np.float64)).reshape(kg, s1 - s0, -1).sum(axis=2) for v in t.values()).T
-            res = {}
-            for o in plan.of:
-                floor, out_res = _resolution(tol, plan.ys[o][s0:s1], largest)
-                res[o] = floor[:, :, None] + out_res[:, :, None] * norm1[:, None, :]  # (S, m, k): times |v|_1
-            if mode == "reverse":
-                _reverse_group(model, plan, xs, tol, tally, s0, k0, est, t, cts, res)
-            else:
-                _forward_group(model, plan, xs, tol, tally, s0, k0, est, t, cts, res)
+            entries, adjoint = _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0)
+            failing = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in entries], axis=0)  # (S, k)
+            switched = None
+            if failing.any():  # at a point SHIFT away: a switch point the two precisions resolve differently?
+                moved = {n: (v + (SHIFT * np.maximum(np.abs(v), 1) * rng.choice([-1, 1], v.shape)).astype(v.dtype)
+                             if n in plan.wrt else v) for n, v in xs.items()}
+                again, _ = _group(model, plan, fwd, moved, tol, tangents, cts, mode, s0)
+                still = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in again], axis=0)
+                switched = (failing & ~still)[:, None, :]
+            for of, a, est, tol_abs, shape in entries:
+                tally.add(s0, of, None, a, est, tol_abs, shape, None, k0, switched)
+            if adjoint is not None:
+                tally.add_adjoint(s0, *adjoint, k0)
         if progress:
             progress(s1 - s0)
 
 
-def _forward_group(model, plan, xs, tol, tally, s0, k0, est, t, cts, res):
-    """J·v by JVP against FD entry by entry, then <J v, c> = <v, Jᵀc> against the VJP."""
+def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):
+    """One group of directions at ``xs``: the entries to judge, [(output, AD, FD estimate,
+    absolute tolerance, output shape)], and (forward mode) the dot-product test's terms."""
+    samples = next(iter(xs.values())).shape[0]
+    fd_dtype = np.dtype(tol.fd_dtype)
+    f0 = {o: y.reshape(samples, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
+    noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
+    est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0, noise)
+    t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
+    kg = next(iter(t.values())).shape[0]
+    largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
+    norm1 = sum(np.abs(v.astype(np.float64)).reshape(kg, samples, -1).sum(axis=2) for v in t.values()).T  # (S, k)
+    res = {}
+    for o in plan.of:
+        floor, out_res = _resolution(tol, f0[o], largest)
+        res[o] = floor[:, :, None] + out_res[:, :, None] * norm1[:, None, :]  # (S, m, k): times |v|_1
+    if mode == "reverse":
+        return _reverse_group(model, plan, xs, tol, est, t, cts, res), None
+    return _forward_group(model, plan, xs, tol, est, t, cts, res)
+
+
+def _forward_group(model, plan, xs, tol, est, t, cts, res):
+    """J·v by JVP against FD entry by entry; the terms of <J v, c> = <v, Jᵀc> by the VJP."""
     kg, samples = next(iter(t.values())).shape[:2]
     jv = model.jvp(xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
+    entries = []
     for o in plan.of:
         a = np.moveaxis(jv[o].reshape(kg, samples, -1), 0, -1)  # (S, m, k)
         row = np.abs(est[o].value).max(axis=2)
         tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
-        tally.add(s0, o, None, a, est[o], tol_abs, plan.ys[o].shape[1:], None, k0)
+        entries.append((o, a, est[o], tol_abs, plan.ys[o].shape[1:]))
     grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
     (lhs, lscale), (rhs, rscale) = _dots({o: jv[o] for o in plan.of}, cts, kg), _dots(t, grads, kg)
     floor = sum((np.abs(cts[o]).reshape(kg, samples, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
-    tally.add_adjoint(s0, lhs, rhs, lscale + rscale, floor, k0)
+    return entries, (lhs, rhs, lscale + rscale, floor)
 
 
-def _reverse_group(model, plan, xs, tol, tally, s0, k0, est, t, cts, res):
+def _reverse_group(model, plan, xs, tol, est, t, cts, res):
     """<Jᵀc, v> by VJP against the FD of <c, f(x + hv)>: the FD estimates of J·v (and their
     errors, one-sided differences and kink measures) contracted with c, the tolerance
     from the terms' magnitudes Σ|c|·|J v|, so that cancellation in the sum is not judged
@@ -609,7 +643,7 @@ def _reverse_group(model, plan, xs, tol, tally, s0, k0, est, t, cts, res):
     terms = sum((np.abs(c[o]) * np.abs(est[o].value)).sum(axis=1, keepdims=True) for o in plan.of)
     floor = sum((np.abs(c[o]) * res[o]).sum(axis=1, keepdims=True) for o in plan.of)
     tol_abs = tol.rtol * terms + floor if tol.atol is None else tol.atol
-    tally.add(s0, "+".join(plan.of), None, ad, scalar, tol_abs, (), None, k0)
+    return [("+".join(plan.of), ad, scalar, tol_abs, ())]
 
 
 def _dots(us, vs, k):
