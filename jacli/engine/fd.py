@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..model import Model
 
 
