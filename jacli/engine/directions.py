@@ -4,8 +4,10 @@ Directions are drawn per sample, scaled by max(|x|, 1) and of unit norm in that 
 processed in groups whose FD points (four per direction) and JVP/VJP seeds fit in the
 budget. Forward mode compares J·v from the JVP with FD entry by entry and tests
 <J v, c> = <v, Jᵀc> against the VJP; reverse mode compares <Jᵀc, v> from the VJP with the
-FD of <c, f(x + hv)>. A direction that fails is judged again a step SHIFT away: where the
-mismatch vanishes there, it was a switch point (a kink), not a wrong gradient.
+FD of <c, f(x + hv)>. A direction that fails is judged again at up to RETRIES points a step
+SHIFT away: where the mismatch vanishes at one of them, it was a switch point (a kink) —
+in a deep ReLU network, a unit the model's precision and float64 put on different sides at
+x — not a wrong gradient, which fails at every point.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import numpy as np
 
 from . import jacobian as jac
 from .check import SHIFT, WRONG, Tolerance, _resolution, _Tally, _width
+
+RETRIES = 3  # points a failing direction is judged again at before it counts as a wrong gradient
 from .fd import Estimate, estimate_directions, rounding_noise
 
 
@@ -38,13 +42,17 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
             cts = {o: rng.standard_normal((kg, *plan.ys[o][s0:s1].shape)).astype(plan.ys[o].dtype) for o in plan.of}
             entries, adjoint = _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0)
             failing = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in entries], axis=0)  # (S, k)
-            switched = None
-            if failing.any():  # at a point SHIFT away: a switch point the two precisions resolve differently?
+            switched = np.zeros_like(failing)
+            for _ in range(RETRIES if failing.any() else 0):  # points SHIFT away: a switch point there?
                 moved = {n: (v + (SHIFT * np.maximum(np.abs(v), 1) * rng.choice([-1, 1], v.shape)).astype(v.dtype)
                              if n in plan.wrt else v) for n, v in xs.items()}
                 again, _ = _group(model, plan, fwd, moved, tol, tangents, cts, mode, s0)
                 still = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in again], axis=0)
-                switched = (failing & ~still)[:, None, :]
+                switched |= failing & ~still
+                failing &= still
+                if not failing.any():
+                    break
+            switched = switched[:, None, :]
             for of, a, est, tol_abs, shape in entries:
                 tally.add(s0, of, None, a, est, tol_abs, shape, None, k0, switched)
             if adjoint is not None:
