@@ -9,7 +9,8 @@ weights, final Softmax dropped, 3x224x224) and the plain-torch corpus at full si
 DenseNet-121 and ViT-B/16 at 224x224, GPT-2/BERT blocks of 128x768, LSTM/GRU, Conv1d),
 the torch ones saved as TorchScript (trace) and ONNX. Each check runs in a fresh
 ``jacli check MODEL x.npy --fd --directions K --json`` process (inputs N(0, 1), seeded);
-the peak RSS is that process's (getrusage of the child). A correct model must pass: the
+the peak RSS is that process's (measured by /usr/bin/time, since Linux hands a
+forking process's peak to its child). A correct model must pass: the
 table says how many entries were judged wrong, at kinks or in FD noise, in which dtype FD
 ran, and how long and how much memory it took. Results also go to
 benchmarks/results/check-<time>.json.
@@ -63,14 +64,16 @@ def run_check(path: Path, shape, args, work: Path) -> dict:
     cmd = [sys.executable, "-m", "jacli", "check", str(path), str(work / "x.npy"), "--fd", "--json", "--trust-model",
            "--directions", str(args.directions), "--max-memory", args.max_memory]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Linux carries the peak RSS of the forking process into its child across exec, so the
+    # child is started by /usr/bin/time (a small process) and reports its own peak.
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(work / "rss.txt")] if Path("/usr/bin/time").exists() else []
     start = time.perf_counter()
     with open(work / "out.json", "w") as out, open(work / "err.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS (KB on Linux)
+        code = subprocess.run(timer + cmd, stdout=out, stderr=err, env=env).returncode
     wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
     stdout, stderr = (work / "out.json").read_text(), (work / "err.txt").read_text()
-    row = {"exit": code, "seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    peak = int((work / "rss.txt").read_text().split()[-1]) if timer else None  # KB
+    row = {"exit": code, "seconds": round(wall, 1), "peak_rss_mb": None if peak is None else round(peak / 1024)}
     if code in (0, 1) and stdout.strip():
         doc = json.loads(stdout)
         row.update({k: doc[k] for k in ("passed", "checked", "failures", "kinks", "fd_noise", "fd_dtype", "mode")})
