@@ -399,3 +399,12 @@ def test_switch_point_resolved_differently_by_float32_and_float64_is_a_kink(tmp_
     assert model.forward(xs)[out][:, 0].max() == 0 and model.forward64(xs)[out][:, 0].min() > 0
     doc = _assert_passes(jacli.check(model, x.numpy(), directions=4), "switch")
     assert doc["kinks"] == 2 * 4 and {e["output_index"][0] for e in doc["unresolved"]} == {0}
+
+
+def test_onnx_model_builds_its_session_only_when_run(built):
+    """inspect needs the signature only: no onnxruntime session until a forward pass."""
+    module, x, _, paths = built("conv1d", ("onnx",))
+    for _ in range(2):  # fresh, then with the signature cached
+        model = jacli.load(str(paths["onnx"]))
+        assert model.describe()["inputs"] and model._session is None
+        assert model.forward({"x": x.numpy()})["y"].shape == (2, 3, 12) and model._session is not None
