@@ -5,9 +5,11 @@ processed in groups whose FD points (four per direction) and JVP/VJP seeds fit i
 budget. Forward mode compares J·v from the JVP with FD entry by entry and tests
 <J v, c> = <v, Jᵀc> against the VJP; reverse mode compares <Jᵀc, v> from the VJP with the
 FD of <c, f(x + hv)>. A direction that fails is judged again at up to RETRIES points a step
-SHIFT away: where the mismatch vanishes at one of them, it was a switch point (a kink) —
-in a deep ReLU network, a unit the model's precision and float64 put on different sides at
-x — not a wrong gradient, which fails at every point.
+SHIFT away: where the mismatch vanishes, or jumps (changes by more than JUMP of itself), it
+was a switch point (a kink; the jump must exceed both points' allowed errors, so FD noise
+cannot make one) — in a deep ReLU network, a unit the model's precision and
+float64 put on different sides at x — not a wrong gradient, whose mismatch is a smooth
+function of x and so nearly the same a step away.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from . import jacobian as jac
 from .check import SHIFT, WRONG, Tolerance, _resolution, _Tally, _width
 
 RETRIES = 3  # points a failing direction is judged again at before it counts as a wrong gradient
+JUMP = 0.5  # ... where its mismatch AD − FD changes by more than this fraction of itself (beyond the error bars),
+# it was a switch point
 from .fd import Estimate, estimate_directions, rounding_noise
 
 
@@ -48,8 +52,12 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
                              if n in plan.wrt else v) for n, v in xs.items()}
                 again, _ = _group(model, plan, fwd, moved, tol, tangents, cts, mode, s0)
                 still = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in again], axis=0)
-                switched |= failing & ~still
-                failing &= still
+                # a wrong gradient's mismatch AD − FD is a smooth function of x: nearly the same there;
+                # a switch point's jumps (another unit, or none, sits at its switch there)
+                bars = _allowed(tally, entries) + _allowed(tally, again)  # what FD noise alone may move it by
+                jumped = _norm(entries, again) > JUMP * _norm(entries) + bars
+                switched |= failing & (~still | jumped)
+                failing &= still & ~jumped
                 if not failing.any():
                     break
             switched = switched[:, None, :]
@@ -59,6 +67,22 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
                 tally.add_adjoint(s0, *adjoint, k0)
         if progress:
             progress(s1 - s0)
+
+
+def _norm(entries, other=None):
+    """Per (sample, direction): the norm over outputs of the mismatch AD − FD, or of its
+    change from ``entries`` to ``other``."""
+    def mismatch(e):
+        return e[1].astype(np.float64) - e[2].value
+
+    diffs = [mismatch(e) - (0 if other is None else mismatch(o)) for e, o in zip(entries, other or entries)]
+    return np.sqrt(sum(np.square(d).sum(axis=1) for d in diffs))
+
+
+def _allowed(tally, entries):
+    """Per (sample, direction): the norm over outputs of the allowed |AD − FD|."""
+    return np.sqrt(sum(np.square(np.broadcast_to(tally.judge(*e[1:4], full=True)[2], e[1].shape)).sum(axis=1)
+                       for e in entries))
 
 
 def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):
