@@ -54,8 +54,7 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
                 still = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in again], axis=0)
                 # a wrong gradient's mismatch AD − FD is a smooth function of x: nearly the same there;
                 # a switch point's jumps (another unit, or none, sits at its switch there)
-                bars = _allowed(tally, entries) + _allowed(tally, again)  # what FD noise alone may move it by
-                jumped = _norm(entries, again) > JUMP * _norm(entries) + bars
+                jumped = _jumped(tally, entries, again)
                 switched |= failing & (~still | jumped)
                 failing &= still & ~jumped
                 if not failing.any():
@@ -69,20 +68,18 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
             progress(s1 - s0)
 
 
-def _norm(entries, other=None):
-    """Per (sample, direction): the norm over outputs of the mismatch AD − FD, or of its
-    change from ``entries`` to ``other``."""
-    def mismatch(e):
-        return e[1].astype(np.float64) - e[2].value
-
-    diffs = [mismatch(e) - (0 if other is None else mismatch(o)) for e, o in zip(entries, other or entries)]
-    return np.sqrt(sum(np.square(d).sum(axis=1) for d in diffs))
-
-
-def _allowed(tally, entries):
-    """Per (sample, direction): the norm over outputs of the allowed |AD − FD|."""
-    return np.sqrt(sum(np.square(np.broadcast_to(tally.judge(*e[1:4], full=True)[2], e[1].shape)).sum(axis=1)
-                       for e in entries))
+def _jumped(tally, entries, again):
+    """Per (sample, direction): does the mismatch AD − FD of an entry that is wrong at x
+    change, a step away, by more than JUMP of itself plus both points' allowed errors (what
+    FD noise alone may move it by)?"""
+    out = None
+    for e, o in zip(entries, again):
+        code, _, allowed0 = tally.judge(*e[1:4], full=True)[:3]
+        allowed1 = tally.judge(*o[1:4], full=True)[2]
+        r0, r1 = e[1].astype(np.float64) - e[2].value, o[1].astype(np.float64) - o[2].value
+        jump = ((code == WRONG) & (np.abs(r1 - r0) > JUMP * np.abs(r0) + allowed0 + allowed1)).any(axis=1)
+        out = jump if out is None else out | jump
+    return out
 
 
 def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):
