@@ -37,8 +37,11 @@ def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
 
 
 def plan(model: Model, x, wrt=None, of=None, mode: str = "auto", batch: bool = True) -> jac.Plan:
+    """``mode="auto"`` picks the mode with fewer passes, and reverse mode where the model has
+    no forward mode (then ``plan.notes`` says so)."""
     xs = as_inputs(model, x)
-    return jac.plan(model, xs, _names(wrt), _names(of), mode=mode, batch=batch)
+    p = jac.plan(model, xs, _names(wrt), _names(of), mode=mode, batch=batch)
+    return jac.reverse_if_no_forward(model, p) if mode == "auto" else p
 
 
 def jacobian(
@@ -245,16 +248,21 @@ def check(
     seed: int = 0,
     max_memory: int = jac.DEFAULT_BUDGET,
     progress: Callable[[int], None] | None = None,
+    mode: str = "auto",
 ):
     """Check the model's automatic derivatives against finite differences at ``x``, per
     sample: every Jacobian entry, or ``directions`` random directional derivatives per
-    sample. Tolerances default by dtype. Returns a ``jacli.engine.check.CheckResult``
-    (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md."""
+    sample. Tolerances default by dtype. ``mode``: the AD the check exercises — forward
+    (JVPs), reverse (VJPs) or auto (the fewer passes for every entry, JVP and VJP for
+    directions; reverse alone where the model has no forward mode). Returns a
+    ``jacli.engine.check.CheckResult`` (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md."""
     from .engine import check as chk
 
-    p = plan(model, x, wrt, of, "auto", True)
+    if mode not in ("auto", "forward", "reverse"):
+        raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
+    p = jac.plan(model, as_inputs(model, x), _names(wrt), _names(of), mode=mode, batch=True)
     return chk.check(model, p, rtol=rtol, atol=atol, eps=eps, directions=directions, seed=seed, budget=max_memory,
-                     progress=progress)
+                     progress=progress, mode=mode)
 
 
 # --- spectra: singular values, condition numbers, determinants -------------------------

@@ -15,8 +15,8 @@ SHOW = 10  # mismatches listed in the terminal view
 @options.check
 @options.common
 @options.plot
-def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd, rtol, atol, eps, directions, as_json,
-          quiet, debug, plot):
+def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd, rtol, atol, eps, directions, check_mode,
+          check_memory, as_json, quiet, debug, plot):
     """Check MODEL's automatic derivatives against finite differences at INPUT.
 
     Every entry of every sample's Jacobian (or, with --directions K, K random directional
@@ -38,7 +38,7 @@ def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd,
     samples = len(next(iter(xs.values())))
     with Progress(samples, enabled=not quiet) as progress:
         result = api.check(model, xs, wrt or None, of or None, rtol=rtol, atol=atol, eps=eps, directions=directions,
-                           seed=seed, progress=progress)
+                           seed=seed, max_memory=check_memory, progress=progress, mode=check_mode)
     if plots:
         from ..render.plots import check_plot
 
@@ -63,8 +63,10 @@ def _view(doc: dict):
     if doc["leakage"]:
         parts.append(Text(doc["leakage"]["message"], style="red"))
         return Group(*parts)
-    what = (f"{doc['directions']} random directional derivatives per sample" if doc["kind"] == "directions"
-            else "every Jacobian entry")
+    what = "every Jacobian entry" + (" (from VJP rows)" if doc["mode"] == "reverse" else "")
+    if doc["kind"] == "directions":
+        what = (f"{doc['directions']} random directional derivatives per sample"
+                + (", <Jᵀc, v> by VJP against FD of <c, f(x+hv)>" if doc["mode"] == "reverse" else ""))
     atol = "per row" if doc["atol"] is None else f"{doc['atol']:g}"
     parts.append(Text(
         f"{what}: AD ({doc['ad_dtype']}) against central differences in {doc['fd_dtype']} (steps h={doc['eps']:.3g}·max(|x|,1) "
@@ -72,13 +74,14 @@ def _view(doc: dict):
     parts.append(Text(
         f"{doc['checked']} entries: {doc['failures']} wrong, {doc['kinks']} at kinks, {doc['fd_noise']} in FD noise; "
         f"max |AD − FD| {doc['max_abs_error']:.3g}, max relative {doc['max_rel_error']:.3g}"))
+    contracted = doc["kind"] == "directions" and doc["mode"] == "reverse"
     listed = doc["mismatches"][:SHOW] + doc["unresolved"][: max(0, SHOW - len(doc["mismatches"]))]
     if not listed and doc["worst"]:
         listed = [doc["worst"]]
         parts.append(Text("closest to its tolerance:", style="dim"))
     for e in listed:
         parts.append(Text(
-            f"  sample {e['sample']}, {_entry(e)}: AD {e['ad']:.6g}, FD {e['fd']:.6g} (± {e['fd_error']:.2g}); "
+            f"  sample {e['sample']}, {_entry(e, contracted)}: AD {e['ad']:.6g}, FD {e['fd']:.6g} (± {e['fd_error']:.2g}); "
             f"|AD − FD| {e['abs_error']:.3g} vs allowed {e['allowed']:.3g}: {e['diagnosis']}",
             style="red" if e["diagnosis"] in ("wrong-gradient", "non-finite") else None))
     if len(doc["mismatches"]) > SHOW:
@@ -96,7 +99,9 @@ def _view(doc: dict):
     return Group(*parts)
 
 
-def _entry(e: dict) -> str:
+def _entry(e: dict, contracted: bool = False) -> str:
     """d{out}[i]/d{in}[j] for a Jacobian entry, d{out}[i]·v{k} for a directional derivative."""
     out = f"d{e['of']}[{','.join(map(str, e['output_index']))}]"
+    if contracted:  # reverse-mode directions: <c, J v>
+        return f"<c, d{e['of']}·v{e['direction']}>"
     return f"{out}·v{e['direction']}" if e["wrt"] is None else f"{out}/d{e['wrt']}[{','.join(map(str, e['input_index']))}]"

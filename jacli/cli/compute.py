@@ -2,7 +2,7 @@ import click
 
 from .. import api
 from . import options, plotting
-from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model
+from .common import console, emit_json, fail_if_json_and_stdout, load_input, load_model, warn
 
 
 @click.command("compute")
@@ -42,6 +42,8 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
                              probes=locate_probes)
     if sink:
         plotting.save(plotting.compute_plots(sink, plan, plot_reduce), plots, quiet)
+    for note in plan.notes:  # e.g. reverse mode where forward mode is unavailable
+        warn(note, quiet)
     if not (as_json or shown):
         return
     meta = api.metadata(model, plan, method)

@@ -90,6 +90,13 @@ check = _stack(
     click.option("--directions", type=click.IntRange(min=1), metavar="K",
                  help="Check K random directional derivatives per sample (JVP, and VJP by <Jt, c> = <t, Jᵀc>) instead of every entry; "
                       "directions are drawn with --seed."),
+    click.option("--mode", "check_mode", type=click.Choice(["auto", "forward", "reverse"]), default="auto", show_default=True,
+                 help="The AD checked: forward (JVPs), reverse (VJPs; with --directions, <Jᵀc, t> against FD of <c, f(x+ht)>); "
+                      "auto: the fewer passes for every entry, JVP and VJP for --directions, reverse alone where the model "
+                      "has no forward mode."),
+    click.option("--max-memory", "check_memory", callback=_memory, metavar="SIZE",
+                 help="Working-memory budget, e.g. 512M, 2G (default: min(2G, a quarter of the available memory)); "
+                      "FD forward calls and JVP/VJP blocks are cut to fit."),
 )
 
 # svd / det

@@ -47,6 +47,8 @@ def svd(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, k, sm
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.svd(model, plan, k=k, smallest=smallest, vectors=vectors, solver=solver, method=method, tol=tol,
                          output=output, chunk_size=chunk_size, max_memory=max_memory, progress=progress)
+    for note in plan.notes:  # e.g. reverse mode where forward mode is unavailable
+        warn(note, quiet)
     if solver == "auto" and result.solver == "matrix-free" and k is None:
         warn(f"J is {result.m}x{result.n} per sample, too large to decompose in full; computed the top "
              f"{result.singular_values.shape[1]} singular values matrix-free (choose with -k; --smallest for the "
@@ -100,6 +102,8 @@ def det(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, singu
     with Progress(plan.samples, enabled=not quiet) as progress:
         result = api.det(model, plan, method=method, singular_tol=singular_tol, output=output, chunk_size=chunk_size,
                          max_memory=max_memory, progress=progress)
+    for note in plan.notes:
+        warn(note, quiet)
     if result.overflow.any():
         warn(f"|det J| exceeds the float64 range for {int(result.overflow.sum())} sample(s): det is ±inf there; "
              "logabsdet is exact", quiet)

@@ -7,7 +7,8 @@ Two kinds of check, both per sample of a batch:
 * ``directions=K``: K random directional derivatives J·v per sample (the protocol's
   ``jvp``) against (f(x+hv) − f(x−hv)) / 2h — four forward passes per direction, whatever
   the input size — plus the dot-product identity <J t, c> = <t, Jᵀc>, which checks the
-  VJP against the JVP.
+  VJP against the JVP; in reverse mode (a model without forward mode), <Jᵀc, v> from the
+  VJP against the FD of <c, f(x + hv)>.
 
 FD uses central differences at steps h = eps·max(|x|, 1) and h/2 combined by Richardson
 extrapolation, with an error estimate (``fd.Estimate``), evaluated in float64 when the
@@ -38,13 +39,14 @@ import numpy as np
 from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
-from .fd import Estimate, default_eps, estimate_columns, estimate_directions, forward_fn
+from .fd import Estimate, default_eps, estimate_columns, forward_cost, forward_fn, in_pieces, rounding_noise
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
 RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest entry + |y|) + tiny)
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
+SHIFT = 1e-4  # a failing direction is judged again at x moved by SHIFT·max(|x|, 1) (random signs)
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
 DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
@@ -184,6 +186,7 @@ class CheckResult:
     adjoint: list[Adjoint] = field(default_factory=list)  # failed dot-product tests
     leakage: Leakage | None = None
     notes: list[str] = field(default_factory=list)
+    mode: str | None = None  # the AD exercised: "forward" (directions: JVP, and VJP by <Jt, c> = <t, Jᵀc>) or "reverse"
 
     @property
     def passed(self) -> bool:
@@ -209,6 +212,7 @@ class CheckResult:
             "check": "fd",
             "kind": self.kind,
             "directions": self.directions,
+            "mode": self.mode,
             **self.tolerance.to_json(),
             "max_abs_error": self.max_abs_error,
             "max_rel_error": self.max_rel_error,
@@ -236,12 +240,19 @@ def check(
     seed: int = 0,
     budget: int = jac.DEFAULT_BUDGET,
     progress=None,
+    mode: str = "auto",
 ) -> CheckResult:
     """Check ``model``'s AD against FD at ``plan.xs`` (a per-sample plan from ``jacobian.plan``).
+    ``mode``: the AD exercised — "forward" (JVPs), "reverse" (VJPs: every entry from VJP
+    rows, directions as <Jᵀc, t> against FD of <c, f(x + ht)>) or "auto" (every entry in
+    ``plan.mode``, directions by JVP and VJP; reverse alone where the model has no forward
+    mode, with a note). ``budget``: bytes of working memory, the FD forward calls included.
     ``progress(n)`` is called with the number of samples just finished."""
     if not plan.batch:
         raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
     validate(rtol, atol, eps, directions)
+    if mode not in ("auto", "forward", "reverse"):
+        raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
     if not model.supports_ad:
         raise _no_ad(model._no_ad())
     fwd, fd_dtype, notes = fd_forward(model, plan)
@@ -250,10 +261,23 @@ def check(
     result.leakage = leakage(model, plan, seed)
     if result.leakage is not None:
         return result
+    if mode == "auto" and (directions or plan.mode == "forward"):
+        probed = jac.reverse_if_no_forward(model, dataclasses.replace(plan, mode="forward", notes=[]))
+        notes += probed.notes
+        if probed.mode == "reverse":
+            mode = "reverse"
+    if not directions and mode in ("forward", "reverse"):
+        plan = dataclasses.replace(plan, mode=mode)
+    result.mode = (mode if mode != "auto" else "forward") if directions else plan.mode
+    one = {k: v[:1] for k, v in plan.xs.items()}
+    per_sample = forward_cost(fwd, one)  # the FD forward calls are cut to fit half the budget
+    fwd = in_pieces(fwd, max(1, (budget // 2) // per_sample))
     tally = _Tally(plan.samples, tol)
     try:
         if directions:
-            _directions(model, plan, fwd, tol, directions, seed, tally, budget, progress)
+            from . import directions as by_directions  # (it imports this module)
+
+            by_directions.run(model, plan, fwd, tol, directions, seed, tally, budget, progress, result.mode, per_sample)
         else:
             _columns(model, plan, fwd, tol, tally, budget, progress)
     except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
@@ -267,6 +291,8 @@ def check(
 def _no_ad(e: UnsupportedError) -> UnsupportedError:
     """The backend's "no derivatives" error, said about the check (not about --method fd)."""
     reason = str(e).split("; use --method fd")[0]
+    if "--mode reverse" in reason:
+        return UnsupportedError(f"cannot check gradients in forward mode: {reason}")
     return UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})")
 
 
@@ -369,10 +395,9 @@ class _Tally:
         self.unresolved: list[Entry] = []
         self.adjoint: list[Adjoint] = []
 
-    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape):
-        """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
-        ``in_shape`` None for directions (k is then the direction). The relative error is
-        |AD − FD| / (|FD| + atol/rtol): at most rtol where |AD − FD| ≤ atol + rtol·|FD|."""
+    def judge(self, ad: np.ndarray, est, tol_abs, full: bool = False):
+        """The diagnosis code of every entry (and, with ``full``, |AD − FD|, the allowed
+        error and which are finite)."""
         a = ad.astype(np.float64)
         d = est.value
         err = np.abs(a - d)
@@ -385,6 +410,19 @@ class _Tally:
         kink = bad & finite & ((est.excess > band) | one_sided)
         noise = bad & finite & ~kink & (est.error > band) & (err <= 4 * allowed)
         code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
+        return (code, err, allowed, finite) if full else code
+
+    def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape, k0: int = 0,
+            switched=None):
+        """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
+        ``in_shape`` None for directions (k is then the direction, numbered from ``k0``);
+        ``switched``: entries whose mismatch vanished a step SHIFT away, diagnosed as kinks.
+        The relative error is |AD − FD| / (|FD| + atol/rtol): at most rtol where
+        |AD − FD| ≤ atol + rtol·|FD|."""
+        a, d = ad.astype(np.float64), est.value
+        code, err, allowed, finite = self.judge(ad, est, tol_abs, full=True)
+        if switched is not None:
+            code = np.where(switched & (code == WRONG), KINK, code)
         err = np.where(finite, err, np.inf)
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = err / (np.abs(d) + (tol_abs / self.tol.rtol if self.tol.rtol > 0 else 0.0))
@@ -394,7 +432,7 @@ class _Tally:
         def entry(j, r, c):
             return Entry(
                 int(s0 + j), of, wrt, _index(r, out_shape), None if in_shape is None else _index(c, in_shape),
-                int(c) if in_shape is None else None, float(a[j, r, c]), float(d[j, r, c]), float(est.error[j, r, c]),
+                int(k0 + c) if in_shape is None else None, float(a[j, r, c]), float(d[j, r, c]), float(est.error[j, r, c]),
                 float(est.forward[j, r, c]), float(est.backward[j, r, c]), float(err[j, r, c]),
                 float(np.nan_to_num(rel[j, r, c], nan=np.inf)), float(allowed[j, r, c]), DIAGNOSES[code[j, r, c]])
 
@@ -413,14 +451,15 @@ class _Tally:
         self.mismatches = _keep(self.mismatches, code >= WRONG, ratio, entry)
         self.unresolved = _keep(self.unresolved, ~counted, ratio, entry)
 
-    def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray, floor: np.ndarray):
+    def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray, floor: np.ndarray,
+                    k0: int = 0):
         """Dot products (k, S) from both sides; ``scale``: the sums of |terms| bounding their
         rounding; ``floor``: what the AD dtype resolves of them."""
         err = np.abs(jvp_side - vjp_side)
         allowed = self.tol.rtol * scale + (floor if self.tol.atol is None else self.tol.atol)
         for k, j in zip(*np.nonzero(~(err <= allowed))):
             self.samples[s0 + j].failures += 1
-            self.adjoint.append(Adjoint(int(s0 + j), int(k), float(jvp_side[k, j]), float(vjp_side[k, j]),
+            self.adjoint.append(Adjoint(int(s0 + j), int(k0 + k), float(jvp_side[k, j]), float(vjp_side[k, j]),
                                         float(err[k, j]), float(allowed[k, j])))
         self.adjoint = sorted(self.adjoint, key=lambda x: -_ratio(x.abs_error, x.allowed))[:LISTED]
 
@@ -485,10 +524,11 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
         xs = {k: v[s0:s1] for k, v in plan.xs.items()}
         f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
         k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
+        noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
         est = {}
         for i in plan.wrt:
             arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in fields] for o in plan.of}
-            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k):
+            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k, noise):
                 for o, e in block.items():
                     for dst, name in zip(arrays[o], fields):
                         dst[:, :, c0:c1] = getattr(e, name)
@@ -504,44 +544,3 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
                 tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, p.out_shape, p.in_shape)
 
     jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))
-
-
-def _directions(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _Tally, budget: int, progress):
-    """K random directions per sample, scaled by max(|x|, 1) and of unit norm in that scale."""
-    rng = np.random.default_rng([seed, 2])
-    step = int(max(1, min(plan.samples, (budget // 2) // (4 * k * _width(plan) * 8 * 8))))
-    fd_dtype = np.dtype(tol.fd_dtype)
-    for s0 in range(0, plan.samples, step):
-        s1 = min(plan.samples, s0 + step)
-        xs = {n: v[s0:s1] for n, v in plan.xs.items()}
-        f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
-        z = {i: rng.standard_normal((k,) + xs[i].shape) for i in plan.wrt}
-        norm = np.sqrt(sum(np.square(v).reshape(k, s1 - s0, -1).sum(axis=2) for v in z.values()))  # (k, S)
-        tangents = {i: v / norm.reshape(norm.shape + (1,) * (v.ndim - 2)) * np.maximum(np.abs(xs[i].astype(np.float64)), 1)
-                    for i, v in z.items()}
-        est, realized = estimate_directions(fwd, xs, tangents, plan.of, fd_dtype, tol.eps, f0)
-        t = {i: realized[i].astype(xs[i].dtype) for i in plan.wrt}
-        jv = model.jvp(xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
-        largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
-        norm1 = sum(np.abs(v.astype(np.float64)).reshape(k, s1 - s0, -1).sum(axis=2) for v in t.values()).T  # (S, k)
-        res = {}
-        for o in plan.of:
-            a = np.moveaxis(jv[o].reshape(k, s1 - s0, -1), 0, -1)  # (S, m, k)
-            row = np.abs(est[o].value).max(axis=2)
-            floor, out_res = _resolution(tol, plan.ys[o][s0:s1], largest)
-            res[o] = floor[:, :, None] + out_res[:, :, None] * norm1[:, None, :]  # (S, m, k): per entry, times |v|_1
-            tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
-            tally.add(s0, o, None, a, est[o], tol_abs, plan.ys[o].shape[1:], None)
-        cts = {o: rng.standard_normal(jv[o].shape).astype(plan.ys[o].dtype) for o in plan.of}
-        grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
-
-        def dots(us, vs):  # per (direction, sample): sum of u·v over the named arrays, and of |u·v|
-            terms = [(us[n].astype(np.float64) * vs[n]).reshape(k, s1 - s0, -1) for n in us]
-            return sum(term.sum(axis=2) for term in terms), sum(np.abs(term).sum(axis=2) for term in terms)
-
-        (lhs, lscale), (rhs, rscale) = dots({o: jv[o] for o in plan.of}, cts), dots(t, grads)
-        floor = sum((np.abs(cts[o]).reshape(k, s1 - s0, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
-        tally.add_adjoint(s0, lhs, rhs, lscale + rscale, floor)
-        if progress:
-            progress(s1 - s0)
-

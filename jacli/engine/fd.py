@@ -13,21 +13,26 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError
 from ..model import Model
 
 
-def forward_fn(model: Model, xs: dict, prefer64: bool = True, batch: bool = True):
-    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes in
-    (probed on one sample, or on the whole arrays with ``batch=False``)."""
+def forward_fn(model: Model, xs: dict, prefer64: bool = True, batch: bool = True, notes: list | None = None):
+    """The most precise forward pass the backend offers at ``xs``, and the dtype it computes
+    in (probed on one sample, or on the whole arrays with ``batch=False``). When the float64
+    path fails, the model's own precision, and ``notes`` (if given) gets a line saying why."""
+    dtypes = [np.dtype(s.dtype) for s in model.inputs if s.is_float]
+    native = max(dtypes, key=lambda d: d.itemsize) if dtypes else np.dtype(np.float32)
     if prefer64 and model.supports_float64:
         try:
             model.forward64({k: v[:1] for k, v in xs.items()} if batch else dict(xs))
             return model.forward64, np.dtype(np.float64)
-        except UnsupportedError:
-            pass  # e.g. an operator without a float64 kernel: differences in the model's dtype
-    dtypes = [np.dtype(s.dtype) for s in model.inputs if s.is_float]
-    return model.forward, (max(dtypes, key=lambda d: d.itemsize) if dtypes else np.dtype(np.float32))
+        except Exception as e:  # noqa: BLE001 — any failure of the float64 path: differences in the model's dtype
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            note = f"finite differences run in {native}: the float64 evaluation of the model failed ({why})"
+            if notes is not None and note not in notes:
+                notes.append(note)
+    return model.forward, native
 
 
 def steps(x: np.ndarray, dtype: np.dtype, scale: float = 1.0) -> np.ndarray:
@@ -52,11 +57,13 @@ def shifted(model: Model, fwd, xs: dict, name: str, deltas: np.ndarray, of: Sequ
 
 
 def fd_columns(
-    model: Model, xs: dict, wrt: str, of: Sequence[str], batch: bool = True, k: int = 64, prefer64: bool = True
+    model: Model, xs: dict, wrt: str, of: Sequence[str], batch: bool = True, k: int = 64, prefer64: bool = True,
+    notes: list | None = None,
 ) -> Iterator[tuple[str, tuple[int, np.ndarray]]]:
     """Yield ``(output, (c0, block))`` with block of shape (S, m, kc): columns c0:c0+kc of
-    the per-sample (S samples) or whole (S=1) Jacobian by central differences."""
-    fwd, dtype = forward_fn(model, xs, prefer64, batch)
+    the per-sample (S samples) or whole (S=1) Jacobian by central differences; ``notes``
+    as in ``forward_fn``."""
+    fwd, dtype = forward_fn(model, xs, prefer64, batch, notes)
     x = xs[wrt]
     lead = x.shape[:1] if batch else ()
     flat = x.reshape(lead + (-1,)) if batch else x.reshape(1, -1)
@@ -80,7 +87,8 @@ def fd_columns(
 
 # --- Richardson-extrapolated estimates with error estimates (used by the gradient check) ---
 FACTORS = np.array([1.0, -1.0, 0.5, -0.5])  # the points x + t*delta evaluated for each estimate
-ROUNDING = 4.0  # a forward pass is trusted to ROUNDING * eps * |f|
+ROUNDING = 4.0  # a forward pass is trusted to ROUNDING * eps * |f| (or the measured noise, if larger)
+NOISE_ULPS = 4  # the perturbation that measures the rounding noise, in units in the last place
 
 
 def default_eps(dtype) -> float:
@@ -108,9 +116,46 @@ class Estimate:
     excess: np.ndarray
 
 
+def forward_cost(fwd, xs: dict) -> int:
+    """Bytes of memory one sample takes in a forward call of ``fwd``, measured at ``xs`` (one
+    or two samples, the forward pass already warm) as the growth of the process's peak
+    resident memory (Linux; elsewhere, or if smaller, 64 bytes per input and output element)."""
+    samples = next(iter(xs.values())).shape[0]
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+        before = _status("VmRSS")
+        ys = fwd(xs)
+        grown = (_status("VmHWM") - before) // samples
+    except (OSError, ValueError, StopIteration):
+        ys, grown = fwd(xs), 0
+    elements = sum(v[:1].size for v in xs.values()) + sum(v[:1].size for v in ys.values())
+    return int(max(grown, 64 * elements))
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def in_pieces(fwd, limit: int | None):
+    """``fwd`` called on at most ``limit`` samples at a time (samples are independent)."""
+    if not limit:
+        return fwd
+
+    def pieces(xs):
+        n = next(iter(xs.values())).shape[0]
+        if n <= limit:
+            return fwd(xs)
+        parts = [fwd({k: v[s:s + limit] for k, v in xs.items()}) for s in range(0, n, limit)]
+        return {o: np.concatenate([p[o] for p in parts]) for o in parts[0]}
+
+    return pieces
+
+
 def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[dict, dict]:
-    """f at xs + t * deltas for every t in FACTORS, in one forward call on the stacked batch
-    (samples are independent). ``deltas``: input name -> (k, *x.shape), float64. Returns
+    """f at xs + t * deltas for every t in FACTORS, on the stacked batch (samples are
+    independent). ``deltas``: input name -> (k, *x.shape), float64. Returns
     outputs ``o -> (4, k, S, m)`` (float64) and the displacements actually applied once the
     points are rounded to ``dtype``, ``name -> (4, k, *x.shape)`` (float64, exact)."""
     k = next(iter(deltas.values())).shape[0]
@@ -129,15 +174,40 @@ def shifted_all(fwd, xs: dict, dtype, deltas: dict, of: Sequence[str]) -> tuple[
     return {o: ys[o].reshape(4, k, samples, -1).astype(np.float64) for o in of}, moved
 
 
-def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) -> Estimate:
+def rounding_noise(fwd, xs: dict, dtype, of: Sequence[str], f0: dict, seed: int = 0) -> dict:
+    """The forward pass's rounding noise per sample and output element, measured: the
+    largest |f(x + δ) − f(x)| over two perturbations δ of NOISE_ULPS units in the last place
+    of every float input element (random signs; J·δ is ~1e-4 of an FD step's change).
+    Where the output is small by cancellation of large intermediates, the noise is far
+    above ROUNDING·eps·|f|. ``f0``: output -> (S, m) at xs. Returns output -> (S, m)."""
+    rng = np.random.default_rng([seed, 3])
+    samples = next(iter(xs.values())).shape[0]
+    eps = float(np.finfo(dtype).eps)
+    big = {}
+    for n, v in xs.items():
+        v = v.astype(dtype) if v.dtype.kind == "f" else v
+        if v.dtype.kind == "f":
+            step = NOISE_ULPS * eps * np.maximum(np.abs(v.astype(np.float64)), 1.0)
+            signs = rng.choice([-1.0, 1.0], size=(2, *v.shape))
+            big[n] = (v.astype(np.float64)[None] + signs * step).astype(dtype).reshape(-1, *v.shape[1:])
+        else:
+            big[n] = np.broadcast_to(v, (2, *v.shape)).reshape(-1, *v.shape[1:])
+    ys = fwd(big)
+    return {o: np.abs(ys[o].reshape(2, samples, -1).astype(np.float64) - f0[o][None]).max(axis=0) for o in of}
+
+
+def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float, noise=None) -> Estimate:
     """``f0`` (S, m): f at x; ``outs`` (4, k, S, m): f at the FACTORS points; ``spans``
     (4, k, S): the signed length of each displacement along its direction; ``eps``: the
-    machine epsilon of the dtype f was computed in."""
+    machine epsilon of the dtype f was computed in; ``noise`` (S, m): the measured rounding
+    noise (``rounding_noise``), a floor under the rounding bound."""
     fp1, fm1, fp2, fm2 = outs
     s = spans[..., None]
     d1 = (fp1 - fm1) / (s[0] - s[1])
     d2 = (fp2 - fm2) / (s[2] - s[3])
     r = ROUNDING * eps * np.maximum(np.abs(f0)[None], np.maximum(np.abs(fp1), np.abs(fm1)))
+    if noise is not None:
+        r = np.maximum(r, noise[None])
     truncation, h = np.abs(d1 - d2), np.abs(s[2] - s[3])
     forward, backward = (fp2 - f0[None]) / s[2], (f0[None] - fm2) / -s[3]
     extrapolated_gap = (2 * forward - (fp1 - f0[None]) / s[0]) - (2 * backward - (f0[None] - fm1) / -s[1])
@@ -150,9 +220,11 @@ def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float) 
                     layout(excess))
 
 
-def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64):
+def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64,
+                     noise: dict | None = None):
     """Yield ``(c0, c1, {output: Estimate})``: columns c0:c1 of every sample's Jacobian
-    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element."""
+    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element; ``noise`` as in
+    ``richardson``, per output."""
     x = xs[wrt]
     samples = x.shape[0]
     n = x[0].size
@@ -168,10 +240,11 @@ def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: flo
         spans = np.stack([flat[t][idx, :, c0 + idx] for t in range(4)])  # (4, kc, S)
         if np.any(spans[0] == spans[1]) or np.any(spans[2] == spans[3]):
             raise InputError(f"the finite-difference step {rel:g} is too small for {np.dtype(dtype)}: x ± h rounds to x")
-        yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps) for o in of}
+        yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps, None if noise is None else noise[o]) for o in of}
 
 
-def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype, h: float, f0: dict):
+def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype, h: float, f0: dict,
+                        noise: dict | None = None):
     """Directional derivatives along ``tangents`` (input name -> (k, *x.shape)): returns
     ``({output: Estimate}, realized)`` where the estimates are of J · realized[name], the
     tangents actually realised once x ± h t is rounded to ``dtype`` (so that an exact J·t
@@ -181,4 +254,4 @@ def estimate_directions(fwd, xs: dict, tangents: dict, of: Sequence[str], dtype,
     spans = np.broadcast_to((FACTORS * h)[:, None, None], (4, k, samples))
     realized = {n: (4 * (m[2] - m[3]) / h - (m[0] - m[1]) / (2 * h)) / 3 for n, m in moved.items()}
     eps = float(np.finfo(dtype).eps)
-    return {o: richardson(f0[o], outs[o], spans, eps) for o in of}, realized
+    return {o: richardson(f0[o], outs[o], spans, eps, None if noise is None else noise[o]) for o in of}, realized

@@ -15,6 +15,7 @@ column) block goes to the sink as soon as it is computed.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from math import prod
@@ -22,7 +23,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from ..model import Model
 from ..system import available_memory
 from . import strategies
@@ -85,6 +86,7 @@ class Plan:
     mode: str  # "forward" | "reverse"
     dtype: np.dtype
     outputs: Callable[[], dict[str, np.ndarray]] = field(repr=False, compare=False)
+    notes: list[str] = field(default_factory=list, repr=False, compare=False)  # e.g. why not the mode asked for
     sample_bytes: int = field(init=False)
     elements: tuple[int, int] = field(init=False)
     _shapes: tuple[dict, dict] = field(init=False, repr=False, compare=False)
@@ -210,6 +212,28 @@ def plan(
             plans.clear()
         plans[key] = (wrt, of, pairs, batch, samples, mode, dtype)
     return Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs)
+
+
+def reverse_if_no_forward(model: Model, plan: Plan) -> Plan:
+    """``plan``, or, when it is in forward mode and the model has no forward mode (e.g.
+    torch's CPU flash-attention kernel has no forward-mode rule) while reverse mode works,
+    the same plan in reverse mode, with a note saying why. One JVP (and then one VJP) of
+    one sample probes it."""
+    if plan.mode != "forward" or not model.supports_ad:
+        return plan
+    xs = {k: v[:1] for k, v in plan.xs.items()} if plan.batch else plan.xs
+    try:
+        model.jvp(xs, {i: np.ones((1, *xs[i].shape), xs[i].dtype) for i in plan.wrt}, plan.of, per_sample=plan.batch)
+        return plan
+    except UnsupportedError as e:
+        reason = str(e).split("; use --mode reverse")[0]
+    ys = model.forward(xs)
+    try:
+        model.vjp(xs, {o: np.ones((1, *ys[o].shape), ys[o].dtype) for o in plan.of}, plan.wrt, per_sample=plan.batch)
+    except UnsupportedError:
+        return plan  # no reverse mode either: running the plan says why
+    notes = [*plan.notes, f"forward mode is unavailable for this model ({reason}): using reverse mode"]
+    return dataclasses.replace(plan, mode="reverse", notes=notes)
 
 
 def _signature(model: Model, xs: dict[str, np.ndarray]) -> dict[str, tuple[tuple, np.dtype]] | None:
@@ -429,7 +453,7 @@ def _parts_fd(model: Model, plan: Plan, xs, k: int) -> Iterator[tuple[str, slice
     from .fd import fd_columns
 
     for i in plan.wrt:
-        for o, (c0, block) in fd_columns(model, xs, i, plan.of, batch=plan.batch, k=k):
+        for o, (c0, block) in fd_columns(model, xs, i, plan.of, batch=plan.batch, k=k, notes=plan.notes):
             yield f"d{o}/d{i}", slice(0, block.shape[1]), slice(c0, c0 + block.shape[2]), block
 
 

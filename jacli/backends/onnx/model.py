@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ... import limits
-from ...errors import InputError, ModelLoadError, UnsafeModelError
+from ...errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ...model import Model, TensorSpec
 from . import cache as onnx_cache
 from .._common import require, short, threads
@@ -39,13 +39,13 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     if signature is not None:
         m.inputs, m.outputs = signature
         m._proto, m._bytes = None, data
-        m.session = _session(data)
+        m._runnable, m._session = data, None
         return m
     m._proto, plain = _checked(path, data, trust)
     init = {i.name for i in m._proto.graph.initializer}
     m.inputs = [_spec(v) for v in m._proto.graph.input if v.name not in init]
     m.outputs = [_spec(v) for v in m._proto.graph.output]
-    m.session = _session(data if plain else m._proto.SerializeToString())
+    m._runnable, m._session = (data if plain else None), None  # None: serialized from the checked graph
     if plain:
         onnx_cache.write_signature(m._cache, m.inputs, m.outputs)
     else:
@@ -103,14 +103,38 @@ class OnnxModel(Model):
             self._proto, self._bytes = onnx.load_model_from_string(self._bytes), None
         return self._proto
 
+    @property
+    def session(self):
+        """The onnxruntime session of the model itself, built on first use (``inspect``
+        needs none)."""
+        if self._session is None:
+            data = self._runnable if self._runnable is not None else self.proto.SerializeToString()
+            self._session, self._runnable = _session(data), None
+        return self._session
+
     def _forward(self, xs):
         return self._run(self.session, xs, [s.name for s in self.outputs])
 
     def _forward64(self, xs):
-        if "f64" not in self._graphs:
-            self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
+        """In onnxruntime on the double graph, or, where onnxruntime has no double kernel for
+        an operator, in ``float64.Evaluator``."""
         xs64 = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v) for k, v in xs.items()}
-        return self._run(self._graphs["f64"], xs64, [s.name for s in self.outputs])
+        names = [s.name for s in self.outputs]
+        if "f64" not in self._graphs:
+            cached = onnx_cache.read_graph(self._cache, "f64")  # then no onnx import
+            if cached is not None:
+                self._graphs["f64"] = _session(cached)
+                return self._run(self._graphs["f64"], xs64, names)
+            from .float64 import Evaluator, lacks_double
+
+            if lacks_double(self.proto):
+                self._graphs["f64"] = Evaluator(self.proto)
+            else:
+                try:
+                    self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
+                except UnsupportedError:
+                    self._graphs["f64"] = Evaluator(self.proto)
+        return self._run(self._graphs["f64"], xs64, names)
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""

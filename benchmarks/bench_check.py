@@ -1,0 +1,114 @@
+"""`jacli check --fd` on the full-size corpus: verdict, time and peak memory per model.
+
+    .venv/bin/python benchmarks/bench_check.py [--models a,b] [--directions K] [--max-memory 1G]
+                                                [--samples N] [--formats onnx,trace]
+
+Models: the ONNX project's CNN architectures (tests/corpus_onnx.py: random He-scaled
+weights, final Softmax dropped, 3x224x224) and the plain-torch corpus at full size
+(tests/corpus_torch.py, ``size="full"``: ResNet-18, MobileNetV3-small, EfficientNet-B0,
+DenseNet-121 and ViT-B/16 at 224x224, GPT-2/BERT blocks of 128x768, LSTM/GRU, Conv1d),
+the torch ones saved as TorchScript (trace) and ONNX. Each check runs in a fresh
+``jacli check MODEL x.npy --fd --directions K --json`` process (inputs N(0, 1), seeded);
+the peak RSS is that process's (measured by /usr/bin/time, since Linux hands a
+forking process's peak to its child). A correct model must pass: the
+table says how many entries were judged wrong, at kinks or in FD noise, in which dtype FD
+ran, and how long and how much memory it took. Results also go to
+benchmarks/results/check-<time>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+ZOO = ("bvlc_alexnet", "zfnet512", "vgg19", "resnet50", "shufflenet", "squeezenet", "inception_v1", "inception_v2",
+       "densenet121")
+TORCH = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit", "gpt2", "bert", "lstm", "gru",
+         "conv1d")
+
+
+def models(names, formats, work: Path):
+    """Yield (label, path, input shape) for every requested model, saving each first."""
+    import corpus_onnx
+
+    for name in names:
+        if name in ZOO and "onnx" in formats and not name.startswith("t:"):
+            yield f"{name} (onnx zoo)", corpus_onnx.save(name, work), (3, 224, 224)
+    torch_names = [n[2:] if n.startswith("t:") else n for n in names if n.startswith("t:") or n not in ZOO]
+    if not torch_names:
+        return
+    import corpus_torch
+
+    for name in torch_names:
+        module, x = corpus_torch.build(name, "full", batch=1)
+        paths, failed = corpus_torch.save_all(module, x, work / name, formats=[f for f in formats if f != "zoo"])
+        for fmt, path in paths.items():
+            yield f"{name} ({fmt})", path, tuple(x.shape[1:])
+        for fmt, why in failed.items():
+            print(f"{name} ({fmt}): not saved: {why}", file=sys.stderr)
+
+
+def run_check(path: Path, shape, args, work: Path) -> dict:
+    x = np.random.default_rng(0).standard_normal((args.samples, *shape)).astype(np.float32)
+    np.save(work / "x.npy", x)
+    cmd = [sys.executable, "-m", "jacli", "check", str(path), str(work / "x.npy"), "--fd", "--json", "--trust-model",
+           "--directions", str(args.directions), "--max-memory", args.max_memory]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Linux carries the peak RSS of the forking process into its child across exec, so the
+    # child is started by /usr/bin/time (a small process) and reports its own peak.
+    timer = ["/usr/bin/time", "-f", "%M", "-o", str(work / "rss.txt")] if Path("/usr/bin/time").exists() else []
+    start = time.perf_counter()
+    with open(work / "out.json", "w") as out, open(work / "err.txt", "w") as err:
+        code = subprocess.run(timer + cmd, stdout=out, stderr=err, env=env).returncode
+    wall = time.perf_counter() - start
+    stdout, stderr = (work / "out.json").read_text(), (work / "err.txt").read_text()
+    peak = int((work / "rss.txt").read_text().split()[-1]) if timer else None  # KB
+    row = {"exit": code, "seconds": round(wall, 1), "peak_rss_mb": None if peak is None else round(peak / 1024)}
+    if code in (0, 1) and stdout.strip():
+        doc = json.loads(stdout)
+        row.update({k: doc[k] for k in ("passed", "checked", "failures", "kinks", "fd_noise", "fd_dtype", "mode")})
+        row["worst_ratio"] = round(doc["worst"]["ratio"], 4) if doc["worst"] else None
+        row["notes"] = doc["notes"]
+    else:
+        row["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(ZOO), help=f"zoo: {','.join(ZOO)}; torch: {','.join(TORCH)} "
+                    "(t:NAME for the torch one of a shared name)")
+    ap.add_argument("--formats", default="onnx,trace")
+    ap.add_argument("--directions", type=int, default=4)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--max-memory", default="1G")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        print("| model | verdict | FD dtype | mode | wrong | kinks | fd-noise | worst ratio | time (s) | peak RSS (MB) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for label, path, shape in models(args.models.split(","), args.formats.split(","), work):
+            row = {"model": label, **run_check(path, shape, args, work)}
+            rows.append(row)
+            verdict = ("pass" if row.get("passed") else "FAIL") if "passed" in row else f"exit {row['exit']}: {row.get('error')}"
+            print(f"| {label} | {verdict} | {row.get('fd_dtype', '')} | {row.get('mode', '')} | {row.get('failures', '')} "
+                  f"| {row.get('kinks', '')} | {row.get('fd_noise', '')} | {row.get('worst_ratio', '')} | {row['seconds']} "
+                  f"| {row['peak_rss_mb']} |", flush=True)
+    out = ROOT / "benchmarks" / "results" / f"check-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
