@@ -134,3 +134,31 @@ def test_a_failure_inside_a_derived_graph_is_a_bug(monkeypatch, tmp_path):
     assert "planted bug in the derived graph" in line and "please report" in line
     assert "rejected the input" not in line
     assert run("compute", SAMPLES / "map2d.keras", tmp_path / "x.npy", "--mode", "forward", "-q").code == 0
+
+
+def test_a_failure_inside_a_derived_onnx_graph_is_a_bug(monkeypatch, tmp_path):
+    """onnxruntime failing on the VJP graph jacli derived, where the model's own forward pass
+    runs at the same input, is jacli's bug (exit 3), not "the model rejected the input";
+    the same input against the model itself is still the user's (exit 2)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from jacli.backends.onnx.rules import registry
+
+    g = helper.make_graph([helper.make_node("Tanh", ["x"], ["y"], name="act")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])])
+    path = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    # a planted rule whose graph fails at run time: 3 cotangent entries per sample reshaped by 7
+    (entry,) = registry.lookup("Tanh", 17)
+    monkeypatch.setattr(entry, "vjp", lambda b, n, gs: {0: b.op("Reshape", gs[0], b.ints([-1, 7]))})
+    r = run("compute", path, tmp_path / "x.npy", "--mode", "reverse", "-q", "-o", tmp_path / "J.npy")
+    assert r.code == 3, r.stderr
+    line = r.stderr.strip()
+    assert line.startswith("Error:") and "\n" not in line and "VJP graph" in line and "please report" in line
+    assert "--method fd" in line and not (tmp_path / "J.npy").exists()
+    np.save(tmp_path / "bad.npy", np.zeros((2, 4), np.float32))  # the model itself refuses this one
+    r = run("compute", path, tmp_path / "bad.npy", "--mode", "reverse", "-q")
+    assert r.code == 2 and r.stderr.startswith("Error:"), r.stderr

@@ -2,6 +2,8 @@
 the registry's version ranges and per-input entries."""
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
@@ -66,6 +68,8 @@ def test_legacy_table_assignment_registers_an_entry(monkeypatch):
     assert registry.VJP_RULES["Foo"] is fn and list(registry.VJP_RULES) == ["Foo"]
     (e,) = registry.entries()
     assert (e.op, e.since, e.until, e.inputs, e.vjp, e.jvp) == ("Foo", 1, None, None, fn, None)
+    with pytest.raises(ValueError, match="already has a VJP rule"):  # a second entry would never be used
+        registry.VJP_RULES["Foo"] = lambda b, n, gs: {}
 
 
 def test_markdown_rows_match_json_rows():

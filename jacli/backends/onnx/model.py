@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ... import limits
-from ...errors import InputError, ModelLoadError, UnsafeModelError, UnsupportedError
+from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ...model import Model, TensorSpec
 from . import cache as onnx_cache
 from .._common import require, short, threads
@@ -124,7 +124,7 @@ class OnnxModel(Model):
             cached = onnx_cache.read_graph(self._cache, "f64")  # then no onnx import
             if cached is not None:
                 self._graphs["f64"] = _session(cached)
-                return self._run(self._graphs["f64"], xs64, names)
+                return self._run(self._graphs["f64"], xs64, names, "float64 graph")
             from .float64 import Evaluator, lacks_double
 
             if lacks_double(self.proto):
@@ -134,7 +134,7 @@ class OnnxModel(Model):
                     self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
                 except UnsupportedError:
                     self._graphs["f64"] = Evaluator(self.proto)
-        return self._run(self._graphs["f64"], xs64, names)
+        return self._run(self._graphs["f64"], xs64, names, "float64 graph")
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto)."""
@@ -213,22 +213,36 @@ class OnnxModel(Model):
     def _vjp(self, xs, cts, wrt: Sequence[str]):
         sess = self._derivative("vjp", wrt, list(cts), xs)
         feeds = {**xs, **{f"ct:{k}": v for k, v in cts.items()}}
-        out = self._run(sess, feeds, [f"grad:{n}" for n in wrt])
+        out = self._run(sess, feeds, [f"grad:{n}" for n in wrt], "VJP graph")
         return {k[len("grad:"):]: v for k, v in out.items()}
 
     def _jvp(self, xs, ts, of: Sequence[str]):
         sess = self._derivative("jvp", list(ts), of, xs)
         feeds = {**xs, **{f"tan:{k}": v for k, v in ts.items()}}
-        out = self._run(sess, feeds, [f"jvp:{n}" for n in of])
+        out = self._run(sess, feeds, [f"jvp:{n}" for n in of], "JVP graph")
         return {k[len("jvp:"):]: v for k, v in out.items()}
 
-    @staticmethod
-    def _run(sess, feeds, names):
+    def _run(self, sess, feeds, names, derived: str = ""):
+        """Run a session. A failure is the user's input, unless the session runs a graph jacli
+        derived (``derived``: what it is) and the model's own forward pass runs at the same
+        input: then it is jacli's bug, reported with onnxruntime's reason."""
         try:
             values = sess.run(names, {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs})
         except Exception as e:
+            if derived and self._forward_runs(feeds):
+                raise InternalError(f"onnxruntime could not run the {derived} that jacli derived from the model "
+                                    f"({short(e)}), although the model's forward pass runs at this input",
+                                    option="--method fd", hint="method='fd'") from None
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return dict(zip(names, values))
+
+    def _forward_runs(self, feeds) -> bool:
+        try:
+            self.session.run(None, {s.name: np.require(feeds[s.name], requirements="C") for s in self.inputs
+                                    if s.name in feeds and s.name in self.session.jacli_inputs})
+            return True
+        except Exception:  # the model's own failure: the input's fault
+            return False
 
 
 def _session(data: bytes):

@@ -126,6 +126,9 @@ def _expand_recurrent(b: Builder, n: Node) -> list:
     if not isinstance(steps, int):
         raise n.unsupported("has a sequence length known only at run time (jacli unrolls recurrent networks "
                             "over a static number of steps); export the model with a fixed sequence length")
+    if not isinstance(features, int):  # X's last axis unknown to shape inference: W holds it too
+        w_dims = b.dims(n.input(1))
+        features = w_dims[2] if w_dims is not None and len(w_dims) == 3 else None
     if hidden is None or not isinstance(features, int):
         raise n.unsupported("needs a static hidden_size and input size")
     t = _Tensors(b)

@@ -153,6 +153,8 @@ class _ModeTable:
         self.mode = mode
 
     def __setitem__(self, op: str, fn: Callable) -> None:
+        if op in self:  # a second entry would never be used (the first covering an input wins)
+            raise ValueError(f"{op} already has a {self.mode.upper()} rule; replace it on its Entry (lookup())")
         rule(op, **{self.mode: fn})
 
     def __getitem__(self, op: str) -> Callable:
