@@ -212,7 +212,7 @@ def gpt2_paths(tmp_path_factory):
 def test_reverse_only_model_is_checkable(gpt2_paths, fmt):
     module, _, x, paths, _ = gpt2_paths
     model = jacli.load(str(paths[fmt]), trust=True)
-    with pytest.raises(UnsupportedError, match="in forward mode.*--mode reverse"):
+    with pytest.raises(UnsupportedError, match="in forward mode.*mode='reverse'"):
         jacli.check(model, x.numpy(), directions=2, mode="forward")
     doc = _assert_passes(jacli.check(model, x.numpy(), directions=3), fmt)  # auto: falls back, with a note
     assert doc["mode"] == "reverse" and any("forward mode is unavailable" in n for n in doc["notes"])
@@ -234,14 +234,27 @@ def test_compute_auto_falls_back_to_reverse_with_a_note(gpt2_paths, run):
     assert r.code == 0, r.stderr
 
 
-def test_method_fd_falls_back_to_the_models_precision_with_a_note(built, run, tmp_path):
-    """A traced LSTM cannot run in float64 (its flat weights stay float32): --method fd
-    differences in float32 and says why, instead of failing."""
+def test_method_fd_falls_back_to_the_models_precision_with_a_note(built, run, tmp_path, monkeypatch):
+    """A traced LSTM runs in float64 (its float32 flat weights are retyped in the copy), so
+    --method fd differences in float64; where the float64 evaluation fails, it differences
+    in float32 and says why, instead of failing."""
+    from jacli.backends.torchscript import TorchModel
+    from jacli.errors import LimitationError
+
     module, x, ref, paths = built("lstm", ("trace",))
     np.save(tmp_path / "x.npy", x.numpy())
-    r = run("compute", paths["trace"], tmp_path / "x.npy", "--trust-model", "--method", "fd", "-o", tmp_path / "J.npy")
+    args = ("compute", paths["trace"], tmp_path / "x.npy", "--trust-model", "--method", "fd", "-o", tmp_path / "J.npy")
+    r = run(*args)
+    assert r.code == 0 and "finite differences run in" not in r.stderr, r.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "J.npy"), ref, atol=1e-6 * np.abs(ref).max())
+
+    def fails(self, xs):
+        raise LimitationError("planted: no float64 copy of this model")
+
+    monkeypatch.setattr(TorchModel, "_forward64", fails)
+    r = run(*args)
     assert r.code == 0, r.stderr
-    assert "finite differences run in float32: the float64 evaluation of the model failed" in r.stderr
+    assert "finite differences run in float32: the float64 evaluation of the model failed (planted" in r.stderr
     np.testing.assert_allclose(np.load(tmp_path / "J.npy"), ref, atol=3e-3 * np.abs(ref).max())
 
 

@@ -290,9 +290,12 @@ def check(
 # --- set-up -------------------------------------------------------------------------------
 def _no_ad(e: UnsupportedError) -> UnsupportedError:
     """The backend's "no derivatives" error, said about the check (not about --method fd)."""
-    reason = str(e).split("; use --method fd")[0]
-    if "--mode reverse" in reason:
-        return UnsupportedError(f"cannot check gradients in forward mode: {reason}")
+    option, hint = getattr(e, "option", None), getattr(e, "hint", None)
+    if "--mode reverse" in str(option) or "--mode reverse" in e.message:  # check has --mode: the advice stands
+        reason = e.message.split("; use --mode reverse")[0]
+        return UnsupportedError(f"cannot check gradients in forward mode: {reason}", option="--mode reverse",
+                                hint="mode='reverse'")
+    reason = e.message.split("; use --method fd")[0]  # FD is what check compares with, not an alternative
     return UnsupportedError(f"cannot check gradients: automatic differentiation is unavailable for this model ({reason})")
 
 
