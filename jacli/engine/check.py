@@ -290,7 +290,7 @@ def check(
 # --- set-up -------------------------------------------------------------------------------
 def _no_ad(e: UnsupportedError) -> UnsupportedError:
     """The backend's "no derivatives" error, said about the check (not about --method fd)."""
-    option, hint = getattr(e, "option", None), getattr(e, "hint", None)
+    option = getattr(e, "option", None)
     if "--mode reverse" in str(option) or "--mode reverse" in e.message:  # check has --mode: the advice stands
         reason = e.message.split("; use --mode reverse")[0]
         return UnsupportedError(f"cannot check gradients in forward mode: {reason}", option="--mode reverse",
