@@ -76,7 +76,8 @@ def _checked(path: str, data: bytes, trust: bool):
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
-        onnx.checker.check_model(proto)
+        # the file's own bytes when they are the whole model: no serialized copy of its weights
+        onnx.checker.check_model(data if fmt == "protobuf" and not external else proto)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
     local = {(f.domain, f.name) for f in proto.functions}  # model-local functions: plain ONNX inside
