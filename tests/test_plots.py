@@ -333,9 +333,7 @@ def test_check_scatter_marks_each_diagnosis(built, tmp_path):
     assert pic.panels[0].data["counts"] == {**kinds, "adjoint": 0}
     for d, n in kinds.items():  # as many marks as entries of each kind, in both panels
         assert svg_marks(svg, f"ad-fd-{d}") == n and svg_marks(svg, f"error-{d}") == n
-    if not complete:  # every entry when the result lists them all, else the worst ones
-        assert len(entries) == len({(e.sample, tuple(e.output_index), tuple(e.input_index)) for e in
-                                    [*result.mismatches, *result.unresolved, *(s.worst for s in result.samples)]})
+    assert complete and len(entries) == result.to_json()["checked"]  # few entries: every one is drawn
 
     out = tmp_path / "check.png"
     r = run_jacli("check", built["flawed"], built["flawed_input"], "--fd", "--plot", out, "-q")
@@ -412,3 +410,25 @@ def test_no_color_does_not_apply_to_files(tmp_path, monkeypatch):
     assert run_jacli("compute", SAMPLES / "map2d.onnx", SAMPLES / "map2d_input.npy", "--plot", out, "-q").code == 0
     img = imread(out)[:, :, :3]
     assert np.abs(img[:, :, 0] - img[:, :, 2]).max() > 0.3  # viridis, not grey
+
+
+def test_check_scatter_of_many_entries_is_a_uniform_sample_with_every_mismatch(built, monkeypatch):
+    """Past check.SAMPLED compared entries the result keeps a uniform sample of them (bottom-k
+    of random keys), and the scatter adds every listed mismatch and each sample's worst."""
+    from jacli.engine import check as chk
+
+    model = jacli.load(str(built["flawed"]))
+    x = np.load(built["flawed_input"])
+    every = api.check(model, x)
+    monkeypatch.setattr(chk, "SAMPLED", 10)
+    result = api.check(model, x)
+    checked = result.to_json()["checked"]
+    assert len(every.entries) == checked > 10 and len(result.entries) == 10
+    key = lambda e: (e.sample, e.of, e.wrt, tuple(e.output_index), tuple(e.input_index or ()))  # noqa: E731
+    assert {key(e) for e in result.entries} <= {key(e) for e in every.entries}
+    entries, complete = plots.check_entries(result)
+    assert not complete and {key(e) for e in result.mismatches} <= {key(e) for e in entries}
+    assert len(entries) == len({key(e) for e in [*result.entries, *result.mismatches, *result.unresolved,
+                                                  *(s.worst for s in result.samples)]})
+    _, (svg,) = draw([plots.check_plot(result)], ".svg")
+    assert sum(svg_marks(svg, f"ad-fd-{d}") for d in plots.MARKS) == len(entries)

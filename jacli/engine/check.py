@@ -45,6 +45,7 @@ RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
 RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest entry + |y|) + tiny)
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
+SAMPLED = 4096  # compared entries kept for pictures: every one up to this many, else a uniform sample
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
 SHIFT = 1e-4  # a failing direction is judged again at x moved by SHIFT·max(|x|, 1) (random signs)
 
@@ -182,6 +183,7 @@ class CheckResult:
     directions: int | None = None
     samples: list[SampleReport] = field(default_factory=list)
     mismatches: list[Entry] = field(default_factory=list)  # failing entries, worst first, at most LISTED
+    entries: list[Entry] = field(default_factory=list, repr=False)  # every compared entry, or SAMPLED drawn uniformly
     unresolved: list[Entry] = field(default_factory=list)  # kinks and fd-noise, the same way
     adjoint: list[Adjoint] = field(default_factory=list)  # failed dot-product tests
     leakage: Leakage | None = None
@@ -283,6 +285,7 @@ def check(
     except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
         raise _no_ad(e) from None
     result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved
+    result.entries = tally.entries
     result.adjoint = tally.adjoint
     return result
 
@@ -397,6 +400,13 @@ class _Tally:
         self.mismatches: list[Entry] = []
         self.unresolved: list[Entry] = []
         self.adjoint: list[Adjoint] = []
+        self._sample: list[tuple[float, Entry]] = []  # (key, entry): the SAMPLED smallest of uniform keys
+        self._keys = np.random.default_rng(0)
+
+    @property
+    def entries(self) -> list[Entry]:
+        """Every compared entry, or a uniform sample of SAMPLED of them (bottom-k of random keys)."""
+        return [e for _, e in self._sample]
 
     def judge(self, ad: np.ndarray, est, tol_abs, full: bool = False):
         """The diagnosis code of every entry (and, with ``full``, |AD − FD|, the allowed
@@ -453,6 +463,12 @@ class _Tally:
                     rep.worst = entry(j, r, c)
         self.mismatches = _keep(self.mismatches, code >= WRONG, ratio, entry)
         self.unresolved = _keep(self.unresolved, ~counted, ratio, entry)
+        keys = self._keys.random(a.shape).ravel()
+        take = np.flatnonzero(keys < self._sample[-1][0]) if len(self._sample) >= SAMPLED else np.arange(keys.size)
+        if take.size > SAMPLED:
+            take = take[np.argpartition(keys[take], SAMPLED)[:SAMPLED]]
+        self._sample += [(float(keys[f]), entry(*np.unravel_index(f, a.shape))) for f in take]
+        self._sample = sorted(self._sample, key=lambda t: t[0])[:SAMPLED]  # ascending: the last key is the bar
 
     def add_adjoint(self, s0: int, jvp_side: np.ndarray, vjp_side: np.ndarray, scale: np.ndarray, floor: np.ndarray,
                     k0: int = 0):

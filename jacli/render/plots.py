@@ -402,20 +402,19 @@ def _det(fig, r) -> list[Panel]:
 
 # --- check ------------------------------------------------------------------------------------
 def check_entries(result) -> tuple[list, bool]:
-    """The compared entries a CheckResult offers, and whether that is every checked one.
-    A result with ``entries`` (every comparison) gives all; otherwise what it keeps: the
-    listed mismatches and unresolved entries and each sample's worst, without repeats."""
-    every = getattr(result, "entries", None)
-    if every is not None:
-        return list(every), True
+    """The compared entries to draw, and whether that is every checked one: the entries the
+    CheckResult keeps (every one, or a uniform sample of ``check.SAMPLED``), plus every listed
+    mismatch and unresolved entry and each sample's worst, without repeats."""
     seen, out = set(), []
     worst = [s.worst for s in getattr(result, "samples", []) if getattr(s, "worst", None) is not None]
-    for e in [*getattr(result, "mismatches", []), *getattr(result, "unresolved", []), *worst]:
+    for e in [*getattr(result, "mismatches", []), *getattr(result, "unresolved", []), *worst,
+              *getattr(result, "entries", [])]:
         key = (e.sample, e.of, e.wrt, tuple(e.output_index), tuple(e.input_index or ()), e.direction)
         if key not in seen:
             seen.add(key)
             out.append(e)
-    return out, False
+    checked = sum(getattr(s, "checked", 0) for s in getattr(result, "samples", []))
+    return out, len(out) >= checked
 
 
 def check_plot(result) -> Plot:
@@ -465,7 +464,7 @@ def _check(fig, result) -> list[Panel]:
     left.set_xlabel("FD (Richardson-extrapolated central differences)")
     left.set_ylabel("AD")
     shown = "every compared entry" if complete else (
-        f"{len(entries)} of {doc['checked']}: the listed mismatches and each sample's worst")
+        f"{len(entries)} of {doc['checked']}: a uniform sample, every listed mismatch, each sample's worst")
     left.set_title(f"AD against FD, {shown}")
     left.legend(loc="best")
     right.set_xscale("log")
