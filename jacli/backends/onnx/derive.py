@@ -52,7 +52,7 @@ import onnx
 from onnx import helper
 
 from ...errors import InputError, UnsupportedError
-from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs
+from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs, with_nodes
 from .rules import lookup
 from .rules.control import fold_shapes
 
@@ -234,12 +234,7 @@ def _decomposed(model: onnx.ModelProto, info: Info, wrt: Sequence[str], of: Sequ
         spliced += b.nodes[start:]
     if not changed:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(spliced)
-    out.graph.initializer.extend(b.initializers)
-    return out
+    return with_nodes(model, spliced, b.initializers)
 
 
 def decomposed(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -27,6 +27,17 @@ def _opset(model: onnx.ModelProto) -> int:
     raise UnsupportedError("the model imports no version of the default ONNX operator set")
 
 
+def with_nodes(model: onnx.ModelProto, nodes, initializers=()) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph runs ``nodes`` instead of its own, with
+    ``initializers`` added to its own."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(initializers)
+    return out
+
+
 def _prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """A private copy with local functions inlined and opset >= 11."""
     out = onnx.ModelProto()

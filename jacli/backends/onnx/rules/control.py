@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, NodeProto, TensorProto, helper, numpy_helper
 
-from ..graph import Builder, Node
+from ..graph import Builder, Node, with_nodes
 from .registry import decompose, jvp, vjp
 
 _MAX_ITERATIONS = 4096  # a Loop without a trip count is unrolled while its condition holds, up to this
@@ -80,11 +80,7 @@ def fold_shapes(model: onnx.ModelProto, info) -> onnx.ModelProto:
         nodes.append(new)
     if not changed:
         return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
+    return with_nodes(model, nodes)
 
 
 def _folded(b: Builder, node: NodeProto) -> NodeProto:
