@@ -45,7 +45,7 @@ def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
     from .keras_checks import checked_copy
 
     provided = _custom_objects(custom_objects)
-    tf = _tf()
+    _tf()  # TensorFlow first (its environment and logging), then Keras
     keras = require("keras", "keras", "tf", "Keras")
     # Keras loads a private copy, checked first (unless trusted); safe_mode is the second line of defence
     with checked_copy(path, trust, screen=lambda problems: _screen(path, problems, provided)) as (local, route):
@@ -61,7 +61,10 @@ def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
             model = _load_tf_keras(path, local, route, trust, e, provided)
         except Exception as e:
             model = _load_tf_keras(path, local, route, trust, e, provided)
-    fn = tf.function(lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False), reduce_retracing=True)
+    # the layers themselves, traced into each of TFModel's graphs: through a tf.function of its own,
+    # the call would be one function-call op, whose gradient TensorFlow builds as higher-order forward
+    # and backward functions (4x the tracing, and slower pfor maps)
+    fn = lambda *xs: model(list(xs) if len(xs) > 1 else xs[0], training=False)  # noqa: E731
     inputs = [TensorSpec(_clean(t.name), tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name) for t in model.inputs]
     outputs = [
         TensorSpec(name, tuple(t.shape), t.dtype if isinstance(t.dtype, str) else t.dtype.name)
@@ -232,8 +235,8 @@ class TFModel(Model):
         # one cotangent/tangent per call; or k of them after one forward pass, vectorised with pfor or
         # (cotangents) one after another
         self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
-        self._vjp_map_fn = tf.function(
-            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask, persistent=True), cts), reduce_retracing=True)
+        self._vjp_map_fn = tf.function(  # pfor traces the gradient once: a first-order tape (cheaper graphs)
+            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts), reduce_retracing=True)
         self._vjp_seq_fn = tf.function(  # the k cotangents one after another (a while loop), one forward pass
             lambda xs, cts, mask: tf.map_fn(pullback(xs, mask, persistent=True), cts, parallel_iterations=1,
                                             fn_output_signature=[x.dtype for x, on in zip(xs, mask) if on]),
