@@ -103,8 +103,22 @@ def _mobilenet():
     return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4)
 
 
+def _convnet():
+    """MobileNetV3's blocks in miniature (strided conv, batch norm, hard-swish, depthwise
+    conv, 1x1 conv, pooling): cheap enough to trace every map strategy in a test."""
+    import keras
+
+    x = keras.Input((12, 12, 3), name="a")
+    h = keras.layers.Conv2D(6, 3, strides=2, padding="same")(x)
+    h = keras.layers.Activation("hard_swish")(keras.layers.BatchNormalization()(h))
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(h)
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 1)(h))
+    return keras.Model(x, keras.layers.Dense(20, name="y")(h))
+
+
 BUILDERS = {"lstm": _lstm, "gru": _gru, "bilstm": _bilstm, "attention": _attention, "embedding": _embedding,
-            "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet}
+            "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet, "convnet": _convnet}
 
 
 def tf_keras_twin(name: str, model):
