@@ -8,8 +8,8 @@ with that count; JACLI_THREADS is set to it too). Models (benchmarks/real_models
 weights; image networks at 3x64x64 with 10 classes, as in issue 15): a 48x48 LSTM, a
 Conv1d-GELU-Conv1d-Tanh 64x64 net, a 256x256 transformer block, ResNet-18,
 MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a torch.export
-.pt2 and ONNX; and Keras' own MobileNetV3Small (weights=None, 64x64x3) as .keras and a
-SavedModel. Per model and batch, in one process, on the same weights:
+.pt2 and ONNX; and Keras' own MobileNetV3Small and ResNet50 (weights=None, 64x64x3) as
+.keras and a SavedModel. Per model and batch, in one process, on the same weights:
 
   jacli <format>        ``jacli.jacobian(jacli.load(file), x)``
   torch vmap(jacrev)    ``torch.func.vmap(torch.func.jacrev(f))`` on the eager module
@@ -58,7 +58,11 @@ CASES = {
     "mobilenet_v3_small": ((1, 4), (1,)),
     "efficientnet_b0": ((1, 4), (1,)),
     "keras_mobilenet_v3_small": ((1, 4), (1,)),
+    "keras_resnet50": ((1,), (1,)),  # 23.6 M parameters: ~3 s per Jacobian at batch 1
 }
+# Keras applications (weights=None, 64x64x3, 10 classes): the application and its options
+KERAS_APPS = {"keras_mobilenet_v3_small": ("MobileNetV3Small", {"include_preprocessing": False}),
+              "keras_resnet50": ("ResNet50", {})}
 
 
 def main() -> None:
@@ -207,7 +211,7 @@ def torch_case(name: str, tmp: Path):
 
 
 def keras_case(name: str, tmp: Path):
-    """Keras' own MobileNetV3Small (channels last): jacli on .keras and a SavedModel, and
+    """A Keras application (KERAS_APPS, channels last): jacli on .keras and a SavedModel, and
     GradientTape.batch_jacobian."""
     import keras
     import numpy as np
@@ -217,13 +221,13 @@ def keras_case(name: str, tmp: Path):
 
     shape = (64, 64, 3)
     keras.utils.set_random_seed(0)
-    kmodel = keras.applications.MobileNetV3Small(input_shape=shape, weights=None, classes=10,
-                                                 include_preprocessing=False)
-    kmodel.save(tmp / "app.keras")
-    kmodel.export(str(tmp / "app_savedmodel"), verbose=False)
+    app, options = KERAS_APPS[name]
+    kmodel = getattr(keras.applications, app)(input_shape=shape, weights=None, classes=10, **options)
+    kmodel.save(tmp / f"{name}.keras")
+    kmodel.export(str(tmp / f"{name}_savedmodel"), verbose=False)
     m, n = 10, int(np.prod(shape))
     methods = {}
-    for label, path in (("jacli .keras", tmp / "app.keras"), ("jacli savedmodel", tmp / "app_savedmodel")):
+    for label, path in (("jacli .keras", tmp / f"{name}.keras"), ("jacli savedmodel", tmp / f"{name}_savedmodel")):
         model = jacli.load(str(path))
         methods[label] = lambda x, model=model: jacli.jacobian(model, x)
 

@@ -50,7 +50,7 @@ def test_every_strategy_and_jvp_route_gives_the_float64_jacobian(convnet, fmt, m
         for chunk in (None, 8):
             got[f"vjp {strategy} {chunk}"] = jacli.jacobian(model, x, chunk_size=chunk)
     monkeypatch.delenv(strategies.PIN)
-    assert model._vjp_seq_fn.experimental_get_tracing_count() and model._vjp_unrolled_fn.experimental_get_tracing_count()
+    assert all(f.experimental_get_tracing_count() for f in (model._vjp_seq_fn, model._vjp_unrolled_fn))
     # forward: 432 columns; by two reverse passes (the first route) or forward-mode AD, mapped or not
     for route in (True, False):
         for chunk in (None, 1):
