@@ -45,6 +45,20 @@ def test_a_hopeless_strategy_gets_no_second_trial():
     assert used[:3] == ["vectorised", "sequential", "vectorised"] and used.count("sequential") == 1
 
 
+def test_one_time_costs_in_the_first_call_do_not_rule_its_strategy_out():
+    """The first call of a fresh process pays torch.func's imports (~2 s, then 4 ms a call);
+    the 5 ms strategy tried next must not win by that."""
+    tuner = strategies.Tuner(["vectorised", "sequential"])
+    used = simulate(tuner, lambda s, n: (2000.0 if n == 0 else 4.0) if s == "vectorised" else 5.0, 60)
+    assert used[:4] == ["vectorised", "sequential", "vectorised", "sequential"]
+    assert tuner.winner() == "vectorised" and used[-30:].count("sequential") <= 1
+    assert tuner.retried <= strategies.RETRY_SHARE * tuner.spent  # re-timing took its share of the 2 s, no more
+    # a strategy tried after the first call is judged by its first run against the others' first runs
+    tuner = strategies.Tuner(["vectorised", "sequential"])
+    used = simulate(tuner, lambda s, n: (2000.0 if n == 0 else 4.0) if s == "vectorised" else 200_000.0, 40)
+    assert used.count("sequential") == 1 and used[2:] == ["vectorised"] * 38
+
+
 def test_a_much_slower_strategy_is_re_timed_rarely_and_costs_little():
     tuner = strategies.Tuner(["vectorised", "sequential"])
     used = simulate(tuner, lambda s, n: 20.0 if s == "sequential" else 1.0, 3000)
