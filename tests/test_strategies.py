@@ -98,6 +98,9 @@ class TwoWays(jacli.model.Model):
     def _vjp(self, xs, cts, wrt):
         return {"x": 2 * cts["y"]}
 
+    def _jvp(self, xs, ts, of):
+        return {"y": 2 * ts["x"]}
+
     def _map_strategies(self, prim):
         return ("slow", "fast") if prim == self._vjp else ()
 
@@ -133,6 +136,23 @@ def test_jacli_strategy_pins_the_choice(monkeypatch):
         jacli.jacobian(model, x)
     r = run_jacli("compute", SAMPLES / "mlp.pt", SAMPLES / "mlp_input.npy", "-q")
     assert r.code == 2 and r.stderr.startswith("Error: JACLI_STRATEGY='fastest'") and "vectorised, sequential" in r.stderr
+
+
+def test_svd_and_check_directions_take_the_engines_choice(monkeypatch):
+    """Matrix-free svd (LinearMap) and check --directions map their VJPs through the tuner
+    too: pinned, only that strategy runs (not the model's first); unpinned, both are tried."""
+    from jacli.engine import spectral
+
+    model = TwoWays()
+    plan = jac.plan(model, {"x": np.ones((4, 3), np.float32)})
+    monkeypatch.setenv(strategies.PIN, "fast")
+    np.testing.assert_allclose(spectral.svd(model, plan, k=2, solver="matrix-free").singular_values, 2, rtol=1e-5)
+    assert jacli.check(model, plan.xs["x"], directions=3, mode="reverse").passed
+    assert len(model.used) >= 2 and set(model.used) == {"fast"}
+    monkeypatch.delenv(strategies.PIN)
+    model.used.clear()
+    spectral.svd(model, plan, k=2, solver="matrix-free")
+    assert {"slow", "fast"} <= set(model.used) and strategies.memo(model).tuners
 
 
 # --- every strategy, the same Jacobian, on real architectures --------------------------------
