@@ -203,11 +203,12 @@ def every_strategy(model, kind, x, monkeypatch, **kw):
     return results
 
 
-# VJP: torch.func's vmap over one pullback, k backward passes; JVP: torch.func's vmap over
-# the pushforward, except for the LSTM, whose CPU kernel has no forward-mode rule (its JVPs
-# fold into the batch and take the double-VJP route)
-@pytest.mark.parametrize("name, forward", [("conv1d", ["vectorised"]), ("lstm", [])])
-def test_every_torch_strategy_gives_the_same_jacobian(torch_models, name, forward, monkeypatch):
+# VJP: vmap over one plain backward pass (over torch.func's pullback for the LSTM, whose
+# mkldnn backward has no batching rule), k backward passes; JVP: torch.func's vmap over the
+# pushforward, except for the LSTM, whose CPU kernel has no forward-mode rule (its JVPs fold
+# into the batch and take the double-VJP route)
+@pytest.mark.parametrize("name, forward, functorch", [("conv1d", ["vectorised"], False), ("lstm", [], True)])
+def test_every_torch_strategy_gives_the_same_jacobian(torch_models, name, forward, functorch, monkeypatch):
     path, shape, reference = torch_models[name]
     model = jacli.load(path)
     x = np.random.default_rng(3).standard_normal((4, *shape)).astype(np.float32)
@@ -219,6 +220,7 @@ def test_every_torch_strategy_gives_the_same_jacobian(torch_models, name, forwar
         for s, J in got.items():
             np.testing.assert_allclose(J, want, atol=2e-5 * scale, err_msg=f"{kind} {s}")
             np.testing.assert_allclose(J, got["default"], atol=STRATEGY_RTOL * scale, err_msg=f"{kind} {s}")
+    assert getattr(model, "_functorch_vjp", False) is functorch  # which vectorised VJP was checked
     whole = every_strategy(model, "vjp", x[:2], monkeypatch, batch=False)  # cross-sample: zero off the diagonal
     assert list(whole) == ["default", "vectorised", "sequential"]
     for s, J in whole.items():

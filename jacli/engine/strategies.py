@@ -34,8 +34,9 @@ class Tuner:
     one vmapped one), then the one with the fastest run so far is used (load on a shared
     machine only ever slows a run down, so the minimum is the honest figure). First runs
     are compared only with first runs, and the tuner's very first call never rules its
-    strategy out: it carries the one-time costs (torch.func's first pullback in a process
-    imports torch._dynamo: 1-3 s, where a warm call takes 3 ms). A loser is
+    strategy out: it carries the one-time costs (torch's first backward pass in a process
+    imports sympy, torch.func's first may import torch._dynamo: 1-3 s, where a warm call
+    takes 3 ms). A loser is
     re-timed now and then, so that a burst of load during its trials does not decide for
     good, but only while re-timing has cost at most ``RETRY_SHARE`` of the time spent so
     far, priced at its own best time: a strategy 2x slower than the winner is re-run about
