@@ -54,9 +54,9 @@ CASES = {
     "lstm": ((1, 16, 256), (1, 16)),
     "conv1d": ((1, 16, 256), (1, 16)),
     "transformer": ((1, 16, 256), (1, 16)),
-    "resnet18": ((1, 4), (1,)),
-    "mobilenet_v3_small": ((1, 4), (1,)),
-    "efficientnet_b0": ((1, 4), (1,)),
+    "resnet18": ((1, 4, 16), (1,)),  # 256 image samples: minutes per method (16: about one minute a cell)
+    "mobilenet_v3_small": ((1, 4, 16), (1,)),
+    "efficientnet_b0": ((1, 4, 16), (1,)),
     "keras_mobilenet_v3_small": ((1, 4), (1,)),
 }
 
@@ -147,8 +147,9 @@ def child(args) -> None:
                     want = got if want is None else want
                     row["error"][label] = float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
                     ok[label] = fn
-                times = time_round_robin(ok, x, args.min_time)
+                times, cpu = time_round_robin(ok, x, args.min_time)
                 row["ms"] = {k: min(v) for k, v in times.items()}
+                row["cpu_ms"] = {k: min(v) for k, v in cpu.items()}
                 row["floor_ms"] = 1e3 * floor_of(x)
                 rows.append(row)
                 print_row(row, flush=True)
@@ -279,32 +280,38 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def time_round_robin(methods: dict, x, min_time: float) -> dict[str, list[float]]:
-    times = {k: [] for k in methods}
+def time_round_robin(methods: dict, x, min_time: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU milliseconds of each run. With one thread the CPU time is the work
+    itself, which the other processes of a loaded machine inflate far less than the wall time."""
+    times, cpu = {k: [] for k in methods}, {k: [] for k in methods}
     start = time.perf_counter()
     while methods:
         for k, fn in methods.items():
+            c = time.process_time()
             times[k].append(1e3 * _timed(lambda: fn(x)))
+            cpu[k].append(1e3 * (time.process_time() - c))
         runs = len(next(iter(times.values())))
         if runs >= 100 or (runs >= 3 and time.perf_counter() - start > min_time * len(methods)):
             break
-    return times
+    return times, cpu
 
 
 BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "tf batch_jacobian")
 
 
-def best_idiom(row) -> tuple[str, float]:
-    return min(((k, v) for k, v in row["ms"].items() if k in BASELINE), key=lambda kv: kv[1])
+def best_idiom(row, clock: str = "ms") -> tuple[str, float]:
+    return min(((k, v) for k, v in row[clock].items() if k in BASELINE), key=lambda kv: kv[1])
 
 
 def print_row(row, flush=False) -> None:
     label, best = best_idiom(row)
+    cpu_best = best_idiom(row, "cpu_ms")[1]
     print(f"{row['model']} batch {row['batch']} ({row['m']}x{row['n']}): best idiom {label} {best:.2f} ms, "
           f"floor {row['floor_ms']:.2f} ms", flush=flush)
     for k, v in row["ms"].items():
+        cpu = row["cpu_ms"][k]
         print(f"  {k:20s} {v:10.2f} ms  {v / best:5.2f}x the best idiom  {v / row['floor_ms']:6.2f}x the floor  "
-              f"(max rel. difference {row['error'][k]:.1e})", flush=flush)
+              f"CPU {cpu:9.2f} ms {cpu / cpu_best:5.2f}x  (max rel. difference {row['error'][k]:.1e})", flush=flush)
     for k, why in row["skipped"].items():
         print(f"  {k:20s} n/a: {why}", flush=flush)
 
@@ -327,6 +334,14 @@ def speed_table(rows, threads: int) -> list[str]:
         idiom = label.replace("torch ", "").replace("tf ", "")
         out.append(f"| {row['model']} | {row['m']}×{row['n']} | {row['batch']} | {best:.1f} {idiom} | "
                    + " | ".join(cells) + f" | {ours / row['floor_ms']:.2f} |")
+    out += [f"\nCPU time of the same runs (min), as a ratio to the best idiom's: with one thread the work itself, "
+            "which load from other processes inflates far less than the wall time\n",
+            "| model | batch | best idiom CPU (ms) | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for row in rows:
+        label, best = best_idiom(row, "cpu_ms")
+        cells = [f"{row['cpu_ms'][c] / best:.2f}×" if c in row["cpu_ms"] else "n/a" if c in row["skipped"] else ""
+                 for c in cols]
+        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {label.split()[-1]} | " + " | ".join(cells) + " |")
     skipped = {(row["model"], k): why for row in rows for k, why in row["skipped"].items()}
     for (model, k), why in skipped.items():
         out.append(f"\nn/a {model} {k}: {why}")
