@@ -29,7 +29,8 @@ both modes (MobileNetV3-small at 3x32x32 as TorchScript and as a Keras SavedMode
 ``jacli inspect`` on the same file (the model itself). ``--startup``: time to the first
 line of ``jacli inspect`` per format, cold processes, against importing the framework and
 loading the model with its own API. ``--big``: ResNet-18 with 1000 classes on one 3x224x224
-image (a 602 MB Jacobian) to .h5, against ``torch.func.jacrev(f, chunk_size=100)``.
+image (a 602 MB Jacobian) to .h5, against ``torch.func.jacrev(f, chunk_size=100)``, with the
+last of ``--threads`` (``--skip-speed --big --threads 1`` on a loaded machine).
 Tables are printed and written to benchmarks/results/real-<time>.{json,md}.
 """
 from __future__ import annotations
@@ -95,7 +96,7 @@ def main() -> None:
         report["startup"] = startup()
         md += startup_table(report["startup"])
     if args.big:
-        report["big"] = big()
+        report["big"] = big(int(args.threads.split(",")[-1]))
         md += big_table(report["big"])
     report["seconds"] = time.perf_counter() - started
     text = "\n".join(md)
@@ -470,9 +471,10 @@ def startup_table(rows) -> list[str]:
 
 
 # --- the big one ---------------------------------------------------------------------------
-def big() -> dict:
+def big(threads: int) -> dict:
     """ResNet-18, 1000 classes, one 3x224x224 image: jacli compute to .h5 (default budget),
-    against torch.func.jacrev(chunk_size=100) on the eager module, in another child."""
+    against torch.func.jacrev(chunk_size=100) on the eager module, in another child, each
+    with ``threads`` threads."""
     import numpy as np
     import torch
     from real_models import build
@@ -483,24 +485,24 @@ def big() -> dict:
         torch.jit.trace(net, x).save(f"{tmp}/r18.pt")
         np.save(f"{tmp}/x.npy", x.numpy())
         rc, mb, seconds = peak([sys.executable, "-m", "jacli", "compute", f"{tmp}/r18.pt", f"{tmp}/x.npy", "-o",
-                                f"{tmp}/J.h5", "-q"], env=thread_env(os.cpu_count()))
+                                f"{tmp}/J.h5", "-q"], env=thread_env(threads))
         code = ("import sys, time, torch; sys.path.insert(0, 'benchmarks'); from real_models import build\n"
                 "net, shape = build('resnet18', size=224, classes=1000); x = torch.randn(*shape)\n"
                 "t = time.perf_counter(); J = torch.func.jacrev(lambda v: net(v[None])[0], chunk_size=100)(x)\n"
                 "print(time.perf_counter() - t, file=sys.stderr)\n")
         r = subprocess.run([sys.executable, "-c", _RSS, sys.executable, "-c", code], capture_output=True, text=True,
-                           cwd=ROOT, env=thread_env(os.cpu_count()))
+                           cwd=ROOT, env=thread_env(threads))
         _, native_mb, _ = r.stdout.split()
         native_s = r.stderr.strip().splitlines()[-1]  # the jacrev call alone, without torch's import
     out = {"jacli_seconds": seconds, "jacli_peak_mb": mb, "returncode": rc, "jacrev_seconds": float(native_s),
-           "jacrev_peak_mb": int(native_mb) / 1024}
+           "jacrev_peak_mb": int(native_mb) / 1024, "threads": threads}
     print(f"  ResNet-18 1000x150528: jacli {seconds:.1f} s at {mb:.0f} MiB; jacrev(chunk_size=100) "
           f"{out['jacrev_seconds']:.1f} s at {out['jacrev_peak_mb']:.0f} MiB", flush=True)
     return out
 
 
 def big_table(r) -> list[str]:
-    return ["\n### ResNet-18, 1000 classes, one 3×224×224 image (a 602 MB Jacobian), all threads\n",
+    return [f"\n### ResNet-18, 1000 classes, one 3×224×224 image (a 602 MB Jacobian), {r['threads']} thread(s)\n",
             "| method | wall time | peak RSS |", "|---|---|---|",
             f"| `jacli compute r18.pt x.npy -o J.h5` | {r['jacli_seconds']:.1f} s | {r['jacli_peak_mb']:.0f} MiB |",
             f"| `torch.func.jacrev(f, chunk_size=100)` (eager, in memory) | {r['jacrev_seconds']:.1f} s | "
