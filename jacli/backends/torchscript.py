@@ -236,8 +236,8 @@ class TorchModel(Model):
 
     def _vmapped_grad(self, xs, cts, wrt, taken):
         """The vectorised VJP as ``vmap`` over one plain backward pass (``torch.autograd.grad``)
-        through a forward pass recorded outside it: no torch.func transform (its first
-        pullback in a process imports torch._dynamo, 1-3 s) and no double-backward graph
+        through a forward pass recorded outside it: no torch.func transform (whose first
+        pullback in a process can import torch._dynamo, 1-3 s) and no double-backward graph
         (10-15% faster on small nets). None, and torch.func's ``vjp`` for this model from then
         on, where an operator's backward has no batching rule (vmap then loops over the k
         seeds: the LSTM's mkldnn kernel, whose torch.func forward pass avoids it) or vmap
