@@ -23,15 +23,16 @@ from ..model import Model
 
 PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty to tune
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
-HOPELESS = 16  # a strategy whose first run was this many times slower than another's first gets no second trial
+HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
 
 
 class Tuner:
     """The choice among one primitive's strategies for one size of work. Each is tried
     ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's first
-    run: k small backward passes with 2 threads on a busy machine can be 280x slower than
-    one vmapped one), then the one with the fastest run so far is used (load on a shared
+    run: k backward passes are typically 5-10x slower than one vmapped one, and 280x with 2
+    threads on a busy machine; a second trial of them costs more than a short run's whole
+    work), then the one with the fastest run so far is used (load on a shared
     machine only ever slows a run down, so the minimum is the honest figure). First runs
     are compared only with first runs, and the tuner's very first call never rules its
     strategy out: it carries the one-time costs (torch's first backward pass in a process
