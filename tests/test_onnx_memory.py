@@ -127,6 +127,70 @@ def save_bytes(path: Path, data: bytes) -> Path:
     return path
 
 
+def _meaning(model: onnx.ModelProto) -> tuple:
+    """What a model says, initializers and inputs in any order (the reader moves them)."""
+    g = model.graph
+    inits = {}
+    for t in g.initializer:
+        rest = TensorProto()
+        rest.CopyFrom(t)
+        rest.ClearField("raw_data")
+        if rest.data_location == TensorProto.DEFAULT:
+            rest.ClearField("data_location")
+        inits.setdefault(t.name, []).append((t.raw_data, rest.SerializeToString(deterministic=True)))
+    rest = onnx.ModelProto()
+    rest.CopyFrom(model)
+    del rest.graph.initializer[:], rest.graph.input[:]
+    return rest.SerializeToString(deterministic=True), inits, sorted(v.SerializeToString() for v in g.input)
+
+
+def _embed(skeleton: bytes, moved, data: bytes) -> onnx.ModelProto:
+    model = onnx.load_model_from_string(skeleton)
+    fed = {w.name: w for w in moved}
+    inputs = [v for v in model.graph.input if v.name not in fed or fed[v.name].listed]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(numpy_helper.from_array(w.array(data), w.name) for w in moved)
+    return model
+
+
+def test_the_skeleton_means_what_the_file_means_under_mutations(monkeypatch):
+    """Bytes flipped, dropped, inserted or cut anywhere but inside the moved raw data: the
+    reader gives up, or its skeleton parses exactly when the file does, to the same model
+    once the weights are put back."""
+    monkeypatch.setattr(wire, "MOVED_BYTES", 64)
+    data = mlp(sizes=(3, 8, 2))[0].SerializeToString()
+    _, moved = wire.split(data)
+    assert [w.name for w in moved] == ["W0", "W1"]
+    raw = {i for w in moved for i in range(w.offset, w.offset + w.nbytes)}
+    spots = [i for i in range(len(data)) if i not in raw]
+    rng = np.random.default_rng(5)
+    outcomes = {"gave up": 0, "both parse": 0, "neither parses": 0}
+    for case in range(400):
+        at, kind = int(rng.choice(spots)), case % 4
+        byte = bytes([int(rng.integers(256))])
+        mutated = [data[:at] + byte + data[at + 1:], data[:at] + data[at + 1:], data[:at] + byte + data[at:],
+                   data[:at]][kind]
+        found = wire.split(mutated)
+        try:
+            whole = onnx.load_model_from_string(mutated)
+        except Exception:
+            whole = None
+        if found is None:
+            outcomes["gave up"] += 1
+            continue
+        skeleton, weights = found
+        try:
+            embedded = _embed(skeleton, weights, mutated)
+        except Exception:
+            embedded = None
+        assert (whole is None) == (embedded is None), (case, at, kind)
+        if whole is not None:
+            assert _meaning(embedded) == _meaning(whole), (case, at, kind)
+        outcomes["both parse" if whole is not None else "neither parses"] += 1
+    assert min(outcomes.values()) > 10, outcomes  # every outcome exercised
+
+
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 def test_jacobians_with_fed_weights_match_the_closed_form(tmp_path, mode):
     model, values = mlp(sizes=(300, 1000, 1000, 5))

@@ -9,10 +9,11 @@ input of its type and shape) and, per initializer, where its bytes lie in the fi
 onnxruntime session (the model's, its derivative graphs') is fed those arrays instead of
 holding a copy of its own. Pure Python: no ``onnx`` import.
 
-Only what is unambiguous is moved: a tensor whose fields are exactly a name, a data type
-that is floating-point, its dims and one ``raw_data`` of exactly dims×itemsize bytes (so the
-checker's own tensor checks hold for it: one value field, a defined non-string type, data
-not too small), whose name no other initializer has, and, below IR version 4 (where every
+Only what is unambiguous is moved: a tensor whose fields are exactly a UTF-8 name, a
+floating-point data type, its dims and one ``raw_data`` of exactly dims×itemsize bytes
+(so the checker's own tensor checks hold for it: one value field, a defined non-string
+type, data not too small; and the parser misses nothing but the opaque raw bytes), whose
+name no other initializer has, and, below IR version 4 (where every
 initializer must be a graph input), that is already an input. Everything else, including
 initializers of subgraphs and functions, stays in the skeleton as it was, for ``onnx`` and
 onnxruntime to judge. A file this reader cannot walk gives None, and the caller parses it
@@ -33,7 +34,7 @@ NARROW = "jacli.narrow:"  # prefix of a float64 graph's inputs that take a weigh
 _DTYPES = {1: "<f4", 10: "<f2", 11: "<f8"}
 _MODEL_IR_VERSION, _MODEL_GRAPH = 1, 7
 _GRAPH_INITIALIZER, _GRAPH_INPUT = 5, 11
-_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_DOC, _TENSOR_LOCATION, _TENSOR_META = 1, 2, 8, 9, 12, 14, 16
+_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_LOCATION = 1, 2, 8, 9, 14
 
 
 class Weight(NamedTuple):
@@ -103,8 +104,8 @@ def _weight(buf, start, end, moved_bytes) -> Weight | None:
     seen: dict[int, list] = {}
     for number, wire, v0, v1, _ in _fields(buf, start, end):
         seen.setdefault(number, []).append((wire, v0, v1))
-    if not set(seen) <= {_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_DOC, _TENSOR_LOCATION, _TENSOR_META}:
-        return None  # typed data fields, segments, external data
+    if not set(seen) <= {_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_LOCATION}:
+        return None  # typed data, segments, external data, text: what the parser is to see
     once = [_TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW]
     if any(len(seen.get(n, ())) != 1 for n in once) or len(seen.get(_TENSOR_LOCATION, ())) > 1:
         return None
