@@ -53,8 +53,8 @@ def _graph_to_double(graph: onnx.GraphProto) -> None:
 def to_float64(model: onnx.ModelProto, weights=()) -> onnx.ModelProto:
     """The same function in double precision (float inputs, outputs, initializers,
     constants and casts made double). The inputs named in ``weights`` keep their type, as
-    ``NARROW + name``, and are cast just before their first use. Raises UnsupportedError when onnxruntime (CPU) has no double
-    kernel for one of the operators."""
+    ``NARROW + name``, and are cast just before their first use. Raises UnsupportedError
+    when onnxruntime (CPU) has no double kernel for one of the operators."""
     import onnxruntime as ort
 
     out = _prepare(model)
