@@ -203,6 +203,52 @@ def test_jacobians_with_fed_weights_match_the_closed_form(tmp_path, mode):
     np.testing.assert_allclose(fd[:, :40], reference(values, x[:1])[0][:, :40], rtol=1e-5, atol=1e-8)
 
 
+def conv_gemm() -> tuple[onnx.ModelProto, np.ndarray]:
+    """Conv -> Relu -> Flatten -> Gemm (transB, a 4 MB weight): no double Conv kernel in
+    onnxruntime, so FD runs in the float64 evaluator."""
+    rng = np.random.default_rng(6)
+    w = (rng.standard_normal((16, 3, 3, 3)) / 5).astype(np.float32)
+    fc = (rng.standard_normal((1000, 16 * 8 * 8)) / 32).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Tanh", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "cg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1000])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return model, rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+
+
+def lstm() -> tuple[onnx.ModelProto, np.ndarray]:
+    """An LSTM whose recurrence weight R (1 MiB) is fed, W (192 KB) embedded."""
+    rng = np.random.default_rng(7)
+    W = (rng.standard_normal((1, 1024, 48)) / 7).astype(np.float32)
+    R = (rng.standard_normal((1, 1024, 256)) / 16).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("LSTM", ["x", "W", "R"], ["Y"], hidden_size=256)], "lstm",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, "N", 48])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [3, 1, "N", 256])],
+                              initializer=[numpy_helper.from_array(W, "W"), numpy_helper.from_array(R, "R")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    return model, rng.standard_normal((3, 1, 48)).astype(np.float32)
+
+
+@pytest.mark.parametrize("build", [conv_gemm, lstm])
+def test_fed_weights_give_the_jacobians_of_embedded_ones(tmp_path, monkeypatch, build):
+    model, x = build()
+    path = save(model, tmp_path / "m.onnx")
+    monkeypatch.setenv("JACLI_CACHE_DIR", "off")
+    fed = jacli.load(str(path))
+    assert list(fed._weights) == [{conv_gemm: "fc", lstm: "R"}[build]]
+    monkeypatch.setattr(wire, "MOVED_BYTES", 1 << 40)
+    embedded = jacli.load(str(path))
+    assert not embedded._weights
+    batch = build is conv_gemm  # the LSTM's leading axis is time
+    for mode in ("forward", "reverse"):
+        np.testing.assert_allclose(jacli.jacobian(fed, x, mode=mode, batch=batch),
+                                   jacli.jacobian(embedded, x, mode=mode, batch=batch), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(jacli.jacobian(fed, x, method="fd", batch=batch),
+                               jacli.jacobian(embedded, x, method="fd", batch=batch), rtol=1e-9, atol=1e-12)
+
+
 def test_derived_and_cached_graphs_hold_no_weights_and_export_embeds_them(tmp_path, monkeypatch):
     model, values = mlp(sizes=(300, 1000, 1000, 5))
     path = save(model, tmp_path / "m.onnx")
