@@ -22,6 +22,7 @@ whole.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -82,7 +83,8 @@ def _split(buf: memoryview, moved_bytes: int):
             names.append(weight.name if weight else _name(buf, v0, v1, _TENSOR_NAME))
             if weight and (ir_version >= 4 or weight.name in inputs):
                 found[index] = weight._replace(listed=weight.name in inputs)
-    moved = [w for w in found.values() if names.count(w.name) == 1]
+    counts = Counter(names)
+    moved = [w for w in found.values() if counts[w.name] == 1]
     if not moved:
         return None
     keep = {w.name for w in moved}
