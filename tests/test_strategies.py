@@ -300,3 +300,22 @@ def test_each_backend_takes_the_thread_count(monkeypatch):
     monkeypatch.setenv("JACLI_THREADS", "many")
     r = run_jacli("compute", SAMPLES / "mlp.onnx", SAMPLES / "mlp_input.npy", "-q")
     assert r.code == 2 and r.stderr.startswith("Error: JACLI_THREADS='many': set a positive number")
+
+
+def test_torch_loads_with_sleeping_openmp_threads_unless_the_caller_chose():
+    """OMP_WAIT_POLICY is read once, when torch loads libgomp: jacli sets PASSIVE before its
+    first import of torch, and keeps a value the caller set."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os, jacli; jacli.load({path!r}); import torch; "
+             "print(os.environ.get('OMP_WAIT_POLICY'))")
+    path = str(SAMPLES / "mlp.pt")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", probe.format(path=path)], env=env, capture_output=True,
+                             text=True, check=True).stdout.split()
+        assert out[-1] == want
