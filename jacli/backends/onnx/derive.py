@@ -325,7 +325,7 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, y, f"ct:{y}") for y in of]
     types = [_like(info, x, f"grad:{x}") for x in wrt]
     if tiled:
-        results = retarget(model, info, b, results, f"ct:{of[0]}")
+        results = retarget(model, info, b, results, [f"ct:{y}" for y in of])
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)
 
@@ -355,6 +355,6 @@ def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, x, f"tan:{x}") for x in wrt]
     types = [_like(info, y, f"jvp:{y}") for y in of]
     if tiled:
-        results = retarget(model, info, b, results, f"tan:{wrt[0]}")
+        results = retarget(model, info, b, results, [f"tan:{x}" for x in wrt])
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)

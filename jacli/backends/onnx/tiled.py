@@ -25,7 +25,7 @@ import onnx
 from onnx import helper
 
 from ...errors import UnsupportedError
-from .graph import Builder, Info, _node_inputs, _subgraph_inputs
+from .graph import FLOAT_TYPES, Builder, Info, _node_inputs, _subgraph_inputs, with_nodes
 
 BATCH = "jacli:batch"  # the symbolic size of the B samples' axis in a tiled graph
 SEEDS = "jacli:seeds"  # that of the k*B seeds' axis
@@ -50,64 +50,72 @@ def seed_axis(value_info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return value_info
 
 
-def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str], seed: str) -> dict[str, str]:
+def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str],
+             seeds: list[str]) -> dict[str, str]:
     """Rewrite the derivative nodes ``b.nodes`` (and ``results``: public name -> tensor) to
-    read tiled forward values, as the module says; ``seed`` is one k*B-row input. The new
-    nodes go first in ``b.nodes``; returns the new ``results``."""
-    forward = list(model.graph.node)
+    read tiled forward values, as the module says; ``seeds``: the k*B-row inputs.
+    Derivative nodes that read no seed (a rule's factors of primal values only, such as
+    GELU's derivative) run on the B samples beside the forward nodes and count as forward
+    values. Returns the new ``results``."""
     inits = {t.name for t in model.graph.initializer}
     data = [vi.name for vi in model.graph.input if vi.name not in inits]
-    varying = set(data)
-    producer = {}
-    for node in forward:
-        for o in node.output:
-            producer[o] = node
+    seeded, primal, rest = set(seeds), [], []
+    for node in b.nodes:
+        if any(i in seeded for i in _node_inputs(node)):
+            seeded |= {o for o in node.output if o}
+            rest.append(node)
+        else:
+            primal.append(node)
+    world = [*model.graph.node, *primal]  # what runs on the B samples
+    varying, producer = set(data), {}
+    for node in world:
+        producer.update((o, node) for o in node.output if o)
         if any(i in varying for i in _node_inputs(node)):
             varying |= {o for o in node.output if o}
-    derived = b.nodes
-    b.nodes = []
-    for node in derived:
-        if _subgraph_inputs(node) & varying:
-            raise UnsupportedError(f"derivative node {node.op_type} reads forward values inside a subgraph")
-    repeats = _repeats(b, data[0], seed)
+    if any(_subgraph_inputs(node) & varying for node in rest):
+        raise UnsupportedError("a derivative node reads forward values inside a subgraph")
+    dims, types = dict(info.dims), dict(info.types)
+    if any(o in varying for node in primal for o in node.output):
+        _infer(with_nodes(model, world, b.initializers), dims, types)
+    guessed = info.guessed
 
     def axis(name: str) -> int | None:
         if name in data:
             return 0
-        dims = info.dims.get(name)
-        if name in info.guessed or not dims or not info.is_float(name) or dims.count(BATCH) != 1:
+        d = dims.get(name)
+        if name in guessed or not d or types.get(name) not in FLOAT_TYPES or d.count(BATCH) != 1:
             return None
-        return dims.index(BATCH)
+        return d.index(BATCH)
 
     def rank(name: str) -> int:
-        if info.dims.get(name) is None:
+        if dims.get(name) is None:
             raise UnsupportedError(f"the rank of '{name}' is unknown")
-        return len(info.dims[name])
+        return len(dims[name])
 
-    shapes = set()  # Shape of a tileable tensor: its shape times k on the batch axis
-    for node in derived:
-        if node.op_type == "Shape" and not node.attribute and node.input[0] in varying and axis(node.input[0]) is not None:
-            shapes.add(id(node))
-    needed, copies = set(), set()
-    todo = [i for node in derived if id(node) not in shapes for i in _node_inputs(node) if i in varying]
+    def shape_of_tileable(node) -> bool:
+        return node.op_type == "Shape" and not node.attribute and axis(node.input[0]) is not None
+
+    b.nodes = primal
+    repeats = _repeats(b, data[0], seeds[0])
+    needed, copies, primed = set(), set(), {}
+    todo = [i for node in rest for i in _node_inputs(node) if i in varying]
     todo += [t for t in results.values() if t in varying]
     while todo:
         name = todo.pop()
         if name in needed:
             continue
         needed.add(name)
-        if axis(name) is None:
-            node = producer[name]
+        node = producer.get(name)
+        if axis(name) is not None:
+            primed[name] = b.op("Tile", name, repeats(axis(name), rank(name)))
+        elif shape_of_tileable(node):  # the shape of a tiled tensor: k times on the batch axis
+            primed[name] = b.op("Mul", name, repeats(axis(node.input[0]), rank(node.input[0])))
+        else:  # computed again on tiled values
             if _subgraph_inputs(node) & varying:
-                raise UnsupportedError(f"forward node {node.op_type} to recompute has a subgraph")
+                raise UnsupportedError(f"{node.op_type} node '{node.name}' to recompute has a subgraph")
             copies.add(id(node))
             todo += [i for i in node.input if i in varying]
-    primed = {}
-    for name in sorted(needed):
-        a = axis(name)
-        if a is not None:
-            primed[name] = b.op("Tile", name, repeats(a, rank(name)))
-    for node in forward:
+    for node in world:
         if id(node) not in copies:
             continue
         copy = onnx.NodeProto()
@@ -120,16 +128,26 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
                 primed[o] = b.fresh(f"tiled/{o}")
             copy.output.append(primed.get(o, ""))
         b.nodes.append(copy)
-    for node in derived:
-        if id(node) in shapes:
-            src = node.input[0]
-            node.op_type, node.input[0] = "Mul", b.op("Shape", src)
-            node.input.append(repeats(axis(src), rank(src)))
-        else:
-            for j, i in enumerate(node.input):
-                node.input[j] = primed.get(i, i)
-    b.nodes += derived
+    for node in rest:
+        for j, i in enumerate(node.input):
+            node.input[j] = primed.get(i, i)
+    b.nodes += rest
     return {public: primed.get(t, t) for public, t in results.items()}
+
+
+def _infer(model: onnx.ModelProto, dims: dict, types: dict) -> None:
+    """Add the shapes and element types onnx's shape inference finds in ``model`` to
+    ``dims`` and ``types`` (nothing where it fails)."""
+    try:
+        graph = onnx.shape_inference.infer_shapes(model, data_prop=True).graph
+    except Exception:  # then the values it would have found are computed again, not tiled
+        return
+    for vi in graph.value_info:
+        t = vi.type.tensor_type
+        if vi.name in dims or not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+            continue
+        types[vi.name] = t.elem_type
+        dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
 def _repeats(b: Builder, x: str, seed: str):
@@ -138,8 +156,9 @@ def _repeats(b: Builder, x: str, seed: str):
     state: dict = {}
 
     def repeats(axis: int, rank: int) -> str:
-        if "k" not in state:
-            state["k"] = b.op("Div", b.dim(seed, 0), b.dim(x, 0))
+        if "k" not in state:  # fresh Shape nodes: the Builder's may read a seed after these
+            rows = [b.op("Slice", b.op("Shape", v), b.ints([0]), b.ints([1])) for v in (seed, x)]
+            state["k"] = b.op("Div", *rows)
         key = (axis, rank)
         if key not in state:
             state[key] = b.ivec([1] * axis + [state["k"]] + [1] * (rank - axis - 1))
