@@ -55,7 +55,7 @@ from ...errors import InputError, UnsupportedError
 from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs, with_nodes
 from .rules import lookup
 from .rules.control import fold_shapes
-from .tiled import rename_batch, retarget, seed_axis
+from .tiled import rename_batch, seed_axis, tile
 
 # =====================================================================================
 # Drivers
@@ -325,7 +325,7 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, y, f"ct:{y}") for y in of]
     types = [_like(info, x, f"grad:{x}") for x in wrt]
     if tiled:
-        results = retarget(model, info, b, results, [f"ct:{y}" for y in of])
+        results = tile(model, info, b, results, [_like(info, y, f"ct:{y}") for y in of])
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)
 
@@ -355,6 +355,6 @@ def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, x, f"tan:{x}") for x in wrt]
     types = [_like(info, y, f"jvp:{y}") for y in of]
     if tiled:
-        results = retarget(model, info, b, results, [f"tan:{x}" for x in wrt])
+        results = tile(model, info, b, results, [_like(info, x, f"tan:{x}") for x in wrt])
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)

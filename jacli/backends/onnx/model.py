@@ -180,7 +180,7 @@ class OnnxModel(Model):
         """The session of the tiled graph for this selection, or None where it cannot be built."""
         from ...errors import UnsupportedError
 
-        key = (kind, "tiled", tuple(wrt), tuple(of))
+        key = (f"{kind}-tiled", tuple(wrt), tuple(of))
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._build_session(f"{kind}-tiled", wrt, of, None, tiled=True)

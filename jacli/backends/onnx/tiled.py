@@ -50,13 +50,28 @@ def seed_axis(value_info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
     return value_info
 
 
+def tile(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str],
+         seeds: list[onnx.ValueInfoProto]) -> dict[str, str]:
+    """Rewrite the derivative nodes ``b.nodes`` (and ``results``: public name -> tensor) for
+    ``seeds`` (the value infos of the seed inputs, still with B rows) of k*B rows: first
+    :func:`fuse` (with shapes inferred over the whole graph), then :func:`retarget`.
+    Returns the new ``results``."""
+    dims, types = dict(info.dims), dict(info.types)
+    whole = with_nodes(model, [*model.graph.node, *b.nodes], b.initializers)
+    whole.graph.input.extend(seeds)
+    _infer(whole, dims, types)
+    names = [vi.name for vi in seeds]
+    results = fuse(b, results, names, dims, types)
+    return retarget(model, info, b, results, names, dims, types)
+
+
 def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str],
-             seeds: list[str]) -> dict[str, str]:
-    """Rewrite the derivative nodes ``b.nodes`` (and ``results``: public name -> tensor) to
-    read tiled forward values, as the module says; ``seeds``: the k*B-row inputs.
-    Derivative nodes that read no seed (a rule's factors of primal values only, such as
-    GELU's derivative) run on the B samples beside the forward nodes and count as forward
-    values. Returns the new ``results``."""
+             seeds: list[str], dims: dict, types: dict) -> dict[str, str]:
+    """Rewrite the derivative nodes ``b.nodes`` (and ``results``) to read tiled forward
+    values, as the module says; ``seeds``: the k*B-row inputs; ``dims``/``types``: what
+    shape inference knows. Derivative nodes that read no seed (a rule's factors of primal
+    values only, such as GELU's derivative) run on the B samples beside the forward nodes
+    and count as forward values. Returns the new ``results``."""
     inits = {t.name for t in model.graph.initializer}
     data = [vi.name for vi in model.graph.input if vi.name not in inits]
     seeded, primal, rest = set(seeds), [], []
@@ -74,9 +89,6 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
             varying |= {o for o in node.output if o}
     if any(_subgraph_inputs(node) & varying for node in rest):
         raise UnsupportedError("a derivative node reads forward values inside a subgraph")
-    dims, types = dict(info.dims), dict(info.types)
-    if any(o in varying for node in primal for o in node.output):
-        _infer(with_nodes(model, world, b.initializers), dims, types)
     guessed = info.guessed
 
     def axis(name: str) -> int | None:
@@ -148,6 +160,94 @@ def _infer(model: onnx.ModelProto, dims: dict, types: dict) -> None:
             continue
         types[vi.name] = t.elem_type
         dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+_LINEAR = {"Mul", "Div", "Neg", "Add", "Sub", "Identity"}
+
+
+def fuse(b: Builder, results: dict[str, str], seeds: list[str], dims: dict, types: dict) -> dict[str, str]:
+    """Collapse runs of elementwise linear steps on seed-dependent tensors (a product or
+    quotient by a seed-free tensor, a negation, sums of such terms of one tensor), which
+    the rules emit one per forward node (GELU written out: five nodes and three tiled
+    factors), into one product of the run's first tensor and a seed-free coefficient, run
+    on the B samples (and then tiled once). A step fuses only where shape inference shows
+    it keeps its seed-dependent operand's shape. Returns the new ``results``."""
+    seeded = set(seeds)
+    rep: dict[str, tuple[str, str | None]] = {}  # seed-dependent tensor -> (root, coefficient or None: 1)
+    made: dict[str, str] = {}
+    kept = []
+
+    def same(*names: str) -> bool:
+        ds = [dims.get(n) for n in names]
+        return all(d is not None and None not in d and d == ds[0] for d in ds)
+
+    def one(like: str) -> str:
+        return b.scalar(1.0, types.get(like, onnx.TensorProto.FLOAT))
+
+    def coefficient(op: str, like: str, *terms: str) -> str:
+        name = b.op(op, *terms)
+        kept.append(b.nodes.pop())
+        shapes = [dims.get(t) for t in terms]
+        dims[name] = _broadcast(shapes) if all(d is not None for d in shapes) else None
+        types[name] = types.get(like, onnx.TensorProto.FLOAT)
+        return name
+
+    def value(name: str) -> str:
+        """The tensor itself, made from its root and coefficient where it was fused away."""
+        if name not in rep:
+            return name
+        root, c = rep[name]
+        if c is None:
+            return root
+        if name not in made:
+            made[name] = b.op("Mul", root, c)
+            kept.append(b.nodes.pop())
+        return made[name]
+
+    derived, b.nodes = b.nodes, []
+    for node in derived:
+        ins = list(node.input)
+        if not any(i in seeded for i in ins):
+            kept.append(node)
+            continue
+        out = node.output[0]
+        fused = None
+        if node.op_type in _LINEAR and not node.attribute and len(node.output) == 1:
+            live = [i for i in ins if i in seeded]
+            if node.op_type in ("Mul", "Div") and len(live) == 1 and ins[0 if node.op_type == "Div" else ins.index(live[0])] == live[0] and same(out, live[0]):
+                root, c = rep.get(live[0], (live[0], None))
+                p = ins[1] if ins[0] == live[0] else ins[0]
+                if node.op_type == "Div":
+                    p = coefficient("Reciprocal", out, p)
+                fused = (root, coefficient("Mul", out, c, p) if c else p)
+            elif node.op_type in ("Neg", "Identity") and same(out, ins[0]):
+                root, c = rep.get(ins[0], (ins[0], None))
+                fused = (root, coefficient("Neg", out, c or one(out)) if node.op_type == "Neg" else c)
+            elif node.op_type in ("Add", "Sub") and len(live) == 2 and same(out, *ins):
+                (ra, ca), (rb, cb) = (rep.get(i, (i, None)) for i in ins)
+                if ra == rb:
+                    fused = (ra, coefficient(node.op_type, out, ca or one(out), cb or one(out)))
+        if fused is not None:
+            rep[out] = fused
+            seeded.add(out)
+            continue
+        for j, i in enumerate(ins):
+            node.input[j] = value(i) if i in seeded else i
+        seeded |= {o for o in node.output if o}
+        kept.append(node)
+    results = {public: value(t) for public, t in results.items()}
+    b.nodes = kept
+    return results
+
+
+def _broadcast(shapes: list[list]) -> list:
+    """Numpy broadcasting of symbolic shapes (None where it cannot tell)."""
+    rank = max(len(d) for d in shapes)
+    out = []
+    for axis in range(rank):
+        sizes = {d[axis - rank + len(d)] for d in shapes if axis - rank + len(d) >= 0} - {1}
+        out.append(sizes.pop() if len(sizes) == 1 else (1 if not sizes else None))
+    return out
 
 
 def _repeats(b: Builder, x: str, seed: str):
