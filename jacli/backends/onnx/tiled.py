@@ -21,8 +21,8 @@ So the result equals the folded graph's wherever samples are independent (the pr
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
-from onnx import helper
 
 from ...errors import UnsupportedError
 from .graph import FLOAT_TYPES, Builder, Info, _node_inputs, _subgraph_inputs, with_nodes
@@ -108,7 +108,8 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
         return node.op_type == "Shape" and not node.attribute and axis(node.input[0]) is not None
 
     b.nodes = primal
-    repeats = _repeats(b, data[0], seeds[0])
+    copies_of = _Copies(b, data[0], seeds[0])
+    repeats = copies_of.repeats
     needed, copies, primed = set(), set(), {}
     todo = [i for node in rest for i in _node_inputs(node) if i in varying]
     todo += [t for t in results.values() if t in varying]
@@ -122,6 +123,9 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
             primed[name] = b.op("Tile", name, repeats(axis(name), rank(name)))
         elif shape_of_tileable(node):  # the shape of a tiled tensor: k times on the batch axis
             primed[name] = b.op("Mul", name, repeats(axis(node.input[0]), rank(node.input[0])))
+        elif (node.op_type == "MaxPool" and name == node.output[1] and axis(node.input[0]) == 0
+              and not any(a.name == "storage_order" and a.i for a in node.attribute)):
+            primed[name] = copies_of.indices(name, node.input[0], rank(node.input[0]))
         else:  # computed again on tiled values
             if _subgraph_inputs(node) & varying:
                 raise UnsupportedError(f"{node.op_type} node '{node.name}' to recompute has a subgraph")
@@ -250,18 +254,33 @@ def _broadcast(shapes: list[list]) -> list:
     return out
 
 
-def _repeats(b: Builder, x: str, seed: str):
-    """``repeats(axis, rank)``: the Tile repeats putting k copies along ``axis``, with
-    k = rows of ``seed`` / rows of ``x`` computed at run time (once per axis and rank)."""
-    state: dict = {}
+class _Copies:
+    """k = rows of ``seed`` / rows of ``x``, computed at run time (once), and what is made
+    of it: Tile repeats and MaxPool's indices into the tiled input."""
 
-    def repeats(axis: int, rank: int) -> str:
-        if "k" not in state:  # fresh Shape nodes: the Builder's may read a seed after these
-            rows = [b.op("Slice", b.op("Shape", v), b.ints([0]), b.ints([1])) for v in (seed, x)]
-            state["k"] = b.op("Div", *rows)
-        key = (axis, rank)
-        if key not in state:
-            state[key] = b.ivec([1] * axis + [state["k"]] + [1] * (rank - axis - 1))
-        return state[key]
+    def __init__(self, b: Builder, x: str, seed: str):
+        self.b, self.x, self.seed, self._made = b, x, seed, {}
 
-    return repeats
+    def k(self) -> str:
+        if "k" not in self._made:  # fresh Shape nodes: the Builder's may read a seed after these
+            rows = [self.b.op("Slice", self.b.op("Shape", v), self.b.ints([0]), self.b.ints([1]))
+                    for v in (self.seed, self.x)]
+            self._made["k"] = self.b.op("Div", *rows)
+        return self._made["k"]
+
+    def repeats(self, axis: int, rank: int) -> str:
+        """Tile's repeats putting k copies along ``axis`` of a tensor of rank ``rank``."""
+        if (axis, rank) not in self._made:
+            self._made[axis, rank] = self.b.ivec([1] * axis + [self.k()] + [1] * (rank - axis - 1))
+        return self._made[axis, rank]
+
+    def indices(self, indices: str, x: str, rank: int) -> str:
+        """MaxPool's flat ``indices`` into ``x`` (batch axis first) as the pool of the tiled
+        ``x`` gives them: copy j's indices offset by j times the size of ``x``."""
+        b = self.b
+        tiled = b.op("Tile", indices, self.repeats(0, rank))
+        rows = b.op("Reshape", tiled, b.op("Concat", self.k(), b.ints([-1]), axis=0))
+        start, size = b.const(np.array(0, np.int64)), b.op("Cast", b.op("Size", x), to=onnx.TensorProto.INT64)
+        offsets = b.op("Range", start, b.op("Squeeze", self.k()), b.const(np.array(1, np.int64)))
+        shifted = b.op("Add", rows, b.unsqueeze(b.op("Mul", offsets, size), [1]))
+        return b.op("Reshape", shifted, b.op("Shape", tiled))
