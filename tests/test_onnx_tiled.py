@@ -221,3 +221,9 @@ def test_unit_stride_conv_gradient_matches_torch_float64(case):
     assert list(yt.shape[2:]) == pads
     (want,) = torch.autograd.grad(yt, xt, torch.tensor(g, dtype=torch.float64))
     _close(got, want.numpy(), 1e-5)
+
+
+def test_sessions_sleep_idle_threads(exported):
+    m = jacli.load(exported["cnn"][2])
+    opts = m.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

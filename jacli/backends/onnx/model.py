@@ -280,6 +280,9 @@ def _session(data: bytes):
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.intra_op_num_threads = threads()
+    # idle pool threads sleep instead of spinning: on a busy machine spinning took a 2-thread
+    # transformer-block VJP from 61 to 154 ms (with one thread there is no pool)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         with _native_stderr_captured():
             sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
