@@ -9,6 +9,9 @@ onnxruntime (CPU) like any other:
 * :func:`build_jvp` (forward mode): inputs are the original inputs plus a tangent
   ``tan:<x>`` per ``x`` in ``wrt``; outputs are ``jvp:<y>`` for each ``y`` in ``of``.
 
+With ``tiled=True`` either takes seeds (and gives results) of k*B rows for the B samples
+and runs the forward part once for all k (module ``tiled``).
+
 How the graphs are built. An activity analysis marks the tensors that depend on ``wrt``
 *and* influence ``of``; only nodes touching them are differentiated, everything else
 (shape plumbing, constant branches) is kept as forward computation. The original nodes
@@ -298,7 +301,8 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     """Reverse-mode derivative graph: original inputs + ``ct:<y>`` per ``y`` in ``of``
     (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x). ``fixed`` pins
     dynamic input dims (the graph then serves inputs of those sizes only). ``tiled``: the
-    cotangents and gradients hold k*B rows for the B samples, k seeds each (``tiled``)."""
+    cotangents and gradients hold k*B rows for the B samples, k seeds each, and the
+    forward part runs once (module ``tiled``)."""
     model, info, b, nodes = _start(model, wrt, of, "vjp", fixed, tiled)
     cts: dict[str, list[str]] = defaultdict(list)
     for y in of:

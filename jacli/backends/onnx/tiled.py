@@ -11,13 +11,19 @@ they read, the value the folded graph would have computed there:
   size :data:`BATCH`, the symbol the inputs' and outputs' leading axes are renamed to), is
   ``Tile``d k times along that axis: the same values, since samples are independent;
 * ``Shape`` of such a tensor is its shape with the batch entry multiplied by k (no tile);
-* any other tensor that depends on the inputs (sizes computed with ``Shape``, MaxPool's
-  ``Indices``, which count the batch offset, tensors of unknown shape) is computed again by
-  a copy of its node on the tiled values, as the folded graph would;
+* MaxPool's ``Indices`` (flat, so they count the batch offset) are its indices on the B
+  samples, tiled, copy j's offset by j times the size of the pool's input;
+* any other tensor that depends on the inputs (sizes computed with ``Shape``, tensors of
+  unknown shape) is computed again by a copy of its node on the tiled values, as the
+  folded graph would;
 * tensors that do not depend on the inputs (weights, constants) are used as they are.
 
-So the result equals the folded graph's wherever samples are independent (the promise
-``per_sample`` makes), at the cost of the forward pass once plus the tiles.
+Derivative nodes that read no seed (a rule's factors computed from forward values, such as
+Tanh's 1 - y^2) count as forward nodes: they run on the B samples, and their results are
+tiled. Before that, :func:`fuse` turns chains of elementwise products and sums on the seeds
+into one product with such a factor. So the result equals the folded graph's (up to float
+rounding) wherever samples are independent (the promise ``per_sample`` makes), at the cost
+of the forward pass once plus the tiles.
 """
 from __future__ import annotations
 
@@ -123,7 +129,7 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
             primed[name] = b.op("Tile", name, repeats(axis(name), rank(name)))
         elif shape_of_tileable(node):  # the shape of a tiled tensor: k times on the batch axis
             primed[name] = b.op("Mul", name, repeats(axis(node.input[0]), rank(node.input[0])))
-        elif (node.op_type == "MaxPool" and name == node.output[1] and axis(node.input[0]) == 0
+        elif (node.op_type == "MaxPool" and name in node.output[1:] and axis(node.input[0]) == 0
               and not any(a.name == "storage_order" and a.i for a in node.attribute)):
             primed[name] = copies_of.indices(name, node.input[0], rank(node.input[0]))
         else:  # computed again on tiled values
@@ -175,7 +181,10 @@ def fuse(b: Builder, results: dict[str, str], seeds: list[str], dims: dict, type
     the rules emit one per forward node (GELU written out: five nodes and three tiled
     factors), into one product of the run's first tensor and a seed-free coefficient, run
     on the B samples (and then tiled once). A step fuses only where shape inference shows
-    it keeps its seed-dependent operand's shape. Returns the new ``results``."""
+    it keeps its seed-dependent operand's shape; nothing fuses in a graph with subgraphs
+    (they could read a tensor fused away). Returns the new ``results``."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in b.nodes for a in n.attribute):
+        return results
     seeded = set(seeds)
     rep: dict[str, tuple[str, str | None]] = {}  # seed-dependent tensor -> (root, coefficient or None: 1)
     made: dict[str, str] = {}
@@ -218,7 +227,8 @@ def fuse(b: Builder, results: dict[str, str], seeds: list[str], dims: dict, type
         fused = None
         if node.op_type in _LINEAR and not node.attribute and len(node.output) == 1:
             live = [i for i in ins if i in seeded]
-            if node.op_type in ("Mul", "Div") and len(live) == 1 and ins[0 if node.op_type == "Div" else ins.index(live[0])] == live[0] and same(out, live[0]):
+            numerator = node.op_type == "Mul" or ins[0] in seeded  # a seed-free divisor only
+            if node.op_type in ("Mul", "Div") and len(live) == 1 and numerator and same(out, live[0]):
                 root, c = rep.get(live[0], (live[0], None))
                 p = ins[1] if ins[0] == live[0] else ins[0]
                 if node.op_type == "Div":
