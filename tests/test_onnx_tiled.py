@@ -227,3 +227,21 @@ def test_sessions_sleep_idle_threads(exported):
     m = jacli.load(exported["cnn"][2])
     opts = m.session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path):
+    """SqueezeNet from onnx's light models: its file records every tensor's shape at batch 1;
+    the tiled graph infers them again with a symbolic batch, so no Conv runs on k*B rows
+    (only sizes are computed again), and it gives what folding gives."""
+    import corpus_onnx
+
+    path = corpus_onnx.save("squeezenet", tmp_path)
+    m = jacli.load(str(path))
+    x_name, y_name = m.inputs[0].name, m.outputs[0].name
+    graph = derive.build_vjp(m.proto, [x_name], [y_name], tiled=True)
+    again = {n.op_type for n in graph.graph.node if n.name.startswith("vjp/tiled/")}
+    assert again and again <= {"Cast", "Div", "Size", "Shape", "Reshape", "ConstantOfShape", "Slice", "Concat"}
+    x = {x_name: np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    seeds = {y_name: np.random.default_rng(7).standard_normal((3, *m.forward(x)[y_name].shape)).astype(np.float32)}
+    _close(m._folded(m._vjp, x, seeds, [x_name])[x_name], Model._folded(m, m._vjp, x, seeds, [x_name])[x_name], 1e-6)
+    assert m._tiled("vjp", [x_name], [y_name]) is not None

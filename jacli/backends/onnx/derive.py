@@ -281,6 +281,7 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     _pin(model, fixed)
     if tiled:
         rename_batch(model)
+        del model.graph.value_info[:]  # shapes a file records hold its batch size, not the symbol
     info = Info(model)
     _check_request(info, wrt, of)
     model, info = _expanded(model, info, wrt, of)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 
 from ...errors import UnsupportedError
-from .graph import FLOAT_TYPES, Builder, Info, _node_inputs, _subgraph_inputs, with_nodes
+from .graph import FLOAT_TYPES, Builder, Info, _node_inputs, _subgraph_inputs
 
 BATCH = "jacli:batch"  # the symbolic size of the B samples' axis in a tiled graph
 SEEDS = "jacli:seeds"  # that of the k*B seeds' axis
@@ -63,9 +63,7 @@ def tile(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str]
     :func:`fuse` (with shapes inferred over the whole graph), then :func:`retarget`.
     Returns the new ``results``."""
     dims, types = dict(info.dims), dict(info.types)
-    whole = with_nodes(model, [*model.graph.node, *b.nodes], b.initializers)
-    whole.graph.input.extend(seeds)
-    _infer(whole, dims, types)
+    _infer(_skeleton(model, [*model.graph.node, *b.nodes], b.initializers, seeds), dims, types)
     names = [vi.name for vi in seeds]
     results = fuse(b, results, names, dims, types)
     return retarget(model, info, b, results, names, dims, types)
@@ -155,6 +153,22 @@ def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, 
             node.input[j] = primed.get(i, i)
     b.nodes += rest
     return {public: primed.get(t, t) for public, t in results.items()}
+
+
+def _skeleton(model: onnx.ModelProto, nodes, initializers, inputs) -> onnx.ModelProto:
+    """``model`` running ``nodes``, with ``inputs`` added, for shape inference: weights of
+    more than 64 elements become graph inputs of their type and shape (no copy of their data;
+    inference reads the values of small ones, such as shapes, only)."""
+    declared = {vi.name for vi in model.graph.input}  # weights with a graph input of their own (IR < 4)
+    weights = [t for t in [*model.graph.initializer, *initializers] if t.name not in declared]
+    small = [t for t in weights if np.prod(t.dims) <= 64]
+    large = [onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in weights
+             if np.prod(t.dims) > 64]
+    graph = onnx.helper.make_graph(nodes, "skeleton", [*model.graph.input, *large, *inputs], list(model.graph.output),
+                                   initializer=small)
+    out = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    out.functions.extend(model.functions)
+    return out
 
 
 def _infer(model: onnx.ModelProto, dims: dict, types: dict) -> None:
