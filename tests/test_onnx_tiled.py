@@ -128,7 +128,8 @@ def test_tiled_graph_equals_the_folded_one(exported, name, kind):
     y = m.forward(x)["y"]
     like, result = (y, x["x"]) if kind == "vjp" else (x["x"], y)
     k = 5
-    seeds = {("y" if kind == "vjp" else "x"): np.random.default_rng(3).standard_normal((k, *like.shape)).astype(np.float32)}
+    seed = np.random.default_rng(3).standard_normal((k, *like.shape)).astype(np.float32)
+    seeds = {("y" if kind == "vjp" else "x"): seed}
     prim, names = (m._vjp, ["x"]) if kind == "vjp" else (m._jvp, ["y"])
     tiled = m._folded(prim, x, seeds, names)
     folded = Model._folded(m, prim, x, seeds, names)
