@@ -246,3 +246,26 @@ def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path):
     seeds = {y_name: np.random.default_rng(7).standard_normal((3, *m.forward(x)[y_name].shape)).astype(np.float32)}
     _close(m._folded(m._vjp, x, seeds, [x_name])[x_name], Model._folded(m, m._vjp, x, seeds, [x_name])[x_name], 1e-6)
     assert m._tiled("vjp", [x_name], [y_name]) is not None
+
+
+def test_two_inputs_both_tiled_in_both_modes(tmp_path):
+    """y = tanh(x W) * z + x: seeds and results for both inputs, the tiled graph equal to
+    folding (the number of copies taken from the first seed, every input tiled)."""
+    w = np.random.default_rng(8).standard_normal((3, 3)).astype(np.float32)
+    nodes = [oh.make_node("MatMul", ["x", "w"], ["h"]), oh.make_node("Tanh", ["h"], ["t"]),
+             oh.make_node("Mul", ["t", "z"], ["p"]), oh.make_node("Add", ["p", "x"], ["y"])]
+    graph = oh.make_graph(nodes, "g", [oh.make_tensor_value_info(n, TP.FLOAT, ["b", 3]) for n in ("x", "z")],
+                          [oh.make_tensor_value_info("y", TP.FLOAT, ["b", 3])], initializer=[nh.from_array(w, "w")])
+    path = tmp_path / "two.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), str(path))
+    m = jacli.load(str(path))
+    rng = np.random.default_rng(9)
+    xs = {n: rng.standard_normal((4, 3)).astype(np.float32) for n in ("x", "z")}
+    cases = [(m._vjp, {"y": rng.standard_normal((6, 4, 3)).astype(np.float32)}, ["x", "z"]),
+             (m._jvp, {n: rng.standard_normal((6, 4, 3)).astype(np.float32) for n in ("x", "z")}, ["y"])]
+    for prim, seeds, names in cases:
+        tiled, folded = m._folded(prim, xs, seeds, names), Model._folded(m, prim, xs, seeds, names)
+        for n in names:
+            assert tiled[n].shape == (6, 4, 3)
+            _close(tiled[n], folded[n], 1e-6)
+    assert m._tiled("vjp", ["x", "z"], ["y"]) is not None and m._tiled("jvp", ["x", "z"], ["y"]) is not None
