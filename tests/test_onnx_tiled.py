@@ -116,6 +116,7 @@ def test_tiled_jacobian_matches_float64_autograd(exported, name, mode):
     kind = "vjp" if mode == "reverse" else "jvp"
     tiled = [v for key, v in m._graphs.items() if key[0] == f"{kind}-tiled"]
     assert tiled and all(s is not None for s in tiled)  # the tiled graph did the work
+    assert not [key for key in m._graphs if key[0] == kind]  # and no plain graph was built
     _close(got.reshape(3, -1, int(np.prod(shape))), _reference(net, x).reshape(3, -1, int(np.prod(shape))))
 
 
@@ -246,6 +247,19 @@ def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path):
     seeds = {y_name: np.random.default_rng(7).standard_normal((3, *m.forward(x)[y_name].shape)).astype(np.float32)}
     _close(m._folded(m._vjp, x, seeds, [x_name])[x_name], Model._folded(m, m._vjp, x, seeds, [x_name])[x_name], 1e-6)
     assert m._tiled("vjp", [x_name], [y_name]) is not None
+
+
+def test_one_seed_runs_the_tiled_graph_too(exported):
+    net, shape, path = exported["block"]
+    m = jacli.load(path)
+    x = {"x": np.random.default_rng(10).standard_normal((2, *shape)).astype(np.float32)}
+    seed = {"y": np.random.default_rng(11).standard_normal((1, 2, *shape)).astype(np.float32)}
+    got = m.vjp(x, seed, ["x"])["x"]
+    assert [key[0] for key in m._graphs if isinstance(key, tuple)] == ["vjp-tiled"]
+    xt = torch.tensor(x["x"], dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(net.double()(xt), xt, torch.tensor(seed["y"][0], dtype=torch.float64))
+    net.float()
+    _close(got[0], want.numpy())
 
 
 def test_two_inputs_both_tiled_in_both_modes(tmp_path):
