@@ -16,7 +16,7 @@ import numpy as np
 
 from ... import limits
 from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
-from ...model import Model, TensorSpec
+from ...model import Model, TensorSpec, _leading, _shared_leading
 from . import cache as onnx_cache, wire
 from .._common import require, short, threads
 
@@ -191,13 +191,41 @@ class OnnxModel(Model):
         onnx.ModelProto, the weights embedded)."""
         return self.embedded(self._derived(kind, wrt, of))
 
-    def _derived(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
+    def _derived(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None,
+                 tiled: bool = False):
         """The VJP or JVP graph, weights as inputs; ``fixed`` (input -> dims) pins dynamic
-        sizes of the model's inputs for one shape of input."""
+        sizes of the model's inputs for one shape of input; ``tiled``: seeds and results of
+        k*B rows, the forward part run once (derive)."""
         from . import derive
 
         build = derive.build_vjp if kind == "vjp" else derive.build_jvp
-        return build(self.graph, list(wrt), list(of), fixed=fixed)
+        return build(self.graph, list(wrt), list(of), fixed=fixed, tiled=tiled)
+
+    def _folded(self, prim, xs, seeds, names):
+        """k seeds per sample in one call of the tiled derivative graph (the forward part run
+        once, not k times), where the model has one; else folded as every backend is. One
+        seed too (as fast as the plain graph: no second graph and session to build)."""
+        k, kind = _leading(seeds), ("vjp" if prim == self._vjp else "jvp")
+        wrt, of = (names, list(seeds)) if kind == "vjp" else (list(seeds), names)
+        sess = self._tiled(kind, wrt, of) if self._fixed_batch() is None and _shared_leading(xs) else None
+        if sess is None:
+            return super()._folded(prim, xs, seeds, names)
+        prefix, result = ("ct:", "grad:") if kind == "vjp" else ("tan:", "jvp:")
+        feeds = {**xs, **{prefix + n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}}
+        out = self._run(sess, feeds, [result + n for n in names], f"{kind.upper()} graph")
+        return {n[len(result):]: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
+
+    def _tiled(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        """The session of the tiled graph for this selection, or None where it cannot be built."""
+        from ...errors import UnsupportedError
+
+        key = (f"{kind}-tiled", tuple(wrt), tuple(of))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._build_session(f"{kind}-tiled", wrt, of, None, tiled=True)
+            except UnsupportedError:
+                self._graphs[key] = None
+        return self._graphs[key]
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
         """A session running the derivative graph (one per kind and selection). A graph that
@@ -233,9 +261,9 @@ class OnnxModel(Model):
     def _dynamic_dims(self) -> bool:
         return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
-    def _build_session(self, kind, wrt, of, fixed):
+    def _build_session(self, kind, wrt, of, fixed, tiled=False):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
-        build = lambda: self._derived(kind, wrt, of, fixed)  # noqa: E731
+        build = lambda: self._derived(kind.split("-")[0], wrt, of, fixed, tiled)  # noqa: E731
         return self._cached_session(f"{kind}-{selection}", build)
 
     def _cached_session(self, name: str, build):
@@ -306,6 +334,9 @@ def _session(data: bytes):
     # nodes run in an order that frees early (a float64 graph casts one weight at a time)
     opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # idle pool threads sleep instead of spinning: on a busy machine spinning took a 2-thread
+    # transformer-block VJP from 61 to 154 ms (with one thread there is no pool)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         with _native_stderr_captured():
             sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
