@@ -276,11 +276,11 @@ def _pin(model: onnx.ModelProto, fixed: dict | None) -> None:
 
 
 def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str, fixed: dict | None = None,
-           tiled: bool = False):
+           tiled: bool = False, weights=frozenset()):
     model = _prepare(model)
     _pin(model, fixed)
     if tiled:
-        rename_batch(model)
+        rename_batch(model, weights)
         del model.graph.value_info[:]  # shapes a file records hold its batch size, not the symbol
     info = Info(model)
     _check_request(info, wrt, of)
@@ -298,13 +298,14 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
 
 
 def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None,
-              tiled: bool = False) -> onnx.ModelProto:
+              tiled: bool = False, weights=frozenset()) -> onnx.ModelProto:
     """Reverse-mode derivative graph: original inputs + ``ct:<y>`` per ``y`` in ``of``
     (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x). ``fixed`` pins
     dynamic input dims (the graph then serves inputs of those sizes only). ``tiled``: the
     cotangents and gradients hold k*B rows for the B samples, k seeds each, and the
-    forward part runs once (module ``tiled``)."""
-    model, info, b, nodes = _start(model, wrt, of, "vjp", fixed, tiled)
+    forward part runs once (module ``tiled``); ``weights``: graph inputs that hold the
+    model's weights, not samples (what ``tiled`` must not tile)."""
+    model, info, b, nodes = _start(model, wrt, of, "vjp", fixed, tiled, weights)
     cts: dict[str, list[str]] = defaultdict(list)
     for y in of:
         cts[y].append(f"ct:{y}")
@@ -330,17 +331,17 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, y, f"ct:{y}") for y in of]
     types = [_like(info, x, f"grad:{x}") for x in wrt]
     if tiled:
-        results = tile(model, info, b, results, [_like(info, y, f"ct:{y}") for y in of])
+        results = tile(model, info, b, results, [_like(info, y, f"ct:{y}") for y in of], weights)
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)
 
 
 def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None,
-              tiled: bool = False) -> onnx.ModelProto:
+              tiled: bool = False, weights=frozenset()) -> onnx.ModelProto:
     """Forward-mode derivative graph: original inputs + ``tan:<x>`` per ``x`` in ``wrt``
     (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y); ``fixed`` and
     ``tiled`` (tangents and results of k*B rows) as for :func:`build_vjp`."""
-    model, info, b, nodes = _start(model, wrt, of, "jvp", fixed, tiled)
+    model, info, b, nodes = _start(model, wrt, of, "jvp", fixed, tiled, weights)
     tangents = {x: f"tan:{x}" for x in wrt}
     for n in nodes:
         b.scope = f"jvp/{n.name}"
@@ -360,6 +361,6 @@ def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
     extra = [_like(info, x, f"tan:{x}") for x in wrt]
     types = [_like(info, y, f"jvp:{y}") for y in of]
     if tiled:
-        results = tile(model, info, b, results, [_like(info, x, f"tan:{x}") for x in wrt])
+        results = tile(model, info, b, results, [_like(info, x, f"tan:{x}") for x in wrt], weights)
         extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)

@@ -199,7 +199,7 @@ class OnnxModel(Model):
         from . import derive
 
         build = derive.build_vjp if kind == "vjp" else derive.build_jvp
-        return build(self.graph, list(wrt), list(of), fixed=fixed, tiled=tiled)
+        return build(self.graph, list(wrt), list(of), fixed=fixed, tiled=tiled, weights=frozenset(self._weights))
 
     def _folded(self, prim, xs, seeds, names):
         """k seeds per sample in one call of the tiled derivative graph (the forward part run

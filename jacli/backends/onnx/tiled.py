@@ -37,10 +37,18 @@ BATCH = "jacli:batch"  # the symbolic size of the B samples' axis in a tiled gra
 SEEDS = "jacli:seeds"  # that of the k*B seeds' axis
 
 
-def rename_batch(model: onnx.ModelProto) -> None:
-    """Name the leading axis of every graph input and output :data:`BATCH` (they share it:
-    the protocol's batch axis); an axis with a fixed size cannot be tiled."""
-    data = [vi for vi in model.graph.input if vi.name not in {t.name for t in model.graph.initializer}]
+def data_inputs(model: onnx.ModelProto, weights=frozenset()) -> list[onnx.ValueInfoProto]:
+    """The graph inputs that hold samples: not initializers, nor ``weights`` (inputs fed the
+    model's own weights, the same for every sample)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [vi for vi in model.graph.input if vi.name not in inits and vi.name not in weights]
+
+
+def rename_batch(model: onnx.ModelProto, weights=frozenset()) -> None:
+    """Name the leading axis of every data input (``data_inputs``) and graph output
+    :data:`BATCH` (they share it: the protocol's batch axis); an axis with a fixed size
+    cannot be tiled."""
+    data = data_inputs(model, weights)
     for vi in [*data, *model.graph.output]:
         t = vi.type.tensor_type
         if not t.HasField("shape") or not t.shape.dim or t.shape.dim[0].HasField("dim_value"):
@@ -57,7 +65,7 @@ def seed_axis(value_info: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
 
 
 def tile(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str],
-         seeds: list[onnx.ValueInfoProto]) -> dict[str, str]:
+         seeds: list[onnx.ValueInfoProto], weights=frozenset()) -> dict[str, str]:
     """Rewrite the derivative nodes ``b.nodes`` (and ``results``: public name -> tensor) for
     ``seeds`` (the value infos of the seed inputs, still with B rows) of k*B rows: first
     :func:`fuse` (with shapes inferred over the whole graph), then :func:`retarget`.
@@ -66,18 +74,17 @@ def tile(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str]
     _infer(_skeleton(model, [*model.graph.node, *b.nodes], b.initializers, seeds), dims, types)
     names = [vi.name for vi in seeds]
     results = fuse(b, results, names, dims, types)
-    return retarget(model, info, b, results, names, dims, types)
+    return retarget(model, info, b, results, names, dims, types, weights)
 
 
 def retarget(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str],
-             seeds: list[str], dims: dict, types: dict) -> dict[str, str]:
+             seeds: list[str], dims: dict, types: dict, weights=frozenset()) -> dict[str, str]:
     """Rewrite the derivative nodes ``b.nodes`` (and ``results``) to read tiled forward
     values, as the module says; ``seeds``: the k*B-row inputs; ``dims``/``types``: what
     shape inference knows. Derivative nodes that read no seed (a rule's factors of primal
     values only, such as GELU's derivative) run on the B samples beside the forward nodes
     and count as forward values. Returns the new ``results``."""
-    inits = {t.name for t in model.graph.initializer}
-    data = [vi.name for vi in model.graph.input if vi.name not in inits]
+    data = [vi.name for vi in data_inputs(model, weights)]
     seeded, primal, rest = set(seeds), [], []
     for node in b.nodes:
         if any(i in seeded for i in _node_inputs(node)):
