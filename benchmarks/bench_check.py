@@ -1,7 +1,7 @@
 """`jacli check --fd` on the full-size corpus: verdict, time and peak memory per model.
 
     .venv/bin/python benchmarks/bench_check.py [--models a,b] [--directions K] [--max-memory 1G]
-                                                [--samples N] [--formats onnx,trace]
+                                                [--samples N] [--formats onnx,trace] [--inspect]
 
 Models: the ONNX project's CNN architectures (tests/corpus_onnx.py: random He-scaled
 weights, final Softmax dropped, 3x224x224) and the plain-torch corpus at full size
@@ -13,7 +13,8 @@ the peak RSS is that process's (measured by /usr/bin/time, since Linux hands a
 forking process's peak to its child). A correct model must pass: the
 table says how many entries were judged wrong, at kinks or in FD noise, in which dtype FD
 ran, and how long and how much memory it took. Results also go to
-benchmarks/results/check-<time>.json.
+benchmarks/results/check-<time>.json. ``--inspect`` times ``jacli inspect MODEL --json`` instead
+(first sight: ``JACLI_CACHE_DIR=off``; then cached, from a fresh cache filled by one run).
 """
 from __future__ import annotations
 
@@ -58,12 +59,9 @@ def models(names, formats, work: Path):
             print(f"{name} ({fmt}): not saved: {why}", file=sys.stderr)
 
 
-def run_check(path: Path, shape, args, work: Path) -> dict:
-    x = np.random.default_rng(0).standard_normal((args.samples, *shape)).astype(np.float32)
-    np.save(work / "x.npy", x)
-    cmd = [sys.executable, "-m", "jacli", "check", str(path), str(work / "x.npy"), "--fd", "--json", "--trust-model",
-           "--directions", str(args.directions), "--max-memory", args.max_memory]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def timed(cmd: list[str], work: Path, env: dict | None = None) -> tuple[int, float, int | None]:
+    """(exit code, seconds, peak RSS in KB) of ``cmd``; stdout to work/out.json, stderr to work/err.txt."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     # Linux carries the peak RSS of the forking process into its child across exec, so the
     # child is started by /usr/bin/time (a small process) and reports its own peak.
     timer = ["/usr/bin/time", "-f", "%M", "-o", str(work / "rss.txt")] if Path("/usr/bin/time").exists() else []
@@ -71,8 +69,26 @@ def run_check(path: Path, shape, args, work: Path) -> dict:
     with open(work / "out.json", "w") as out, open(work / "err.txt", "w") as err:
         code = subprocess.run(timer + cmd, stdout=out, stderr=err, env=env).returncode
     wall = time.perf_counter() - start
+    return code, wall, int((work / "rss.txt").read_text().split()[-1]) if timer else None
+
+
+def run_inspect(path: Path, work: Path) -> dict:
+    cold = timed([sys.executable, "-m", "jacli", "inspect", str(path), "--json"], work, {"JACLI_CACHE_DIR": "off"})
+    cache = {"JACLI_CACHE_DIR": str(work / "cache")}
+    timed([sys.executable, "-m", "jacli", "inspect", str(path), "--json"], work, cache)
+    warm = timed([sys.executable, "-m", "jacli", "inspect", str(path), "--json"], work, cache)
+    mb = lambda kb: None if kb is None else round(kb / 1024)  # noqa: E731
+    return {"exit": max(cold[0], warm[0]), "first_seconds": round(cold[1], 2), "first_peak_rss_mb": mb(cold[2]),
+            "cached_seconds": round(warm[1], 2), "cached_peak_rss_mb": mb(warm[2])}
+
+
+def run_check(path: Path, shape, args, work: Path) -> dict:
+    x = np.random.default_rng(0).standard_normal((args.samples, *shape)).astype(np.float32)
+    np.save(work / "x.npy", x)
+    cmd = [sys.executable, "-m", "jacli", "check", str(path), str(work / "x.npy"), "--fd", "--json", "--trust-model",
+           "--directions", str(args.directions), "--max-memory", args.max_memory]
+    code, wall, peak = timed(cmd, work)
     stdout, stderr = (work / "out.json").read_text(), (work / "err.txt").read_text()
-    peak = int((work / "rss.txt").read_text().split()[-1]) if timer else None  # KB
     row = {"exit": code, "seconds": round(wall, 1), "peak_rss_mb": None if peak is None else round(peak / 1024)}
     if code in (0, 1) and stdout.strip():
         doc = json.loads(stdout)
@@ -92,20 +108,31 @@ def main() -> None:
     ap.add_argument("--directions", type=int, default=4)
     ap.add_argument("--samples", type=int, default=1)
     ap.add_argument("--max-memory", default="1G")
+    ap.add_argument("--inspect", action="store_true", help="time `jacli inspect` (first sight and cached) instead")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print("| model | verdict | FD dtype | mode | wrong | kinks | fd-noise | worst ratio | time (s) | peak RSS (MB) |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for label, path, shape in models(args.models.split(","), args.formats.split(","), work):
-            row = {"model": label, **run_check(path, shape, args, work)}
-            rows.append(row)
-            verdict = ("pass" if row.get("passed") else "FAIL") if "passed" in row else f"exit {row['exit']}: {row.get('error')}"
-            print(f"| {label} | {verdict} | {row.get('fd_dtype', '')} | {row.get('mode', '')} | {row.get('failures', '')} "
-                  f"| {row.get('kinks', '')} | {row.get('fd_noise', '')} | {row.get('worst_ratio', '')} | {row['seconds']} "
-                  f"| {row['peak_rss_mb']} |", flush=True)
-    out = ROOT / "benchmarks" / "results" / f"check-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        if args.inspect:
+            print("| model | first sight (s) | peak RSS (MB) | cached (s) | peak RSS (MB) |")
+            print("| --- | --- | --- | --- | --- |")
+            for label, path, _ in models(args.models.split(","), args.formats.split(","), work):
+                row = {"model": label, "file_mb": round(path.stat().st_size / 2 ** 20), **run_inspect(path, work)}
+                rows.append(row)
+                print(f"| {label} | {row['first_seconds']} | {row['first_peak_rss_mb']} | {row['cached_seconds']} "
+                      f"| {row['cached_peak_rss_mb']} |", flush=True)
+        else:
+            print("| model | verdict | FD dtype | mode | wrong | kinks | fd-noise | worst ratio | time (s) | peak RSS (MB) |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+            for label, path, shape in models(args.models.split(","), args.formats.split(","), work):
+                row = {"model": label, **run_check(path, shape, args, work)}
+                rows.append(row)
+                verdict = ("pass" if row.get("passed") else "FAIL") if "passed" in row else f"exit {row['exit']}: {row.get('error')}"
+                print(f"| {label} | {verdict} | {row.get('fd_dtype', '')} | {row.get('mode', '')} | {row.get('failures', '')} "
+                      f"| {row.get('kinks', '')} | {row.get('fd_noise', '')} | {row.get('worst_ratio', '')} | {row['seconds']} "
+                      f"| {row['peak_rss_mb']} |", flush=True)
+    kind = "inspect" if args.inspect else "check"
+    out = ROOT / "benchmarks" / "results" / f"{kind}-{time.strftime('%Y%m%dT%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 

@@ -150,3 +150,23 @@ def check_decomposition(model, feeds, expected=None, atol=2e-5, of=None):
         expected = session(model).run(of, feeds)
     for y, a, b in zip(of, expected, session(expanded).run(of, feeds)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=atol, err_msg=y)
+
+
+def keras_via_tf2onnx(net, xs: np.ndarray, seed: int) -> tuple[onnx.ModelProto, np.ndarray]:
+    """``net(dtype)`` (a Keras model builder) converted by tf2onnx at opset 17 with input "x",
+    and the reference: TensorFlow's float64 batch Jacobian at ``xs`` of ``net("float64")``
+    carrying the same weights."""
+    import tensorflow as tf
+    import tf2onnx
+
+    tf.keras.utils.set_random_seed(seed)
+    k32 = net("float32")
+    spec = tf.TensorSpec((None, *xs.shape[1:]), tf.float32, name="x")
+    proto, _ = tf2onnx.convert.from_keras(k32, input_signature=(spec,), opset=17)
+    k64 = net("float64")
+    k64.set_weights([w.astype(np.float64) for w in k32.get_weights()])
+    x64 = tf.constant(xs.astype(np.float64))
+    with tf.GradientTape() as tape:
+        tape.watch(x64)
+        y = k64(x64)
+    return proto, tape.batch_jacobian(y, x64).numpy()

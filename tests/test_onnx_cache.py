@@ -82,7 +82,7 @@ def test_cached_model_has_the_same_signature_digest_and_graphs(monkeypatch, tmp_
     monkeypatch.setenv("JACLI_CACHE_DIR", str(tmp_path / "cache"))
     for name in ("mlp.onnx", "mlp_b1.onnx"):
         first, second = jacli.load(SAMPLES / name), jacli.load(SAMPLES / name)  # checked, then from the cache
-        assert second._proto is None
+        assert second._graph is None
         assert second.describe() == first.describe()
         assert second.sha256 == first.sha256 == hashlib.sha256((SAMPLES / name).read_bytes()).hexdigest()
         vjp = first.derivative_graph("vjp", ["x"], ["probs"]).SerializeToString()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper as oh
 
-from onnx_cases import case_model, check_decomposition, check_model, node_cases, session  # noqa: E402
+from onnx_cases import case_model, check_decomposition, check_model, keras_via_tf2onnx, node_cases, session  # noqa: E402
 
 CASES = {**node_cases("lstm", "LSTM"), **node_cases("gru", "GRU"), **node_cases("rnn", "RNN")}
 RNG = np.random.default_rng(11)
@@ -118,7 +118,7 @@ def test_torch_lstm_gru_export_matches_torch_autograd(tmp_path):
 
 
 def test_keras_lstm_through_tf2onnx_matches_tensorflow(tmp_path):
-    import tf2onnx
+    import onnx
     import tensorflow as tf
     from jacli import api
 
@@ -128,23 +128,11 @@ def test_keras_lstm_through_tf2onnx_matches_tensorflow(tmp_path):
         x = tf.keras.layers.LSTM(3, dtype=dtype)(x)
         return tf.keras.Model(inp, tf.keras.layers.Dense(2, dtype=dtype)(x))
 
-    tf.keras.utils.set_random_seed(3)
-    k32 = net("float32")
-    proto, _ = tf2onnx.convert.from_keras(k32, input_signature=(tf.TensorSpec((None, 6, 3), tf.float32, name="x"),),
-                                          opset=17)
+    xs = RNG.standard_normal((2, 6, 3)).astype(np.float32)
+    proto, ref = keras_via_tf2onnx(net, xs, seed=3)
     assert sum(n.op_type == "LSTM" for n in proto.graph.node) == 2  # tf2onnx fuses each Keras LSTM into one op
-    import onnx
-
     onnx.save(proto, tmp_path / "k.onnx")
     model = api.load(str(tmp_path / "k.onnx"))
-    xs = RNG.standard_normal((2, 6, 3)).astype(np.float32)
-    k64 = net("float64")
-    k64.set_weights([w.astype(np.float64) for w in k32.get_weights()])
-    x64 = tf.constant(xs.astype(np.float64))
-    with tf.GradientTape() as tape:
-        tape.watch(x64)
-        y = k64(x64)
-    ref = tape.batch_jacobian(y, x64).numpy()
     for mode in ("forward", "reverse"):
         np.testing.assert_allclose(api.jacobian(model, xs, mode=mode), ref, rtol=1e-4, atol=1e-6 * np.abs(ref).max())
 

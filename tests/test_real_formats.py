@@ -222,6 +222,18 @@ def test_vit_with_optional_arguments(vit_files, how):
     _close(jacli.jacobian(jacli.load(paths[how]), x, mode="reverse"), ref)
 
 
+def test_an_array_for_an_optional_argument_or_no_input_is_refused(vit_files, tmp_path):
+    """An array that no input takes would be ignored without a word: a value for
+    ``attn_mask`` (left at its default) or a misspelt name is exit 2, and nothing is written."""
+    paths, x, _ = vit_files
+    for extra, says in (("attn_mask", "'attn_mask', an argument of forward with a default (None)"),
+                        ("X", "array(s) 'X' that the model does not take (its inputs: x)")):
+        np.savez(tmp_path / "in.npz", x=x, **{extra: np.zeros((2, 17, 17), np.float32)})
+        r = run("compute", paths["scripted"], tmp_path / "in.npz", "-o", tmp_path / "J.npy")
+        assert r.code == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+        assert not (tmp_path / "J.npy").exists()
+
+
 def test_required_non_tensor_argument_is_named(torch_dir):
     import torch
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 from ..errors import BackendMissing, InputError, root_cause
 from ..system import THREADS, thread_count
@@ -11,6 +12,11 @@ from ..system import THREADS, thread_count
 def require(module: str, package: str, extra: str, fmt: str):
     """Import a framework module or raise one clear BackendMissing error; the first import
     of torch or TensorFlow also sets its thread pools (``threads``)."""
+    if module == "torch" and "torch" not in sys.modules:
+        # OpenMP threads that finish a parallel region sleep instead of spinning: jacli makes
+        # many small calls, and spinning pool threads made 2-thread calls 2-15x slower on a
+        # busy machine. Read once, when torch loads its OpenMP runtime; the caller's setting stands.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         mod = importlib.import_module(module)
     except ImportError:

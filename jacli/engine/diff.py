@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
+from . import strategies
 from .mapping import Link, permute, to_a, unpermute_shape
 
 STATS = ("elementwise", "max", "mean", "median")
@@ -247,10 +248,10 @@ class ModelSource:
             c1 = min(span.stop, c0 + k)
             if kind == "vjp":
                 ct = _one_hot(c0, c1, lead, p.rows(name), p.dtype)
-                got = self.model.vjp(xs, {name: ct}, p.wrt, per_sample=p.batch)
+                got = strategies.vjp(self.model, xs, {name: ct}, p.wrt, per_sample=p.batch)
             else:
                 t = _one_hot(c0, c1, lead, p.columns(name), p.xs[name].dtype)
-                got = self.model.jvp(xs, {name: t}, p.of, per_sample=p.batch)
+                got = strategies.jvp(self.model, xs, {name: t}, p.of, per_sample=p.batch)
             for other, v in got.items():
                 v = v.reshape(c1 - c0, -1)
                 pieces.setdefault(other, []).append(v if kind == "vjp" else v.T)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import jacobian as jac
+from . import strategies
 from .check import SHIFT, WRONG, Tolerance, _resolution, _Tally, _width
 
 RETRIES = 3  # points a failing direction is judged again at before it counts as a wrong gradient
@@ -106,14 +107,14 @@ def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):
 def _forward_group(model, plan, xs, tol, est, t, cts, res):
     """J·v by JVP against FD entry by entry; the terms of <J v, c> = <v, Jᵀc> by the VJP."""
     kg, samples = next(iter(t.values())).shape[:2]
-    jv = model.jvp(xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
+    jv = strategies.jvp(model, xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
     entries = []
     for o in plan.of:
         a = np.moveaxis(jv[o].reshape(kg, samples, -1), 0, -1)  # (S, m, k)
         row = np.abs(est[o].value).max(axis=2)
         tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
         entries.append((o, a, est[o], tol_abs, plan.ys[o].shape[1:]))
-    grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
+    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
     (lhs, lscale), (rhs, rscale) = _dots({o: jv[o] for o in plan.of}, cts, kg), _dots(t, grads, kg)
     floor = sum((np.abs(cts[o]).reshape(kg, samples, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
     return entries, (lhs, rhs, lscale + rscale, floor)
@@ -125,7 +126,7 @@ def _reverse_group(model, plan, xs, tol, est, t, cts, res):
     from the terms' magnitudes Σ|c|·|J v|, so that cancellation in the sum is not judged
     against a small total."""
     kg, samples = next(iter(t.values())).shape[:2]
-    grads = model.vjp(xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
+    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
     ad = _dots(t, grads, kg)[0].T[:, None, :]  # (S, 1, k)
     c = {o: np.moveaxis(cts[o].astype(np.float64).reshape(kg, samples, -1), 0, -1) for o in plan.of}  # (S, m, k)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model import Model, TensorSpec
+from . import strategies
 
 LAYOUTS = ("nhwc", "nchw")
 
@@ -146,12 +147,13 @@ class Mapped(Model):
             if l.a in cotangents:
                 cts[l.b] = permute(cotangents[l.a], self._perm(l, True))
         b_wrt = [self._b(self.links_in, a) for a in wrt]
-        grads = self.inner.vjp(self.b_inputs(xs, 0), cts, b_wrt, per_sample=per_sample)
+        grads = strategies.vjp(self.inner, self.b_inputs(xs, 0), cts, b_wrt, per_sample=per_sample)
         return {l.a: permute(grads[l.b], self._perm(l, False)) for l in self.links_in if l.a in wrt}
 
     def jvp(self, xs, tangents, of, per_sample=True):
         ts = self.b_inputs(tangents, 1)
-        outs = self.inner.jvp(self.b_inputs(xs, 0), ts, [self._b(self.links_out, a) for a in of], per_sample=per_sample)
+        outs = strategies.jvp(self.inner, self.b_inputs(xs, 0), ts, [self._b(self.links_out, a) for a in of],
+                              per_sample=per_sample)
         return self._outs(outs, of)
 
     @staticmethod

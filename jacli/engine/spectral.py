@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError
 from ..model import Model
 from . import jacobian as jac
+from . import strategies
 
 DEFAULT_K = 6  # singular values computed matrix-free when J is too large and no -k is given
 FULL_MAX_DIM = 512  # with -k, the full SVD is used (exact, and cheaper) when min(m, n) is at most this
@@ -199,11 +200,7 @@ def _num(v):
     if isinstance(v, np.ndarray):
         return [_num(x) for x in v.tolist()]
     v = float(v)
-    if np.isnan(v):
-        return "NaN"
-    if np.isinf(v):
-        return "Infinity" if v > 0 else "-Infinity"
-    return v
+    return v if np.isfinite(v) else "NaN" if np.isnan(v) else "Infinity" if v > 0 else "-Infinity"
 
 
 # --- choosing a solver and naming the output arrays -------------------------------------
@@ -255,8 +252,7 @@ def det_arrays(plan: jac.Plan) -> dict[str, tuple]:
 
 
 def _dense_bytes(lay: Layout) -> int:
-    """Memory to materialise and decompose one sample's J: the engine's buffer, a float64
-    copy, and LAPACK's workspace — about three float64 copies."""
+    """Memory to decompose one sample's J: the engine's buffer, a float64 copy, LAPACK's workspace."""
     return 3 * lay.m * lay.n * 8
 
 
@@ -306,10 +302,8 @@ def _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, pr
         floor = rank_floor(s, eps(plan))
         rank = (s > floor).sum(axis=1)
         cond = _condition(s[:, 0], s[:, -1], floor[:, 0])
-        parts["s"].append(s[:, :r])
-        parts["cond"].append(cond)
-        parts["rank"].append(rank)
-        parts["low"].append(s[:, -r:])
+        for key, v in (("s", s[:, :r]), ("cond", cond), ("rank", rank), ("low", s[:, -r:])):
+            parts[key].append(v)
         if sink is not None:
             _emit(sink, s0, s1, lay, s[:, :r], cond, s[:, -r:] if smallest else None,
                   (V[:, :r, :], U[:, :, :r].transpose(0, 2, 1)) if vectors else None)
@@ -369,7 +363,7 @@ def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
 class LinearMap:
     """J of a group of samples as a batched map on flat vectors, built on the protocol:
     ``jvp``: (S, n, b) -> (S, m, b); ``vjp``: (S, m, b) -> (S, n, b). One backend call per
-    product serves all b vectors of all S samples."""
+    product serves all b vectors of all S samples, by the engine's fastest strategy."""
 
     def __init__(self, model: Model, plan: jac.Plan, xs: dict[str, np.ndarray], lay: Layout):
         self.model, self.plan, self.xs, self.lay = model, plan, xs, lay
@@ -378,12 +372,12 @@ class LinearMap:
 
     def jvp(self, V: np.ndarray) -> np.ndarray:
         tangents = self._split(V, self.lay.ins, {n: self.xs[n].dtype for n in self.plan.wrt})
-        outs = self.model.jvp(self.xs, tangents, self.plan.of, per_sample=self.plan.batch)
+        outs = strategies.jvp(self.model, self.xs, tangents, self.plan.of, per_sample=self.plan.batch)
         return self._join(outs, self.lay.outs)
 
     def vjp(self, U: np.ndarray) -> np.ndarray:
         cotangents = self._split(U, self.lay.outs, {n: self.plan.ys[n].dtype for n in self.plan.of})
-        grads = self.model.vjp(self.xs, cotangents, self.plan.wrt, per_sample=self.plan.batch)
+        grads = strategies.vjp(self.model, self.xs, cotangents, self.plan.wrt, per_sample=self.plan.batch)
         return self._join(grads, self.lay.ins)
 
     def _split(self, V, places, dtypes) -> dict[str, np.ndarray]:
@@ -560,7 +554,6 @@ def det(
     if _dense_bytes(lay) > budget:
         raise InputError(f"J is {lay.n}x{lay.n} per sample ({_dense_bytes(lay) / 2**20:.0f} MiB to factorise), "
                          "more than --max-memory allows; raise --max-memory")
-    tol = singular_tol
     keys = ("sign", "logabsdet", "det", "rcond", "condition_number", "logabsdet_error")
     parts: dict[str, list] = {key: [] for key in keys}
 
@@ -571,9 +564,9 @@ def det(
                 continue
             sigma = np.linalg.svd(a, compute_uv=False)
             rcond = sigma[-1] / sigma[0] if sigma[0] > 0 else 0.0
-            singular = rcond <= tol if tol is not None else sigma[-1] <= rank_floor(sigma[None], eps(plan))[0, 0]
-            out["rcond"][j] = rcond
-            out["condition_number"][j] = np.inf if singular else 1 / rcond
+            floor = rank_floor(sigma[None], eps(plan))[0, 0]
+            singular = rcond <= singular_tol if singular_tol is not None else sigma[-1] <= floor
+            out["rcond"][j], out["condition_number"][j] = rcond, np.inf if singular else 1 / rcond
             if singular:
                 out["sign"][j], out["logabsdet"][j], out["logabsdet_error"][j] = 0.0, -np.inf, np.inf
                 continue
@@ -593,7 +586,7 @@ def det(
 
     _dense(model, plan, lay, method, budget, chunk, consume)
     cat = {key: np.concatenate(v) for key, v in parts.items()}
-    return DetResult(lay.n, tol, eps(plan), *(cat[key] for key in keys))
+    return DetResult(lay.n, singular_tol, eps(plan), *(cat[key] for key in keys))
 
 
 def error_estimate(sigma: np.ndarray, unit: float) -> float:

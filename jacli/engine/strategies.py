@@ -23,16 +23,21 @@ from ..model import Model
 
 PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty to tune
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
-HOPELESS = 16  # a strategy whose first run was this many times slower than another's gets no second trial
+HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
 
 
 class Tuner:
     """The choice among one primitive's strategies for one size of work. Each is tried
-    ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's: k
-    small backward passes with 2 threads on a busy machine can be 280x slower than one
-    vmapped one), then the one with the fastest run so far is used (load on a shared
-    machine only ever slows a run down, so the minimum is the honest figure). A loser is
+    ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's first
+    run: k backward passes are typically 5-10x slower than one vmapped one, and 280x with 2
+    threads on a busy machine; a second trial of them costs more than a short run's whole
+    work), then the one with the fastest run so far is used (load on a shared
+    machine only ever slows a run down, so the minimum is the honest figure). First runs
+    are compared only with first runs, and the tuner's very first call never rules its
+    strategy out: it carries the one-time costs (torch's first backward pass in a process
+    imports sympy, torch.func's first may import torch._dynamo: 1-3 s, where a warm call
+    takes 3 ms). A loser is
     re-timed now and then, so that a burst of load during its trials does not decide for
     good, but only while re-timing has cost at most ``RETRY_SHARE`` of the time spent so
     far, priced at its own best time: a strategy 2x slower than the winner is re-run about
@@ -42,13 +47,14 @@ class Tuner:
         self.strategies = tuple(strategies)
         self.runs = {s: 0 for s in self.strategies}
         self.best = {s: math.inf for s in self.strategies}  # seconds per unit of work
+        self.first = dict(self.best)  # each one's first run, per unit of work
+        self.opener: str | None = None  # the strategy of the tuner's first call
         self.spent = 0.0  # seconds, every call
         self.retried = 0.0  # seconds, re-timing calls only
 
     def pick(self, work: float = 1.0) -> str:
-        fastest = min(self.best.values())
         for s in sorted(self.strategies, key=self.runs.__getitem__):  # the fewest runs first
-            if self.runs[s] < TRIALS and not (self.runs[s] and self.best[s] > HOPELESS * fastest):
+            if self.runs[s] < TRIALS and not (self.runs[s] and self.hopeless(s)):
                 return s
         winner = self.winner()
         for s in sorted(self.strategies, key=self.runs.__getitem__):
@@ -56,12 +62,21 @@ class Tuner:
                 return s
         return winner
 
+    def hopeless(self, strategy: str) -> bool:
+        """Its first run was ``HOPELESS`` times slower than another's first run, and it was
+        not the tuner's first call."""
+        others = [t for o, t in self.first.items() if o != strategy]
+        return strategy != self.opener and self.first[strategy] > HOPELESS * min(others, default=math.inf)
+
     def winner(self) -> str:
         return min(self.strategies, key=self.best.__getitem__)
 
     def record(self, strategy: str, seconds: float, work: float = 1.0) -> None:
         if self.runs[strategy] >= TRIALS and strategy != self.winner():
             self.retried += seconds
+        if not self.runs[strategy]:
+            self.first[strategy] = seconds / work
+            self.opener = self.opener or strategy
         self.runs[strategy] += 1
         self.best[strategy] = min(self.best[strategy], seconds / work)
         self.spent += seconds

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import limits, system
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from ..model import Model
 
 
@@ -153,6 +153,24 @@ def _check_header(shape, dtype, what: str, used: int = 0) -> None:
     check_memory(math.prod(shape) * dtype.itemsize + used, f"{what}: shape {shape} of {dtype}")
 
 
+def _refuse_extra(arrays: dict, model: Model, source: str) -> None:
+    """An array that no input takes would be silently ignored: a misspelt name, or a value
+    for an argument that keeps its default. Say which."""
+    names = model.input_names()
+    extra = [k for k in arrays if k not in names]
+    if not extra:
+        return
+    optional = {a["name"]: a.get("default") for a in getattr(model, "optional_arguments", None) or ()}
+    given = [k for k in extra if k in optional]
+    if given:
+        raise UnsupportedError(
+            f"{source} has an array for {given[0]!r}, an argument of forward with a default ({optional[given[0]]}), "
+            f"which jacli leaves at its default: it cannot be passed; drop the array, or save a model whose "
+            f"forward takes it without a default")
+    raise InputError(f"{source} has array(s) {', '.join(map(repr, extra))} that the model does not take "
+                     f"(its inputs: {', '.join(names)}); rename or drop them")
+
+
 def check_memory(nbytes: int, what: str) -> None:
     """Refuse arrays over the read limit (``limits``: a share of the available memory)."""
     limits.check_fits(nbytes, what, InputError, "use fewer samples")
@@ -166,6 +184,7 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
     batch axis is the plan's check, which knows about --no-batch."""
     names = model.input_names()
     if set(arrays) >= set(names):
+        _refuse_extra(arrays, model, source)
         matched = {n: arrays[n] for n in names}
     elif len(arrays) == 1 and len(names) == 1:
         matched = {names[0]: next(iter(arrays.values()))}

@@ -7,7 +7,9 @@ An entry is a folder ``onnx/<sha256 of the model file>/<tag>/`` under the cache 
 loader, cache and graph-builder sources, so an upgrade or an edited checkout starts a new
 entry. It holds ``meta.json`` (the signature; written only for models that pass every check
 ``--trust-model`` could skip) and derived graphs named ``<name>-<sha256 prefix of the
-file>.onnx``, so a damaged file is noticed before onnxruntime sees it. Every file is
+file>.onnx``, so a damaged file is noticed before onnxruntime sees it. The graphs hold
+none of the model's large weights (``wire``: they are inputs, fed from the model file the
+entry is keyed by), so an entry stays small whatever the model's size. Every file is
 written to a temporary file and renamed into place. A cache that cannot be read or
 written is never an error: the caller recomputes what it lacks.
 """

@@ -9,6 +9,9 @@ onnxruntime (CPU) like any other:
 * :func:`build_jvp` (forward mode): inputs are the original inputs plus a tangent
   ``tan:<x>`` per ``x`` in ``wrt``; outputs are ``jvp:<y>`` for each ``y`` in ``of``.
 
+With ``tiled=True`` either takes seeds (and gives results) of k*B rows for the B samples
+and runs the forward part once for all k (module ``tiled``).
+
 How the graphs are built. An activity analysis marks the tensors that depend on ``wrt``
 *and* influence ``of``; only nodes touching them are differentiated, everything else
 (shape plumbing, constant branches) is kept as forward computation. The original nodes
@@ -55,6 +58,7 @@ from ...errors import InputError, UnsupportedError
 from .graph import Builder, Info, Node, _node_inputs, _prepare, _subgraph_inputs, with_nodes
 from .rules import lookup
 from .rules.control import fold_shapes
+from .tiled import rename_batch, seed_axis, tile
 
 # =====================================================================================
 # Drivers
@@ -271,9 +275,13 @@ def _pin(model: onnx.ModelProto, fixed: dict | None) -> None:
                 proto.dim_value = int(value)
 
 
-def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str, fixed: dict | None = None):
+def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: str, fixed: dict | None = None,
+           tiled: bool = False, weights=frozenset()):
     model = _prepare(model)
     _pin(model, fixed)
+    if tiled:
+        rename_batch(model, weights)
+        del model.graph.value_info[:]  # shapes a file records hold its batch size, not the symbol
     info = Info(model)
     _check_request(info, wrt, of)
     model, info = _expanded(model, info, wrt, of)
@@ -289,11 +297,15 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     return model, info, Builder(info, taken), _active_nodes(model, info, wrt, of, mode)
 
 
-def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None) -> onnx.ModelProto:
+def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None,
+              tiled: bool = False, weights=frozenset()) -> onnx.ModelProto:
     """Reverse-mode derivative graph: original inputs + ``ct:<y>`` per ``y`` in ``of``
     (shaped like y) -> ``grad:<x>`` per ``x`` in ``wrt`` (shaped like x). ``fixed`` pins
-    dynamic input dims (the graph then serves inputs of those sizes only)."""
-    model, info, b, nodes = _start(model, wrt, of, "vjp", fixed)
+    dynamic input dims (the graph then serves inputs of those sizes only). ``tiled``: the
+    cotangents and gradients hold k*B rows for the B samples, k seeds each, and the
+    forward part runs once (module ``tiled``); ``weights``: graph inputs that hold the
+    model's weights, not samples (what ``tiled`` must not tile)."""
+    model, info, b, nodes = _start(model, wrt, of, "vjp", fixed, tiled, weights)
     cts: dict[str, list[str]] = defaultdict(list)
     for y in of:
         cts[y].append(f"ct:{y}")
@@ -318,14 +330,18 @@ def build_vjp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
         results[f"grad:{x}"] = b.add(*cts[x]) if cts.get(x) else b.zeros_like(x, info.types[x])
     extra = [_like(info, y, f"ct:{y}") for y in of]
     types = [_like(info, x, f"grad:{x}") for x in wrt]
+    if tiled:
+        results = tile(model, info, b, results, [_like(info, y, f"ct:{y}") for y in of], weights)
+        extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)
 
 
-def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None) -> onnx.ModelProto:
+def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict | None = None,
+              tiled: bool = False, weights=frozenset()) -> onnx.ModelProto:
     """Forward-mode derivative graph: original inputs + ``tan:<x>`` per ``x`` in ``wrt``
-    (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y); ``fixed`` as for
-    :func:`build_vjp`."""
-    model, info, b, nodes = _start(model, wrt, of, "jvp", fixed)
+    (shaped like x) -> ``jvp:<y>`` per ``y`` in ``of`` (shaped like y); ``fixed`` and
+    ``tiled`` (tangents and results of k*B rows) as for :func:`build_vjp`."""
+    model, info, b, nodes = _start(model, wrt, of, "jvp", fixed, tiled, weights)
     tangents = {x: f"tan:{x}" for x in wrt}
     for n in nodes:
         b.scope = f"jvp/{n.name}"
@@ -344,4 +360,7 @@ def build_jvp(model: onnx.ModelProto, wrt: list[str], of: list[str], fixed: dict
         results[f"jvp:{y}"] = tangents.get(y) or b.zeros_like(y, info.types[y])
     extra = [_like(info, x, f"tan:{x}") for x in wrt]
     types = [_like(info, y, f"jvp:{y}") for y in of]
+    if tiled:
+        results = tile(model, info, b, results, [_like(info, x, f"tan:{x}") for x in wrt], weights)
+        extra, types = [seed_axis(v) for v in extra], [seed_axis(v) for v in types]
     return _assemble(model, b, extra, results, types)

@@ -9,7 +9,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...errors import UnsupportedError
-from .graph import FLOAT_TYPES, _prepare
+from .graph import FLOAT_TYPES, _node_inputs, _prepare
+from .wire import NARROW
 
 # =====================================================================================
 # float64
@@ -49,14 +50,33 @@ def _graph_to_double(graph: onnx.GraphProto) -> None:
                     node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(value)))
 
 
-def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+def to_float64(model: onnx.ModelProto, weights=()) -> onnx.ModelProto:
     """The same function in double precision (float inputs, outputs, initializers,
-    constants and casts made double). Raises UnsupportedError when onnxruntime (CPU) has
-    no double kernel for one of the operators."""
+    constants and casts made double). The inputs named in ``weights`` keep their type, as
+    ``NARROW + name``, and are cast just before their first use. Raises UnsupportedError
+    when onnxruntime (CPU) has no double kernel for one of the operators."""
     import onnxruntime as ort
 
     out = _prepare(model)
+    narrow = [onnx.ValueInfoProto() for vi in out.graph.input if vi.name in weights]
+    for vi, copy in zip([vi for vi in out.graph.input if vi.name in weights], narrow):
+        copy.CopyFrom(vi)
+        copy.name = NARROW + vi.name
     _graph_to_double(out.graph)
+    if narrow:
+        inputs = [vi for vi in out.graph.input if vi.name not in weights]
+        del out.graph.input[:]
+        out.graph.input.extend(inputs + narrow)
+        first = {}  # each weight cast where it is first used, so no two float64 copies need to live at once
+        for index, node in enumerate(out.graph.node):
+            for name in _node_inputs(node):
+                first.setdefault(name, index)
+        nodes = list(out.graph.node)
+        for vi in sorted(narrow, key=lambda vi: -first.get(vi.name[len(NARROW):], 0)):
+            at = first.get(vi.name[len(NARROW):], 0)
+            nodes.insert(at, helper.make_node("Cast", [vi.name], [vi.name[len(NARROW):]], to=TensorProto.DOUBLE))
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
@@ -122,7 +142,9 @@ class Evaluator:
         ref, keep = self._ref, set(names) | set(self._ref.rt_inits_)
         results = {"": None, **ref.rt_inits_, **feeds}
         for i, node in enumerate(ref.rt_nodes_):
-            args = [_double(results[n]) for n in node.input]  # float initializers: cast per use, never stored twice
+            # float weights: cast per use, never stored twice; a product's right factor a block at a time
+            args = [results[n] if k == 1 and node.op_type in _BLOCKED else _double(results[n])
+                    for k, n in enumerate(node.input)]
             values = node.run(*args, context=results) if node.need_context() else node.run(*args)
             for name, value in zip(node.output, values):
                 if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.dtype != np.float64:
@@ -144,6 +166,20 @@ def _double(v):
 
 # --- the replaced operators ---------------------------------------------------------------
 IM2COL_BYTES = 1 << 27  # the im2col buffer of a convolution is built for this many bytes of samples at a time
+CAST_BYTES = 1 << 26  # a float32 matrix factor is cast to float64 this many bytes at a time
+_BLOCKED = frozenset({"MatMul", "Gemm"})  # their input 1 reaches them uncast (``_matmul``)
+
+
+def _matmul(a, b):
+    """a @ b in float64, a float64, b (a weight) cast a block of columns at a time, so that
+    no float64 copy of a large weight is made whole."""
+    if b.ndim != 2 or b.dtype == np.float64 or b.size * 8 <= CAST_BYTES:
+        return np.matmul(a, _double(b))
+    step = max(1, CAST_BYTES // (8 * b.shape[0]))
+    out = np.empty(a.shape[:-1] + (b.shape[1],))
+    for j in range(0, b.shape[1], step):
+        out[..., j:j + step] = np.matmul(a, b[:, j:j + step].astype(np.float64))
+    return out
 
 
 def _pads(auto_pad, pads, spatial, extent, strides, ceil_mode=0):
@@ -273,6 +309,24 @@ def _overrides():
         def _run(self, x, alpha=None, beta=None, bias=None, size=None):
             return (_lrn(x, alpha, beta, bias, size),)
 
+    class MatMul(OpRun):
+        op_domain = ""
+
+        def _run(self, a, b):
+            return (_matmul(a, b),)
+
+    class Gemm(OpRun):
+        op_domain = ""
+
+        def _run(self, a, b, c=None, alpha=None, beta=None, transA=None, transB=None):
+            y = _matmul(a.T if transA else a, b.T if transB else b)
+            alpha = 1.0 if alpha is None else float(alpha)
+            if alpha != 1.0:
+                y *= alpha
+            if c is not None:
+                y = y + (1.0 if beta is None else float(beta)) * c
+            return (y,)
+
     class Erf(OpRun):
         op_domain = ""
 
@@ -299,4 +353,4 @@ def _overrides():
             return (scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
                     + bias.reshape(shape),)
 
-    return [Conv, MaxPool, AveragePool, LRN, Erf, Gelu, BatchNormalization]
+    return [Conv, MaxPool, AveragePool, LRN, MatMul, Gemm, Erf, Gelu, BatchNormalization]

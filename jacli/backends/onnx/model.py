@@ -16,8 +16,8 @@ import numpy as np
 
 from ... import limits
 from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
-from ...model import Model, TensorSpec
-from . import cache as onnx_cache
+from ...model import Model, TensorSpec, _leading, _shared_leading
+from . import cache as onnx_cache, wire
 from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
@@ -29,38 +29,46 @@ _SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pin
 def load(path: str, trust: bool = False) -> "OnnxModel":
     """Load and check an ONNX model, or take its signature from the cache (onnx_cache) when
     this file was checked before: then ``onnx`` is imported only if a derived graph is
-    missing from the cache."""
+    missing from the cache. The large weights stay in the file's bytes (``wire``): the
+    graphs jacli parses, checks, derives and runs take them as inputs, fed from one array
+    each."""
     require("onnxruntime", "onnxruntime", "onnx", "ONNX")
     data = limits.read_regular(path, "model", ModelLoadError)
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
-    m._cache, m._graphs = onnx_cache.entry(m.sha256), {}
+    m._cache, m._graphs, m._session = onnx_cache.entry(m.sha256), {}, None
     signature = onnx_cache.read_signature(m._cache)
-    if signature is not None:
+    if signature is not None:  # a plain binary file that passed every check
         m.inputs, m.outputs = signature
-        m._proto, m._bytes = None, data
-        m._runnable, m._session = data, None
+        m._graph, (m._skeleton, m._weights, m._listed) = None, _split(data)
         return m
-    m._proto, plain = _checked(path, data, trust)
-    init = {i.name for i in m._proto.graph.initializer}
-    m.inputs = [_spec(v) for v in m._proto.graph.input if v.name not in init]
-    m.outputs = [_spec(v) for v in m._proto.graph.output]
-    m._runnable, m._session = (data if plain else None), None  # None: serialized from the checked graph
+    m._graph, m._skeleton, m._weights, m._listed, plain = _checked(path, data, trust)
+    init = {i.name for i in m._graph.graph.initializer} | set(m._weights)
+    m.inputs = [_spec(v) for v in m._graph.graph.input if v.name not in init]
+    m.outputs = [_spec(v) for v in m._graph.graph.output]
     if plain:
         onnx_cache.write_signature(m._cache, m.inputs, m.outputs)
     else:
-        m._cache = None
+        m._cache = m._skeleton = None  # None: serialized from the checked graph
     return m
 
 
+def _split(data: bytes):
+    """(skeleton, weights by name, names of those also listed as graph inputs): see ``wire``."""
+    skeleton, moved = wire.split(data) or (data, [])
+    return skeleton, {w.name: w.array(data) for w in moved}, frozenset(w.name for w in moved if w.listed)
+
+
 def _checked(path: str, data: bytes, trust: bool):
-    """The model's graph (external data loaded) after every check, and whether it is plain:
-    a binary file with neither external data nor custom-domain operators, the only kind
-    cached (files beside the model could change under the same bytes)."""
+    """The model's graph (external data loaded; a binary file's large weights made inputs)
+    after every check, its skeleton, weights and listed names (``_split``), and whether it
+    is plain: a binary file with neither external data nor custom-domain operators, the
+    only kind cached (files beside the model could change under the same bytes)."""
     onnx = require("onnx", "onnx", "onnx", "ONNX")
     fmt = onnx.serialization.registry.get_format_from_file_extension(os.path.splitext(path)[1]) or "protobuf"
+    skeleton, weights, listed = _split(data) if fmt == "protobuf" else (data, {}, frozenset())
     try:
-        proto = onnx.load_model_from_string(data, format=fmt)
+        proto = onnx.load_model_from_string(skeleton, format=fmt)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
     from .checks import onnx_external_data_problems, onnx_undecodable_strings, tensors
@@ -76,8 +84,8 @@ def _checked(path: str, data: bytes, trust: bool):
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in tensors(proto))
     try:
         onnx.load_external_data_for_model(proto, model_dir)
-        # the file's own bytes when they are the whole model: no serialized copy of its weights
-        onnx.checker.check_model(data if fmt == "protobuf" and not external else proto)
+        # the skeleton's bytes when they are the whole model: no serialized copy of its weights
+        onnx.checker.check_model(skeleton if fmt == "protobuf" and not external else proto)
     except Exception as e:
         raise ModelLoadError(f"cannot load ONNX model {path}: {short(e)} (truncated or corrupt?)") from None
     local = {(f.domain, f.name) for f in proto.functions}  # model-local functions: plain ONNX inside
@@ -89,28 +97,53 @@ def _checked(path: str, data: bytes, trust: bool):
             f"{path} uses custom-domain operators ({', '.join(custom)}) that need native plugin code; "
             "pass --trust-model if you have and trust their implementation"
         )
-    return proto, fmt == "protobuf" and not external and not custom
+    plain = fmt == "protobuf" and not external and not custom
+    return proto, skeleton, weights, listed, plain
 
 
 class OnnxModel(Model):
-    """``sha256`` is the model file's digest. Derived graphs (float64, VJP, JVP) are built
-    on first use, or read from the model's cache entry (``_cache``, None when not cached)."""
+    """``sha256`` is the model file's digest. The graphs jacli works on take the model's
+    large weights as inputs (``_weights``: read-only arrays on the file's bytes, the one
+    copy of them).
+    Derived graphs (float64, VJP, JVP) are built on first use, or read from the model's
+    cache entry (``_cache``, None when not cached)."""
+
+    @property
+    def graph(self):
+        """The model's graph (an onnx.ModelProto) with its large weights as inputs; parsed
+        on first use when it came from the cache."""
+        if self._graph is None:
+            onnx = require("onnx", "onnx", "onnx", "ONNX")
+            self._graph = onnx.load_model_from_string(self._skeleton)
+        return self._graph
 
     @property
     def proto(self):
-        """The model's graph (an onnx.ModelProto); parsed on first use when it came from the cache."""
-        if self._proto is None:
-            onnx = require("onnx", "onnx", "onnx", "ONNX")
-            self._proto, self._bytes = onnx.load_model_from_string(self._bytes), None
-        return self._proto
+        """The whole model (an onnx.ModelProto, its weights embedded: a copy of them)."""
+        return self.embedded(self.graph)
+
+    def embedded(self, graph):
+        """A copy of ``graph`` (the model's or one derived from it) whose weight inputs are
+        initializers again, as in the file."""
+        import onnx
+        from onnx import numpy_helper
+
+        out = onnx.ModelProto()
+        out.CopyFrom(graph)
+        names = [vi.name for vi in out.graph.input if vi.name in self._weights]
+        inputs = [vi for vi in out.graph.input if vi.name not in self._weights or vi.name in self._listed]
+        del out.graph.input[:]
+        out.graph.input.extend(inputs)
+        out.graph.initializer.extend(numpy_helper.from_array(np.asarray(self._weights[n]), n) for n in names)
+        return out
 
     @property
     def session(self):
         """The onnxruntime session of the model itself, built on first use (``inspect``
         needs none)."""
         if self._session is None:
-            data = self._runnable if self._runnable is not None else self.proto.SerializeToString()
-            self._session, self._runnable = _session(data), None
+            data = self._skeleton if self._skeleton is not None else self.graph.SerializeToString()
+            self._session = _session(data)
         return self._session
 
     def _forward(self, xs):
@@ -128,38 +161,71 @@ class OnnxModel(Model):
                 return self._run(self._graphs["f64"], xs64, names, "float64 graph")
             from .float64 import Evaluator, lacks_double
 
-            if lacks_double(self.proto):
-                self._graphs["f64"] = Evaluator(self.proto)
+            if lacks_double(self.graph):
+                self._graphs["f64"] = Evaluator(self.graph)
             else:
                 try:
                     self._graphs["f64"] = self._cached_session("f64", self.float64_graph)
                 except UnsupportedError:
-                    self._graphs["f64"] = Evaluator(self.proto)
+                    self._graphs["f64"] = Evaluator(self.graph)
         return self._run(self._graphs["f64"], xs64, names, "float64 graph")
 
     def float64_graph(self):
-        """The model's graph evaluated in float64 (an onnx.ModelProto)."""
+        """The model's graph evaluated in float64 (an onnx.ModelProto; weights as inputs)."""
         from ...errors import UnsupportedError
         from .float64 import to_float64
 
-        recurrent = sorted({n.op_type for n in self.proto.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
+        recurrent = sorted({n.op_type for n in self.graph.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
         if recurrent:
             from .derive import decomposed  # the same function, of operators that have double kernels
 
             try:
-                return to_float64(decomposed(self.proto))
+                return to_float64(decomposed(self.graph), self._weights)
             except UnsupportedError as e:
                 raise UnsupportedError(f"onnxruntime (CPU) has no double-precision kernel for {recurrent[0]} and "
                                        f"its decomposition does not apply ({e})") from None
-        return to_float64(self.proto)
+        return to_float64(self.graph, self._weights)
 
-    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None):
-        """The VJP or JVP graph (an onnx.ModelProto) for these inputs and outputs; ``fixed``
-        (input -> dims) pins dynamic sizes of the model's inputs for one shape of input."""
+    def derivative_graph(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        """The VJP or JVP graph for these inputs and outputs as a standalone model (an
+        onnx.ModelProto, the weights embedded)."""
+        return self.embedded(self._derived(kind, wrt, of))
+
+    def _derived(self, kind: str, wrt: Sequence[str], of: Sequence[str], fixed: dict | None = None,
+                 tiled: bool = False):
+        """The VJP or JVP graph, weights as inputs; ``fixed`` (input -> dims) pins dynamic
+        sizes of the model's inputs for one shape of input; ``tiled``: seeds and results of
+        k*B rows, the forward part run once (derive)."""
         from . import derive
 
         build = derive.build_vjp if kind == "vjp" else derive.build_jvp
-        return build(self.proto, list(wrt), list(of), fixed=fixed)
+        return build(self.graph, list(wrt), list(of), fixed=fixed, tiled=tiled, weights=frozenset(self._weights))
+
+    def _folded(self, prim, xs, seeds, names):
+        """k seeds per sample in one call of the tiled derivative graph (the forward part run
+        once, not k times), where the model has one; else folded as every backend is. One
+        seed too (as fast as the plain graph: no second graph and session to build)."""
+        k, kind = _leading(seeds), ("vjp" if prim == self._vjp else "jvp")
+        wrt, of = (names, list(seeds)) if kind == "vjp" else (list(seeds), names)
+        sess = self._tiled(kind, wrt, of) if self._fixed_batch() is None and _shared_leading(xs) else None
+        if sess is None:
+            return super()._folded(prim, xs, seeds, names)
+        prefix, result = ("ct:", "grad:") if kind == "vjp" else ("tan:", "jvp:")
+        feeds = {**xs, **{prefix + n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}}
+        out = self._run(sess, feeds, [result + n for n in names], f"{kind.upper()} graph")
+        return {n[len(result):]: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
+
+    def _tiled(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
+        """The session of the tiled graph for this selection, or None where it cannot be built."""
+        from ...errors import UnsupportedError
+
+        key = (f"{kind}-tiled", tuple(wrt), tuple(of))
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._build_session(f"{kind}-tiled", wrt, of, None, tiled=True)
+            except UnsupportedError:
+                self._graphs[key] = None
+        return self._graphs[key]
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
         """A session running the derivative graph (one per kind and selection). A graph that
@@ -195,9 +261,9 @@ class OnnxModel(Model):
     def _dynamic_dims(self) -> bool:
         return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
-    def _build_session(self, kind, wrt, of, fixed):
+    def _build_session(self, kind, wrt, of, fixed, tiled=False):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
-        build = lambda: self.derivative_graph(kind, wrt, of, fixed)  # noqa: E731
+        build = lambda: self._derived(kind.split("-")[0], wrt, of, fixed, tiled)  # noqa: E731
         return self._cached_session(f"{kind}-{selection}", build)
 
     def _cached_session(self, name: str, build):
@@ -227,8 +293,9 @@ class OnnxModel(Model):
         """Run a session. A failure is the user's input, unless the session runs a graph jacli
         derived (``derived``: what it is) and the model's own forward pass runs at the same
         input: then it is jacli's bug, reported with onnxruntime's reason."""
+        given = {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs}
         try:
-            values = sess.run(names, {k: np.require(v, requirements="C") for k, v in feeds.items() if k in sess.jacli_inputs})
+            values = sess.run(names, {**self._fed(sess), **given})
         except Exception as e:
             if derived and self._forward_runs(feeds):
                 raise InternalError(f"onnxruntime could not run the {derived} that jacli derived from the model "
@@ -239,11 +306,21 @@ class OnnxModel(Model):
 
     def _forward_runs(self, feeds) -> bool:
         try:
-            self.session.run(None, {s.name: np.require(feeds[s.name], requirements="C") for s in self.inputs
-                                    if s.name in feeds and s.name in self.session.jacli_inputs})
+            self.session.run(None, {**self._fed(self.session), **{
+                s.name: np.require(feeds[s.name], requirements="C") for s in self.inputs
+                if s.name in feeds and s.name in self.session.jacli_inputs}})
             return True
         except Exception:  # the model's own failure: the input's fault
             return False
+
+
+    def _fed(self, sess) -> dict:
+        """The weights ``sess`` takes as inputs (a float64 graph's under their ``NARROW`` names)."""
+        fed = getattr(sess, "jacli_fed", None)
+        if fed is None:
+            names = {name: name.removeprefix(wire.NARROW) for name in sess.jacli_inputs}
+            fed = sess.jacli_fed = {name: self._weights[w] for name, w in names.items() if w in self._weights}
+        return fed
 
 
 def _session(data: bytes):
@@ -253,6 +330,13 @@ def _session(data: bytes):
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.intra_op_num_threads = threads()
+    # memory: buffers go back when a run ends (else each session keeps its own peak), and
+    # nodes run in an order that frees early (a float64 graph casts one weight at a time)
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
+    opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    # idle pool threads sleep instead of spinning: on a busy machine spinning took a 2-thread
+    # transformer-block VJP from 61 to 154 ms (with one thread there is no pool)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         with _native_stderr_captured():
             sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
