@@ -188,16 +188,23 @@ def _frozen(model):
     return graph
 
 
-def test_an_op_without_float64_falls_back_to_float32_with_a_note(tmp_path):
-    """LRN has no float64 form in TensorFlow: FD runs in float32 (rtol 1e-2), the note
-    names the operation, and the correct model passes."""
+W = np.random.default_rng(1).standard_normal((24, 3)).astype(np.float32) / 4
+UNRETYPED = {  # name -> (the model's function of x (2, 2, 6), what the note names)
+    "lrn": (lambda tf, x: tf.nn.local_response_normalization(x, 2), "(LRN) has no float64 form"),
+    "float16": (lambda tf, x: tf.cast(tf.sin(tf.cast(x, tf.float16)), tf.float32) + x, "computes in float16"),
+}
+
+
+@pytest.mark.parametrize("name", UNRETYPED)
+def test_a_graph_the_rewrite_cannot_retype_falls_back_to_float32_with_a_note(tmp_path, name):
+    """LRN has no float64 form in TensorFlow, and a float16 part would stay float16: FD runs
+    in float32 (rtol 1e-2), the note says why, and the correct model passes."""
     import tensorflow as tf
 
-    w = np.random.default_rng(1).standard_normal((24, 3)).astype(np.float32) / 4
-    path = _save(tmp_path, "lrn", lambda x: tf.tanh(tf.reshape(tf.nn.local_response_normalization(x, 2), (-1, 24)) @ w),
-                 (2, 2, 6))
+    fn, why = UNRETYPED[name]
+    path = _save(tmp_path, name, lambda x: tf.tanh(tf.reshape(fn(tf, x), (-1, 24)) @ W), (2, 2, 6))
     model = jacli.load(str(path))
     doc = jacli.check(model, np.random.default_rng(2).standard_normal((2, 2, 2, 6)).astype(np.float32)).to_json()
     assert doc["passed"] and doc["fd_dtype"] == "float32" and doc["rtol"] == 1e-2
     (note,) = doc["notes"]
-    assert "LRN" in note and "finite differences run in float32" in note, note
+    assert why in note and "finite differences run in float32" in note, note

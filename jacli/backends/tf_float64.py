@@ -19,6 +19,8 @@ the check then differences in the model's float32, with a note saying why.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from ..errors import LimitationError
@@ -39,7 +41,7 @@ def float64_function(tf, signature, input_names: list[str]):
     except Exception as e:  # noqa: BLE001 — anything TensorFlow cannot freeze has no float64 twin
         raise LimitationError(f"cannot freeze this SavedModel's variables into constants: {short(e)}") from None
     graph = frozen.graph.as_graph_def()
-    keywords = list(signature._arg_keywords)
+    keywords = list(getattr(signature, "_arg_keywords", None) or ())  # the order of its flat inputs
     if sorted(keywords) != sorted(input_names) or len(frozen.inputs) != len(keywords):
         raise LimitationError("the frozen SavedModel's inputs are not the signature's")
     by_name = dict(zip(keywords, (t.name for t in frozen.inputs)))
@@ -149,8 +151,9 @@ def _batch_norm(tf, node) -> list:
 def _op_error(e: BaseException, graph) -> str:
     """The failure, naming the operation's type where TensorFlow names only the node."""
     text = short(e)
+    node = re.search(r"\{\{node ([^}]+)\}\}", text)
     ops = {n.name: n.op for n in graph.node}
-    for name, kind in ops.items():
-        if f"'{name}'" in text or f"{name} " in text.split(":")[0]:
-            return f"the operation {name} ({kind}) has no float64 form ({text})"
+    if node and node.group(1) in ops:
+        reason = text.split(" ; NodeDef")[0].split("; NodeDef")[0]
+        return f"the operation {node.group(1)} ({ops[node.group(1)]}) has no float64 form ({reason})"
     return text
