@@ -79,7 +79,7 @@ def keras_models(names, formats, work: Path):
                 model.save(path)
             else:
                 model.export(str(path), verbose=False)
-            yield f"{name} (keras {fmt})", path, tuple(model.inputs[0].shape[1:])
+            yield f"keras {name} ({fmt})", path, tuple(model.inputs[0].shape[1:])
         del model
 
 

@@ -143,7 +143,8 @@ def save_with_custom_gradient(model, path: Path, factor: float, rows=(1,)) -> Pa
     shape = tuple(model.inputs[0].shape[1:])
     module = tf.Module()
     module.model = model
-    call = tf.function(lambda x: {"y": planted(model(x))}, input_signature=[tf.TensorSpec((None, *shape), tf.float32, name="x")])
+    call = tf.function(lambda x: {"y": planted(model(x))},
+                       input_signature=[tf.TensorSpec((None, *shape), tf.float32, name="x")])
     tf.saved_model.save(module, str(path), signatures={"serving_default": call},
                         options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
     return path

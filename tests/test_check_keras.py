@@ -15,9 +15,6 @@ import corpus_keras as ck
 import jacli
 from conftest import run_jacli
 
-APPS = ("mobilenet_v3_small", "mobilenet_v2")
-
-
 @pytest.fixture(scope="session")
 def apps(tmp_path_factory):
     """name -> (Keras model, one input, {format: path}), built and saved once."""
@@ -58,8 +55,9 @@ def _reference(model, x):
     return np.stack([tape.gradient(r, xt).numpy() for r in rows], axis=1)
 
 
-@pytest.mark.parametrize("fmt", ["keras", "savedmodel"])
-@pytest.mark.parametrize("name", APPS)
+# .keras FD was float64 before SavedModel's was: MobileNetV2 as a SavedModel only (test time)
+@pytest.mark.parametrize("name,fmt", [("mobilenet_v3_small", "keras"), ("mobilenet_v3_small", "savedmodel"),
+                                      ("mobilenet_v2", "savedmodel")])
 def test_keras_application_passes_every_entry_with_fd_in_float64(apps, one_strategy, name, fmt):
     model, x, paths = apps(name)
     loaded = jacli.load(str(paths[fmt]))

@@ -11,7 +11,8 @@ backend does for graphs onnxruntime has no double kernels for:
 3. operations TensorFlow has no float64 form of are written as arithmetic
    (``FusedBatchNorm``/``V2``/``V3`` in inference, what tf_keras's BatchNormalization
    saves), in operations of the SavedModel allow-list (savedmodel_checks.py);
-4. the result is imported into a graph function and run once.
+4. the result is imported into a graph function (``wrap_function`` + ``import_graph_def``),
+   pruned to the signature's inputs and outputs.
 
 Anything else fails with a ``LimitationError`` that names the operation (an operation with
 no float64 form, such as ``LRN``, a float16 graph, a loop the freezing cannot cross), and
@@ -28,7 +29,7 @@ from ._common import short
 
 # inference batch normalization: y = x·k + (offset − mean·k), k = scale·rsqrt(variance + epsilon)
 _BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
-EMITTED = ("Const", "AddV2", "Rsqrt", "Mul", "Sub", "Reshape", "Identity")  # what the rewrite adds
+EMITTED = ("Const", "AddV2", "Rsqrt", "Mul", "Sub", "Reshape")  # the operations the rewrite adds
 
 
 def float64_function(tf, signature, input_names: list[str]):
@@ -74,7 +75,8 @@ def retype(tf, graph):
         for i in node.input:
             base, _, port = i.lstrip("^").partition(":")
             if base in norms and port not in ("", "0"):
-                raise LimitationError(f"the operation {node.name} reads output {port} of the batch normalization {base}")
+                raise LimitationError(f"the operation {node.name} reads output {port} of the batch normalization "
+                                      f"{base}")
     del out.node[:]
     for node in nodes:
         _retype_node(tf, node, narrow)
