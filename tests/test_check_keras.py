@@ -121,6 +121,8 @@ def test_one_percent_wrong_custom_gradient_in_a_savedmodel_is_caught(custom_grad
     assert {e["diagnosis"] for e in doc["mismatches"]} == {"wrong-gradient"}
     for e in doc["mismatches"]:
         assert e["ad"] / e["fd"] == pytest.approx(1.01, abs=1e-4)
+    r = run_jacli("check", custom_gradients[1.01], tmp_path / "x.npy", "--fd")
+    assert r.code == 1 and "FAILED" in r.out and "against central differences in float64" in r.out, r.out
     r = run_jacli("check", custom_gradients[1.0], tmp_path / "x.npy", "--fd", "--json")
     doc = json.loads(r.out)
     assert r.code == 0 and doc["passed"] and doc["fd_dtype"] == "float64" and doc["worst"]["ratio"] < 0.2
