@@ -43,11 +43,13 @@ def float64_function(tf, signature, input_names: list[str]):
         raise LimitationError(f"cannot freeze this SavedModel's variables into constants: {short(e)}") from None
     graph = frozen.graph.as_graph_def()
     keywords = list(getattr(signature, "_arg_keywords", None) or ())  # the order of its flat inputs
-    if sorted(keywords) != sorted(input_names) or len(frozen.inputs) != len(keywords):
+    if sorted(keywords) != sorted(input_names) or len(frozen.inputs) < len(keywords):
         raise LimitationError("the frozen SavedModel's inputs are not the signature's")
     by_name = dict(zip(keywords, (t.name for t in frozen.inputs)))
-    names = sorted(signature.structured_outputs)  # tf.nest's order of a dict: its outputs in this order
-    if len(names) != len(frozen.outputs):
+    # tf.nest's order of a dict; once the signature has been differentiated, TensorFlow has
+    # appended the intermediates its gradient reads to its outputs, after these
+    names = sorted(signature.structured_outputs)
+    if len(frozen.outputs) < len(names):
         raise LimitationError("the frozen SavedModel's outputs are not the signature's")
     outputs = {k: t.name for k, t in zip(names, frozen.outputs)}
     retyped = retype(tf, graph)
