@@ -7,7 +7,10 @@ Models: the ONNX project's CNN architectures (tests/corpus_onnx.py: random He-sc
 weights, final Softmax dropped, 3x224x224) and the plain-torch corpus at full size
 (tests/corpus_torch.py, ``size="full"``: ResNet-18, MobileNetV3-small, EfficientNet-B0,
 DenseNet-121 and ViT-B/16 at 224x224, GPT-2/BERT blocks of 128x768, LSTM/GRU, Conv1d),
-the torch ones saved as TorchScript (trace) and ONNX. Each check runs in a fresh
+the torch ones saved as TorchScript (trace) and ONNX; and Keras applications
+(tests/corpus_keras.py: ``k:mobilenet_v3_small``, ``k:resnet50``, ``k:efficientnet_b0``,
+weights=None, 224x224x3, logits), saved as ``.keras`` and SavedModel (``model.export``;
+``--formats keras`` or ``savedmodel`` for one of them). Each check runs in a fresh
 ``jacli check MODEL x.npy --fd --directions K --json`` process (inputs N(0, 1), seeded);
 the peak RSS is that process's (measured by /usr/bin/time, since Linux hands a
 forking process's peak to its child). A correct model must pass: the
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 ZOO = ("bvlc_alexnet", "zfnet512", "vgg19", "resnet50", "shufflenet", "squeezenet", "inception_v1", "inception_v2",
        "densenet121")
+KERAS = ("k:mobilenet_v3_small", "k:resnet50", "k:efficientnet_b0")
 TORCH = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit", "gpt2", "bert", "lstm", "gru",
          "conv1d")
 
@@ -45,7 +49,9 @@ def models(names, formats, work: Path):
     for name in names:
         if name in ZOO and "onnx" in formats and not name.startswith("t:"):
             yield f"{name} (onnx zoo)", corpus_onnx.save(name, work), (3, 224, 224)
-    torch_names = [n[2:] if n.startswith("t:") else n for n in names if n.startswith("t:") or n not in ZOO]
+    yield from keras_models([n[2:] for n in names if n.startswith("k:")], formats, work)
+    torch_names = [n[2:] if n.startswith("t:") else n for n in names
+                   if n.startswith("t:") or (n not in ZOO and not n.startswith("k:"))]
     if not torch_names:
         return
     import corpus_torch
@@ -57,6 +63,25 @@ def models(names, formats, work: Path):
             yield f"{name} ({fmt})", path, tuple(x.shape[1:])
         for fmt, why in failed.items():
             print(f"{name} ({fmt}): not saved: {why}", file=sys.stderr)
+
+
+def keras_models(names, formats, work: Path):
+    """Keras applications at full size, as .keras and SavedModel (or the one --formats names)."""
+    if not names:
+        return
+    import corpus_keras
+
+    wanted = [f for f in ("keras", "savedmodel") if f in formats] or ["keras", "savedmodel"]
+    for name in names:
+        model = corpus_keras.application(name, "full")
+        for fmt in wanted:
+            path = work / (f"{name}.keras" if fmt == "keras" else f"{name}_savedmodel")
+            if fmt == "keras":
+                model.save(path)
+            else:
+                model.export(str(path), verbose=False)
+            yield f"keras {name} ({fmt})", path, tuple(model.inputs[0].shape[1:])
+        del model
 
 
 def timed(cmd: list[str], work: Path, env: dict | None = None) -> tuple[int, float, int | None]:
@@ -103,7 +128,7 @@ def run_check(path: Path, shape, args, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(ZOO), help=f"zoo: {','.join(ZOO)}; torch: {','.join(TORCH)} "
-                    "(t:NAME for the torch one of a shared name)")
+                    f"(t:NAME for the torch one of a shared name); keras: {','.join(KERAS)}")
     ap.add_argument("--formats", default="onnx,trace")
     ap.add_argument("--directions", type=int, default=4)
     ap.add_argument("--samples", type=int, default=1)

@@ -121,6 +121,49 @@ BUILDERS = {"lstm": _lstm, "gru": _gru, "bilstm": _bilstm, "attention": _attenti
             "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet, "convnet": _convnet}
 
 
+# --- Keras applications (weights=None): CI size (32x32x1, 2 logits) or full (224x224x3, 1000) ------
+APPLICATIONS = {  # name -> (keras.applications class, extra arguments)
+    "mobilenet_v3_small": ("MobileNetV3Small", {"include_preprocessing": False}),  # inputs N(0, 1), not 0-255
+    "mobilenet_v2": ("MobileNetV2", {"alpha": 0.35}),
+    "resnet50": ("ResNet50", {}),
+    "efficientnet_b0": ("EfficientNetB0", {}),
+}
+
+
+def application(name: str, size: str = "ci"):
+    """A Keras application with random weights (seeded) and logits as its output."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    cls, extra = APPLICATIONS[name]
+    shape, classes = ((32, 32, 1), 2) if size == "ci" else ((224, 224, 3), 1000)
+    return getattr(keras.applications, cls)(input_shape=shape, weights=None, classes=classes,
+                                            classifier_activation=None, **extra)
+
+
+def save_with_custom_gradient(model, path: Path, factor: float, rows=(1,)) -> Path:
+    """A Keras model of one input and one (batch, width) output as a SavedModel whose output
+    passes through a ``tf.custom_gradient`` identity with gradient ``factor`` on the output
+    entries ``rows`` (1 elsewhere), saved with the custom gradient."""
+    import tensorflow as tf
+
+    mask = np.ones(int(model.outputs[0].shape[-1]), np.float32)
+    mask[list(rows)] = factor
+
+    @tf.custom_gradient
+    def planted(y):
+        return tf.identity(y), lambda g: g * mask
+
+    shape = tuple(model.inputs[0].shape[1:])
+    module = tf.Module()
+    module.model = model
+    call = tf.function(lambda x: {"y": planted(model(x))},
+                       input_signature=[tf.TensorSpec((None, *shape), tf.float32, name="x")])
+    tf.saved_model.save(module, str(path), signatures={"serving_default": call},
+                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+    return path
+
+
 def tf_keras_twin(name: str, model):
     """The same recurrent architecture in tf_keras (Keras 2), with the same weights."""
     import tf_keras

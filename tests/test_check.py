@@ -94,9 +94,9 @@ CORRECT = [  # (fixture, key, per-sample input shape, entries per sample, FD dty
     ("keras_paths", "mlp.keras", (6,), 4 * 6, "float64"),
     ("keras_paths", "cnn.keras", (6, 6, 1), 3 * 36, "float64"),
     ("keras_paths", "coupling.keras", (4,), 4 * 4 + 4, "float64"),
-    ("keras_paths", "mlp_savedmodel", (6,), 4 * 6, "float32"),
-    ("keras_paths", "cnn_savedmodel", (6, 6, 1), 3 * 36, "float32"),
-    ("keras_paths", "coupling_savedmodel", (4,), 4 * 4 + 4, "float32"),
+    ("keras_paths", "mlp_savedmodel", (6,), 4 * 6, "float64"),
+    ("keras_paths", "cnn_savedmodel", (6, 6, 1), 3 * 36, "float64"),
+    ("keras_paths", "coupling_savedmodel", (4,), 4 * 4 + 4, "float64"),
 ]
 
 
@@ -165,8 +165,7 @@ def test_wrong_custom_gradient_in_a_savedmodel_fails_on_its_outputs(custom_gradi
     x = save_input(tmp_path, np.random.default_rng(3).standard_normal((3, 4)).astype(np.float32))
     code, out = invoke("check", custom_gradient_path, x, "--fd", "--json")
     doc = json.loads(out)
-    assert code == 1 and doc["format"] == "savedmodel" and doc["fd_dtype"] == "float32"
-    assert any("float64" in n for n in doc["notes"])
+    assert code == 1 and doc["format"] == "savedmodel" and doc["fd_dtype"] == "float64" and doc["notes"] == []
     rows = {e["output_index"][0] for e in doc["mismatches"]}
     assert rows == set(cm.CUBE_ROWS)  # only the cube outputs; tanh(x A) is right
     for e in doc["mismatches"]:  # the custom gradient says 2z², the truth is 3z²

@@ -173,7 +173,8 @@ def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     _, kw = sig.structured_input_signature
     inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
     outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
-    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs, fn=sig, kwargs=True)
+    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs, fn=sig, kwargs=True,
+                supports_float64=True)
     m._keep = loaded  # the signature's variables live as long as the loaded object
     return m
 
@@ -311,21 +312,35 @@ class TFModel(Model):
         return {k: np.asarray(v) for k, v in ys.items()}
 
     def _forward64(self, xs):
-        """Keras models only: the same layers rebuilt with a float64 dtype policy, weights copied."""
+        """A Keras model's layers rebuilt with a float64 dtype policy, weights copied; a
+        SavedModel's signature frozen and retyped to float64 (tf_float64.py). Built once:
+        a failure to build is kept and raised again."""
         if getattr(self, "_fn64", None) is None:
-            model64 = _float64_keras(self.keras_model)
-            self._fn64 = _tf().function(lambda *a: model64(list(a) if len(a) > 1 else a[0], training=False),
-                                        reduce_retracing=True)
+            try:
+                self._fn64 = self._float64_fn()
+            except LimitationError as e:
+                self._fn64 = e
+        if isinstance(self._fn64, LimitationError):
+            raise self._fn64
         try:
             out = self._fn64(*[v.astype(np.float64) if v.dtype.kind == "f" else v for v in self._xs(xs)])
         except Exception as e:
             if not _framework_error(e):
                 raise
             self._forward(xs)  # the user's input error, if it is one
-            raise LimitationError(f"the float64 copy of this Keras model fails: {short(e)}") from None
+            raise LimitationError(f"the float64 copy of this {self.format} model fails: {short(e)}") from None
         if not isinstance(out, dict):
             out = dict(zip(self.output_names(), out if isinstance(out, (list, tuple)) else [out]))
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def _float64_fn(self):
+        tf = _tf()
+        if self.format == "savedmodel":
+            from .tf_float64 import float64_function
+
+            return float64_function(tf, self.fn, [s.name for s in self.inputs])
+        model64 = _float64_keras(self.keras_model)
+        return tf.function(lambda *a: model64(list(a) if len(a) > 1 else a[0], training=False), reduce_retracing=True)
 
     def _vjp(self, xs, cts, wrt: Sequence[str], fn=None, seed_axes=(0,)):
         mask = tuple(s.name in wrt for s in self.inputs)
