@@ -374,4 +374,6 @@ def test_a_vectorised_map_that_fails_falls_back_to_an_exact_one(keras_corpus, mo
     loaded = jacli.load(paths["export"])
     for mode in ("reverse", "forward"):
         _close(jacli.jacobian(loaded, xs, mode=mode), ref[0, 0])
-    assert loaded._unmappable == {("vjp", "vectorised"), ("jvp", "vectorised")}
+    # pfor cannot take the loop's gradient; a SavedModel's JVPs go by forward-mode AD first,
+    # which it vectorises (the result is checked above)
+    assert loaded._unmappable == {("vjp", "vectorised")}
