@@ -23,6 +23,13 @@ from jacli.errors import ModelLoadError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _small_models_move_too(monkeypatch):
+    """The models here are small: their weights are moved whatever they hold in all
+    (wire.MOVED_TOTAL; the subprocess runs on a 100 MB model keep the real threshold)."""
+    monkeypatch.setattr(wire, "MOVED_TOTAL", 0)
+
+
 def mlp(sizes=(300, 1000, 7), seed=0, ir=8, listed=False, extra=()) -> tuple[onnx.ModelProto, list[np.ndarray]]:
     """x -> tanh(x W1 + b1) W2 + b2 ...: (model, [W1, b1, W2, b2, ...]). W1 (1.2 MB by
     default) is over wire.MOVED_BYTES, the biases far under it; ``listed`` makes every

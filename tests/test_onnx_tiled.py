@@ -231,11 +231,16 @@ def test_sessions_sleep_idle_threads(exported):
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path):
+@pytest.mark.parametrize("fed", [False, True])
+def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path, monkeypatch, fed):
     """SqueezeNet from onnx's light models: its file records every tensor's shape at batch 1;
     the tiled graph infers them again with a symbolic batch, so no Conv runs on k*B rows
-    (only sizes are computed again), and it gives what folding gives."""
+    (only sizes are computed again), and it gives what folding gives; ``fed``: with its
+    2 MB conv10 weight fed as a graph input (wire), which is no sample to tile."""
     import corpus_onnx
+    from jacli.backends.onnx import wire
+
+    monkeypatch.setattr(wire, "MOVED_TOTAL", 0 if fed else wire.MOVED_TOTAL)
 
     path = corpus_onnx.save("squeezenet", tmp_path)
     m = jacli.load(str(path))
@@ -247,6 +252,7 @@ def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path):
     seeds = {y_name: np.random.default_rng(7).standard_normal((3, *m.forward(x)[y_name].shape)).astype(np.float32)}
     _close(m._folded(m._vjp, x, seeds, [x_name])[x_name], Model._folded(m, m._vjp, x, seeds, [x_name])[x_name], 1e-6)
     assert m._tiled("vjp", [x_name], [y_name]) is not None
+    assert bool(m._weights) == fed
 
 
 def test_one_seed_runs_the_tiled_graph_too(exported):

@@ -16,8 +16,10 @@ type, data not too small; and the parser misses nothing but the opaque raw bytes
 name no other initializer has, and, below IR version 4 (where every
 initializer must be a graph input), that is already an input. Everything else, including
 initializers of subgraphs and functions, stays in the skeleton as it was, for ``onnx`` and
-onnxruntime to judge. A file this reader cannot walk gives None, and the caller parses it
-whole.
+onnxruntime to judge. Nor is anything moved from a model whose movable weights hold less
+than :data:`MOVED_TOTAL` in all (a few copies of them cost little, and onnxruntime can
+pre-pack only embedded weights). A file this reader cannot walk gives None, and the
+caller parses it whole.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ from typing import NamedTuple
 import numpy as np
 
 MOVED_BYTES = 1 << 20  # initializers of at least this many bytes are fed, not embedded
+# ... when they hold this much in all: below it, the copies each session keeps cost little,
+# and embedded weights let onnxruntime pre-pack them (fed ones it cannot: ResNet-18's
+# tiled VJP ran 2x slower with its 1-9 MB conv kernels fed)
+MOVED_TOTAL = 64 << 20
 NARROW = "jacli.narrow:"  # prefix of a float64 graph's inputs that take a weight in its own precision
 
 # ONNX element type -> numpy dtype: the floating-point weights (integer tensors, indices and
@@ -63,7 +69,9 @@ def split(data: bytes) -> tuple[bytes, list[Weight]] | None:
         found = _split(memoryview(data), MOVED_BYTES)
     except _Malformed:
         return None
-    return found if found is not None else (data, [])
+    if found is None or sum(w.nbytes for w in found[1]) < MOVED_TOTAL:
+        return data, []
+    return found
 
 
 def _split(buf: memoryview, moved_bytes: int):
