@@ -221,6 +221,7 @@ def keras_case(name: str, tmp: Path):
     import keras
     import numpy as np
     import tensorflow as tf
+    from bench_jacobian import tf_idioms
 
     import jacli
 
@@ -237,20 +238,13 @@ def keras_case(name: str, tmp: Path):
         methods[label] = lambda x, model=model: jacli.jacobian(model, x)
 
     @tf.function(reduce_retracing=True)
-    def batch_jacobian(x):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = kmodel(x, training=False)
-        return tape.batch_jacobian(y, x)
-
-    @tf.function(reduce_retracing=True)
     def one_vjp(x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             y = kmodel(x, training=False)
         return tape.gradient(y, x, output_gradients=tf.ones_like(y))
 
-    methods["tf batch_jacobian"] = lambda x: batch_jacobian(tf.constant(x)).numpy()
+    methods["tf batch_jacobian"] = tf_idioms(tf, kmodel, m)["tf batch_jacobian"]
 
     def floor(x):
         t = tf.constant(x)
