@@ -153,10 +153,9 @@ def _check_header(shape, dtype, what: str, used: int = 0) -> None:
     check_memory(math.prod(shape) * dtype.itemsize + used, f"{what}: shape {shape} of {dtype}")
 
 
-def _refuse_extra(arrays: dict, model: Model, source: str) -> None:
-    """An array that no input takes would be silently ignored: a misspelt name, or a value
-    for an argument that keeps its default. Say which."""
-    names = model.input_names()
+def _refuse_extra(arrays: dict, names: list[str], model: Model, source: str) -> None:
+    """An array that no input (``names``) takes would be silently ignored: a misspelt name,
+    or a value for an argument that keeps its default. Say which."""
     extra = [k for k in arrays if k not in names]
     if not extra:
         return
@@ -184,7 +183,7 @@ def match_inputs(arrays: dict[str, np.ndarray], model: Model, source: str = "inp
     batch axis is the plan's check, which knows about --no-batch."""
     names = model.input_names()
     if set(arrays) >= set(names):
-        _refuse_extra(arrays, model, source)
+        _refuse_extra(arrays, names, model, source)
         matched = {n: arrays[n] for n in names}
     elif len(arrays) == 1 and len(names) == 1:
         matched = {names[0]: next(iter(arrays.values()))}

@@ -172,7 +172,6 @@ class OnnxModel(Model):
 
     def float64_graph(self):
         """The model's graph evaluated in float64 (an onnx.ModelProto; weights as inputs)."""
-        from ...errors import UnsupportedError
         from .float64 import to_float64
 
         recurrent = sorted({n.op_type for n in self.graph.graph.node if n.op_type in _NO_DOUBLE_KERNEL})
@@ -217,12 +216,10 @@ class OnnxModel(Model):
 
     def _tiled(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
         """The session of the tiled graph for this selection, or None where it cannot be built."""
-        from ...errors import UnsupportedError
-
         key = (f"{kind}-tiled", tuple(wrt), tuple(of))
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._build_session(f"{kind}-tiled", wrt, of, None, tiled=True)
+                self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True)
             except UnsupportedError:
                 self._graphs[key] = None
         return self._graphs[key]
@@ -232,7 +229,6 @@ class OnnxModel(Model):
         cannot be built while some input sizes are dynamic (a recurrent network's sequence
         length) is built again for the sizes of ``xs`` (all but the leading axis, else all),
         once per such shape."""
-        from ...errors import UnsupportedError
 
         key = (kind, tuple(wrt), tuple(of))
         if key not in self._graphs:
@@ -263,8 +259,8 @@ class OnnxModel(Model):
 
     def _build_session(self, kind, wrt, of, fixed, tiled=False):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
-        build = lambda: self._derived(kind.split("-")[0], wrt, of, fixed, tiled)  # noqa: E731
-        return self._cached_session(f"{kind}-{selection}", build)
+        build = lambda: self._derived(kind, wrt, of, fixed, tiled)  # noqa: E731
+        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build)
 
     def _cached_session(self, name: str, build):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
