@@ -153,9 +153,9 @@ def resident() -> int | None:
 def left(budget: int, start: int | None) -> int:
     """What remains of ``budget`` once the memory resident since ``start`` (``resident()``)
     is taken off it: the float64 copy of the model and the traced derivative graphs of a
-    framework that compiles them (TensorFlow: 300-500 MB for a Keras application) come out
-    of the working budget. At least an eighth of it, so that the work goes on, in small
-    pieces, where they took more."""
+    framework that compiles them (TensorFlow: 150-350 MB for a full-size Keras application)
+    come out of the working budget. At least an eighth of it, so that the work goes on, in
+    small pieces, where they took more."""
     now = resident() if start is not None else None
     grown = 0 if now is None else max(0, now - start)
     return max(budget // 8, budget - grown)
@@ -171,7 +171,7 @@ def release() -> None:
             import ctypes
 
             _trim = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
+        except Exception:  # noqa: BLE001 — no C library to ask (Windows), or no malloc_trim in it (macOS, musl)
             _trim = False
     if _trim:
         _trim(0)

@@ -118,8 +118,8 @@ def vjp(model: Model, xs: Mapping[str, np.ndarray], cotangents: Mapping[str, np.
         per_sample: bool = True, few: bool = False) -> dict[str, np.ndarray]:
     """``model.vjp`` by its fastest strategy (or the pinned one). ``few``: one of a few
     calls (a gradient check's groups of directions): where each strategy is a graph to
-    trace (``Model.traced_maps``), the seeds are folded into the batch instead, untimed; its
-    plain graph is traced once for every k."""
+    trace (``Model.traced_maps``), the seeds are folded into the batch instead, untimed
+    (unless ``JACLI_STRATEGY`` pins one); its plain graph is traced once for every k."""
     return _mapped(model, "vjp", xs, cotangents, wrt, per_sample, few)
 
 
