@@ -183,3 +183,31 @@ def test_a_wrong_gradient_next_to_the_split_stays_wrong(split, tmp_path, monkeyp
             assert big and big <= {e.input_index[0] for e in wrong if e.sample == s}, mode
         for e in wrong:
             assert e.ad / e.fd == pytest.approx(1.1, abs=1e-4)
+
+
+def test_the_rule_a_change_beyond_the_error_bars_not_a_slide_under_the_tolerance():
+    """``rejudge.again`` on made-up comparisons (FD 1 ± 1e-10, allowed error 4e-3): a
+    mismatch that vanishes or jumps a step away is a switch point; one just past its
+    tolerance that slides just under it, one that is nearly the same (a wrong gradient's),
+    and one that is not finite there stay wrong, judged at all RETRIES points."""
+    from jacli.engine.check import _Tally, tolerance
+    from jacli.engine.fd import Estimate
+
+    tally = _Tally(1, tolerance("float32", "float64"))
+
+    def compared(mismatch):
+        fd = np.ones(len(mismatch))
+        return 1 + np.asarray(mismatch), Estimate(fd, np.full_like(fd, 1e-10), fd, fd, -fd), np.full_like(fd, 2e-3)
+
+    at_x = [4.04e-3, 0.05, 0.05, 0.05, 0.05, 1e-4]  # ratios 1.01, 12.5 (x4), 0.025
+    nearby = [3.96e-3, 1e-9, 0.12, np.nan, 0.0501, 1e-4]  # slid under; vanished; jumped; not finite; the same
+    points = []
+
+    def evaluate(moved, failing):
+        points.append(failing.copy())
+        return [compared(nearby)]
+
+    switched = rejudge.again(tally, [compared(at_x)], evaluate, {"x": np.zeros((1, 2))}, ["x"],
+                             np.random.default_rng(0), unit=lambda masks: masks[0])
+    assert switched.tolist() == [False, True, True, False, False, False]
+    assert [p.tolist() for p in points] == [[True] * 5 + [False]] + [[True, False, False, True, True, False]] * 2

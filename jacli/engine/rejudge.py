@@ -7,9 +7,9 @@ differentiates, with no FD step crossing it — makes AD and FD disagree at x. A
 SHIFT·max(|x|, 1) away (random signs) the mismatch AD − FD vanishes, or jumps (another unit,
 or none, sits at its switch there); a wrong gradient's mismatch is a smooth function of x, so
 it is nearly the same there. A comparison is judged again at up to RETRIES such points: it
-becomes a kink where its mismatch vanishes or changes by more than JUMP of itself beyond
-both points' allowed errors (so that FD noise alone cannot make one), and stays wrong
-otherwise.
+becomes a kink where its mismatch changes by more than JUMP of itself beyond both points'
+FD error bars (so that FD noise cannot make one, and a wrong gradient just past its
+tolerance that slides under it a step away is still wrong), and stays wrong otherwise.
 
 ``again`` is that rule; a direction (``directions``) is judged again whole, recomputed at the
 nearby point. Every-entry checks (``columns``) judge again only the entries found wrong,
@@ -45,29 +45,32 @@ def again(tally, judged: list, evaluate, xs: dict, wrt, rng, unit) -> np.ndarray
     compared arrays at ``xs``, [(AD, FD estimate, absolute tolerance)]; ``evaluate(moved,
     failing)``: the same arrays at the point ``moved`` (only what is ``failing`` need be
     right); ``unit(masks)``: per-entry masks (one per array) -> a mask of the units judged
-    (a unit fails when any of its entries does). Returns that mask: the units that failed
-    at ``xs`` and whose mismatch vanished or jumped at one of up to RETRIES nearby points."""
+    (a unit fails when any of its entries does, and was a switch point when any of its
+    wrong entries changed). Returns that mask: the units that failed at ``xs`` and changed
+    at one of up to RETRIES nearby points."""
     failing = unit([tally.wrong(*e) for e in judged])
     switched = np.zeros_like(failing)
     for _ in range(RETRIES if failing.any() else 0):
         later = evaluate(nearby(xs, wrt, rng), failing)
-        still = unit([tally.wrong(*e) for e in later])
-        jumped = unit([_jumped(tally, e, o) for e, o in zip(judged, later)])
-        switched |= failing & (~still | jumped)
-        failing &= still & ~jumped
+        changed = failing & unit([_changed(tally, e, o) for e, o in zip(judged, later)])
+        switched |= changed
+        failing &= ~changed
         if not failing.any():
             break
     return switched
 
 
-def _jumped(tally, before, after) -> np.ndarray:
-    """Per entry: wrong at x, and its mismatch AD − FD changes, a step away, by more than JUMP
-    of itself plus both points' allowed errors (what FD noise alone may move it by)?"""
-    allowed0, allowed1 = tally.judge(*before, full=True)[2], tally.judge(*after, full=True)[2]
+def _changed(tally, before, after) -> np.ndarray:
+    """Per entry: wrong at x, and its mismatch AD − FD changed, a step away, by more than
+    JUMP of itself plus both points' FD error bars — vanished, or jumped? FD's error is
+    within its error bars, and AD's own rounding is far below JUMP of a mismatch that
+    exceeded rtol·(|FD| + the row's scale); an entry that merely slid under its tolerance
+    has not changed (a wrong gradient just past its tolerance stays wrong), and one that
+    is not finite there has not either."""
     r0 = before[0].astype(np.float64) - before[1].value
     r1 = after[0].astype(np.float64) - after[1].value
     with np.errstate(invalid="ignore"):
-        return tally.wrong(*before) & (np.abs(r1 - r0) > JUMP * np.abs(r0) + allowed0 + allowed1)
+        return tally.wrong(*before) & (np.abs(r1 - r0) > JUMP * np.abs(r0) + before[1].error + after[1].error)
 
 
 def columns(model, plan: jac.Plan, fwd, tol, tally, xs: dict, s0: int, judged: dict, rng, fd_columns: int,
