@@ -13,6 +13,7 @@ import torch
 
 import corpus_torch as corpus
 import jacli
+from conftest import run_jacli
 from jacli.engine import rejudge
 
 HIDDEN, OUT = 12, 5
@@ -66,12 +67,14 @@ def split_input(samples: int = 2) -> torch.Tensor:
 
 @pytest.fixture(scope="session")
 def split(tmp_path_factory):
-    """{format: loaded model} of SplitUnit (TorchScript trace, ONNX), and the input."""
+    """{format: loaded model} of SplitUnit (TorchScript trace, ONNX), the input (also saved
+    as x.npy beside them) and {format: path}."""
     torch.set_num_threads(1)
     x = split_input()
     paths, failed = corpus.save_all(SplitUnit().eval(), x, tmp_path_factory.mktemp("split"), formats=("trace", "onnx"))
     assert not failed, failed
-    return {f: jacli.load(str(p), trust=True) for f, p in paths.items()}, x.numpy()
+    np.save(paths["trace"].parent / "x.npy", x.numpy())
+    return {f: jacli.load(str(p), trust=True) for f, p in paths.items()}, x.numpy(), paths
 
 
 class Calls:
@@ -97,7 +100,7 @@ class Calls:
 @pytest.mark.parametrize("mode", ["forward", "reverse"])
 @pytest.mark.parametrize("fmt", ["trace", "onnx"])
 def test_float32_float64_switch_split_is_a_kink_in_every_entry_mode(split, fmt, mode):
-    models, x = split
+    models, x, _ = split
     model = models[fmt]
     xs = jacli.api.as_inputs(model, x)
     name = model.output_names()[0]
@@ -116,11 +119,18 @@ def test_float32_float64_switch_split_is_a_kink_in_every_entry_mode(split, fmt, 
         assert e["abs_error"] > 100 * e["allowed"]
 
 
+def test_cli_reports_the_split_as_kinks_and_passes(split):
+    _, _, paths = split
+    r = run_jacli("check", paths["trace"], paths["trace"].parent / "x.npy", "--fd", "--trust-model")
+    assert r.code == 0 and "PASSED" in r.out and "0 wrong, 10 at kinks" in r.out, r.out + r.stderr
+    assert "vanished or jumped a step 1e-4 away" in r.out and "dx[1]" in r.out and r.stderr == ""
+
+
 def test_only_the_affected_columns_and_rows_are_recomputed(split, monkeypatch):
     """Forward mode: one JVP tangent (column x1) and one FD column per sample at the nearby
     point; reverse mode: one VJP cotangent per output row; the mismatch vanished there
     at the first point."""
-    models, x = split
+    models, x, _ = split
     model = models["trace"]
     for mode, primitive, seeds in (("forward", "jvp", 1), ("reverse", "vjp", OUT)):
         columns = []
@@ -137,7 +147,7 @@ def test_only_the_affected_columns_and_rows_are_recomputed(split, monkeypatch):
 def test_nothing_is_rejudged_when_nothing_fails(split, monkeypatch):
     """A correct model where every entry passes: the same forward64/JVP/VJP calls as a check
     whose re-judging is switched off, and the re-judging's FD and AD never run."""
-    models, x = split
+    models, x, _ = split
     model = models["trace"]
     x = x.copy()
     x[:, 0], x[:, 1] = 0.25, 0.5  # the unit far from its switch
@@ -163,7 +173,7 @@ def test_a_wrong_gradient_next_to_the_split_stays_wrong(split, tmp_path, monkeyp
     the same a step away, at each of the RETRIES points — and nothing else fails."""
     torch.save(PlantedSplit().eval(), str(tmp_path / "planted.pt"))
     model = jacli.load(str(tmp_path / "planted.pt"), trust=True)
-    _, x = split
+    _, x, _ = split
     points = []
     inner = rejudge.nearby
     monkeypatch.setattr(rejudge, "nearby", lambda *a: points.append(1) or inner(*a))

@@ -85,7 +85,7 @@ def columns(model, plan: jac.Plan, fwd, tol, tally, xs: dict, s0: int, judged: d
         return None
     keys = [key for key, w in wrong.items() if w.any()]
     where = {key: np.nonzero(wrong[key]) for key in keys}  # (sample, row, column) of each wrong entry
-    flat = _Flat(plan, keys, *(np.concatenate([where[key][a] for key in keys]) for a in range(3)),
+    flat = _Flat(plan.pairs, keys, *(np.concatenate([where[key][a] for key in keys]) for a in range(3)),
                  np.concatenate([np.full(where[key][0].size, n) for n, key in enumerate(keys)]))
     ad = np.concatenate([judged[key][0][where[key]] for key in keys])
     est = Estimate(*(np.concatenate([getattr(judged[key][1], f)[where[key]] for key in keys]) for f in FIELDS))
@@ -93,8 +93,8 @@ def columns(model, plan: jac.Plan, fwd, tol, tally, xs: dict, s0: int, judged: d
     seeds = jac.seed_block(plan, 1, budget)
 
     def evaluate(moved, failing):
-        """AD and FD of the failing entries at ``moved``, sample by sample (NaN elsewhere);
-        the tolerance is the one at x (the rows' scales a step away are the same)."""
+        """AD and FD of the failing entries at ``moved``, sample by sample (NaN elsewhere),
+        with the tolerance at x (the rule needs none at ``moved``)."""
         a = np.full(ad.shape, np.nan)
         e = Estimate(*(np.full(ad.shape, np.nan) for _ in FIELDS))
         for j in np.unique(flat.sample[failing]):
@@ -116,10 +116,10 @@ class _Flat:
     """Entries of one sample block as flat arrays: ``sample``, ``row``, ``col`` (flat indices
     into the pair's per-sample Jacobian) and ``pair`` (an index into ``keys``)."""
 
-    def __init__(self, plan: jac.Plan, keys: list[str], sample, row, col, pair):
-        self.plan, self.keys, self.sample, self.row, self.col, self.pair = plan, keys, sample, row, col, pair
+    def __init__(self, pairs, keys: list[str], sample, row, col, pair):
+        self.keys, self.sample, self.row, self.col, self.pair = keys, sample, row, col, pair
         self.index = {key: n for n, key in enumerate(keys)}
-        self.pairs = {p.key: p for p in plan.pairs}
+        self.pairs = {p.key: p for p in pairs}
 
     def of_input(self, name: str) -> np.ndarray:
         return np.isin(self.pair, [n for n, key in enumerate(self.keys) if self.pairs[key].wrt == name])
