@@ -144,7 +144,7 @@ def test_misplaced_detach_fails_at_exactly_the_detached_entries(torch_paths, tmp
     # y2 = x2 * exp(s(x1)).detach() + t(x1): dy2/dx1 lost its exp(s) term; dy/dx2, dy1/dx1, dlogdet/dx are right
     found = {(e["sample"], e["of"], tuple(e["output_index"]), tuple(e["input_index"])) for e in doc["mismatches"]}
     expected = {(s, "output_0", (r,), (c,)) for s in range(3) for r in (2, 3) for c in (0, 1)}
-    assert found == expected and doc["failures"] == len(expected)
+    assert found == expected and doc["failures"] == len(expected) and doc["kinks"] == 0  # none excused nearby
     assert {e["diagnosis"] for e in doc["mismatches"]} == {"wrong-gradient"}
     assert [s["passed"] for s in doc["samples"]] == [False] * 3 and all(s["failures"] == 4 for s in doc["samples"])
     worst = doc["worst"]

@@ -313,6 +313,7 @@ def test_wrong_custom_autograd_function_is_caught(built, tmp_path):
         doc = jacli.check(model, x.numpy(), **kw).to_json()
         assert not doc["passed"], kw
         assert doc["failures"] > 0 and {e["diagnosis"] for e in doc["mismatches"]} <= {"wrong-gradient"}
+        assert doc["kinks"] == 0, kw  # judged again at nearby points, every wrong entry stays wrong
 
 
 def test_gradient_one_percent_off_on_a_few_entries_is_located(built, tmp_path):
@@ -322,7 +323,7 @@ def test_gradient_one_percent_off_on_a_few_entries_is_located(built, tmp_path):
     assert not doc["passed"] and doc["fd_dtype"] == "float64"
     rows = {(e["sample"], *e["output_index"]) for e in doc["mismatches"]}
     assert rows == {(s, *r) for s in range(2) for r in ScaledRows.ROWS}, rows
-    assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+    assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"]) and doc["kinks"] == 0
 
 
 def test_misplaced_detach_in_attention_is_caught(tmp_path):
@@ -344,7 +345,7 @@ def test_misplaced_detach_in_attention_is_caught(tmp_path):
     for kw in ({}, {"directions": 3}):
         doc = jacli.check(model, x.numpy(), **kw).to_json()
         assert not doc["passed"] and doc["mode"] == "reverse", kw
-        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"]) and doc["kinks"] == 0, kw
 
 
 @pytest.mark.parametrize("fd64", [True, False], ids=["float64-fd", "float32-only"])
@@ -368,7 +369,7 @@ def test_wrong_onnx_derivative_rule_is_caught(built, tmp_path, monkeypatch, fd64
         doc = jacli.check(model, x.numpy(), **kw).to_json()
         assert doc["fd_dtype"] == ("float64" if fd64 else "float32")
         assert not doc["passed"] and doc["failures"] > 0, kw
-        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"])
+        assert all(e["diagnosis"] == "wrong-gradient" for e in doc["mismatches"]) and doc["kinks"] == 0, kw
 
 
 def test_directions_stay_within_the_memory_budget(built):

@@ -91,8 +91,8 @@ def _view(doc: dict):
                           f"<v, Jᵀc> = {a['vjp']:.6g} by VJP (allowed {a['allowed']:.3g}): the JVP and VJP disagree",
                           style="red"))
     if doc["kinks"]:
-        parts.append(Text("kink: f is not smooth within the FD step (a ReLU/max switch point): the one-sided differences "
-                          "disagree; not a failure", style="dim"))
+        parts.append(Text("kink: a ReLU/max switch point at x: the one-sided differences disagree, or the mismatch "
+                          "vanished or jumped a step 1e-4 away; not a failure", style="dim"))
     if doc["fd_noise"]:
         parts.append(Text("fd-noise: the FD error estimate alone exceeds the tolerance and the mismatch is of its size; "
                           "not a failure (FD in float64, or a larger --eps, resolves more)", style="dim"))

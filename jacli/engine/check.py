@@ -21,8 +21,10 @@ what the AD dtype resolves, 16·(ε·(the sample's largest |FD| entry + |y|) + t
 smallest normal number). A failing entry is diagnosed: a **kink** (f is not smooth within
 the step, e.g. a ReLU/max switch point: the one-sided differences disagree and AD equals
 one of them, or, extrapolated to second order, they disagree beyond their error
-estimates), **fd-noise** (the FD error estimate alone exceeds the tolerance and the
-mismatch is of its size), **non-finite**, or a **wrong gradient**. Kinks and fd-noise are
+estimates; or a switch point the model's precision and float64 resolve differently at x:
+the mismatch vanishes or jumps when judged again at nearby points, ``rejudge``), **fd-noise**
+(the FD error estimate alone exceeds the tolerance and the mismatch is of its size),
+**non-finite**, or a **wrong gradient**. Kinks and fd-noise are
 places FD cannot judge: reported, but only wrong gradients and non-finite values fail.
 
 Before comparing anything the batch is tested for cross-sample leakage: perturbing some
@@ -39,6 +41,7 @@ import numpy as np
 from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
+from . import rejudge
 from .fd import Estimate, default_eps, estimate_columns, forward_cost, forward_fn, in_pieces, left, resident, rounding_noise
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
@@ -47,7 +50,6 @@ RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest 
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 SAMPLED = 4096  # compared entries kept for pictures: every one up to this many, else a uniform sample
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
-SHIFT = 1e-4  # a failing direction is judged again at x moved by SHIFT·max(|x|, 1) (random signs)
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
 DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
@@ -283,8 +285,9 @@ def check(
 
             by_directions.run(model, plan, fwd, tol, directions, seed, tally, room, progress, result.mode, per_sample)
         else:
-            budget = room()
-            _columns(model, plan, in_pieces(fwd, max(1, (budget // 2) // per_sample)), tol, tally, budget, progress)
+            working = room()
+            _columns(model, plan, in_pieces(fwd, max(1, (working // 2) // per_sample)), tol, tally, working, progress,
+                     seed)
     except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
         raise _no_ad(e) from None
     result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved
@@ -428,11 +431,16 @@ class _Tally:
         code = np.select([~bad, ~finite, kink, noise], [OK, NONFINITE, KINK, NOISE], WRONG)
         return (code, err, allowed, finite) if full else code
 
+    def wrong(self, ad: np.ndarray, est, tol_abs) -> np.ndarray:
+        """Which entries are judged wrong gradients."""
+        return self.judge(ad, est, tol_abs) == WRONG
+
     def add(self, s0: int, of: str, wrt: str | None, ad: np.ndarray, est, tol_abs, out_shape, in_shape, k0: int = 0,
             switched=None):
         """``ad`` and the estimate's arrays (S, m, k); ``tol_abs`` broadcastable to them;
         ``in_shape`` None for directions (k is then the direction, numbered from ``k0``);
-        ``switched``: entries whose mismatch vanished a step SHIFT away, diagnosed as kinks.
+        ``switched``: wrong entries whose mismatch vanished or jumped at a nearby point
+        (``rejudge``), diagnosed as kinks.
         The relative error is |AD − FD| / (|FD| + atol/rtol): at most rtol where
         |AD − FD| ≤ atol + rtol·|FD|."""
         a, d = ad.astype(np.float64), est.value
@@ -525,10 +533,12 @@ def _width(plan: jac.Plan) -> int:
     return sum(plan.xs[i][:1].size for i in plan.xs) + sum(plan.ys[o][:1].size for o in plan.of)
 
 
-def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: int, progress) -> None:
+def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: int, progress, seed: int) -> None:
     """Every entry: AD Jacobians sample block by sample block (a sink on ``jacobian.run``),
-    each block compared with FD as soon as all its (output, input) pairs are in."""
+    each block compared with FD as soon as all its (output, input) pairs are in; the entries
+    found wrong are judged again at nearby points (``rejudge.columns``)."""
     pairs = {p.key: p for p in plan.pairs}
+    rng = np.random.default_rng([seed, 4])
     pending: dict[str, np.ndarray] = {}
     fd_dtype = np.dtype(tol.fd_dtype)
     fields = [f.name for f in dataclasses.fields(Estimate)]
@@ -557,12 +567,17 @@ def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: 
             for o in plan.of:
                 est[f"d{o}/d{i}"] = Estimate(*arrays[o])
         largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
+        judged = {}
         for o in plan.of:
             row = np.max([np.abs(est[f"d{o}/d{i}"].value).max(axis=2) for i in plan.wrt], axis=0)  # (S, m)
             floor, res = _resolution(tol, plan.ys[o][s0:s1], largest)
             for i in plan.wrt:
-                p = pairs[f"d{o}/d{i}"]
                 tol_abs = (tol.rtol * row + floor + res)[:, :, None] if tol.atol is None else tol.atol
-                tally.add(s0, o, i, ad[p.key], est[p.key], tol_abs, p.out_shape, p.in_shape)
+                judged[f"d{o}/d{i}"] = (ad[f"d{o}/d{i}"], est[f"d{o}/d{i}"], tol_abs)
+        switched = rejudge.columns(model, plan, fwd, tol, tally, xs, s0, judged, rng, max(1, k * (s1 - s0)),
+                                   max(1, budget // 8)) or {}
+        for key, (a, e, tol_abs) in judged.items():
+            p = pairs[key]
+            tally.add(s0, p.of, p.wrt, a, e, tol_abs, p.out_shape, p.in_shape, switched=switched.get(key))
 
     jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))

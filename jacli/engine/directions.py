@@ -4,24 +4,19 @@ Directions are drawn per sample, scaled by max(|x|, 1) and of unit norm in that 
 processed in groups whose FD points (four per direction) and JVP/VJP seeds fit in the
 budget. Forward mode compares J·v from the JVP with FD entry by entry and tests
 <J v, c> = <v, Jᵀc> against the VJP; reverse mode compares <Jᵀc, v> from the VJP with the
-FD of <c, f(x + hv)>. A direction that fails is judged again at up to RETRIES points a step
-SHIFT away: where the mismatch vanishes, or jumps (changes by more than JUMP of itself), it
-was a switch point (a kink; the jump must exceed both points' allowed errors, so FD noise
-cannot make one) — in a deep ReLU network, a unit the model's precision and
-float64 put on different sides at x — not a wrong gradient, whose mismatch is a smooth
-function of x and so nearly the same a step away.
+FD of <c, f(x + hv)>. A direction that fails is judged again, whole, at nearby points
+(``rejudge.again``): where its mismatch vanishes or jumps, it was a switch point (a kink),
+not a wrong gradient.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 
 from . import jacobian as jac
-from . import strategies
-from .check import SHIFT, WRONG, Tolerance, _resolution, _Tally, _width
-
-RETRIES = 3  # points a failing direction is judged again at before it counts as a wrong gradient
-JUMP = 0.5  # ... where its mismatch AD − FD changes by more than this fraction of itself (beyond the error bars),
-# it was a switch point
+from . import rejudge, strategies
+from .check import Tolerance, _resolution, _Tally, _width
 from .fd import Estimate, estimate_directions, in_pieces, rounding_noise
 
 
@@ -50,20 +45,8 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
                 np.float64)), 1) for i, v in z.items()}
             cts = {o: rng.standard_normal((kg, *plan.ys[o][s0:s1].shape)).astype(plan.ys[o].dtype) for o in plan.of}
             entries, adjoint = _group(model, plan, pieces, xs, tol, tangents, cts, mode, s0)
-            failing = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in entries], axis=0)  # (S, k)
-            switched = np.zeros_like(failing)
-            for _ in range(RETRIES if failing.any() else 0):  # points SHIFT away: a switch point there?
-                moved = {n: (v + (SHIFT * np.maximum(np.abs(v), 1) * rng.choice([-1, 1], v.shape)).astype(v.dtype)
-                             if n in plan.wrt else v) for n, v in xs.items()}
-                again, _ = _group(model, plan, pieces, moved, tol, tangents, cts, mode, s0)
-                still = np.any([(tally.judge(*e[1:4]) == WRONG).any(axis=1) for e in again], axis=0)
-                # a wrong gradient's mismatch AD − FD is a smooth function of x: nearly the same there;
-                # a switch point's jumps (another unit, or none, sits at its switch there)
-                jumped = _jumped(tally, entries, again)
-                switched |= failing & (~still | jumped)
-                failing &= still & ~jumped
-                if not failing.any():
-                    break
+            at = partial(_judged_at, model, plan, pieces, tol, tangents, cts, mode, s0)  # a switch point nearby?
+            switched = rejudge.again(tally, [e[1:4] for e in entries], at, xs, plan.wrt, rng, unit=_per_direction)
             switched = switched[:, None, :]
             for of, a, est, tol_abs, shape in entries:
                 tally.add(s0, of, None, a, est, tol_abs, shape, None, k0, switched)
@@ -73,18 +56,14 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
             progress(s1 - s0)
 
 
-def _jumped(tally, entries, again):
-    """Per (sample, direction): does the mismatch AD − FD of an entry that is wrong at x
-    change, a step away, by more than JUMP of itself plus both points' allowed errors (what
-    FD noise alone may move it by)?"""
-    out = None
-    for e, o in zip(entries, again):
-        code, _, allowed0 = tally.judge(*e[1:4], full=True)[:3]
-        allowed1 = tally.judge(*o[1:4], full=True)[2]
-        r0, r1 = e[1].astype(np.float64) - e[2].value, o[1].astype(np.float64) - o[2].value
-        jump = ((code == WRONG) & (np.abs(r1 - r0) > JUMP * np.abs(r0) + allowed0 + allowed1)).any(axis=1)
-        out = jump if out is None else out | jump
-    return out
+def _judged_at(model, plan, fwd, tol, tangents, cts, mode, s0, xs, failing):
+    """The group's compared arrays at ``xs`` (every direction's: ``failing`` is not used)."""
+    return [e[1:4] for e in _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0)[0]]
+
+
+def _per_direction(masks):
+    """Per-entry masks (S, m, k), one per output -> per (sample, direction): any entry."""
+    return np.any([m.any(axis=1) for m in masks], axis=0)
 
 
 def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):

@@ -263,23 +263,25 @@ def richardson(f0: np.ndarray, outs: np.ndarray, spans: np.ndarray, eps: float, 
 
 
 def estimate_columns(fwd, xs: dict, wrt: str, of: Sequence[str], dtype, rel: float, f0: dict, k: int = 64,
-                     noise: dict | None = None):
+                     noise: dict | None = None, columns: np.ndarray | None = None):
     """Yield ``(c0, c1, {output: Estimate})``: columns c0:c1 of every sample's Jacobian
-    d(of)/d(wrt), with steps h = rel * max(|x|, 1) per input element; ``noise`` as in
-    ``richardson``, per output."""
+    d(of)/d(wrt) — or, given ``columns`` (flat input indices), the columns at positions
+    c0:c1 of that list — with steps h = rel * max(|x|, 1) per input element; ``noise`` as
+    in ``richardson``, per output."""
     x = xs[wrt]
     samples = x.shape[0]
     n = x[0].size
+    columns = np.arange(n) if columns is None else np.asarray(columns, dtype=np.intp)
     h = rel * np.maximum(np.abs(x.reshape(samples, n).astype(dtype).astype(np.float64)), 1.0)
     eps = float(np.finfo(dtype).eps)
-    for c0 in range(0, n, k):
-        c1 = min(n, c0 + k)
-        idx = np.arange(c1 - c0)
+    for c0 in range(0, columns.size, k):
+        c1 = min(columns.size, c0 + k)
+        idx, cols = np.arange(c1 - c0), columns[c0:c1]
         deltas = np.zeros((c1 - c0, samples, n))
-        deltas[idx, :, c0 + idx] = h[:, c0:c1].T
+        deltas[idx, :, cols] = h[:, cols].T
         outs, moved = shifted_all(fwd, xs, dtype, {wrt: deltas.reshape((c1 - c0,) + x.shape)}, of)
         flat = moved[wrt].reshape(4, c1 - c0, samples, n)
-        spans = np.stack([flat[t][idx, :, c0 + idx] for t in range(4)])  # (4, kc, S)
+        spans = np.stack([flat[t][idx, :, cols] for t in range(4)])  # (4, kc, S)
         if np.any(spans[0] == spans[1]) or np.any(spans[2] == spans[3]):
             raise InputError(f"the finite-difference step {rel:g} is too small for {np.dtype(dtype)}: x ± h rounds to x")
         yield c0, c1, {o: richardson(f0[o], outs[o], spans, eps, None if noise is None else noise[o]) for o in of}
