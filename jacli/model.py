@@ -32,6 +32,7 @@ import numpy as np
 from .errors import InputError
 
 Arrays = Mapping[str, np.ndarray]
+FOLDED = "folded"  # ``strategy=`` of vjp/jvp per sample: the k seeds folded into the batch, whatever the backend maps
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,9 @@ class Model(abc.ABC):
     # a forward pass returned exactly ``outputs`` (names, per-sample shapes, dtypes): plans
     # may then take output shapes from the signature instead of running one
     signature_confirmed: bool = field(default=False, repr=False, compare=False)
+    # each map strategy (``strategies``) is a graph of its own, traced on first use (TensorFlow:
+    # seconds, and 50-200 MB resident for a Keras application): for a few calls, folding is cheaper
+    traced_maps = False
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod
@@ -178,7 +182,7 @@ class Model(abc.ABC):
             )
         while True:  # until a strategy takes it (a backend drops one that raises MapUnavailable)
             strategies = self._map_strategies(prim) if fits else ()
-            if per_sample and not strategies:
+            if per_sample and (not strategies or strategy == FOLDED):
                 return self._folded(prim, xs, seeds, names)
             if k == 1:
                 return {n: v[None] for n, v in prim(xs, {n: v[0] for n, v in seeds.items()}, names).items()}

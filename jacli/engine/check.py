@@ -42,7 +42,7 @@ from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
 from . import rejudge
-from .fd import Estimate, default_eps, estimate_columns, forward_cost, forward_fn, in_pieces, rounding_noise
+from .fd import Estimate, default_eps, estimate_columns, forward_cost, forward_fn, in_pieces, left, resident, rounding_noise
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
@@ -250,8 +250,9 @@ def check(
     ``mode``: the AD exercised — "forward" (JVPs), "reverse" (VJPs: every entry from VJP
     rows, directions as <Jᵀc, t> against FD of <c, f(x + ht)>) or "auto" (every entry in
     ``plan.mode``, directions by JVP and VJP; reverse alone where the model has no forward
-    mode, with a note). ``budget``: bytes of working memory, the FD forward calls included.
-    ``progress(n)`` is called with the number of samples just finished."""
+    mode, with a note). ``budget``: bytes of working memory, the FD forward calls included,
+    and what the set-up leaves resident (a float64 copy of the model, traced graphs:
+    ``fd.left``). ``progress(n)`` is called with the number of samples just finished."""
     if not plan.batch:
         raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
     validate(rtol, atol, eps, directions)
@@ -259,6 +260,7 @@ def check(
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
     if not model.supports_ad:
         raise _no_ad(model._no_ad())
+    start = resident()
     fwd, fd_dtype, notes = fd_forward(model, plan)
     tol = tolerance(plan.dtype, fd_dtype, rtol, atol, eps)
     result = CheckResult("directions" if directions else "columns", tol, directions, notes=notes)
@@ -273,17 +275,19 @@ def check(
     if not directions and mode in ("forward", "reverse"):
         plan = dataclasses.replace(plan, mode=mode)
     result.mode = (mode if mode != "auto" else "forward") if directions else plan.mode
+    room = lambda: left(budget, start)  # noqa: E731 — the budget less what is resident since the start
     one = {k: v[:1] for k, v in plan.xs.items()}
     per_sample = forward_cost(fwd, one)  # the FD forward calls are cut to fit half the budget
-    fwd = in_pieces(fwd, max(1, (budget // 2) // per_sample))
     tally = _Tally(plan.samples, tol)
     try:
         if directions:
             from . import directions as by_directions  # (it imports this module)
 
-            by_directions.run(model, plan, fwd, tol, directions, seed, tally, budget, progress, result.mode, per_sample)
+            by_directions.run(model, plan, fwd, tol, directions, seed, tally, room, progress, result.mode, per_sample)
         else:
-            _columns(model, plan, fwd, tol, tally, budget, progress, seed)
+            working = room()
+            _columns(model, plan, in_pieces(fwd, max(1, (working // 2) // per_sample)), tol, tally, working, progress,
+                     seed)
     except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
         raise _no_ad(e) from None
     result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved

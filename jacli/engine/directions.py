@@ -17,15 +17,18 @@ import numpy as np
 from . import jacobian as jac
 from . import rejudge, strategies
 from .check import Tolerance, _resolution, _Tally, _width
-from .fd import Estimate, estimate_directions, rounding_noise
+from .fd import Estimate, estimate_directions, in_pieces, rounding_noise
 
 
-def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _Tally, budget: int, progress,
+def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _Tally, room, progress,
         mode: str, per_sample: int) -> None:
     """Judge ``k`` directions per sample into ``tally``; ``mode``: "forward" or "reverse";
-    ``per_sample``: the measured bytes of one sample's forward pass."""
+    ``per_sample``: the measured bytes of one sample's forward pass; ``room()``: the bytes of
+    working memory left now, asked again for every group (the graphs a framework traces for
+    the first group's JVP and VJP come off the FD pieces of the next)."""
     rng = np.random.default_rng([seed, 2])
     width = _width(plan)
+    budget = room()
     fit = max(1, (budget // 2) // (4 * width * 8 * 8))  # (direction, sample) pairs whose FD points fit
     fit = max(1, min(fit, (budget // 2) // (3 * per_sample)))  # ... and whose JVP/VJP seeds do
     step = int(max(1, min(plan.samples, fit)))
@@ -35,13 +38,14 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, k: int, seed: int, tally: _T
         xs = {n: v[s0:s1] for n, v in plan.xs.items()}
         for k0 in range(0, k, group):
             kg = min(group, k - k0)
+            pieces = in_pieces(fwd, max(1, ((budget if k0 == s0 == 0 else room()) // 2) // per_sample))
             z = {i: rng.standard_normal((kg,) + xs[i].shape) for i in plan.wrt}
             norm = np.sqrt(sum(np.square(v).reshape(kg, s1 - s0, -1).sum(axis=2) for v in z.values()))  # (k, S)
             tangents = {i: v / norm.reshape(norm.shape + (1,) * (v.ndim - 2)) * np.maximum(np.abs(xs[i].astype(
                 np.float64)), 1) for i, v in z.items()}
             cts = {o: rng.standard_normal((kg, *plan.ys[o][s0:s1].shape)).astype(plan.ys[o].dtype) for o in plan.of}
-            entries, adjoint = _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0)
-            at = partial(_judged_at, model, plan, fwd, tol, tangents, cts, mode, s0)  # a switch point nearby?
+            entries, adjoint = _group(model, plan, pieces, xs, tol, tangents, cts, mode, s0)
+            at = partial(_judged_at, model, plan, pieces, tol, tangents, cts, mode, s0)  # a switch point nearby?
             switched = rejudge.again(tally, [e[1:4] for e in entries], at, xs, plan.wrt, rng, unit=_per_direction)
             switched = switched[:, None, :]
             for of, a, est, tol_abs, shape in entries:
@@ -86,14 +90,14 @@ def _group(model, plan, fwd, xs, tol, tangents, cts, mode, s0):
 def _forward_group(model, plan, xs, tol, est, t, cts, res):
     """J·v by JVP against FD entry by entry; the terms of <J v, c> = <v, Jᵀc> by the VJP."""
     kg, samples = next(iter(t.values())).shape[:2]
-    jv = strategies.jvp(model, xs, t, plan.of, per_sample=True)  # output -> (k, S, *out)
+    jv = strategies.jvp(model, xs, t, plan.of, per_sample=True, few=True)  # output -> (k, S, *out)
     entries = []
     for o in plan.of:
         a = np.moveaxis(jv[o].reshape(kg, samples, -1), 0, -1)  # (S, m, k)
         row = np.abs(est[o].value).max(axis=2)
         tol_abs = tol.rtol * row[:, :, None] + res[o] if tol.atol is None else tol.atol
         entries.append((o, a, est[o], tol_abs, plan.ys[o].shape[1:]))
-    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
+    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True, few=True)  # input -> (k, S, *in)
     (lhs, lscale), (rhs, rscale) = _dots({o: jv[o] for o in plan.of}, cts, kg), _dots(t, grads, kg)
     floor = sum((np.abs(cts[o]).reshape(kg, samples, -1) * np.moveaxis(res[o], -1, 0)).sum(axis=2) for o in plan.of)
     return entries, (lhs, rhs, lscale + rscale, floor)
@@ -105,7 +109,7 @@ def _reverse_group(model, plan, xs, tol, est, t, cts, res):
     from the terms' magnitudes Σ|c|·|J v|, so that cancellation in the sum is not judged
     against a small total."""
     kg, samples = next(iter(t.values())).shape[:2]
-    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True)  # input -> (k, S, *in)
+    grads = strategies.vjp(model, xs, cts, plan.wrt, per_sample=True, few=True)  # input -> (k, S, *in)
     ad = _dots(t, grads, kg)[0].T[:, None, :]  # (S, 1, k)
     c = {o: np.moveaxis(cts[o].astype(np.float64).reshape(kg, samples, -1), 0, -1) for o in plan.of}  # (S, m, k)
 
