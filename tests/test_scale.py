@@ -84,7 +84,10 @@ def test_sample_blocks_and_seed_blocks_follow_the_budget(weights):
     x = np.random.default_rng(0).standard_normal((300, 500)).astype(np.float32)
     p = jacli.api.plan(model, x)
     assert jac.sample_block(p, budget=1 * MiB) == (MiB // 2) // (10 * 500 * 4)  # 26 samples in half the budget
-    assert jac.sample_block(p, budget=1 << 40) == min(300, jac.BLOCK_BYTES // (10 * 500 * 4))
+    assert jac.sample_block(p, budget=1 << 40) == min(300, jac.BLOCK_BYTES // (10 * 500 * 4)) // 2
+    # one call then takes all 10 rows of 300 samples: its seeds and results (10 x 510 floats a
+    # sample) fit CALL_BYTES for 205 samples, so two even blocks of 150
+    assert jac.CALL_BYTES // (10 * 510 * 4) == 205 and jac.seed_block(p, 150, budget=1 << 40) >= 10
     assert jac.seed_block(p, 26, budget=1 * MiB) < jac.seed_block(p, 26, budget=64 * MiB)
     done = []
     J = jacli.api.compute(model, p, method="ad", max_memory=1 * MiB, progress=done.append)
@@ -94,6 +97,36 @@ def test_sample_blocks_and_seed_blocks_follow_the_budget(weights):
     ref = mlp_jacobian(weights, x[picks])
     assert [J.summaries[i].frobenius for i in picks] == pytest.approx(np.linalg.norm(ref, axis=(1, 2)), rel=1e-4)
     np.testing.assert_allclose(jacli.jacobian(model, x, max_memory=1 * MiB)[picks], ref, atol=2e-5)
+
+
+def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_bytes():
+    """64 x 64 per sample (the Conv1d net's shape): one call takes all 64 rows of 256
+    samples; their seeds and results (128 floats a row) would be 8 MiB, so two blocks of 128,
+    and 200 samples in two blocks of 100 (even, not 128 + 72)."""
+    from jacli.model import Model, TensorSpec
+
+    W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+
+    class Square(Model):
+        def _forward(self, xs):
+            return {"y": xs["x"] @ W.T}
+
+        def _vjp(self, xs, cts, wrt):
+            self.sizes.append(len(xs["x"]))
+            return {"x": cts["y"] @ W}
+
+    model = Square(path="-", format="test", backend="numpy", inputs=[TensorSpec("x", (None, 64), "float32")],
+                   outputs=[TensorSpec("y", (None, 64), "float32")])
+    model.sizes = []
+    for samples, block in ((256, 128), (200, 100), (100, 100)):
+        x = np.ones((samples, 64), np.float32)
+        p = jacli.api.plan(model, x, mode="reverse")
+        assert jac.sample_block(p, budget=1 << 40) == block
+        assert block * 64 * 128 * 4 <= jac.CALL_BYTES and jac.seed_block(p, block, budget=1 << 40) >= 64
+        model.sizes.clear()
+        np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse", max_memory=1 << 40),
+                                      np.broadcast_to(W, (samples, 64, 64)))
+        assert model.sizes == [64 * block] * (samples // block)  # one folded call per block: all 64 rows
 
 
 def test_forward_mode_seeds_stay_within_a_block_on_wide_inputs(weights):

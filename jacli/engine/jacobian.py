@@ -41,6 +41,12 @@ DEFAULT_BUDGET = default_budget()  # bytes of working memory (--max-memory)
 # the seeds/results of one backend call. Below glibc's largest mmap threshold (32 MiB), the
 # allocator recycles such arrays instead of mapping (and page-faulting) fresh memory.
 BLOCK_BYTES = 8 << 20
+# One backend call's seeds and results over its k x S rows (or columns): the model's own
+# intermediates are a few times that (2x on the Conv1d and transformer nets of the real-model
+# tables), and past ~8-16 MiB a tensor glibc hands back to the kernel on free is page-faulted
+# in again on every call: 14,000 faults (56 MiB) a call on the Conv1d net at batch 256 in one
+# call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 (issue 15).
+CALL_BYTES = 4 << 20
 _INTERMEDIATES = 8  # working memory per seed, in multiples of one input + output sample
 # forward mode holds a tangent for every layer's activation per column (dual tensors, pfor):
 # measured 26x (torch) to 120x (TensorFlow) one input sample on MobileNetV3-small
@@ -312,12 +318,21 @@ def _choose(asked, default, available, what, flag) -> list[str]:
     return list(asked)
 
 
-def sample_block(plan: Plan, budget: int | None = None) -> int:
+def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None) -> int:
     """How many samples to hold at once: their Jacobian buffers fit in half the budget and
-    in BLOCK_BYTES (larger blocks only cost memory and page faults)."""
+    in BLOCK_BYTES (larger blocks only cost memory and page faults). Where one backend call
+    then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
+    in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
+    number of calls (each still takes every row), on smaller tensors."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
-    return int(max(1, min(plan.samples, cap // max(per_sample, 1))))
+    step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
+    outs, ins = plan.elements
+    rows = outs if plan.mode == "reverse" else ins
+    if seed_block(plan, step, budget, chunk) < rows:
+        return step
+    fits = max(1, CALL_BYTES // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
+    return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
 
 
 def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int | None = None) -> int:
@@ -366,7 +381,7 @@ def run(
                 f"one {what}'s Jacobian takes {size_text(plan.sample_bytes)}, more than the memory budget "
                 f"({size_text(budget)}); raise --max-memory"
             )
-    step = sample_block(plan, budget) if plan.batch else 1
+    step = sample_block(plan, budget, chunk) if plan.batch else 1
     buffers = {} if in_place else {p.key: np.empty((step, p.m, p.n), plan.dtype) for p in plan.pairs}
     tuner = plan.modes if method == "ad" else None
     engine, start = strategies.memo(model), time.perf_counter()
