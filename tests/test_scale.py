@@ -105,28 +105,36 @@ def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_byt
     and 200 samples in two blocks of 100 (even, not 128 + 72)."""
     from jacli.model import Model, TensorSpec
 
-    W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    class Linear(Model):
+        def __init__(self, W):
+            super().__init__(path="-", format="test", backend="numpy",
+                             inputs=[TensorSpec("x", (None, W.shape[1]), "float32")],
+                             outputs=[TensorSpec("y", (None, W.shape[0]), "float32")])
+            self.W, self.sizes = W, []
 
-    class Square(Model):
         def _forward(self, xs):
-            return {"y": xs["x"] @ W.T}
+            return {"y": xs["x"] @ self.W.T}
 
         def _vjp(self, xs, cts, wrt):
             self.sizes.append(len(xs["x"]))
-            return {"x": cts["y"] @ W}
+            return {"x": cts["y"] @ self.W}
 
-    model = Square(path="-", format="test", backend="numpy", inputs=[TensorSpec("x", (None, 64), "float32")],
-                   outputs=[TensorSpec("y", (None, 64), "float32")])
-    model.sizes = []
+    W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    model = Linear(W)
     for samples, block in ((256, 128), (200, 100), (100, 100)):
         x = np.ones((samples, 64), np.float32)
-        p = jacli.api.plan(model, x, mode="reverse")
+        p = jac.plan(model, {"x": x}, mode="reverse")
         assert jac.sample_block(p, budget=1 << 40) == block
         assert block * 64 * 128 * 4 <= jac.CALL_BYTES and jac.seed_block(p, block, budget=1 << 40) >= 64
         model.sizes.clear()
         np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse", max_memory=1 << 40),
                                       np.broadcast_to(W, (samples, 64, 64)))
         assert model.sizes == [64 * block] * (samples // block)  # one folded call per block: all 64 rows
+    # an image-net shape, 2 rows of 12,288 columns: 85 samples' Jacobians fill BLOCK_BYTES, and
+    # their one call (170 rows, fewer than CALL_ROWS) is not split although it passes CALL_BYTES
+    p = jac.plan(Linear(np.ones((2, 12288), np.float32)), {"x": np.ones((100, 12288), np.float32)}, mode="reverse")
+    assert jac.sample_block(p, budget=1 << 40) == jac.BLOCK_BYTES // (2 * 12288 * 4) == 85
+    assert 85 * 2 * 12290 * 4 > jac.CALL_BYTES and 85 * 2 < jac.CALL_ROWS
 
 
 def test_forward_mode_seeds_stay_within_a_block_on_wide_inputs(weights):

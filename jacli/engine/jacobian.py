@@ -47,6 +47,10 @@ BLOCK_BYTES = 8 << 20
 # in again on every call: 14,000 faults (56 MiB) a call on the Conv1d net at batch 256 in one
 # call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 (issue 15).
 CALL_BYTES = 4 << 20
+# ... where a call has this many rows (k x S) at least: a call of few rows, each much work (an
+# image net's 10 rows a sample), costs by its operators' count, which more blocks multiply
+# (EfficientNet-B0 at batch 16 in two blocks: k backward passes 829 -> 1533 ms, vmapped 1427 -> 1110)
+CALL_ROWS = 1024
 _INTERMEDIATES = 8  # working memory per seed, in multiples of one input + output sample
 # forward mode holds a tangent for every layer's activation per column (dual tensors, pfor):
 # measured 26x (torch) to 120x (TensorFlow) one input sample on MobileNetV3-small
@@ -323,13 +327,14 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     in BLOCK_BYTES (larger blocks only cost memory and page faults). Where one backend call
     then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
     in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
-    number of calls (each still takes every row), on smaller tensors."""
+    number of calls (each still takes every row), on smaller tensors (not for calls of
+    fewer than CALL_ROWS rows)."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
     step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
     outs, ins = plan.elements
     rows = outs if plan.mode == "reverse" else ins
-    if seed_block(plan, step, budget, chunk) < rows:
+    if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows:
         return step
     fits = max(1, CALL_BYTES // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
     return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
