@@ -28,15 +28,15 @@ class Clock:
 
 
 class Costly(Model):
-    """y = x A^T (m == n == 4, or m = 3 n with ``wide``) whose VJPs and JVPs cost what
+    """y = x A^T (m == n == 4, m = ``rows``, or m = 3 n with ``wide``) whose VJPs and JVPs cost what
     ``cost`` says (seconds per call, on the fake clock); records the mode of each call."""
 
-    def __init__(self, clock: Clock, cost: dict, wide: bool = False, no_forward: str = ""):
-        rows = 12 if wide else 4
+    def __init__(self, clock: Clock, cost: dict, wide: bool = False, no_forward: str = "", rows: int = 4):
+        rows = 12 if wide else rows
         super().__init__(path="-", format="test", backend="numpy",
                          inputs=[TensorSpec("x", (None, 4), "float32")],
                          outputs=[TensorSpec("y", (None, rows), "float32")])
-        self.A = np.tile(A, (3, 1)) if wide else A
+        self.A = np.tile(A, (3, 1))[:rows]
         self.clock, self.cost, self.no_forward, self.used = clock, cost, no_forward, []
 
     def _forward(self, xs):
@@ -132,6 +132,11 @@ def test_a_mode_the_model_lacks_is_dropped_without_a_note(clock):
     assert not jacli.api.plan(model, X).notes
     (tuner,) = strategies.memo(model).modes.values()
     assert tuner.winner() == "reverse" and tuner.pick() == "reverse"
+    # forward mode is the shape's (6 rows, 4 columns): the first plan says it is unavailable, once
+    model = Costly(clock, {"reverse": 0.040, "forward": 0.001}, no_forward="always", rows=6)
+    notes = [jacli.api.plan(model, X).notes for _ in range(3)]
+    assert len(notes[0]) == 1 and "forward mode is unavailable" in notes[0][0] and notes[1:] == [[], []]
+    assert modes_used(model, 4) == ["reverse"] * 4
     # the probe passes, the whole batch fails: the run starts again in the shape's mode
     model = Costly(clock, {"reverse": 0.040, "forward": 0.001}, no_forward="batched")
     for _ in range(5):

@@ -256,9 +256,10 @@ def reverse_if_no_forward(model: Model, plan: Plan) -> Plan:
         return plan
     except UnsupportedError as e:
         reason = str(e).split("; use --mode reverse")[0]
-    if plan.modes and plan.modes.strategies[0] == "reverse":  # forward mode was only on trial
+    if plan.modes:
         plan.modes.exclude("forward")
-        return dataclasses.replace(plan, mode="reverse")
+        if plan.modes.strategies[0] == "reverse":  # forward mode was only on trial
+            return dataclasses.replace(plan, mode="reverse")
     ys = model.forward(xs)
     try:
         model.vjp(xs, {o: np.ones((1, *ys[o].shape), ys[o].dtype) for o in plan.of}, plan.wrt, per_sample=plan.batch)
