@@ -91,8 +91,9 @@ def test_the_measured_faster_mode_is_kept_where_rows_equal_columns(clock):
                                                           "forward": pytest.approx(0.060 / 5)}
 
 
-def test_a_warm_up_run_is_not_compared():
-    """A mode's first run may build a derivative graph (ONNX) or trace: 100x slower once."""
+def test_a_slow_warm_up_run_does_not_rule_a_mode_out():
+    """A mode's first run may build a derivative graph (ONNX) or trace: 100x slower once
+    (a strategy tuner would give it no second trial: HOPELESS)."""
     tuner = strategies.Tuner(("reverse", "forward"), warmup=True)
     used = []
     for _ in range(10):

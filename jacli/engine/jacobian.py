@@ -410,6 +410,7 @@ def run(
         if progress:
             progress(s1 - s0)
     # timed in its strategies' usual choice, it is a fair time for the mode; else a warm-up at most
+    # (the best of a mode's runs counts, and a second one follows)
     if tuner and (engine.trials == trials or not tuner.runs[plan.mode]):
         tuner.record(plan.mode, time.perf_counter() - start, plan.samples)
 

@@ -54,8 +54,8 @@ class Tuner:
 
     def __init__(self, strategies: Sequence[str], warmup: bool = False):
         self.strategies = tuple(strategies)
-        # warmup: each one's first run only warms it up (it may build a derivative graph, or
-        # trace): its time is not compared; the strategies are tried in order, each twice
+        # warmup: a first run may be only a warm-up (building a derivative graph, tracing), so
+        # no first run rules a strategy out (HOPELESS); they are tried in order, each twice
         self.warmup = warmup
         self.runs = {s: 0 for s in self.strategies}
         self.best = {s: math.inf for s in self.strategies}  # seconds per unit of work
@@ -105,8 +105,7 @@ class Tuner:
             self.first[strategy] = seconds / work
             self.opener = self.opener or strategy
         self.runs[strategy] += 1
-        if not (self.warmup and self.runs[strategy] == 1):
-            self.best[strategy] = min(self.best[strategy], seconds / work)
+        self.best[strategy] = min(self.best[strategy], seconds / work)
         self.spent += seconds
 
 
