@@ -11,7 +11,7 @@ import jacli
 import jacli.api
 from jacli.engine import jacobian as jac
 from jacli.engine import strategies
-from jacli.errors import UnsupportedError
+from jacli.errors import InputError, UnsupportedError
 from jacli.model import Model, TensorSpec
 
 A = np.arange(1.0, 17.0, dtype=np.float32).reshape(4, 4) / 10  # y = x A^T: J = A for every sample
@@ -50,6 +50,8 @@ class Costly(Model):
     def _jvp(self, xs, ts, of):
         if self.no_forward == "always" or (self.no_forward == "batched" and len(xs["x"]) > 1):
             raise UnsupportedError("operator Foo has no forward-mode rule; use --mode reverse")
+        if self.no_forward == "folded" and len(xs["x"]) > 5:  # k x B rows: a .pt2 file's batch bound
+            raise InputError("the model rejected the input: Guard failed: x.size()[0] <= 5")
         self.used.append("forward")
         self.clock.now += self.cost["forward"]
         return {"y": ts["x"] @ self.A.T}
@@ -138,15 +140,20 @@ def test_a_mode_the_model_lacks_is_dropped_without_a_note(clock):
     notes = [jacli.api.plan(model, X).notes for _ in range(3)]
     assert len(notes[0]) == 1 and "forward mode is unavailable" in notes[0][0] and notes[1:] == [[], []]
     assert modes_used(model, 4) == ["reverse"] * 4
-    # the probe passes, the whole batch fails: the run starts again in the shape's mode
-    model = Costly(clock, {"reverse": 0.040, "forward": 0.001}, no_forward="batched")
-    for _ in range(5):
-        plan = jac.plan(model, {"x": X}, tune=True)
-        sink = jac.ArraySink(plan)
-        jac.run(model, plan, sink)
-        np.testing.assert_allclose(sink.arrays["dy/dx"], np.broadcast_to(A, (5, 4, 4)), rtol=1e-6)
-    assert plan.mode == "reverse" and strategies.memo(model).modes[next(iter(strategies.memo(model).modes))].runs[
-        "forward"] == strategies.TRIALS and model.used.count("forward") == 0
+    # the probe passes, the whole batch fails (no forward rule, or the folded batch too big for
+    # the model): the run starts again in the shape's mode
+    for lacks in ("batched", "folded"):
+        model = Costly(clock, {"reverse": 0.040, "forward": 0.001}, no_forward=lacks)
+        for _ in range(5):
+            plan = jac.plan(model, {"x": X}, tune=True)
+            sink = jac.ArraySink(plan)
+            jac.run(model, plan, sink)
+            np.testing.assert_allclose(sink.arrays["dy/dx"], np.broadcast_to(A, (5, 4, 4)), rtol=1e-6)
+        (tuner,) = strategies.memo(model).modes.values()
+        assert plan.mode == "reverse" and tuner.runs["forward"] == strategies.TRIALS and tuner.pick() == "reverse"
+    # an explicit forward mode still fails as it did
+    with pytest.raises(InputError, match="Guard failed"):
+        jacli.jacobian(model, X, mode="forward")
 
 
 class Mapped(Costly):

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, LimitationError, UnsupportedError, UserError
 from ..model import Model
 from ..system import available_memory
 from . import strategies
@@ -399,10 +399,12 @@ def run(
         try:
             for key, rows, cols, block in parts(model, plan, xs, seed_block(plan, s1 - s0, budget, chunk)):
                 bufs[key][:, rows, cols] = block
-        except UnsupportedError:
+        except (UserError, LimitationError, MemoryError):
             if not (tuner and s0 == 0 and plan.mode != tuner.strategies[0]):
                 raise
-            tuner.exclude(plan.mode)  # the other mode was only on trial: the shape's mode, from the start
+            # the other mode was only on trial (a model without forward mode may fold its JVPs
+            # past a size it accepts, say): the shape's mode, from the start, which says so if it fails too
+            tuner.exclude(plan.mode)
             other = dataclasses.replace(plan, mode=tuner.strategies[0], modes=None)
             return run(model, other, sink, method, chunk, budget, progress)
         for p in plan.pairs:
