@@ -11,9 +11,10 @@ float rounding. ``vjp``/``jvp`` here time every call and use the fastest seen.
 The same kind of tuner also chooses a Jacobian's mode (``modes``) where ``--mode auto`` and
 the shape do not decide: with the rows m and columns n within ``MODE_SPAN`` of each other,
 reverse mode (m/k VJPs) and forward mode (n/k JVPs) are both plausible, and which is faster
-depends on the model and backend (a 256 x 256 transformer block at batch 16: reverse 52 ms,
-forward 83 ms as TorchScript; 59 and 53 ms as ONNX). ``JACLI_STRATEGY`` set to anything turns
-that off too: the shape decides.
+depends on the model, the backend and the block sizes (a 256 x 256 transformer block at
+batch 16: reverse 52 ms, forward 83 ms as TorchScript; as ONNX, forward 53 ms, reverse 59 ms
+in one call, 70 and 58 ms in two). ``JACLI_STRATEGY`` set to anything turns that off too:
+the shape decides.
 """
 from __future__ import annotations
 
