@@ -21,7 +21,7 @@ MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a t
 
 ONNX Runtime has no autodiff: jacli-onnx is set against the best torch idiom of the same
 architecture. Methods are timed round-robin after a warm-up call (a burst of load hits
-all alike; jacli's methods get TUNER_CALLS more, its strategy tuner's trials), the minimum
+all alike; jacli's methods get TUNER_CALLS more, its tuners' trials), the minimum
 of the wall and of the CPU times is reported; every result is checked against ``vmap(jacrev)``
 (or ``batch_jacobian``) first.
 
@@ -300,9 +300,10 @@ def time_round_robin(methods: dict, x, min_time: float) -> tuple[dict[str, list[
 
 BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "tf batch_jacobian")
 # untimed calls of each jacli method after its first: the strategy tuner's other trials (two
-# runs of each of two strategies), which would otherwise take up the few timed runs of a
-# slow cell; the table is the steady state of a loop
-TUNER_CALLS = 3
+# runs of each of two strategies) and, where rows and columns are within 2x, the mode tuner's
+# (a timed run of the shape's mode, then a warm-up and a timed run of the other), which would
+# otherwise take up the few timed runs of a slow cell; the table is the steady state of a loop
+TUNER_CALLS = 6
 
 
 def best_idiom(row, clock: str = "ms") -> tuple[str, float]:

@@ -38,9 +38,11 @@ def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
 
 def plan(model: Model, x, wrt=None, of=None, mode: str = "auto", batch: bool = True) -> jac.Plan:
     """``mode="auto"`` picks the mode with fewer passes, and reverse mode where the model has
-    no forward mode (then ``plan.notes`` says so)."""
+    no forward mode (then ``plan.notes`` says so); where rows and columns are within 2x of
+    each other, the mode measured faster on the model's earlier Jacobians of these shapes
+    (unless ``JACLI_STRATEGY`` is set; see docs/performance.md)."""
     xs = as_inputs(model, x)
-    p = jac.plan(model, xs, _names(wrt), _names(of), mode=mode, batch=batch)
+    p = jac.plan(model, xs, _names(wrt), _names(of), mode=mode, batch=batch, tune=True)
     return jac.reverse_if_no_forward(model, p) if mode == "auto" else p
 
 

@@ -79,12 +79,16 @@ def test_jacobian_larger_than_budget_streams_in_bounded_memory(big_input, baseli
     assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []  # no scratch files left
 
 
-def test_sample_blocks_and_seed_blocks_follow_the_budget(weights):
+def test_sample_blocks_and_seed_blocks_follow_the_budget(weights, monkeypatch):
+    monkeypatch.setenv("JACLI_THREADS", "1")  # CALL_BYTES is per operator thread
     model = jacli.load(str(SAMPLES / "mlp.onnx"))
     x = np.random.default_rng(0).standard_normal((300, 500)).astype(np.float32)
     p = jacli.api.plan(model, x)
     assert jac.sample_block(p, budget=1 * MiB) == (MiB // 2) // (10 * 500 * 4)  # 26 samples in half the budget
-    assert jac.sample_block(p, budget=1 << 40) == min(300, jac.BLOCK_BYTES // (10 * 500 * 4))
+    assert jac.sample_block(p, budget=1 << 40) == min(300, jac.BLOCK_BYTES // (10 * 500 * 4)) // 2
+    # one call then takes all 10 rows of 300 samples: its seeds and results (10 x 510 floats a
+    # sample) fit CALL_BYTES for 205 samples, so two even blocks of 150
+    assert jac.CALL_BYTES // (10 * 510 * 4) == 205 and jac.seed_block(p, 150, budget=1 << 40) >= 10
     assert jac.seed_block(p, 26, budget=1 * MiB) < jac.seed_block(p, 26, budget=64 * MiB)
     done = []
     J = jacli.api.compute(model, p, method="ad", max_memory=1 * MiB, progress=done.append)
@@ -94,6 +98,50 @@ def test_sample_blocks_and_seed_blocks_follow_the_budget(weights):
     ref = mlp_jacobian(weights, x[picks])
     assert [J.summaries[i].frobenius for i in picks] == pytest.approx(np.linalg.norm(ref, axis=(1, 2)), rel=1e-4)
     np.testing.assert_allclose(jacli.jacobian(model, x, max_memory=1 * MiB)[picks], ref, atol=2e-5)
+
+
+def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_bytes(monkeypatch):
+    """64 x 64 per sample (the Conv1d net's shape), one operator thread: one call takes all 64
+    rows of 256 samples; their seeds and results (128 floats a row) would be 8 MiB, so two
+    blocks of 128, and 200 samples in two blocks of 100 (even, not 128 + 72); with 2 threads,
+    8 MiB, one block."""
+    from jacli.model import Model, TensorSpec
+
+    monkeypatch.setenv("JACLI_THREADS", "1")
+
+    class Linear(Model):
+        def __init__(self, W):
+            super().__init__(path="-", format="test", backend="numpy",
+                             inputs=[TensorSpec("x", (None, W.shape[1]), "float32")],
+                             outputs=[TensorSpec("y", (None, W.shape[0]), "float32")])
+            self.W, self.sizes = W, []
+
+        def _forward(self, xs):
+            return {"y": xs["x"] @ self.W.T}
+
+        def _vjp(self, xs, cts, wrt):
+            self.sizes.append(len(xs["x"]))
+            return {"x": cts["y"] @ self.W}
+
+    W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
+    model = Linear(W)
+    for samples, block in ((256, 128), (200, 100), (100, 100)):
+        x = np.ones((samples, 64), np.float32)
+        p = jac.plan(model, {"x": x}, mode="reverse")
+        assert jac.sample_block(p, budget=1 << 40) == block
+        assert block * 64 * 128 * 4 <= jac.CALL_BYTES and jac.seed_block(p, block, budget=1 << 40) >= 64
+        model.sizes.clear()
+        np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse", max_memory=1 << 40),
+                                      np.broadcast_to(W, (samples, 64, 64)))
+        assert model.sizes == [64 * block] * (samples // block)  # one folded call per block: all 64 rows
+    monkeypatch.setenv("JACLI_THREADS", "2")
+    assert jac.sample_block(jac.plan(model, {"x": np.ones((256, 64), np.float32)}, mode="reverse"), 1 << 40) == 256
+    monkeypatch.setenv("JACLI_THREADS", "1")
+    # an image-net shape, 2 rows of 12,288 columns: 85 samples' Jacobians fill BLOCK_BYTES, and
+    # their one call (170 rows, fewer than CALL_ROWS) is not split although it passes CALL_BYTES
+    p = jac.plan(Linear(np.ones((2, 12288), np.float32)), {"x": np.ones((100, 12288), np.float32)}, mode="reverse")
+    assert jac.sample_block(p, budget=1 << 40) == jac.BLOCK_BYTES // (2 * 12288 * 4) == 85
+    assert 85 * 2 * 12290 * 4 > jac.CALL_BYTES and 85 * 2 < jac.CALL_ROWS
 
 
 def test_forward_mode_seeds_stay_within_a_block_on_wide_inputs(weights):

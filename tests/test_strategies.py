@@ -1,6 +1,8 @@
 """The strategy tuner and the engine's per-model memory (jacli/engine/strategies.py): every
 map strategy gives the same Jacobian, the fastest is found, a much slower one is re-timed
-rarely, JACLI_STRATEGY pins one; and the thread policy (jacli/system.py)."""
+rarely, JACLI_STRATEGY pins one; both modes (which --mode auto times where the shape does
+not decide: tests/test_mode_choice.py) give the same Jacobian; and the thread policy
+(jacli/system.py)."""
 from __future__ import annotations
 
 import gc
@@ -114,12 +116,12 @@ class TwoWays(jacli.model.Model):
 def test_the_engine_finds_the_faster_strategy_and_keeps_its_memory_beside_the_model(monkeypatch):
     monkeypatch.delenv(strategies.PIN, raising=False)
     model, x = TwoWays(), np.ones((4, 3), np.float32)
-    for _ in range(10):
-        np.testing.assert_array_equal(jacli.jacobian(model, x), np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
+    for _ in range(10):  # reverse mode throughout (3 x 3: auto would also time forward mode, test_mode_choice)
+        np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse"), np.broadcast_to(2 * np.eye(3), (4, 3, 3)))
     assert model.used == ["slow", "fast", "slow", "fast"] + ["fast"] * 6
     assert not {"_plans", "_strategy_times"} & set(vars(model))  # nothing of the engine's on the model
     memo = strategies.memo(model)
-    assert memo.plans and [t.winner() for t in memo.tuners.values()] == ["fast"]
+    assert memo.plans and [t.winner() for t in memo.tuners.values()] == ["fast"] and not memo.modes
     key = id(model)
     del model, memo
     gc.collect()
@@ -228,6 +230,35 @@ def test_every_torch_strategy_gives_the_same_jacobian(torch_models, name, forwar
         blocks = np.stack([J[b, :, :, b] for b in range(2)])  # (2, *out) x (2, *in), per-sample shapes of rank 2
         np.testing.assert_allclose(blocks, want[:2], atol=2e-5 * scale, err_msg=s)
         np.testing.assert_allclose(J, whole["default"], atol=STRATEGY_RTOL * scale, err_msg=s)
+
+
+def test_both_modes_and_the_tuned_auto_mode_give_the_same_jacobian(torch_models, tmp_path, monkeypatch):
+    """Rows == columns (2x5 by 3x5 is 10 x 15, within MODE_SPAN): auto times both modes;
+    whichever it runs, traced and as ONNX, the Jacobian is the same within STRATEGY_RTOL."""
+    import torch
+
+    monkeypatch.delenv(strategies.PIN, raising=False)
+    path, shape, reference = torch_models["conv1d"]
+    onnx_path = tmp_path / "conv1d.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(torch.jit.load(str(path)), (torch.zeros(2, *shape),), str(onnx_path), dynamo=False,
+                          opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    x = np.random.default_rng(5).standard_normal((4, *shape)).astype(np.float32)
+    want = reference(x)
+    scale = np.abs(want).max()
+    for file in (path, onnx_path):
+        model = jacli.load(str(file))
+        got = {m: jacli.jacobian(model, x, mode=m) for m in ("reverse", "forward")}
+        for _ in range(12):  # the tuner's trials: reverse (the shape's mode) twice (after the strategy
+            got[f"auto {jacli.api.plan(model, x).mode}"] = jacli.jacobian(model, x)  # tuner's), then forward
+            if "auto forward" in got:
+                break
+        assert {"auto reverse", "auto forward"} <= set(got), file
+        for m, J in got.items():
+            np.testing.assert_allclose(J, want, atol=2e-5 * scale, err_msg=f"{file.suffix} {m}")
+            np.testing.assert_allclose(J, got["reverse"], atol=STRATEGY_RTOL * scale, err_msg=f"{file.suffix} {m}")
 
 
 def test_every_tensorflow_strategy_gives_the_same_jacobian(weights, monkeypatch):

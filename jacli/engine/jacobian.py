@@ -16,16 +16,17 @@ column) block goes to the sink as soon as it is computed.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from math import prod
+from math import inf, prod
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import InputError, UnsupportedError
+from ..errors import InputError, LimitationError, UnsupportedError, UserError
 from ..model import Model
-from ..system import available_memory
+from ..system import available_memory, thread_count
 from . import strategies
 
 
@@ -40,6 +41,18 @@ DEFAULT_BUDGET = default_budget()  # bytes of working memory (--max-memory)
 # the seeds/results of one backend call. Below glibc's largest mmap threshold (32 MiB), the
 # allocator recycles such arrays instead of mapping (and page-faulting) fresh memory.
 BLOCK_BYTES = 8 << 20
+# One backend call's seeds and results over its k x S rows (or columns), per operator thread:
+# the model's own intermediates are a few times that (2x on the Conv1d and transformer nets of
+# the real-model tables), and past ~8-16 MiB a tensor glibc hands back to the kernel on free is
+# page-faulted in again on every call: 14,000 faults (56 MiB) a call on the Conv1d net at batch
+# 256 in one call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 with one
+# thread (issue 15). Threads share the faults but pay per operator to meet: with 2 threads the
+# smaller blocks were slower (the transformer block at 256: 2081 -> 3200 ms CPU in blocks of 8).
+CALL_BYTES = 4 << 20
+# ... where a call has this many rows (k x S) at least: a call of few rows, each much work (an
+# image net's 10 rows a sample), costs by its operators' count, which more blocks multiply
+# (EfficientNet-B0 at batch 16 in two blocks: k backward passes 829 -> 1533 ms, vmapped 1427 -> 1110)
+CALL_ROWS = 1024
 _INTERMEDIATES = 8  # working memory per seed, in multiples of one input + output sample
 # forward mode holds a tangent for every layer's activation per column (dual tensors, pfor):
 # measured 26x (torch) to 120x (TensorFlow) one input sample on MobileNetV3-small
@@ -87,6 +100,8 @@ class Plan:
     dtype: np.dtype
     outputs: Callable[[], dict[str, np.ndarray]] = field(repr=False, compare=False)
     notes: list[str] = field(default_factory=list, repr=False, compare=False)  # e.g. why not the mode asked for
+    # the tuner that chose ``mode`` (auto, rows and columns within MODE_SPAN): ``run`` times the work for it
+    modes: strategies.Tuner | None = field(default=None, repr=False, compare=False)
     sample_bytes: int = field(init=False)
     elements: tuple[int, int] = field(init=False)
     _shapes: tuple[dict, dict] = field(init=False, repr=False, compare=False)
@@ -160,16 +175,20 @@ def plan(
     of: Sequence[str] | None = None,
     mode: str = "auto",
     batch: bool = True,
+    tune: bool = False,
 ) -> Plan:
     """Shapes, pairs, mode and dtype of the Jacobian of ``model`` at ``xs``, from one forward
-    pass, or from the model's signature once a forward pass has confirmed it."""
+    pass, or from the model's signature once a forward pass has confirmed it. ``mode="auto"``
+    takes the mode with fewer products (reverse if rows <= columns); with ``tune``, where
+    rows and columns are within ``strategies.MODE_SPAN`` of each other, the mode measured
+    faster on this model's earlier Jacobians of the same pairs (``strategies.modes``)."""
     xs = {k: np.asarray(v) for k, v in xs.items()}
     key = None
     if batch and model.signature_confirmed:  # then a plan depends only on these (repeated calls are common)
         key = (tuple((k, v.shape, v.dtype.str) for k, v in xs.items()), tuple(wrt or ()), tuple(of or ()), mode)
         hit = strategies.memo(model).plans.get(key)
         if hit is not None:
-            return Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs))
+            return _tuned(model, Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs)), mode, tune)
     known = _signature(model, xs) if batch else None
     if known is None:
         key = None  # shapes from a forward pass: they may depend on more than the input shapes
@@ -199,6 +218,7 @@ def plan(
         out_shape = {o: known[o][0] for o in of}
         in_shape = {i: xs[i].shape for i in wrt}
     pairs = [Pair(o, i, out_shape[o], in_shape[i], samples if batch else None) for o in of for i in wrt]
+    asked = mode
     if mode == "auto":
         rows = sum(prod(out_shape[o]) for o in of)
         cols = sum(prod(in_shape[i]) for i in wrt)
@@ -211,7 +231,18 @@ def plan(
         if len(plans) >= 64:
             plans.clear()
         plans[key] = (wrt, of, pairs, batch, samples, mode, dtype)
-    return Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs)
+    return _tuned(model, Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs), asked, tune)
+
+
+def _tuned(model: Model, plan: Plan, asked: str, tune: bool) -> Plan:
+    """``plan`` (in the mode the shape suggests), or, for an auto mode that the shape does
+    not decide, in the mode its tuner picks, with the tuner."""
+    rows, cols = plan.elements
+    if not tune or asked != "auto" or max(rows, cols) > strategies.MODE_SPAN * min(rows, cols):
+        return plan
+    work = tuple((p.key, p.out_shape, p.in_shape) for p in plan.pairs)
+    tuner = strategies.modes(model, (work, plan.batch, plan.dtype.str, plan.samples.bit_length() // 4), plan.mode)
+    return plan if tuner is None else dataclasses.replace(plan, mode=tuner.pick(plan.samples), modes=tuner)
 
 
 def reverse_if_no_forward(model: Model, plan: Plan) -> Plan:
@@ -219,14 +250,18 @@ def reverse_if_no_forward(model: Model, plan: Plan) -> Plan:
     torch's CPU flash-attention kernel has no forward-mode rule) while reverse mode works,
     the same plan in reverse mode, with a note saying why. One JVP (and then one VJP) of
     one sample probes it."""
-    if plan.mode != "forward" or not model.supports_ad:
-        return plan
+    if plan.mode != "forward" or not model.supports_ad or (plan.modes and plan.modes.best["forward"] < inf):
+        return plan  # (a tuner that has timed forward mode knows it works)
     xs = {k: v[:1] for k, v in plan.xs.items()} if plan.batch else plan.xs
     try:
         model.jvp(xs, {i: np.ones((1, *xs[i].shape), xs[i].dtype) for i in plan.wrt}, plan.of, per_sample=plan.batch)
         return plan
     except UnsupportedError as e:
         reason = str(e).split("; use --mode reverse")[0]
+    if plan.modes:
+        plan.modes.exclude("forward")
+        if plan.modes.strategies[0] == "reverse":  # forward mode was only on trial
+            return dataclasses.replace(plan, mode="reverse")
     ys = model.forward(xs)
     try:
         model.vjp(xs, {o: np.ones((1, *ys[o].shape), ys[o].dtype) for o in plan.of}, plan.wrt, per_sample=plan.batch)
@@ -290,12 +325,29 @@ def _choose(asked, default, available, what, flag) -> list[str]:
     return list(asked)
 
 
-def sample_block(plan: Plan, budget: int | None = None) -> int:
+def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None) -> int:
     """How many samples to hold at once: their Jacobian buffers fit in half the budget and
-    in BLOCK_BYTES (larger blocks only cost memory and page faults)."""
+    in BLOCK_BYTES (larger blocks only cost memory and page faults). Where one backend call
+    then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
+    in blocks of even size, so that its seeds and results fit in CALL_BYTES per operator
+    thread: the same number of calls (each still takes every row), on smaller tensors (not
+    for calls of fewer than CALL_ROWS rows)."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
-    return int(max(1, min(plan.samples, cap // max(per_sample, 1))))
+    step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
+    outs, ins = plan.elements
+    rows = outs if plan.mode == "reverse" else ins
+    if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows:
+        return step
+    fits = max(1, CALL_BYTES * _threads() // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
+    return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
+
+
+def _threads() -> int:
+    try:
+        return thread_count()
+    except ValueError:  # a bad JACLI_THREADS: the backend says so
+        return 1
 
 
 def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int | None = None) -> int:
@@ -344,18 +396,34 @@ def run(
                 f"one {what}'s Jacobian takes {size_text(plan.sample_bytes)}, more than the memory budget "
                 f"({size_text(budget)}); raise --max-memory"
             )
-    step = sample_block(plan, budget) if plan.batch else 1
+    step = sample_block(plan, budget, chunk) if plan.batch else 1
     buffers = {} if in_place else {p.key: np.empty((step, p.m, p.n), plan.dtype) for p in plan.pairs}
+    tuner = plan.modes if method == "ad" else None
+    engine, start = strategies.memo(model), time.perf_counter()
+    trials = engine.trials
     for s0 in range(0, plan.samples, step):
         s1 = min(plan.samples, s0 + step)
         xs = {k: v[s0:s1] for k, v in plan.xs.items()} if plan.batch else plan.xs
         bufs = {p.key: in_place(p.key, s0, s1) if in_place else buffers[p.key][: s1 - s0] for p in plan.pairs}
-        for key, rows, cols, block in parts(model, plan, xs, seed_block(plan, s1 - s0, budget, chunk)):
-            bufs[key][:, rows, cols] = block
+        try:
+            for key, rows, cols, block in parts(model, plan, xs, seed_block(plan, s1 - s0, budget, chunk)):
+                bufs[key][:, rows, cols] = block
+        except (UserError, LimitationError, MemoryError):
+            if not (tuner and s0 == 0 and plan.mode != tuner.strategies[0]):
+                raise
+            # the other mode was only on trial (a model without forward mode may fold its JVPs
+            # past a size it accepts, say): the shape's mode, from the start, which says so if it fails too
+            tuner.exclude(plan.mode)
+            other = dataclasses.replace(plan, mode=tuner.strategies[0], modes=None)
+            return run(model, other, sink, method, chunk, budget, progress)
         for p in plan.pairs:
             sink.write(p.key, s0, s1, bufs[p.key].reshape((s1 - s0,) + p.out_shape + p.in_shape))
         if progress:
             progress(s1 - s0)
+    # timed in its strategies' usual choice, it is a fair time for the mode; else a warm-up at most
+    # (the best of a mode's runs counts, and a second one follows)
+    if tuner and (engine.trials == trials or not tuner.runs[plan.mode]):
+        tuner.record(plan.mode, time.perf_counter() - start, plan.samples)
 
 
 def in_parts(plan: Plan, budget: int | None = None) -> bool:

@@ -7,6 +7,14 @@ torch.func's vmap over one VJP, or k backward passes through one recorded forwar
 they differ in speed, by up to 20x either way depending on the model's operators, and in
 float rounding. ``vjp``/``jvp`` here time every call and use the fastest seen.
 ``JACLI_STRATEGY=NAME`` pins one instead, for reproducible runs.
+
+The same kind of tuner also chooses a Jacobian's mode (``modes``) where ``--mode auto`` and
+the shape do not decide: with the rows m and columns n within ``MODE_SPAN`` of each other,
+reverse mode (m/k VJPs) and forward mode (n/k JVPs) are both plausible, and which is faster
+depends on the model, the backend and the block sizes (a 256 x 256 transformer block at
+batch 16: reverse 52 ms, forward 83 ms as TorchScript; as ONNX, forward 53 ms, reverse 59 ms
+in one call, 70 and 58 ms in two). ``JACLI_STRATEGY`` set to anything turns that off too:
+the shape decides.
 """
 from __future__ import annotations
 
@@ -25,6 +33,9 @@ PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty 
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
 HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
+# --mode auto times both modes when rows and columns are within this factor of each other: one
+# VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
+MODE_SPAN = 2
 
 
 class Tuner:
@@ -43,8 +54,11 @@ class Tuner:
     far, priced at its own best time: a strategy 2x slower than the winner is re-run about
     once in 64 calls, one 20x slower once in 640."""
 
-    def __init__(self, strategies: Sequence[str]):
+    def __init__(self, strategies: Sequence[str], warmup: bool = False):
         self.strategies = tuple(strategies)
+        # warmup: a first run may be only a warm-up (building a derivative graph, tracing), so
+        # no first run rules a strategy out (HOPELESS); they are tried in order, each twice
+        self.warmup = warmup
         self.runs = {s: 0 for s in self.strategies}
         self.best = {s: math.inf for s in self.strategies}  # seconds per unit of work
         self.first = dict(self.best)  # each one's first run, per unit of work
@@ -53,20 +67,35 @@ class Tuner:
         self.retried = 0.0  # seconds, re-timing calls only
 
     def pick(self, work: float = 1.0) -> str:
-        for s in sorted(self.strategies, key=self.runs.__getitem__):  # the fewest runs first
-            if self.runs[s] < TRIALS and not (self.runs[s] and self.hopeless(s)):
-                return s
+        trial = self.trial()
+        if trial:
+            return trial
         winner = self.winner()
         for s in sorted(self.strategies, key=self.runs.__getitem__):
             if s != winner and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
                 return s
         return winner
 
+    def trial(self) -> str | None:
+        """The strategy still owed a trial run, if any (the fewest runs first; with warmup,
+        in order)."""
+        order = self.strategies if self.warmup else sorted(self.strategies, key=self.runs.__getitem__)
+        for s in order:
+            if self.runs[s] < TRIALS and not (self.runs[s] and self.hopeless(s)):
+                return s
+        return None
+
     def hopeless(self, strategy: str) -> bool:
         """Its first run was ``HOPELESS`` times slower than another's first run, and it was
-        not the tuner's first call."""
+        not the tuner's first call (never with warmup: first runs are not compared)."""
         others = [t for o, t in self.first.items() if o != strategy]
-        return strategy != self.opener and self.first[strategy] > HOPELESS * min(others, default=math.inf)
+        return (not self.warmup and strategy != self.opener
+                and self.first[strategy] > HOPELESS * min(others, default=math.inf))
+
+    def exclude(self, strategy: str) -> None:
+        """``strategy`` turned out not to work: never pick it again."""
+        self.runs[strategy] = TRIALS
+        self.best[strategy] = math.inf
 
     def winner(self) -> str:
         return min(self.strategies, key=self.best.__getitem__)
@@ -83,11 +112,15 @@ class Tuner:
 
 
 class Memo:
-    """One model's plans (``jacobian.plan``'s cache) and tuners."""
+    """One model's plans (``jacobian.plan``'s cache), tuners and mode tuners. ``trials``
+    counts the calls that ran a strategy on trial (or re-timed a loser): a Jacobian during
+    which this grew was not timed in its mode's usual strategies."""
 
     def __init__(self):
         self.plans: dict = {}
         self.tuners: dict[tuple, Tuner] = {}
+        self.modes: dict[tuple, Tuner] = {}
+        self.trials = 0
 
 
 _MEMOS: dict[int, tuple[weakref.ref, Memo]] = {}
@@ -112,6 +145,16 @@ def pinned(kind: str, options: Sequence[str]) -> str | None:
         raise InputError(f"{PIN}={name!r}: this model's {kind} can map seeds as {', '.join(options)}; "
                          f"set one of those, or unset {PIN} to let jacli choose")
     return name
+
+
+def modes(model: Model, key: tuple, by_shape: str) -> Tuner | None:
+    """The tuner that chooses the mode of ``model``'s Jacobians of this ``key`` (pairs and
+    size of work), trying the mode the shape suggests (``by_shape``) first; None when
+    ``JACLI_STRATEGY`` pins the engine's choices (then the shape decides)."""
+    if os.environ.get(PIN, "").strip():
+        return None
+    other = "forward" if by_shape == "reverse" else "reverse"
+    return memo(model).modes.setdefault(key, Tuner((by_shape, other), warmup=True))
 
 
 def vjp(model: Model, xs: Mapping[str, np.ndarray], cotangents: Mapping[str, np.ndarray], wrt: Sequence[str],
@@ -143,8 +186,11 @@ def _mapped(model: Model, kind: str, xs, seeds, names, per_sample: bool, few: bo
         return call(xs, seeds, names, per_sample=per_sample, strategy=chosen)
     work = _leading(seeds) * _leading(xs)
     key = (kind, work.bit_length() // 4, options)  # sizes within a factor of 16 share a tuner
-    tuner = memo(model).tuners.setdefault(key, Tuner(options))
+    engine = memo(model)
+    tuner = engine.tuners.setdefault(key, Tuner(options))
     chosen = tuner.pick(work)
+    if tuner.trial() or chosen != tuner.winner():
+        engine.trials += 1
     start = time.perf_counter()
     out = call(xs, seeds, names, per_sample=per_sample, strategy=chosen)
     tuner.record(chosen, time.perf_counter() - start, work)
