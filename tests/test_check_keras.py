@@ -187,7 +187,7 @@ def test_fused_batch_norm_becomes_allow_listed_arithmetic(tmp_path):
     y64 = model.forward64({"x": x})["y"]
     assert y64.dtype == np.float64
     np.testing.assert_allclose(y64, np.tanh(bn) + bn ** 2, rtol=1e-13)
-    graph = tf_float64.retype(tf, _frozen(model))
+    graph = tf_float64.retype(tf, _inlined(model))
     ops = {n.op for n in graph.node}
     assert not ops & set(tf_float64._BATCH_NORMS) and ops <= allowed_ops()
     assert set(tf_float64.EMITTED) <= allowed_ops()
@@ -195,10 +195,8 @@ def test_fused_batch_norm_becomes_allow_listed_arithmetic(tmp_path):
     assert doc["passed"] and doc["fd_dtype"] == "float64", doc["notes"]
 
 
-def _frozen(model):
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    graph = convert_variables_to_constants_v2(model.fn).graph.as_graph_def()
+def _inlined(model):
+    graph = model.fn.graph_def  # the signature with its functions inlined (tf_inline.py)
     assert any(n.op == "FusedBatchNormV3" for n in graph.node)
     return graph
 

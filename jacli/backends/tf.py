@@ -156,6 +156,7 @@ def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     from .savedmodel_checks import checked_copy
+    from .tf_inline import NotInlined, inline
 
     tf = _tf()
     # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops): it loads a private copy,
@@ -169,13 +170,21 @@ def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     if "serving_default" not in sigs:
         raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")
     sig = sigs["serving_default"]
+    # the signature's operations, traced into each of TFModel's graphs (tf_inline.py); where that
+    # fails, the signature itself, called as one function-call op
+    try:
+        inlined = inline(tf, sig, trust)
+        why = inlined.why_called()
+    except NotInlined as e:
+        inlined, why = None, str(e)
     _restore_handle_data(sig)
     _, kw = sig.structured_input_signature
     inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
     outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
-    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs, fn=sig, kwargs=True,
-                supports_float64=True)
+    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs,
+                fn=sig if why else inlined, kwargs=True, supports_float64=True)
     m._keep = loaded  # the signature's variables live as long as the loaded object
+    m.inlined, m.not_inlined = inlined, why  # the float64 copy is made from the inlined signature
     return m
 
 
@@ -338,7 +347,9 @@ class TFModel(Model):
         if self.format == "savedmodel":
             from .tf_float64 import float64_function
 
-            return float64_function(tf, self.fn, [s.name for s in self.inputs])
+            if self.inlined is None:
+                raise LimitationError(f"no float64 copy of this SavedModel: {self.not_inlined}")
+            return float64_function(tf, self.inlined, [s.name for s in self.inputs])
         model64 = _float64_keras(self.keras_model)
         return tf.function(lambda *a: model64(list(a) if len(a) > 1 else a[0], training=False), reduce_retracing=True)
 
