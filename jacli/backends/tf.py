@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import InputError, InternalError, JacliError, LimitationError, ModelLoadError, UnsafeModelError
 from ..model import Model, TensorSpec
 from ._common import Constants, require, short
+from .tf_inline import CALL_OPS, NotInlined, inline
 
 UNROLL = 16  # up to this many cotangents, the sequential VJP is unrolled in the graph ...
 UNROLL_OPS = 4096  # ... while that many copies of the backward pass hold at most this many forward operations
@@ -156,7 +157,6 @@ def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
 
 def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
     from .savedmodel_checks import checked_copy
-    from .tf_inline import NotInlined, inline
 
     tf = _tf()
     # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops): it loads a private copy,
@@ -177,7 +177,8 @@ def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
         why = inlined.why_called()
     except NotInlined as e:
         inlined, why = None, str(e)
-    _restore_handle_data(sig)
+    if why:
+        _restore_handle_data(sig)
     _, kw = sig.structured_input_signature
     inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
     outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
@@ -365,9 +366,11 @@ class TFModel(Model):
         first fails on this model (an operation without a second derivative, or without a
         forward rule), the other; the route that worked is kept. TensorFlow's forward mode
         takes the same double-back trick op by op: through Keras' layers (MobileNetV3Small) the
-        whole-graph one traced 5x faster, in a third of the memory, and ran 25% faster; but
-        through a function-call op (a SavedModel's signature) two nested tapes make TensorFlow
-        build higher-order functions, and forward mode is faster there (74 against 142 ms).
+        whole-graph one traced 5x faster, in a third of the memory, and ran 25% faster, and
+        through an inlined SavedModel signature 2.3x faster, in 58% of the memory, and ran
+        1.7x faster (38 against 66 ms); but through a function-call op (a signature that is
+        not inlined) two nested tapes make TensorFlow build higher-order functions, and
+        forward mode is faster there (74 against 142 ms).
         Where both fail, a limitation that names reverse mode (or, for an operation without any
         gradient, finite differences)."""
         axes = (0, 1) if mapped else (0,)
@@ -404,9 +407,10 @@ class TFModel(Model):
 
     def _calls_functions(self) -> bool:
         """Whether the model's forward graph (as traced so far) calls functions: a SavedModel's
-        signature; not a Keras model's layers, traced into jacli's graphs."""
+        signature where it is not inlined (tf_inline.py); not a Keras model's layers, nor an
+        inlined signature, traced into jacli's graphs."""
         graphs = [g.graph for key, g in self._graphs.items() if key[0] is self._call_fn]
-        return bool(graphs) and any(op.type in _CALL_OPS for op in graphs[0].get_operations())
+        return bool(graphs) and any(op.type in CALL_OPS for op in graphs[0].get_operations())
 
     def _forward_ops(self) -> int:
         """How many operations the model's forward graph (as traced so far) holds, with the functions it calls."""
@@ -544,7 +548,6 @@ def _restore_handle_data(fn) -> None:
 
 
 _LOOP_OPS = ("While", "StatelessWhile")
-_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 
 
 def _operations(graph):

@@ -56,7 +56,7 @@ def float64_function(tf, inlined, input_names: list[str]):
     except Exception as e:  # noqa: BLE001 — an op without a float64 form (its type attribute refuses double)
         raise LimitationError(f"this SavedModel's graph does not run in float64: {_op_error(e, retyped)}") from None
     graph.float64_variables = twins  # held as long as the function: its graph reads them through their handles
-    return lambda *xs: graph(*map(tf.convert_to_tensor, xs))
+    return graph
 
 
 def retype(tf, graph):
