@@ -1,5 +1,5 @@
-"""`jacli check` on TensorFlow SavedModels with finite differences in float64 (the graph
-frozen and retyped, jacli/backends/tf_float64.py), and on Keras applications (weights=None,
+"""`jacli check` on TensorFlow SavedModels with finite differences in float64 (the inlined
+signature retyped, jacli/backends/tf_float64.py), and on Keras applications (weights=None,
 tests/corpus_keras.py) as .keras and SavedModel: correct models pass every entry, the
 float64 evaluation is float64 (against Keras's own float64 rebuild and numpy), and a
 gradient 1% off on a few entries (a tf.custom_gradient saved with the model) is caught at
@@ -67,6 +67,11 @@ def test_keras_application_passes_every_entry_with_fd_in_float64(apps, one_strat
     assert doc["checked"] == 2 * 32 * 32 and doc["kinks"] == 0 and doc["fd_noise"] == 0
     ref = _reference(model, x)
     np.testing.assert_allclose(jacli.jacobian(loaded, x, mode="reverse"), ref, atol=2e-5 * np.abs(ref).max())
+    if fmt == "savedmodel":  # its signature inlined: jacli's graphs hold its ops, not a call of it
+        from jacli.backends.tf import CALL_OPS, _operations
+
+        assert loaded.not_inlined is None
+        assert not {op.type for g in loaded._graphs.values() for op in _operations(g.graph)} & set(CALL_OPS)
 
 
 def test_savedmodel_float64_evaluation_is_float64(apps):

@@ -44,7 +44,7 @@ def inline(tf, signature, trust: bool) -> "InlinedSignature":
     try:
         from tensorflow.python.framework.convert_to_constants import _run_inline_graph_optimization
 
-        graph_def = _run_inline_graph_optimization(signature, lower_control_flow=False, aggressive_inlining=True)
+        graph_def = _run_inline_graph_optimization(signature, lower_control_flow=False, aggressive_inlining=False)
     except Exception as e:  # noqa: BLE001 — anything Grappler cannot take keeps the call
         raise NotInlined(f"Grappler cannot inline the signature: {short(e)}") from None
     calls = sorted({n.op for n in graph_def.node if n.op in CALL_OPS})
