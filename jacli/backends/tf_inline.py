@@ -16,8 +16,8 @@ the same operations in the graph itself (docs/performance.md, "TensorFlow's grap
    signature's own functions already passed.
 3. ``InlinedSignature(**inputs)``, inside a ``tf.function``: ``import_graph_def`` with the
    inputs and the variables' handles mapped in, then each imported operation is recorded on
-   the active tapes and forward accumulators with its registered gradient (or the model's
-   own custom gradient), as TensorFlow's op wrappers record the operations they create.
+   the active tapes and forward accumulators with its registered gradient, as TensorFlow's
+   op wrappers record the operations they create.
 
 Where a step fails (Grappler fails, or leaves a call it would not inline), ``inline``
 raises ``NotInlined`` and the model keeps the function-call path; so does a signature with
@@ -149,21 +149,15 @@ def _renamed(graph_def):
 
 
 def _record(op) -> None:
-    """Record ``op`` on the active tapes and accumulators, with its gradient function."""
-    from tensorflow.python.eager import record
-    from tensorflow.python.framework import ops
+    """Record ``op`` on the active tapes and forward accumulators as TensorFlow's generated
+    op wrappers record the operations they create (``record_gradient``): its registered
+    gradient is looked up by its type, called with the inputs the tape does not need
+    skipped (no gradient of the weight in a Mul or an AddV2, say), and forward mode gets the
+    op's own JVP."""
+    from tensorflow.python.eager import backprop
 
-    try:
-        gradient = ops.get_gradient_function(op)  # the model's custom gradient (_gradient_op_type), else the registry's
-    except LookupError:
-        gradient = LookupError(f"No gradient defined for operation '{op.name}' (op type: {op.type})")
-
-    def backward(*grads):
-        if isinstance(gradient, LookupError):
-            raise gradient
-        if gradient is None:  # not differentiable
-            return [None] * len(op.inputs)
-        out = gradient(op, *grads)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
-    record.record_operation(op.type, op.outputs, list(op.inputs), backward)
+    attrs = []
+    for name in op.node_def.attr:
+        if not name.startswith("_"):  # TensorFlow's private attributes are not the op's
+            attrs += [name, op.get_attr(name)]
+    backprop.record_gradient(op.type, list(op.inputs), tuple(attrs), list(op.outputs))
