@@ -367,8 +367,8 @@ class TFModel(Model):
         forward rule), the other; the route that worked is kept. TensorFlow's forward mode
         takes the same double-back trick op by op: through Keras' layers (MobileNetV3Small) the
         whole-graph one traced 5x faster, in a third of the memory, and ran 25% faster, and
-        through an inlined SavedModel signature 2.3x faster, in 58% of the memory, and ran
-        1.7x faster (38 against 66 ms); but through a function-call op (a signature that is
+        through an inlined SavedModel signature 2.8x faster, in a third of the memory, and ran
+        15% faster (26 against 30 ms); but through a function-call op (a signature that is
         not inlined) two nested tapes make TensorFlow build higher-order functions, and
         forward mode is faster there (74 against 142 ms).
         Where both fail, a limitation that names reverse mode (or, for an operation without any
