@@ -1,5 +1,5 @@
-"""`jacli check` on TensorFlow SavedModels with finite differences in float64 (the graph
-frozen and retyped, jacli/backends/tf_float64.py), and on Keras applications (weights=None,
+"""`jacli check` on TensorFlow SavedModels with finite differences in float64 (the inlined
+signature retyped, jacli/backends/tf_float64.py), and on Keras applications (weights=None,
 tests/corpus_keras.py) as .keras and SavedModel: correct models pass every entry, the
 float64 evaluation is float64 (against Keras's own float64 rebuild and numpy), and a
 gradient 1% off on a few entries (a tf.custom_gradient saved with the model) is caught at
@@ -67,6 +67,11 @@ def test_keras_application_passes_every_entry_with_fd_in_float64(apps, one_strat
     assert doc["checked"] == 2 * 32 * 32 and doc["kinks"] == 0 and doc["fd_noise"] == 0
     ref = _reference(model, x)
     np.testing.assert_allclose(jacli.jacobian(loaded, x, mode="reverse"), ref, atol=2e-5 * np.abs(ref).max())
+    if fmt == "savedmodel":  # its signature inlined: jacli's graphs hold its ops, not a call of it
+        from jacli.backends.tf import CALL_OPS, _operations
+
+        assert loaded.not_inlined is None
+        assert not {op.type for g in loaded._graphs.values() for op in _operations(g.graph)} & set(CALL_OPS)
 
 
 def test_savedmodel_float64_evaluation_is_float64(apps):
@@ -187,7 +192,7 @@ def test_fused_batch_norm_becomes_allow_listed_arithmetic(tmp_path):
     y64 = model.forward64({"x": x})["y"]
     assert y64.dtype == np.float64
     np.testing.assert_allclose(y64, np.tanh(bn) + bn ** 2, rtol=1e-13)
-    graph = tf_float64.retype(tf, _frozen(model))
+    graph = tf_float64.retype(tf, _inlined(model))
     ops = {n.op for n in graph.node}
     assert not ops & set(tf_float64._BATCH_NORMS) and ops <= allowed_ops()
     assert set(tf_float64.EMITTED) <= allowed_ops()
@@ -195,10 +200,8 @@ def test_fused_batch_norm_becomes_allow_listed_arithmetic(tmp_path):
     assert doc["passed"] and doc["fd_dtype"] == "float64", doc["notes"]
 
 
-def _frozen(model):
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-    graph = convert_variables_to_constants_v2(model.fn).graph.as_graph_def()
+def _inlined(model):
+    graph = model.fn.graph_def  # the signature with its functions inlined (tf_inline.py)
     assert any(n.op == "FusedBatchNormV3" for n in graph.node)
     return graph
 

@@ -1,8 +1,8 @@
 """TensorFlow's map strategies (jacli/backends/tf.py) on a small MobileNet-style Keras net, as
 .keras and as a Keras 3 export: every strategy and JVP route gives the float64 Jacobian, a
-Keras model's layers are traced into jacli's graphs (no function-call op for TensorFlow to
-differentiate through), repeated calls do not trace again, and forced forward mode stays
-within its memory budget."""
+Keras model's layers and a SavedModel's signature (inlined) are traced into jacli's graphs
+(no function-call op for TensorFlow to differentiate through), repeated calls do not trace
+again, and forced forward mode stays within its memory budget in both formats."""
 from __future__ import annotations
 
 import os
@@ -64,27 +64,38 @@ def test_every_strategy_and_jvp_route_gives_the_float64_jacobian(convnet, fmt, m
         np.testing.assert_allclose(J, first, atol=RTOL * scale, err_msg=label)
 
 
-@pytest.mark.parametrize("fmt, by_vjp", [("keras", True), ("export", False)])
-def test_jvps_go_by_two_reverse_passes_unless_the_model_calls_functions(convnet, fmt, by_vjp):
-    """Keras' layers: two reverse passes; a SavedModel's signature (a function-call op, which
-    two nested tapes would differentiate through higher-order functions): forward mode."""
+@pytest.mark.parametrize("fmt, called", [("keras", False), ("export", False), ("export", True)])
+def test_jvps_go_by_two_reverse_passes_unless_the_model_calls_functions(convnet, fmt, called, monkeypatch):
+    """Keras' layers and a SavedModel's signature inlined (tf_inline.py): two reverse passes;
+    a signature called as a function (where inlining fails: two nested tapes would
+    differentiate it through higher-order functions): forward mode."""
+    from tensorflow.python.framework import convert_to_constants
+
     paths, x, want = convnet
+    if called:
+        monkeypatch.setattr(convert_to_constants, "_run_inline_graph_optimization", _grappler_fails)
     model = jacli.load(str(paths[fmt]))
     J = jacli.jacobian(model, x, mode="forward")
-    assert model._tangent_route is by_vjp
-    assert model._calls_functions() is not by_vjp
+    assert model._tangent_route is not called
+    assert model._calls_functions() is called
     np.testing.assert_allclose(J, want, atol=2e-5 * np.abs(want).max())
 
 
-def test_keras_layers_are_traced_into_the_graph_and_nothing_is_traced_twice(convnet, monkeypatch):
+def _grappler_fails(*args, **kwargs):
+    raise RuntimeError("grappler failed")
+
+
+@pytest.mark.parametrize("fmt", ["keras", "export"])
+def test_the_model_is_traced_into_the_graph_and_nothing_is_traced_twice(convnet, fmt, monkeypatch):
+    """Keras' layers, and a SavedModel's signature inlined: no call of a function in jacli's graphs."""
     paths, x, _ = convnet
-    model = jacli.load(str(paths["keras"]))
+    model = jacli.load(str(paths[fmt]))
     monkeypatch.setenv(strategies.PIN, "vectorised")
     for mode in ("reverse", "forward"):
         jacli.jacobian(model, x[:2], mode=mode)
     calls = {op.type for key, g in model._graphs.items() for op in _operations(g.graph)} & {
         "PartitionedCall", "StatefulPartitionedCall"}
-    assert not calls  # the Keras model's ops sit in jacli's graphs, not behind a call of a tf.function
+    assert not calls  # the model's ops sit in jacli's graphs, not behind a call of a tf.function
     traces = [f.experimental_get_tracing_count() for f in _tf_functions(model)]
     graphs = len(model._graphs)
     for batch, chunk in ((2, None), (3, None), (1, None), (3, 7), (2, 7)):  # other batches and k: open axes
@@ -110,13 +121,15 @@ def _peak_mib(*args) -> float:
     return int(kib) / 1024
 
 
-def test_forced_forward_mode_stays_within_the_budget_over_the_model(convnet, tmp_path):
+@pytest.mark.parametrize("fmt", ["keras", "export"])
+def test_forced_forward_mode_stays_within_the_budget_over_the_model(convnet, tmp_path, fmt):
     """Peak RSS of ``compute --mode forward --max-memory 40M`` within 40 MiB of ``inspect``'s
-    (the model itself; 30 MiB above it here): by forward-mode AD through Keras' layers, as
-    before, the vectorised map's graph alone took 53 MiB."""
+    (the model itself; 30 MiB above it here, either format): by forward-mode AD through
+    Keras' layers, as before, the vectorised map's graph alone took 53 MiB; through a
+    SavedModel's signature called as a function, 68 MiB."""
     paths, x, _ = convnet
     np.save(tmp_path / "x.npy", x)
-    base = _peak_mib("inspect", paths["keras"])
-    peak = _peak_mib("compute", paths["keras"], tmp_path / "x.npy", "-o", tmp_path / "J.h5", "-q",
+    base = _peak_mib("inspect", paths[fmt])
+    peak = _peak_mib("compute", paths[fmt], tmp_path / "x.npy", "-o", tmp_path / "J.h5", "-q",
                      "--mode", "forward", "--max-memory", "40M")
     assert peak - base <= 40, (peak, base)

@@ -228,6 +228,18 @@ def _op_problem(op: str, where: str) -> str | None:
     return f"{op} ({what}) in {where}"
 
 
+def graph_def_problems(graph_def, where: str) -> list[str]:
+    """The allow-list check of a GraphDef all of whose nodes run (a signature with its
+    functions inlined, tf_inline.py), and of every function they lead to."""
+    library = _Library(graph_def.library)
+    problems, functions = [], []
+    for node in graph_def.node:
+        found, more = library.node_problems(node, where)
+        problems += found
+        functions += more
+    return list(dict.fromkeys(problems + library.scan(functions)))
+
+
 class _Library:
     """A GraphDef's function library, walked from given roots through calls, functional
     control flow (any ``func`` attribute) and registered custom gradients."""

@@ -4,18 +4,19 @@ of a SavedModel are taken of (``TFModel._forward64``).
 A SavedModel's graph is fixed in its dtype, so a float64 twin is made from it, as the ONNX
 backend does for graphs onnxruntime has no double kernels for:
 
-1. the signature's variables are frozen into constants
-   (``convert_variables_to_constants_v2``, which also inlines the functions it calls);
-2. every float32 in the GraphDef becomes float64: the type attributes of every node (and of
-   the functions loops call), placeholders, constants (their values cast), casts;
+1. it starts from the signature as jacli runs it, its functions inlined into one GraphDef
+   whose variables are placeholders for their handles (tf_inline.py);
+2. every float32 in that GraphDef becomes float64: the type attributes of every node (and
+   of the functions loops call), placeholders, constants (their values cast), casts;
 3. operations TensorFlow has no float64 form of are written as arithmetic
    (``FusedBatchNorm``/``V2``/``V3`` in inference, what tf_keras's BatchNormalization
    saves), in operations of the SavedModel allow-list (savedmodel_checks.py);
-4. the result is imported into a graph function (``wrap_function`` + ``import_graph_def``),
-   pruned to the signature's inputs and outputs.
+4. each float32 variable gets a float64 twin, cast once, and the retyped GraphDef is
+   imported into a graph function bound to the twins' handles (the weights are not frozen
+   into the graph as constants).
 
 Anything else fails with a ``LimitationError`` that names the operation (an operation with
-no float64 form, such as ``LRN``, a float16 graph, a loop the freezing cannot cross), and
+no float64 form, such as ``LRN``, a float16 graph, a signature that is not inlined), and
 the check then differences in the model's float32, with a note saying why.
 """
 from __future__ import annotations
@@ -32,38 +33,30 @@ _BATCH_NORMS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 EMITTED = ("Const", "AddV2", "Rsqrt", "Mul", "Sub", "Reshape")  # the operations the rewrite adds
 
 
-def float64_function(tf, signature, input_names: list[str]):
+def float64_function(tf, inlined, input_names: list[str]):
     """A function of the signature's inputs (positionally, in ``input_names`` order, float
-    ones as float64) returning ``{output name: float64 tensor}``."""
+    ones as float64) returning ``{output name: float64 tensor}``, from the signature as
+    inlined (tf_inline.InlinedSignature); its float variables get float64 twins, made once."""
+    retyped = retype(tf, inlined.graph_def)
+    handles = {id(v.handle): v for v in inlined.variables}
+    twins, captures = [], []
+    for name, value in inlined.captures:
+        variable = handles.get(id(value))
+        if variable is not None and variable.dtype == tf.float32:
+            twins.append(tf.Variable(tf.cast(variable, tf.float64), trainable=False))
+            value = twins[-1].handle
+        elif variable is None and value.dtype == tf.float32:  # a captured tensor
+            value = tf.cast(value, tf.float64)
+        captures.append((name, value))
+    twin = inlined.twin(retyped, captures)
+    specs = [inlined.specs[n] for n in input_names]
+    specs = [tf.TensorSpec(s.shape, tf.float64 if s.dtype == tf.float32 else s.dtype) for s in specs]
     try:
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-        frozen = convert_variables_to_constants_v2(signature)
-    except Exception as e:  # noqa: BLE001 — anything TensorFlow cannot freeze has no float64 twin
-        raise LimitationError(f"cannot freeze this SavedModel's variables into constants: {short(e)}") from None
-    graph = frozen.graph.as_graph_def()
-    keywords = list(getattr(signature, "_arg_keywords", None) or ())  # the order of its flat inputs
-    if sorted(keywords) != sorted(input_names) or len(frozen.inputs) < len(keywords):
-        raise LimitationError("the frozen SavedModel's inputs are not the signature's")
-    by_name = dict(zip(keywords, (t.name for t in frozen.inputs)))
-    # tf.nest's order of a dict; once the signature has been differentiated, TensorFlow has
-    # appended the intermediates its gradient reads to its outputs, after these
-    names = sorted(signature.structured_outputs)
-    if len(frozen.outputs) < len(names):
-        raise LimitationError("the frozen SavedModel's outputs are not the signature's")
-    outputs = {k: t.name for k, t in zip(names, frozen.outputs)}
-    retyped = retype(tf, graph)
-
-    def imported():
-        tf.compat.v1.import_graph_def(retyped, name="")
-
-    try:
-        wrapped = tf.compat.v1.wrap_function(imported, [])
-        element = wrapped.graph.as_graph_element
-        pruned = wrapped.prune([element(by_name[n]) for n in input_names], {k: element(v) for k, v in outputs.items()})
+        graph = tf.function(lambda *xs: twin(**dict(zip(input_names, xs)))).get_concrete_function(*specs)
     except Exception as e:  # noqa: BLE001 — an op without a float64 form (its type attribute refuses double)
         raise LimitationError(f"this SavedModel's graph does not run in float64: {_op_error(e, retyped)}") from None
-    return lambda *xs: pruned(*map(tf.convert_to_tensor, xs))  # (it binds tensors, not arrays)
+    graph.float64_variables = twins  # held as long as the function: its graph reads them through their handles
+    return graph
 
 
 def retype(tf, graph):
@@ -155,9 +148,9 @@ def _batch_norm(tf, node) -> list:
 def _op_error(e: BaseException, graph) -> str:
     """The failure, naming the operation's type where TensorFlow names only the node."""
     text = short(e)
-    node = re.search(r"\{\{node ([^}]+)\}\}", text)
-    ops = {n.name: n.op for n in graph.node}
-    if node and node.group(1) in ops:
-        reason = text.split(" ; NodeDef")[0].split("; NodeDef")[0]
-        return f"the operation {node.group(1)} ({ops[node.group(1)]}) has no float64 form ({reason})"
+    node = re.search(r"\{\{node ([^}]+)\}\}", str(e))  # the node's name, or its last part
+    named = [n for n in graph.node if node and (n.name == node.group(1) or n.name.endswith("/" + node.group(1)))]
+    if named:
+        reason = text.split(" ; NodeDef")[0].split("; NodeDef")[0].strip()
+        return f"the operation {named[0].name} ({named[0].op}) has no float64 form ({reason})"
     return text
