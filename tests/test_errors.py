@@ -162,3 +162,24 @@ def test_a_failure_inside_a_derived_onnx_graph_is_a_bug(monkeypatch, tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((2, 4), np.float32))  # the model itself refuses this one
     r = run("compute", path, tmp_path / "bad.npy", "--mode", "reverse", "-q")
     assert r.code == 2 and r.stderr.startswith("Error:"), r.stderr
+
+
+@pytest.mark.parametrize("declared", [["n"], ["n", 4]])
+def test_an_onnx_output_declared_with_another_shape_is_the_files_error(tmp_path, declared):
+    """A file whose declared output shape (rank, or a static size) contradicts what its graph
+    computes (found by the fuzzer: one flipped bit in map2d.onnx made f's (?, 2) a (?,)) is
+    refused, exit 2, naming the output: jacli's derived graphs take cotangents of the declared
+    shape, and onnxruntime then failed inside them (exit 3, "a bug in jacli")."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Tanh", ["x"], ["y"], name="act")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, declared)])
+    path = tmp_path / "tanh.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    np.save(tmp_path / "x.npy", np.zeros((2, 3), np.float32))
+    for mode in ("reverse", "forward"):
+        line = _one_error_line(run("compute", path, tmp_path / "x.npy", "--mode", mode, "-o", tmp_path / "J.npy"), 2)
+        assert "output 'y'" in line and "(2, 3)" in line and "please report" not in line, line
+        assert not (tmp_path / "J.npy").exists()

@@ -147,7 +147,14 @@ class OnnxModel(Model):
         return self._session
 
     def _forward(self, xs):
-        return self._run(self.session, xs, [s.name for s in self.outputs])
+        ys = self._run(self.session, xs, [s.name for s in self.outputs])
+        for spec in self.outputs:  # the derived graphs take cotangents of the declared shapes
+            got, want = ys[spec.name].shape, spec.shape
+            if want is not None and (len(got) != len(want) or any(d not in (None, g) for d, g in zip(want, got))):
+                declared = str(tuple("?" if d is None else d for d in want)).replace("'", "")
+                raise ModelLoadError(f"{self.path} declares its output {spec.name!r} with shape {declared}, but its "
+                                     f"forward pass returns shape {tuple(got)}: the file's output signature is wrong")
+        return ys
 
     def _forward64(self, xs):
         """In onnxruntime on the double graph, or, where onnxruntime has no double kernel for
