@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, LimitationError, UnsupportedError, UserError
 from ..model import Model
-from ..system import available_memory, thread_count
+from ..system import available_memory
 from . import strategies
 
 
@@ -41,13 +41,13 @@ DEFAULT_BUDGET = default_budget()  # bytes of working memory (--max-memory)
 # the seeds/results of one backend call. Below glibc's largest mmap threshold (32 MiB), the
 # allocator recycles such arrays instead of mapping (and page-faulting) fresh memory.
 BLOCK_BYTES = 8 << 20
-# One backend call's seeds and results over its k x S rows (or columns), per operator thread:
-# the model's own intermediates are a few times that (2x on the Conv1d and transformer nets of
-# the real-model tables), and past ~8-16 MiB a tensor glibc hands back to the kernel on free is
-# page-faulted in again on every call: 14,000 faults (56 MiB) a call on the Conv1d net at batch
-# 256 in one call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 with one
-# thread (issue 15). Threads share the faults but pay per operator to meet: with 2 threads the
-# smaller blocks were slower (the transformer block at 256: 2081 -> 3200 ms CPU in blocks of 8).
+# One backend call's seeds and results over its k x S rows (or columns): the model's own
+# intermediates are a few times that (2x on the Conv1d and transformer nets of the real-model
+# tables), and past ~8-16 MiB a tensor glibc hands back to the kernel on free is page-faulted
+# in again on every call: 14,000 faults (56 MiB) a call on the Conv1d net at batch 256 in one
+# call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 with one thread
+# (issue 15). The same with two threads (quiet machine, reverse / forward mode): 36 / 30 ms in
+# one call, 24 / 21 ms in two; the transformer block at 256 then took 594 ms against 563.
 CALL_BYTES = 4 << 20
 # ... where a call has this many rows (k x S) at least: a call of few rows, each much work (an
 # image net's 10 rows a sample), costs by its operators' count, which more blocks multiply
@@ -329,9 +329,9 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     """How many samples to hold at once: their Jacobian buffers fit in half the budget and
     in BLOCK_BYTES (larger blocks only cost memory and page faults). Where one backend call
     then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
-    in blocks of even size, so that its seeds and results fit in CALL_BYTES per operator
-    thread: the same number of calls (each still takes every row), on smaller tensors (not
-    for calls of fewer than CALL_ROWS rows)."""
+    in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
+    number of calls (each still takes every row), on smaller tensors (not for calls of
+    fewer than CALL_ROWS rows)."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
     step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
@@ -339,15 +339,8 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     rows = outs if plan.mode == "reverse" else ins
     if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows:
         return step
-    fits = max(1, CALL_BYTES * _threads() // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
+    fits = max(1, CALL_BYTES // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
     return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
-
-
-def _threads() -> int:
-    try:
-        return thread_count()
-    except ValueError:  # a bad JACLI_THREADS: the backend says so
-        return 1
 
 
 def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int | None = None) -> int:
