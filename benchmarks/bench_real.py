@@ -5,7 +5,7 @@
 
 Speed (one child process per thread count, so that every framework starts its thread pools
 with that count; JACLI_THREADS is set to it too). Models (benchmarks/real_models.py, random
-weights; image networks at 3x64x64 with 10 classes, as in issue 15): a 48x48 LSTM, a
+weights; image networks at 3x64x64 with 10 classes, as in issue 15): a 48x48 LSTM and GRU, a
 Conv1d-GELU-Conv1d-Tanh 64x64 net, a 256x256 transformer block, ResNet-18,
 MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a torch.export
 .pt2 and ONNX; and Keras' own MobileNetV3Small and ResNet50 (weights=None, 64x64x3) as
@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # model -> batches (full run, --quick)
 CASES = {
     "lstm": ((1, 16, 256), (1, 16)),
+    "gru": ((1, 16, 256), (1, 16)),
     "conv1d": ((1, 16, 256), (1, 16)),
     "transformer": ((1, 16, 256), (1, 16)),
     "resnet18": ((1, 4, 16), (1,)),  # 256 image samples: minutes per method (16: about one minute a cell)
@@ -189,6 +190,11 @@ def torch_case(name: str, tmp: Path):
     methods = {"torch vmap(jacrev)": lambda x: rev(torch.from_numpy(x)).numpy()}  # the first: the reference
     if n <= 4096:  # forward mode over 12,288 image columns is not anyone's idiom for a 10-class net
         methods["torch vmap(jacfwd)"] = lambda x: fwd(torch.from_numpy(x)).numpy()
+    try:
+        rev(example)
+    except RuntimeError:  # torch.func cannot vmap this module (nn.GRU writes its state in place): a loop of jacrev
+        one = torch.func.jacrev(f)
+        methods = {"torch jacrev loop": lambda x: torch.stack([one(v) for v in torch.from_numpy(x)]).numpy()}
     for label, path in files.items():
         if isinstance(path, str):  # the error that prevented saving
             methods[label] = _failing(path)
@@ -298,7 +304,7 @@ def time_round_robin(methods: dict, x, min_time: float) -> tuple[dict[str, list[
     return times, cpu
 
 
-BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "tf batch_jacobian")
+BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "torch jacrev loop", "tf batch_jacobian")
 # untimed calls of each jacli method after its first: the strategy tuner's other trials (two
 # runs of each of two strategies) and, where rows and columns are within 2x, the mode tuner's
 # (a timed run of the shape's mode, then a warm-up and a timed run of the other), which would

@@ -24,6 +24,21 @@ def lstm():
     return LSTM(), (12, 4)
 
 
+class GRU(nn.Module):
+    """The same shapes through a GRU: 48 x 48."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(4, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(x)[0]
+
+
+def gru():
+    return GRU(), (12, 4)
+
+
 def conv1d():
     """Conv1d-GELU-Conv1d-Tanh on 4 channels x 16 steps: 64 x 64."""
     net = nn.Sequential(nn.Conv1d(4, 16, 3, padding=1), nn.GELU(), nn.Conv1d(16, 4, 3, padding=1), nn.Tanh())
@@ -149,7 +164,7 @@ def _randomised(net: nn.Module) -> nn.Module:
     return net
 
 
-BUILDERS = {"lstm": lstm, "conv1d": conv1d, "transformer": transformer, "resnet18": resnet18,
+BUILDERS = {"lstm": lstm, "gru": gru, "conv1d": conv1d, "transformer": transformer, "resnet18": resnet18,
             "mobilenet_v3_small": mobilenet_v3_small, "efficientnet_b0": efficientnet_b0}
 
 
