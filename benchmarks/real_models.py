@@ -9,34 +9,24 @@ import torch
 from torch import nn
 
 
-class LSTM(nn.Module):
-    """12 steps of 4 features -> 12 x 4 hidden states: a 48 x 48 Jacobian per sample."""
+class Recurrent(nn.Module):
+    """12 steps of 4 features -> 12 x 4 hidden states of an nn.LSTM or nn.GRU: a 48 x 48
+    Jacobian per sample."""
 
-    def __init__(self):
+    def __init__(self, kind):
         super().__init__()
-        self.lstm = nn.LSTM(4, 4, batch_first=True)
+        self.rnn = kind(4, 4, batch_first=True)
 
     def forward(self, x):
-        return self.lstm(x)[0]
+        return self.rnn(x)[0]
 
 
 def lstm():
-    return LSTM(), (12, 4)
-
-
-class GRU(nn.Module):
-    """The same shapes through a GRU: 48 x 48."""
-
-    def __init__(self):
-        super().__init__()
-        self.gru = nn.GRU(4, 4, batch_first=True)
-
-    def forward(self, x):
-        return self.gru(x)[0]
+    return Recurrent(nn.LSTM), (12, 4)
 
 
 def gru():
-    return GRU(), (12, 4)
+    return Recurrent(nn.GRU), (12, 4)
 
 
 def conv1d():
