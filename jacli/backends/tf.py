@@ -411,25 +411,29 @@ class TFModel(Model):
         """Whether the model's forward graph (as traced so far) calls functions: a SavedModel's
         signature where it is not inlined (tf_inline.py); not a Keras model's layers, nor an
         inlined signature, traced into jacli's graphs."""
-        graphs = [g.graph for key, g in self._graphs.items() if key[0] is self._call_fn]
-        return bool(graphs) and any(op.type in CALL_OPS for op in graphs[0].get_operations())
+        graph = self._forward_graph()
+        return graph is not None and any(op.type in CALL_OPS for op in graph.get_operations())
+
+    def _forward_graph(self):
+        """The model's forward graph as first traced (``_traced``), or None before any forward pass."""
+        return next((g.graph for key, g in self._graphs.items() if key[0] is self._call_fn), None)
 
     def _forward_ops(self) -> int:
         """How many operations the model's forward graph (as traced so far) holds, with the functions it calls."""
         if getattr(self, "_ops", None) is None:
-            graphs = [g.graph for key, g in self._graphs.items() if key[0] is self._call_fn]
-            if not graphs:
+            graph = self._forward_graph()
+            if graph is None:
                 return 0
-            self._ops = sum(1 for _ in _operations(graphs[0]))
+            self._ops = sum(1 for _ in _operations(graph))
         return self._ops
 
     def _has_loops(self) -> bool:
         """Whether the model's forward graph (as traced for the inputs seen so far) holds a loop."""
         if getattr(self, "_loops", None) is None:
-            graphs = [g.graph for key, g in self._graphs.items() if key[0] is self._call_fn]
-            if not graphs:
+            graph = self._forward_graph()
+            if graph is None:
                 return False
-            self._loops = any(op.type in _LOOP_OPS for op in _operations(graphs[0]))
+            self._loops = any(op.type in _LOOP_OPS for op in _operations(graph))
         return self._loops
 
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
