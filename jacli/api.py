@@ -19,10 +19,19 @@ def load(path: str, format: str | None = None, trust: bool = False, custom_objec
     """Load a saved model (Keras .keras/.h5, SavedModel dir, TorchScript, ONNX).
     ``trust=True`` allows formats that can run code on load (see docs/security.md).
     ``custom_objects``: Python files or module names to import first, which define a Keras
-    model's custom layers (or register torch.export output types); their code runs."""
+    model's custom layers (or register torch.export output types); their code runs. Modules
+    (``import_custom_objects``'s) are taken as they are."""
     from . import backends
 
     return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
+
+
+def import_custom_objects(specs) -> list:
+    """Import ``custom_objects`` (Python files or module names; their code runs) once, for
+    several ``load`` calls: returns the modules."""
+    from . import backends
+
+    return backends.import_modules(specs)
 
 
 def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
