@@ -19,10 +19,19 @@ def load(path: str, format: str | None = None, trust: bool = False, custom_objec
     """Load a saved model (Keras .keras/.h5, SavedModel dir, TorchScript, ONNX).
     ``trust=True`` allows formats that can run code on load (see docs/security.md).
     ``custom_objects``: Python files or module names to import first, which define a Keras
-    model's custom layers (or register torch.export output types); their code runs."""
+    model's custom layers (or register torch.export output types); their code runs. Modules
+    (``import_custom_objects``'s) are taken as they are."""
     from . import backends
 
     return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
+
+
+def import_custom_objects(specs) -> list:
+    """Import ``custom_objects`` (Python files or module names; their code runs) once, for
+    several ``load`` calls: returns the modules."""
+    from . import backends
+
+    return backends.import_modules(specs)
 
 
 def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
@@ -71,7 +80,7 @@ def jacobian(
 
 @dataclass
 class ComputeResult:
-    plan: jac.Plan
+    plan: jac.Plan  # the plan that ran: its mode produced the numbers (``jacobian.run``)
     summaries: list[Summary] = field(default_factory=list)
     output: str | None = None
 
@@ -105,14 +114,13 @@ def compute(
         _check_memory(p.nbytes, "write it to a file instead (-o J.h5 streams it in bounded memory)")
     shapes = {q.key: q.shape for q in p.pairs}
 
-    def run(sink) -> None:
-        jac.run(model, p, tap(sink) if tap else sink, method=method, chunk=chunk_size, budget=max_memory,
-                progress=progress)
+    def run(sink) -> jac.Plan:
+        return jac.run(model, p, tap(sink) if tap else sink, method=method, chunk=chunk_size, budget=max_memory,
+                       progress=progress)
 
     if output is None:
         stats = StatsSink(p.pairs, heat=heat)
-        run(stats)
-        return ComputeResult(p, stats.ordered())
+        return ComputeResult(run(stats), stats.ordered())
     pieces = {q.key: (len(q.out_shape), jac.parts_direction(p, method)) for q in p.pairs} if jac.in_parts(p, max_memory) else None
     meta = metadata(model, p, method)
     baseline = output != "-" and Path(output).suffix.lower() in (".h5", ".hdf5")  # with its input: a baseline
@@ -133,8 +141,9 @@ def compute(
             for group, arrays in found[1].items():
                 writer.store_arrays(group, arrays)
         stats = StatsSink(p.pairs, inner=writer, heat=heat) if summaries else None
-        run(stats or writer)
-    return ComputeResult(p, stats.ordered() if stats else [], output)
+        ran = run(stats or writer)
+        writer.note(mode=_mode(ran.mode, method))  # a mode on trial that failed was replaced
+    return ComputeResult(ran, stats.ordered() if stats else [], output)
 
 
 PROBE_SEED = 0  # the baseline's locate tangent
@@ -204,13 +213,17 @@ def metadata(model: Model, p: jac.Plan, method: str) -> dict:
         "inputs": [s.describe() for s in model.inputs],
         "outputs": [s.describe() for s in model.outputs],
         "method": method,
-        "mode": p.mode if method == "ad" else "finite-differences",
+        "mode": _mode(p.mode, method),
         "batch": p.batch,
         "samples": p.samples,
         "dtype": str(p.dtype),
         "jacobians": {q.key: {"of": q.of, "wrt": q.wrt, "shape": list(q.shape)} for q in p.pairs},
         "jacli_version": __version__,
     }
+
+
+def _mode(mode: str, method: str) -> str:
+    return mode if method == "ad" else "finite-differences"
 
 
 def sha256(path: str) -> str:
@@ -299,7 +312,10 @@ def svd(
         raise InputError("singular vectors go to a file: give -o OUT.npz or OUT.h5 with --vectors")
     meta = {**metadata(model, p, method), "command": "svd", "solver": chosen, "k": k, "smallest": smallest, "tol": tol}
     with _spectral_writer(output, spectral.svd_arrays(p, chosen, k, smallest, vectors), meta) as sink:
-        return spectral.svd(model, p, k, smallest, vectors, chosen, method, tol, max_memory, chunk_size, sink, progress)
+        result = spectral.svd(model, p, k, smallest, vectors, chosen, method, tol, max_memory, chunk_size, sink, progress)
+        if sink is not None and result.mode:  # the full solver's J, in the mode that ran
+            sink.note(mode=_mode(result.mode, method))
+    return result
 
 
 def det(
@@ -324,7 +340,10 @@ def det(
     p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
     meta = {**metadata(model, p, method), "command": "det", "singular_rule": spectral.singular_rule(p, singular_tol)}
     with _spectral_writer(output, spectral.det_arrays(p), meta) as sink:
-        return spectral.det(model, p, method, singular_tol, max_memory, chunk_size, sink, progress)
+        result = spectral.det(model, p, method, singular_tol, max_memory, chunk_size, sink, progress)
+        if sink is not None:
+            sink.note(mode=_mode(result.mode, method))
+    return result
 
 
 def _spectral_writer(output: str | None, arrays: dict, meta: dict):

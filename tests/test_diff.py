@@ -279,6 +279,62 @@ def test_keras_model_against_its_torch_port_with_layout_map(keras_pair):
     assert doc["passed"] and doc["jacobians"][0]["name"] == "dc2/dimage" and doc["jacobians"][0]["max_abs_error"] < 1e-5
 
 
+# --- loading: --format (A's), --format-b (B's), --custom-objects -------------------------------
+def test_format_and_format_b_load_files_whose_names_say_nothing(models, tmp_path):
+    renamed = tmp_path / "net.model"  # the ONNX export under a name that does not tell its format
+    renamed.write_bytes(models["net.onnx"].read_bytes())
+    x = models["dir"] / "x.npy"
+    r = run_jacli("diff", models["net.pt"], renamed, x)  # B's: the error names B's option
+    assert r.code == 2 and "cannot tell the format" in r.stderr and "use --format-b onnx|" in r.stderr, r.stderr
+    doc = _json(run_jacli("diff", models["net.pt"], renamed, x, "--format-b", "onnx", "--json"))
+    assert doc["passed"] and doc["b"]["format"] == "onnx" and doc["jacobians"][0]["entries"] == 2 * 6 * 75
+    r = run_jacli("diff", renamed, models["net.pt"], x)
+    assert r.code == 2 and "use --format onnx|" in r.stderr, r.stderr
+    doc = _json(run_jacli("diff", renamed, models["net.pt"], x, "--format", "onnx", "--json"))
+    assert doc["passed"] and doc["a"]["format"] == "onnx" and doc["b"]["format"] == "torchscript"
+    r = run_jacli("diff", renamed, models["net.pt"], x, "--format-b", "onnx")  # each option is its own model's
+    assert r.code == 2 and "net.model" in r.stderr, r.stderr
+    # against a baseline: --format is the model's; a baseline has no format to give
+    base = tmp_path / "base.h5"
+    assert run_jacli("compute", models["net.pt"], x, "-o", base, "-q").code == 0
+    doc = _json(run_jacli("diff", renamed, base, "--format", "onnx", "--json"))
+    assert doc["passed"] and doc["a"]["format"] == "onnx" and doc["b"] == {"baseline": str(base)}
+    r = run_jacli("diff", models["net.pt"], base, "--format-b", "torchscript")
+    assert r.code == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("Error: --format-b torchscript: B ")
+    assert "is a baseline" in r.stderr and "drop --format-b" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_custom_keras_layers_on_both_sides_and_against_a_baseline(tmp_path, monkeypatch):
+    """A Keras model with a registered custom layer, as .keras (A) and as .h5 (B): refused
+    without --custom-objects (the message says so), compared with it, the module imported
+    once for both models."""
+    import keras
+
+    import corpus_keras as ck
+
+    model = ck.BUILDERS["custom"]()
+    paths = {fmt: ck.save("custom", model, fmt, tmp_path) for fmt in ("keras", "h5")}
+    x = tmp_path / "x.npy"
+    np.save(x, ck.inputs(model, 2)["a"])
+    log = tmp_path / "imports.log"  # the module's code notes each time it runs
+    layers = tmp_path / "my_layers.py"
+    layers.write_text(ck.CUSTOM_LAYERS.read_text() + f"\nopen({str(log)!r}, 'a').write('imported\\n')\n")
+    # as in a fresh process: the class is not registered until its module is imported
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "jacli_tests>ScaledSoftsign")
+    r = run_jacli("diff", paths["keras"], paths["h5"], x)
+    assert r.code == 2 and "'ScaledSoftsign'" in r.stderr and "--custom-objects" in r.stderr, r.stderr
+    doc = _json(run_jacli("diff", paths["keras"], paths["h5"], x, "--custom-objects", layers, "--json"))
+    assert doc["passed"] and [j["entries"] for j in doc["jacobians"]] == [2 * 3 * 4], doc
+    assert (doc["a"]["format"], doc["b"]["format"]) == ("keras", "keras") and log.read_text() == "imported\n"
+    base = tmp_path / "base.h5"
+    assert run_jacli("compute", paths["keras"], x, "--custom-objects", layers, "-o", base, "-q").code == 0
+    monkeypatch.delitem(keras.saving.get_custom_objects(), "jacli_tests>ScaledSoftsign")  # registered by the import
+    r = run_jacli("diff", paths["h5"], base)
+    assert r.code == 2 and "ScaledSoftsign'" in r.stderr and "--custom-objects" in r.stderr, r.stderr
+    doc = _json(run_jacli("diff", paths["h5"], base, "--custom-objects", layers, "--json"))
+    assert doc["passed"] and doc["jacobians"][0]["max_abs_error"] < 1e-6, doc
+
+
 # --- baselines -------------------------------------------------------------------------------------
 def test_baseline_round_trip(models, tmp_path):
     import h5py

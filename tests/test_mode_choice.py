@@ -176,3 +176,39 @@ def test_the_strategy_tuners_trials_do_not_time_a_mode(clock):
     assert used[:7] == ["reverse"] * 5 + ["forward"] * 2 and used[7:] == ["reverse"] * 5
     (tuner,) = strategies.memo(model).modes.values()
     assert tuner.best["reverse"] == pytest.approx(0.020 / 5)  # not the "slow" strategy's 0.1 s
+
+
+@pytest.mark.parametrize("what", ["compute", "svd", "det"])
+@pytest.mark.parametrize("suffix", [".h5", ".npz"])
+def test_a_file_records_the_mode_that_ran_when_the_trial_mode_failed(clock, tmp_path, what, suffix):
+    """Forward mode on trial passes the one-sample probe, then fails on the batch: the
+    numbers come from reverse mode, run again from the start, and the file says so (its
+    metadata was written before the run, in the trial's mode)."""
+    import json
+
+    import h5py
+
+    model = Costly(clock, {"reverse": 0.040, "forward": 0.001}, no_forward="batched")
+    model.sha256 = "0" * 64  # (no file behind it)
+    model.A = A + np.eye(4, dtype=np.float32)  # invertible, for det
+    J = model.A.astype(np.float64)
+    for _ in range(2):  # the shape's mode, reverse, warms up and is timed: forward comes next, on trial
+        jacli.jacobian(model, X)
+    plan = jacli.api.plan(model, X)
+    assert plan.mode == "forward" and plan.modes is not None
+    out = tmp_path / f"out{suffix}"
+    run = {"compute": jacli.api.compute, "svd": jacli.api.svd, "det": jacli.api.det}[what]
+    result = run(model, plan, output=str(out))
+    if suffix == ".h5":
+        with h5py.File(out, "r") as f:
+            meta = dict(f.attrs)
+            numbers = f["dy/dx"][()] if what == "compute" else f["singular_values" if what == "svd" else "det"][()]
+    else:
+        with np.load(out) as f:
+            meta = json.loads(f["jacli_meta"].item())
+            numbers = f["dy/dx" if what == "compute" else "singular_values" if what == "svd" else "det"]
+    assert meta["mode"] == "reverse" and model.used[-1] == "reverse"
+    assert (result.plan.mode if what == "compute" else result.mode) == "reverse"
+    expected = {"compute": np.broadcast_to(J, (5, 4, 4)), "svd": np.broadcast_to(np.linalg.svd(J, compute_uv=False), (5, 4)),
+                "det": np.full(5, np.linalg.det(J))}[what]
+    np.testing.assert_allclose(numbers, expected, rtol=1e-5)

@@ -58,8 +58,8 @@ def detect_format(path: str) -> str:
         raise ModelLoadError(f"{path} is not a valid {suffix} file (unexpected contents; truncated or corrupt?)")
     raise ModelLoadError(
         f"cannot tell the format of {path}; supported: .keras/.h5 (Keras), SavedModel directories, "
-        ".pt/.pth (TorchScript), .pt2 (torch.export), .onnx — or pass --format"
-    )
+        ".pt/.pth (TorchScript), .pt2 (torch.export), .onnx", option=f"--format {'|'.join(FORMATS)}",
+        hint=f"format= one of {', '.join(map(repr, FORMATS))}")
 
 
 def _zip_format(p: Path) -> str:
@@ -103,12 +103,16 @@ def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=
 
 
 def import_modules(specs) -> list:
-    """Import each of ``specs`` (a ``.py`` file, or a module name on sys.path) and return the
-    modules. This runs their code: the user vouches for it."""
+    """Import each of ``specs`` (a ``.py`` file, or a module name on sys.path; a module is
+    taken as it is) and return the modules. This runs their code: the user vouches for it."""
     import sys
+    import types
 
     modules = []
     for spec in specs or ():
+        if isinstance(spec, types.ModuleType):  # imported already, for an earlier load
+            modules.append(spec)
+            continue
         spec = str(spec)
         try:
             if spec.endswith(".py") or Path(spec).is_file():

@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from .. import api
-from ..errors import InputError
+from ..errors import InputError, JacliError
 
 
 def console(stderr: bool = False):
@@ -24,10 +24,19 @@ def warn(message: str, quiet: bool) -> None:
         click.echo(f"Warning: {message}", err=True)
 
 
-def load_model(model_path: str, fmt: str | None, trust_model: bool):
+def load_model(model_path: str, fmt: str | None, trust_model: bool, format_flag: str = "--format"):
+    """With the command's --custom-objects, imported at its first load only (diff loads two
+    models); ``format_flag``: the option that gives this model's format (diff's B: --format-b)."""
     context = click.get_current_context(silent=True)
     custom = context.meta.get("jacli.custom_objects", ()) if context is not None else ()
-    return api.load(model_path, format=fmt, trust=trust_model, custom_objects=custom)
+    if custom:
+        custom = context.meta["jacli.custom_objects"] = api.import_custom_objects(custom)
+    try:
+        return api.load(model_path, format=fmt, trust=trust_model, custom_objects=custom)
+    except JacliError as e:
+        if e.option and e.option.startswith("--format "):
+            e.option = format_flag + e.option[len("--format"):]
+        raise
 
 
 def load_input(model, input_path: str | None, random_n: int | None, seed: int, quiet: bool) -> dict[str, np.ndarray]:

@@ -42,11 +42,11 @@ def compute(model_path, fmt, trust_model, input_path, random_n, seed, output, wr
                              probes=locate_probes)
     if sink:
         plotting.save(plotting.compute_plots(sink, plan, plot_reduce), plots, quiet)
-    for note in plan.notes:  # e.g. reverse mode where forward mode is unavailable
+    for note in result.plan.notes:  # e.g. reverse mode where forward mode is unavailable
         warn(note, quiet)
     if not (as_json or shown):
         return
-    meta = api.metadata(model, plan, method)
+    meta = api.metadata(model, result.plan, method)  # the mode that ran
     if as_json:
         emit_json({**{k: meta[k] for k in ("model", "format", "backend", "method", "mode", "batch", "dtype")},
                    "output": output, "jacobians": meta["jacobians"],

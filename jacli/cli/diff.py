@@ -12,8 +12,8 @@ from .common import console, emit_json, load_input, load_model
 @options.select
 @options.engine
 @options.common
-def diff(a_path, b_path, trust_model, atol, rtol, check_stat, maps, directions, locate, input_path, random_n, seed, wrt,
-         of, mode, no_batch, chunk_size, max_memory, as_json, quiet, debug):
+def diff(a_path, b_path, fmt, fmt_b, trust_model, atol, rtol, check_stat, maps, directions, locate, input_path, random_n,
+         seed, wrt, of, mode, no_batch, chunk_size, max_memory, as_json, quiet, debug):
     """Compare the derivatives of models A and B at INPUT, or of MODEL with a baseline.
 
     jacli diff A B INPUT: A and B in any formats. Per (output, input) pair, the outputs and
@@ -24,22 +24,27 @@ def diff(a_path, b_path, trust_model, atol, rtol, check_stat, maps, directions, 
     jacli diff MODEL BASELINE.h5: reruns MODEL on the input stored in the baseline (written
     by `jacli compute MODEL INPUT -o BASELINE.h5`) and compares with its Jacobians.
 
-    Exit 0 when they agree, 1 when they differ, 2 on bad input. See docs/guide.md and docs/ci.md.
+    Models load as on compute: --format (A's; --format-b: B's), --trust-model and
+    --custom-objects (for both; imported once). Exit 0 when they agree, 1 when they differ,
+    2 on bad input. See docs/guide.md and docs/ci.md.
     """
     from ..engine import diff as d
     from ..io.readers import is_baseline
     from ..render.diff import diff_view
     from ..render.progress import Progress
 
-    model_a = load_model(a_path, None, trust_model)
     baseline = is_baseline(b_path)
+    if baseline and fmt_b is not None:
+        raise InputError(f"--format-b {fmt_b}: B ({b_path}) is a baseline written by jacli compute -o, not a model, "
+                         "so it has no format; drop --format-b (--format gives A's)")
+    model_a = load_model(a_path, fmt, trust_model)  # --custom-objects are imported here, once for both
     if baseline:
         if input_path is not None or random_n is not None:
             raise InputError(f"{b_path} is a baseline and brings its own input; drop INPUT/--random "
                              "(or give a model as B)")
         model_b, xs, samples = b_path, None, None
     else:
-        model_b = load_model(b_path, None, trust_model)
+        model_b = load_model(b_path, fmt_b, trust_model, "--format-b")
         xs = load_input(model_a, input_path, random_n, seed, quiet)
         samples = len(next(iter(xs.values()))) if not no_batch else 1
     tol = [d.parse_named(atol, "--atol", d.tolerance_value), d.parse_named(rtol, "--rtol", d.tolerance_value),

@@ -32,18 +32,24 @@ def _memory(ctx, param, value):
     return size
 
 
+def _format(flag: str, name: str, what: str):
+    return click.option(flag, name, type=click.Choice(["keras", "savedmodel", "torchscript", "torch-export", "onnx"]),
+                        help=f"{what} (default: detected from the path); torch-export: .pt2 from torch.export.save.")
+
+
+custom_objects = click.option(
+    "--custom-objects", "custom_objects", multiple=True, metavar="MODULE", expose_value=False,
+    callback=lambda ctx, param, value: ctx.meta.__setitem__("jacli.custom_objects", value),
+    help="Import MODULE (a .py file or a module name) before loading: it defines the model's custom Keras layers, "
+         "or registers its torch.export output types. Runs that code: only for code you trust, like --trust-model.")
+
 model = _stack(
     click.argument("model_path", metavar="MODEL"),
-    click.option("--format", "fmt", type=click.Choice(["keras", "savedmodel", "torchscript", "torch-export", "onnx"]),
-                 help="Model format (default: detected from the path); torch-export: .pt2 from torch.export.save."),
+    _format("--format", "fmt", "Model format"),
     click.option("--trust-model", is_flag=True,
                  help="Allow formats that can run code on load (torch.save pickles, Keras Lambda layers, "
                       ".pt2 pickles and code)."),
-    click.option("--custom-objects", "custom_objects", multiple=True, metavar="MODULE", expose_value=False,
-                 callback=lambda ctx, param, value: ctx.meta.__setitem__("jacli.custom_objects", value),
-                 help="Import MODULE (a .py file or a module name) before loading: it defines the model's custom "
-                      "Keras layers, or registers its torch.export output types. Runs that code: only for code "
-                      "you trust, like --trust-model."),
+    custom_objects,
 )
 
 data = _stack(
@@ -169,8 +175,11 @@ plot_map = _stack(
 diff = _stack(
     click.argument("a_path", metavar="A"),
     click.argument("b_path", metavar="B"),
+    _format("--format", "fmt", "Format of A (of MODEL, against a baseline)"),
+    _format("--format-b", "fmt_b", "Format of B, a model (a baseline has none)"),
     click.option("--trust-model", is_flag=True,
                  help="Allow formats that can run code on load (for both models; see docs/security.md)."),
+    custom_objects,
     click.option("--atol", multiple=True, metavar="[NAME:]A",
                  help="Absolute tolerance, for every output or (NAME:A, repeatable) for output NAME and its "
                       "Jacobians, or one Jacobian dNAME/dIN (default by dtype: 1e-5 float32, 1e-9 float64, 1e-3 float16)."),

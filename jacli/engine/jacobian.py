@@ -368,11 +368,13 @@ def run(
     chunk: int | None = None,
     budget: int | None = None,
     progress: Callable[[int], None] | None = None,
-) -> None:
+) -> Plan:
     """Compute every pair of the plan and write it to ``sink`` sample block by sample block,
     or, when one sample's Jacobian is more than half the budget, part by part (row blocks in
     reverse mode, column blocks otherwise) through ``sink.write_part``.
-    ``progress(n)`` is called with the number of samples just finished."""
+    ``progress(n)`` is called with the number of samples just finished. Returns the plan
+    that produced the numbers: ``plan``, or, where the mode on trial failed (``Plan.modes``),
+    the same plan in the shape's mode, run again from the start."""
     budget = budget or DEFAULT_BUDGET
     if method not in ("ad", "fd"):
         raise InputError(f"--method must be ad or fd, not {method!r}")
@@ -382,7 +384,8 @@ def run(
     in_place = getattr(sink, "target", None)
     if not in_place and in_parts(plan, budget):
         if hasattr(sink, "write_part"):
-            return _run_parts(model, plan, sink, parts, seed_block(plan, 1, budget, chunk), budget, progress)
+            _run_parts(model, plan, sink, parts, seed_block(plan, 1, budget, chunk), budget, progress)
+            return plan
         if plan.sample_bytes > budget:
             what = "sample" if plan.batch else "input"
             raise InputError(
@@ -417,6 +420,7 @@ def run(
     # (the best of a mode's runs counts, and a second one follows)
     if tuner and (engine.trials == trials or not tuner.runs[plan.mode]):
         tuner.record(plan.mode, time.perf_counter() - start, plan.samples)
+    return plan
 
 
 def in_parts(plan: Plan, budget: int | None = None) -> bool:

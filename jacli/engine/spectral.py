@@ -111,6 +111,7 @@ class SvdResult:
     smallest_error_bound: np.ndarray | None = None  # (S, k), for smallest
     iterations: int = 0
     products: int = 0  # J·V and Jᵀ·U vectors per sample (matrix-free)
+    mode: str | None = None  # the mode that computed J (full solver)
 
     @property
     def sigma_max(self) -> np.ndarray:
@@ -160,6 +161,7 @@ class DetResult:
     rcond: np.ndarray
     condition_number: np.ndarray
     logabsdet_error: np.ndarray
+    mode: str | None = None  # the mode that computed J
     singular: np.ndarray = field(init=False)
     ill_conditioned: np.ndarray = field(init=False)
     overflow: np.ndarray = field(init=False)
@@ -310,9 +312,10 @@ def _svd_full(model, plan, k, smallest, vectors, method, budget, chunk, sink, pr
         if progress:
             progress(s1 - s0)
 
-    _dense(model, plan, lay, method, budget, chunk, consume)
+    ran = _dense(model, plan, lay, method, budget, chunk, consume)
     cat = {key: np.concatenate(v) for key, v in parts.items()}
-    return SvdResult("full", lay.m, lay.n, k, cat["s"], cat["cond"], cat["low"] if smallest else None, cat["rank"])
+    return SvdResult("full", lay.m, lay.n, k, cat["s"], cat["cond"], cat["low"] if smallest else None, cat["rank"],
+                     mode=ran.mode)
 
 
 def _condition(smax: np.ndarray, smin: np.ndarray, floor: np.ndarray) -> np.ndarray:
@@ -334,9 +337,9 @@ def _emit(sink, s0, s1, lay: Layout, top, cond, low, vecs) -> None:
                 sink.write(f"{side}_vectors/{name}", s0, s1, piece)
 
 
-def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
+def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> jac.Plan:
     """Materialise J sample block by sample block as (S, m, n) float64 and hand it to
-    ``consume(s0, s1, J)``."""
+    ``consume(s0, s1, J)``; returns the plan that ran (``jac.run``)."""
     pairs = {p.key: p for p in plan.pairs}
     ins = {name: (off, prod(shape)) for name, shape, off in lay.ins}
     outs = {name: (off, prod(shape)) for name, shape, off in lay.outs}
@@ -356,7 +359,7 @@ def _dense(model, plan, lay: Layout, method, budget, chunk, consume) -> None:
             self.held = {}
             consume(s0, s1, J)
 
-    jac.run(model, plan, Assemble(), method=method, chunk=chunk, budget=budget // 3)
+    return jac.run(model, plan, Assemble(), method=method, chunk=chunk, budget=budget // 3)
 
 
 # --- matrix-free ------------------------------------------------------------------------
@@ -584,9 +587,9 @@ def det(
         if progress:
             progress(s1 - s0)
 
-    _dense(model, plan, lay, method, budget, chunk, consume)
+    ran = _dense(model, plan, lay, method, budget, chunk, consume)
     cat = {key: np.concatenate(v) for key, v in parts.items()}
-    return DetResult(lay.n, singular_tol, eps(plan), *(cat[key] for key in keys))
+    return DetResult(lay.n, singular_tol, eps(plan), *(cat[key] for key in keys), mode=ran.mode)
 
 
 def error_estimate(sigma: np.ndarray, unit: float) -> float:

@@ -79,6 +79,11 @@ class Writer(abc.ABC):
     def write_part(self, key: str, s: int, rows: slice, cols: slice, block: np.ndarray, out_ndim: int) -> None:
         """Store entries rows x cols of sample s's Jacobian flattened to (outputs, inputs)."""
 
+    def note(self, **meta) -> None:
+        """Metadata known only once the numbers are computed (the mode that produced them,
+        which ``jacobian.run`` returns), recorded before the file is finished."""
+        self.meta.update(meta)
+
     def _finish(self) -> None:
         """Flush and close the temporary file."""
 
@@ -239,8 +244,7 @@ class H5Writer(Writer):
             raise OutputError("writing .h5 needs h5py: pip install h5py") from None
         self.raw = _GuardedFile(self.tmp)
         self.f = h5py.File(self.raw, "w")
-        for k, v in self.meta.items():
-            self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+        self._attributes(self.meta)
         self.ds = {}
         for key, shape in self.shapes.items():
             if key in self.pieces:
@@ -250,6 +254,14 @@ class H5Writer(Writer):
             self.ds[key] = self.f.create_dataset(key, shape=shape, dtype=self.dtype, chunks=chunk)
             for attr, value in self.meta.get("jacobians", {}).get(key, {}).items():
                 self.ds[key].attrs[attr] = value if isinstance(value, str) else json.dumps(value)
+
+    def _attributes(self, meta: dict) -> None:
+        for k, v in meta.items():
+            self.f.attrs[k] = v if isinstance(v, (str, int, float)) else json.dumps(v)
+
+    def note(self, **meta) -> None:
+        super().note(**meta)
+        self._attributes(meta)
 
     def write(self, key, s0, s1, block):
         self._store(self.ds[key], s0, s1, block)
@@ -353,6 +365,9 @@ class StdoutWriter:
             raise OutputError(f"-o - writes one .npy array but there are {len(shapes)} Jacobians; choose one with --of/--wrt")
         (shape,) = shapes.values()
         self.array, self.batch = np.empty(shape, dtype), batch
+
+    def note(self, **meta) -> None:
+        """``.npy`` bytes carry no metadata."""
 
     def write(self, key, s0, s1, block):
         Writer._store(self, self.array, s0, s1, block)
