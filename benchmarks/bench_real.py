@@ -1,7 +1,7 @@
 """Per-sample Jacobians of real architectures: jacli against each framework's best idiom.
 
     .venv/bin/python benchmarks/bench_real.py [--threads 1,2] [--quick] [--skip-speed]
-                                              [--memory] [--startup] [--big] [--large]
+                                              [--memory] [--startup] [--big] [--large] [--allocator]
 
 Speed (one child process per thread count, so that every framework starts its thread pools
 with that count; JACLI_THREADS is set to it too). Models (benchmarks/real_models.py, random
@@ -21,7 +21,7 @@ MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a t
 
 ONNX Runtime has no autodiff: jacli-onnx is set against the best torch idiom of the same
 architecture. Methods are timed round-robin after a warm-up call (a burst of load hits
-all alike; jacli's methods get TUNER_CALLS more, its tuners' trials), the minimum
+all alike; jacli's methods get up to TUNER_CALLS more, until one runs no tuner trial), the minimum
 of the wall and of the CPU times is reported; every result is checked against ``vmap(jacrev)``
 (or ``batch_jacobian``) first.
 
@@ -34,8 +34,8 @@ loading the model with its own API. ``--big``: ResNet-18 with 1000 classes on on
 image (a 602 MB Jacobian) to .h5, against ``torch.func.jacrev(f, chunk_size=100)`` and the
 floor (1000 x one VJP), once per ``--threads`` count. ``--large``: only the large batches
 (image networks at 256 samples, the Keras applications at 16 and 256 / 4 and 16), each method
-called once untimed (a Jacobian of 16 or more backend calls: its tuners' trials) and timed 3
-times.
+timed 3 times. ``--allocator``: ``jacli compute`` on 20,000 / 2,000 samples of the Conv1d net and the
+transformer block (traced, ONNX) with its allocator settings and with ``JACLI_MALLOC=off``.
 Tables are printed and written to benchmarks/results/real-<time>.{json,md}.
 """
 from __future__ import annotations
@@ -79,12 +79,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer batch sizes")
     ap.add_argument("--large", action="store_true",
                     help="only the large batches (image networks at 256 samples, Keras at 16/256 and 4/16), "
-                         "each method timed 3 times after one untimed call")
+                         "each method timed 3 times")
     ap.add_argument("--models", default=",".join(CASES))
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per method and case (at least)")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--startup", action="store_true")
+    ap.add_argument("--allocator", action="store_true",
+                    help="jacli compute with and without its allocator settings (JACLI_MALLOC=off)")
     ap.add_argument("--big", action="store_true", help="the 1000 x 150528 ResNet-18 Jacobian, once per thread count")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one speed run, results to this file
     args = ap.parse_args()
@@ -110,6 +112,9 @@ def main() -> None:
     if args.startup:
         report["startup"] = startup()
         md += startup_table(report["startup"])
+    if args.allocator:
+        report["allocator"] = allocator(int(args.threads.split(",")[0]))
+        md += allocator_table(report["allocator"])
     if args.big:
         report["big"] = [big(int(n)) for n in args.threads.split(",") if n]
         for r in report["big"]:
@@ -170,8 +175,8 @@ def child(args) -> None:
                     # within rounding of 0), where two float32 evaluations can take different sides
                     row.setdefault("kink_samples", {})[label] = int((per_sample > KINK).sum())
                     ok[label] = fn
-                    for _ in range((1 if args.large else TUNER_CALLS) if label.startswith("jacli") else 0):
-                        fn(x)
+                    if hasattr(fn, "model"):
+                        settle(fn, x)
                 times, cpu = time_round_robin(ok, x, args.min_time, runs=3 if args.large else RUNS)
                 row["ms"] = {k: min(v) for k, v in times.items()}
                 row["cpu_ms"] = {k: min(v) for k, v in cpu.items()}
@@ -217,7 +222,7 @@ def torch_case(name: str, tmp: Path):
             continue
         try:
             model = jacli.load(str(path))
-            methods[label] = lambda x, model=model: jacli.jacobian(model, x)
+            methods[label] = _jacli(model)
         except Exception as e:
             methods[label] = _failing(f"{type(e).__name__}: {e}")
 
@@ -257,7 +262,7 @@ def keras_case(name: str, tmp: Path):
     methods = {}
     for label, path in (("jacli .keras", tmp / f"{name}.keras"), ("jacli savedmodel", tmp / f"{name}_savedmodel")):
         model = jacli.load(str(path))
-        methods[label] = lambda x, model=model: jacli.jacobian(model, x)
+        methods[label] = _jacli(model)
 
     @tf.function(reduce_retracing=True)
     def one_vjp(x):
@@ -274,6 +279,31 @@ def keras_case(name: str, tmp: Path):
         return min(m, n) * best_of(lambda: one_vjp(t).numpy())
 
     return {"tf batch_jacobian": methods.pop("tf batch_jacobian"), **methods}, shape, floor, m, n
+
+
+def _jacli(model):
+    def fn(x):
+        import jacli
+
+        return jacli.jacobian(model, x)
+
+    fn.model = model
+    return fn
+
+
+def settle(fn, x) -> None:
+    """Untimed calls of a jacli method until one runs no tuner trial (a strategy on trial or a
+    loser re-timed, or a mode still owed a trial), at most TUNER_CALLS: the timed runs are then
+    the steady state of a loop. A Jacobian of many backend calls (an image network at 256
+    samples) finishes its trials within the first call; one of a single call takes several."""
+    from jacli.engine import strategies
+
+    engine = strategies.memo(fn.model)
+    for _ in range(TUNER_CALLS):
+        before = engine.trials
+        fn(x)
+        if engine.trials == before and not any(t.trial() for t in engine.modes.values()):
+            return
 
 
 def _saved(path: Path, save):
@@ -322,10 +352,10 @@ def time_round_robin(methods: dict, x, min_time: float, runs: int) -> tuple[dict
 
 
 BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "torch jacrev loop", "tf batch_jacobian")
-# untimed calls of each jacli method after its first: the strategy tuner's other trials (two
-# runs of each of two strategies) and, where rows and columns are within 2x, the mode tuner's
-# (a timed run of the shape's mode, then a warm-up and a timed run of the other), which would
-# otherwise take up the few timed runs of a slow cell; the table is the steady state of a loop
+# untimed calls of each jacli method after its first, at most (settle): the strategy tuner's
+# other trials (two runs of each of two strategies) and, where rows and columns are within 2x,
+# the mode tuner's (a timed run of the shape's mode, then a warm-up and a timed run of the
+# other), which would otherwise take up the few timed runs of a slow cell
 TUNER_CALLS = 6
 # timed rounds at least (--large: 3): the minimum of 3 moved by up to 10% between runs on the
 # image networks' parity cells, where one call takes 0.2-1.5 s
@@ -519,6 +549,54 @@ def startup_table(rows) -> list[str]:
     for r in rows:
         out.append(f"| {r['file']} | {r['own API']:.2f} s | {r['jacli inspect']:.2f} s | "
                    f"{r['jacli inspect'] / r['own API']:.2f}× |")
+    return out
+
+
+# --- the command line's allocator settings --------------------------------------------------
+def allocator(threads: int, runs: int = 3) -> list[dict]:
+    """``jacli compute MODEL x.npy -o J.h5 -q`` on many samples of the Conv1d net (20,000) and
+    the transformer block (2,000), traced and ONNX, with jacli's allocator settings (its own
+    process keeps freed memory for reuse: system.tune_allocator) and with JACLI_MALLOC=off,
+    interleaved, best of ``runs``."""
+    import numpy as np
+    import torch
+    from real_models import build
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, samples in (("conv1d", 20000), ("transformer", 2000)):
+            net, shape = build(name)
+            example = torch.zeros(2, *shape)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.trace(net, example).save(f"{tmp}/{name}.pt")
+                torch.onnx.export(net, (example,), f"{tmp}/{name}.onnx", dynamo=False, opset_version=17,
+                                  input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+            np.save(f"{tmp}/x.npy", np.random.default_rng(0).standard_normal((samples, *shape)).astype(np.float32))
+            for suffix in (".pt", ".onnx"):
+                got = {"on": [], "off": []}
+                for _ in range(runs):
+                    for setting in got:
+                        env = {**thread_env(threads), "JACLI_MALLOC": "" if setting == "on" else "off"}
+                        rc, mb, seconds = peak([sys.executable, "-m", "jacli", "compute", f"{tmp}/{name}{suffix}",
+                                                f"{tmp}/x.npy", "-o", f"{tmp}/J.h5", "-q"], env=env)
+                        got[setting].append((seconds, mb, rc))
+                row = {"model": f"{name}{suffix}", "samples": samples, "threads": threads,
+                       **{f"{k}_seconds": min(t for t, _, _ in v) for k, v in got.items()},
+                       **{f"{k}_peak_mb": max(m for _, m, _ in v) for k, v in got.items()},
+                       "returncodes": sorted({rc for v in got.values() for _, _, rc in v})}
+                rows.append(row)
+                print(f"  {row['model']:16s} {samples} samples: {row['off_seconds']:.2f} s -> {row['on_seconds']:.2f} s, "
+                      f"peak {row['off_peak_mb']:.0f} -> {row['on_peak_mb']:.0f} MiB", flush=True)
+    return rows
+
+
+def allocator_table(rows) -> list[str]:
+    out = [f"\n### `jacli compute` with its allocator settings ({rows[0]['threads']} thread(s), best of 3, to .h5)\n",
+           "| file | samples | `JACLI_MALLOC=off` | default | speed-up | peak RSS off / default |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['samples']:,} | {r['off_seconds']:.2f} s | {r['on_seconds']:.2f} s | "
+                   f"{r['off_seconds'] / r['on_seconds']:.2f}× | {r['off_peak_mb']:.0f} / {r['on_peak_mb']:.0f} MiB |")
     return out
 
 

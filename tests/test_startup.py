@@ -53,3 +53,53 @@ def test_tensorflow_start_up_is_silent(tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
     assert (tmp_path / "J.npy").stat().st_size > 4 * 10 * 500 * 4
+
+
+_KEPT = """
+import os, sys
+import numpy as np
+from jacli.system import tune_allocator
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+print(sorted(tune_allocator()))
+a = np.ones(4 << 20, np.float32)  # 16 MiB, touched
+before = rss()
+del a
+print((before - rss()) >> 20)  # MiB handed back to the kernel on free
+"""
+
+
+@pytest.mark.parametrize("setting", ["", "off"])
+def test_the_command_lines_allocator_keeps_freed_blocks_for_reuse(setting):
+    """jacli's own process keeps a freed 16 MiB block in the heap (no munmap, no page faults
+    when the next call allocates it again); JACLI_MALLOC=off leaves glibc's defaults, which
+    hand it back."""
+    glibc = (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    r = subprocess.run([sys.executable, "-c", _KEPT], capture_output=True, text=True, cwd=ROOT,
+                       env={**env, "JACLI_MALLOC": setting}, check=True)
+    settings, returned = r.stdout.split("\n")[:2]
+    tuned = glibc and setting != "off"
+    assert settings == ("['mmap_threshold', 'trim_threshold']" if tuned else "[]")
+    if glibc:
+        assert (int(returned) < 2) if tuned else (int(returned) >= 15)
+
+
+def test_only_jaclis_own_process_tunes_the_allocator(monkeypatch):
+    """``run`` (the jacli command, python -m jacli) tunes the allocator; ``main``, which the
+    Python API's callers and the tests call in their own processes, does not."""
+    from jacli import system
+    from jacli.cli import main as cli_main
+
+    calls = []
+    monkeypatch.setattr(system, "tune_allocator", lambda: calls.append("tuned") or {})
+    for entry in (lambda: cli_main.main(["--help"]), cli_main.run):
+        monkeypatch.setattr(sys, "argv", ["jacli", "--help"])
+        with pytest.raises(SystemExit) as e:
+            entry()
+        assert e.value.code == 0
+        calls.append("ran")
+    assert calls == ["ran", "tuned", "ran"]

@@ -73,6 +73,15 @@ def _one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+def run() -> None:
+    """The ``jacli`` command (and ``python -m jacli``): ``main`` in a process of jacli's own,
+    whose C allocator keeps freed memory for reuse (``system.tune_allocator``)."""
+    from ..system import tune_allocator
+
+    tune_allocator()
+    main()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or bool(os.environ.get("JACLI_DEBUG"))
