@@ -75,8 +75,8 @@ def _one_line(text: str) -> str:
 
 def run() -> None:
     """The ``jacli`` command (and ``python -m jacli``): ``main`` in a process of jacli's own,
-    whose C allocator keeps freed memory for reuse (``system.tune_allocator``)."""
-    from ..system import tune_allocator
+    whose C allocator keeps freed memory for reuse (``api.tune_allocator``)."""
+    from ..api import tune_allocator
 
     tune_allocator()
     main()
