@@ -85,6 +85,9 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--startup", action="store_true")
+    ap.add_argument("--tuned", action="store_true",
+                    help="speed runs with the command line's allocator settings in the process (api.tune_allocator): "
+                         "every method alike")
     ap.add_argument("--allocator", action="store_true",
                     help="jacli compute with and without its allocator settings (JACLI_MALLOC=off)")
     ap.add_argument("--big", action="store_true", help="the 1000 x 150528 ResNet-18 Jacobian, once per thread count")
@@ -101,11 +104,11 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 cmd = [sys.executable, __file__, "--child", out.name, "--threads", str(n), "--models", args.models,
                        "--min-time", str(args.min_time), *(["--quick"] if args.quick else []),
-                       *(["--large"] if args.large else [])]
+                       *(["--large"] if args.large else []), *(["--tuned"] if args.tuned else [])]
                 subprocess.run(cmd, check=True, env=thread_env(n), cwd=ROOT)
                 rows = json.loads(Path(out.name).read_text())
             report["speed"][n] = rows
-            md += speed_table(rows, n)
+            md += speed_table(rows, n, args.tuned)
     if args.memory:
         report["memory"] = memory()
         md += memory_table(report["memory"])
@@ -149,6 +152,10 @@ def child(args) -> None:
 
     torch.set_num_threads(int(args.threads))
     warnings.filterwarnings("ignore")
+    if args.tuned:
+        from jacli.api import tune_allocator
+
+        print(f"allocator: {tune_allocator()}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
@@ -388,9 +395,10 @@ def print_row(row, flush=False) -> None:
         print(f"  {k:20s} n/a: {why}", flush=flush)
 
 
-def speed_table(rows, threads: int) -> list[str]:
+def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
     cols = ["jacli .pt", "jacli .pt2", "jacli .onnx", "jacli .keras", "jacli savedmodel"]
-    out = [f"\n### Speed, {threads} thread{'s' if threads > 1 else ''}: ms per call (ratio to the best idiom)\n",
+    how = ", allocator tuned (api.tune_allocator)" if tuned else ""
+    out = [f"\n### Speed, {threads} thread{'s' if threads > 1 else ''}{how}: ms per call (ratio to the best idiom)\n",
            "| model | m×n | batch | best idiom (ms) | " + " | ".join(cols) + " | jacli best / floor |",
            "|---|---|---|---|" + "---|" * len(cols) + "---|"]
     for row in rows:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, LimitationError, UnsupportedError, UserError
 from ..model import Model
-from ..system import available_memory
+from ..system import allocator_keeps_memory, available_memory
 from . import strategies
 
 
@@ -48,6 +48,10 @@ BLOCK_BYTES = 8 << 20
 # call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 with one thread
 # (issue 15). The same with two threads (quiet machine, reverse / forward mode): 36 / 30 ms in
 # one call, 24 / 21 ms in two; the transformer block at 256 then took 594 ms against 563.
+# Only where the allocator hands such blocks back (not after system.tune_allocator, which
+# the jacli command runs): there the split costs what it was to save, one call of 16,384 rows
+# taking 16.6-16.8 ms against 20.3 ms in two with two threads (27.2 against 28.2 with one),
+# and the transformer block at 16 samples 28.0 against 29.9 ms.
 CALL_BYTES = 4 << 20
 # ... where a call has this many rows (k x S) at least: a call of few rows, each much work (an
 # image net's 10 rows a sample), costs by its operators' count, which more blocks multiply
@@ -331,13 +335,13 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
     in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
     number of calls (each still takes every row), on smaller tensors (not for calls of
-    fewer than CALL_ROWS rows)."""
+    fewer than CALL_ROWS rows, nor where the allocator keeps freed memory for reuse)."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
     step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
     outs, ins = plan.elements
     rows = outs if plan.mode == "reverse" else ins
-    if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows:
+    if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows or allocator_keeps_memory():
         return step
     fits = max(1, CALL_BYTES // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
     return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
