@@ -170,25 +170,4 @@ def tune_allocator(environ=None) -> dict[str, int]:
                                ("trim_threshold", _M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
         if mallopt(param, value) == 1:  # 1 on success
             done[name] = value
-    global _KEEPS
-    _KEEPS = _KEEPS or len(done) == 2
     return done
-
-
-_KEEPS = False  # tune_allocator's settings were made in this process
-
-
-def allocator_keeps_memory(environ=None) -> bool:
-    """Whether this process's allocator keeps freed blocks of a few MiB for reuse instead of
-    handing them back to the kernel: after ``tune_allocator``, or where the user started the
-    process with glibc's ``MALLOC_MMAP_THRESHOLD_`` (of 16 MiB or more) and
-    ``MALLOC_TRIM_THRESHOLD_`` set. Then large backend calls cost no page faults, and the
-    engine need not split them (jacobian.CALL_BYTES)."""
-    if _KEEPS:
-        return True
-    environ = os.environ if environ is None else environ
-    try:
-        return (int(environ.get("MALLOC_MMAP_THRESHOLD_", "0")) >= 16 << 20
-                and int(environ.get("MALLOC_TRIM_THRESHOLD_", "0")) >= 16 << 20)
-    except ValueError:
-        return False

@@ -140,19 +140,6 @@ def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_byt
     p = jac.plan(Linear(np.ones((2, 12288), np.float32)), {"x": np.ones((100, 12288), np.float32)}, mode="reverse")
     assert jac.sample_block(p, budget=1 << 40) == jac.BLOCK_BYTES // (2 * 12288 * 4) == 85
     assert 85 * 2 * 12290 * 4 > jac.CALL_BYTES and 85 * 2 < jac.CALL_ROWS
-    # where the allocator keeps freed memory (the jacli command's own process), CALL_BYTES_KEPT:
-    # 256 samples in one call, 512 in two
-    from jacli import system
-
-    monkeypatch.setattr(system, "_KEEPS", True)
-    for samples, block in ((256, 256), (512, 256)):
-        x = np.ones((samples, 64), np.float32)
-        assert jac.sample_block(jac.plan(model, {"x": x}, mode="reverse"), 1 << 40) == block
-        model.sizes.clear()
-        np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse", max_memory=1 << 40),
-                                      np.broadcast_to(W, (samples, 64, 64)))
-        assert model.sizes == [64 * block] * (samples // block)
-    assert 256 * 64 * 128 * 4 == jac.CALL_BYTES_KEPT
 
 
 def test_forward_mode_seeds_stay_within_a_block_on_wide_inputs(weights):

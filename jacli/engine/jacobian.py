@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import InputError, LimitationError, UnsupportedError, UserError
 from ..model import Model
-from ..system import allocator_keeps_memory, available_memory
+from ..system import available_memory
 from . import strategies
 
 
@@ -48,14 +48,11 @@ BLOCK_BYTES = 8 << 20
 # call of 64 x 256 rows, 40-70 ms against 27-37 ms in two calls of 64 x 128 with one thread
 # (issue 15). The same with two threads (quiet machine, reverse / forward mode): 36 / 30 ms in
 # one call, 24 / 21 ms in two; the transformer block at 256 then took 594 ms against 563.
-# Where the allocator keeps freed blocks below 32 MiB (system.tune_allocator, which the jacli
-# command runs), twice that (CALL_BYTES_KEPT): in a tuned process the Conv1d net's 16,384 rows
-# at 256 samples took 16.6-16.8 ms in one call against 20.3 ms in two with two threads (27.2
-# against 28.2 with one), the transformer block at 16 samples 28.0 against 29.9 ms; but with
-# no cap at all, 32,768-row calls (a jacli compute of 20,000 samples) made tensors past that
-# threshold again: ONNX 2.3 -> 4.6 s, and 150-230 MiB more at the peak.
+# The same cap where the allocator keeps freed memory (the jacli command's process): one call
+# of 16,384 rows was faster there with two threads (16.6 against 20.3 ms), but jacli compute on
+# 20,000 Conv1d / 2,000 transformer samples was slower with 8 MiB calls or none (ONNX 2.3 ->
+# 2.4-4.6 s, 6.3 -> 6.8 s) and peaked 50-230 MiB higher.
 CALL_BYTES = 4 << 20
-CALL_BYTES_KEPT = 8 << 20
 # ... where a call has this many rows (k x S) at least: a call of few rows, each much work (an
 # image net's 10 rows a sample), costs by its operators' count, which more blocks multiply
 # (EfficientNet-B0 at batch 16 in two blocks: k backward passes 829 -> 1533 ms, vmapped 1427 -> 1110)
@@ -338,7 +335,7 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
     in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
     number of calls (each still takes every row), on smaller tensors (not for calls of
-    fewer than CALL_ROWS rows; CALL_BYTES_KEPT where the allocator keeps freed memory)."""
+    fewer than CALL_ROWS rows)."""
     per_sample = plan.sample_bytes
     cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
     step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
@@ -346,8 +343,7 @@ def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None
     rows = outs if plan.mode == "reverse" else ins
     if rows * step < CALL_ROWS or seed_block(plan, step, budget, chunk) < rows:
         return step
-    cap = CALL_BYTES_KEPT if allocator_keeps_memory() else CALL_BYTES
-    fits = max(1, cap // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
+    fits = max(1, CALL_BYTES // max(rows * (ins + outs) * plan.dtype.itemsize, 1))
     return step if fits >= step else -(-plan.samples // -(-plan.samples // fits))
 
 
