@@ -289,9 +289,9 @@ def keras_case(name: str, tmp: Path):
 
 
 def _jacli(model):
-    def fn(x):
-        import jacli
+    import jacli
 
+    def fn(x):
         return jacli.jacobian(model, x)
 
     fn.model = model

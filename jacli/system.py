@@ -160,10 +160,10 @@ def tune_allocator(environ=None) -> dict[str, int]:
     try:
         if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
             return {}
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, ValueError, AttributeError):  # no confstr name, no C library, or no mallopt in it
+    except ValueError:  # no such confstr name: not glibc
+        return {}
+    mallopt = _libc("mallopt")
+    if mallopt is None:
         return {}
     done = {}
     for name, param, value in (("mmap_threshold", _M_MMAP_THRESHOLD, MMAP_THRESHOLD),
@@ -171,3 +171,28 @@ def tune_allocator(environ=None) -> dict[str, int]:
         if mallopt(param, value) == 1:  # 1 on success
             done[name] = value
     return done
+
+
+def release_free_memory() -> None:
+    """Hand the memory the C allocator holds free back to the system (glibc ``malloc_trim``;
+    nothing elsewhere). TensorFlow frees its graph-optimisation and kernel buffers into
+    glibc's heaps, which keep them: without this, the resident size only grows."""
+    trim = _libc("malloc_trim")
+    if trim is not None:
+        trim(0)
+
+
+_LIBC: dict[str, object] = {}  # C library functions, once looked up (None: not there)
+
+
+def _libc(name: str):
+    """A function of the process's C library by name, or None (no C library to ask, as on
+    Windows, or no such function in it: malloc_trim and mallopt are glibc's)."""
+    if name not in _LIBC:
+        try:
+            import ctypes
+
+            _LIBC[name] = getattr(ctypes.CDLL(None), name)
+        except (OSError, AttributeError, TypeError):
+            _LIBC[name] = None
+    return _LIBC[name]

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..model import Model
+from ..system import release_free_memory as release
 
 
 def forward_fn(model: Model, xs: dict, prefer64: bool = True, batch: bool = True, notes: list | None = None):
@@ -159,25 +160,6 @@ def left(budget: int, start: int | None) -> int:
     now = resident() if start is not None else None
     grown = 0 if now is None else max(0, now - start)
     return max(budget // 8, budget - grown)
-
-
-def release() -> None:
-    """Hand the memory the C allocator holds free back to the system (glibc ``malloc_trim``;
-    nothing elsewhere). TensorFlow frees its graph-optimisation and kernel buffers into
-    glibc's heaps, which keep them: without this, the resident size only grows."""
-    global _trim
-    if _trim is None:
-        try:
-            import ctypes
-
-            _trim = ctypes.CDLL(None).malloc_trim
-        except Exception:  # noqa: BLE001 — no C library to ask (Windows), or no malloc_trim in it (macOS, musl)
-            _trim = False
-    if _trim:
-        _trim(0)
-
-
-_trim = None  # glibc's malloc_trim, once looked up (False: none)
 
 
 def in_pieces(fwd, limit: int | None):
