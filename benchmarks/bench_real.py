@@ -187,6 +187,7 @@ def child(args) -> None:
                 times, cpu = time_round_robin(ok, x, args.min_time, runs=3 if args.large else RUNS)
                 row["ms"] = {k: min(v) for k, v in times.items()}
                 row["cpu_ms"] = {k: min(v) for k, v in cpu.items()}
+                row["median_ms"] = {k: float(np.median(v)) for k, v in times.items()}
                 row["floor_ms"] = 1e3 * floor_of(x)
                 rows.append(row)
                 print_row(row, flush=True)
@@ -384,12 +385,14 @@ def best_idiom(row, clock: str = "ms") -> tuple[str, float]:
 def print_row(row, flush=False) -> None:
     label, best = best_idiom(row)
     cpu_best = best_idiom(row, "cpu_ms")[1]
+    med_best = best_idiom(row, "median_ms")[1]
     print(f"{row['model']} batch {row['batch']} ({row['m']}x{row['n']}): best idiom {label} {best:.2f} ms, "
           f"floor {row['floor_ms']:.2f} ms", flush=flush)
     for k, v in row["ms"].items():
         cpu = row["cpu_ms"][k]
         print(f"  {k:20s} {v:10.2f} ms  {v / best:5.2f}x the best idiom  {v / row['floor_ms']:6.2f}x the floor  "
-              f"CPU {cpu:9.2f} ms {cpu / cpu_best:5.2f}x  (max rel. difference {row['error'][k]:.1e}"
+              f"CPU {cpu:9.2f} ms {cpu / cpu_best:5.2f}x  median {row['median_ms'][k] / med_best:5.2f}x  "
+              f"(max rel. difference {row['error'][k]:.1e}"
               f"{_kinks(row, k)})", flush=flush)
     for k, why in row["skipped"].items():
         print(f"  {k:20s} n/a: {why}", flush=flush)
@@ -421,6 +424,17 @@ def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
         label, best = best_idiom(row, "cpu_ms")
         cells = [f"{row['cpu_ms'][c] / best:.2f}×" if c in row["cpu_ms"] else "n/a" if c in row["skipped"] else ""
                  for c in cols]
+        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {label.split()[-1]} | " + " | ".join(cells) + " |")
+    out += ["\nMedian wall time of the same runs, as a ratio to the best idiom's median: where a method's "
+            "runs take two levels (the allocator's state: memory reused, or page-faulted in again) the minimum "
+            "shows the better level only\n",
+            "| model | batch | best idiom median (ms) | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for row in rows:
+        if "median_ms" not in row:  # results written before the medians were
+            continue
+        label, best = best_idiom(row, "median_ms")
+        cells = [f"{row['median_ms'][c] / best:.2f}×" if c in row["median_ms"] else "n/a" if c in row["skipped"]
+                 else "" for c in cols]
         out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {label.split()[-1]} | " + " | ".join(cells) + " |")
     skipped = {(row["model"], k): why for row in rows for k, why in row["skipped"].items()}
     for (model, k), why in skipped.items():

@@ -162,6 +162,38 @@ def test_torchscript_output_that_does_not_depend_on_the_input(tmp_path):
         np.testing.assert_array_equal(J["doutput_1/dx"], np.zeros((2, 3)))
 
 
+@pytest.mark.parametrize("detached", [False, True])
+def test_torchscript_is_frozen_unless_freezing_would_drop_a_detach(tmp_path, detached):
+    """Freezing folds the batch norm into the convolution; it also drops ``detach()``, which
+    would change the Jacobian: then the module runs as loaded. Either way the Jacobian is
+    torch's own in float64."""
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            y = torch.tanh(self.bn(self.conv(x)))
+            return y * (x.detach() if detached else x).mean(dim=1, keepdim=True)
+
+    module = M()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        module.bn.running_mean.normal_(), module.bn.running_var.uniform_(0.5, 2), module.bn.weight.normal_()
+    x = np.random.default_rng(0).standard_normal((2, 2, 4, 4)).astype(np.float32)
+    torch.jit.save(torch.jit.trace(module.eval(), torch.from_numpy(x)), tmp_path / "m.pt")
+    model = jacli.load(tmp_path / "m.pt")
+    assert ("aten::batch_norm" in str(model.module.inlined_graph)) == detached
+    module.double()
+    f = lambda v: module(v[None])[0]  # noqa: E731
+    ref = torch.func.vmap(torch.func.jacrev(f))(torch.from_numpy(x).double()).detach().numpy().reshape(2, 48, 32)
+    for mode in ("reverse", "forward"):
+        J = jacli.jacobian(model, x, mode=mode).reshape(2, 48, 32)
+        np.testing.assert_allclose(J, ref, atol=1e-5 * np.abs(ref).max())
+
+
 # --- torch.export programs (.pt2) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, weights):

@@ -52,11 +52,11 @@ class TorchModel(Model):
         module.eval()
         freeze(module)
         m = cls(path=path, format=fmt, backend="torch", supports_float64=True)
-        m.module = module
         floats = [p.dtype for p in module.parameters() if p.is_floating_point()]
         dtype = str(floats[0]).replace("torch.", "") if floats else "float32"
         names, m.optional_arguments = _arguments(module)
         integers = _index_inputs(module)
+        m.module = _frozen(module)
         m.inputs = [TensorSpec(n, None, "int64" if n in integers else dtype) for n in names]
         return m
 
@@ -375,6 +375,63 @@ def freeze(module) -> None:
     """Derivatives are taken w.r.t. inputs only: parameters need no gradients (4x faster backward passes)."""
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+# Operators that freezing may take out of a graph without changing its derivatives. Freezing
+# drops what runs on constants only (weights, shapes: evaluated once), the branches constant
+# attributes rule out (``self.training``'s, a script's shape checks) and the batch norms it
+# folds into the convolution or linear layer before them; and it drops operators that change
+# nothing at inference, among them ``aten::detach``, whose derivative is zero where the
+# identity's is one. So a graph loses only operators of this list, or the module stays unfrozen:
+# folded or identity at inference with the identity's derivative, arithmetic, shape, comparison
+# and bookkeeping operators, and the in-place updates of a training branch.
+_DROPPABLE = {
+    "aten::batch_norm", "aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout",
+    "aten::add", "aten::sub", "aten::mul", "aten::div", "aten::floor_divide", "aten::linear", "aten::add_",
+    "aten::relu_", "aten::zeros", "aten::ones", "aten::full", "aten::t", "aten::transpose", "aten::permute",
+    "aten::reshape", "aten::view", "aten::squeeze", "aten::unsqueeze", "aten::slice", "aten::to", "aten::contiguous",
+    "aten::Int", "aten::Float", "aten::ScalarImplicit", "aten::size", "aten::dim", "aten::len", "aten::numel",
+    "aten::__getitem__", "aten::list", "aten::format", "aten::warn", "aten::eq", "aten::ne", "aten::lt", "aten::le",
+    "aten::gt", "aten::ge", "aten::__is__", "aten::__isnot__", "aten::__not__", "aten::__contains__",
+}
+
+
+def _frozen(module):
+    """A TorchScript module frozen for inference (``torch.jit.freeze``): its weights become
+    constants of its graph, and batch norms are folded into the convolutions and linear
+    layers before them, so every forward and backward pass skips them (traced, 1 thread, a
+    Jacobian of 4 samples: MobileNetV3-small 66 -> 37 ms, EfficientNet-B0 270-320 -> 163-182
+    ms, ResNet-18 247-265 -> 221-231 ms; float32 rounding of the folded weights moves the
+    Jacobian by under 1e-6 of its largest entry). Freezing also drops operators that do
+    nothing at inference but do have a derivative of their own (``detach``): where it took
+    out anything but ``_DROPPABLE`` operators and ``prim::`` bookkeeping, and where it cannot
+    freeze the module at all (attributes set in ``forward``), the module is used as loaded;
+    so is a plain ``nn.Module``."""
+    import warnings
+
+    torch = _torch()
+    if not isinstance(module, torch.jit.ScriptModule):
+        return module
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(module)
+        before, after = _operator_counts(module.inlined_graph), _operator_counts(frozen.graph)
+    except Exception:  # freezing's own limits (attributes set in forward, interface calls)
+        return module
+    dropped = {k for k, n in before.items() if after.get(k, 0) < n and not k.startswith("prim::")}
+    return frozen if dropped <= _DROPPABLE else module
+
+
+def _operator_counts(graph) -> dict[str, int]:
+    """How many nodes of each kind ``graph`` holds, inside its blocks (if/loop bodies) too."""
+    counts, todo = {}, list(graph.nodes())
+    while todo:
+        node = todo.pop()
+        counts[node.kind()] = counts.get(node.kind(), 0) + 1
+        for block in node.blocks():
+            todo += list(block.nodes())
+    return counts
 
 
 def _arguments(module) -> tuple[list[str], list[dict]]:
