@@ -566,3 +566,47 @@ def test_locate_between_a_torch_export_program_and_its_dynamo_onnx_export(models
     assert run_jacli("compute", d / "net.pt2", d / "x.npy", "-o", base, "--locate-probes", "-q").code == 0
     loc = _json(run_jacli("diff", onnx_path, base, "--locate", "--json"))["locate"]
     assert loc["found"] and (loc["tensor"], loc["op_type"], loc["b_op_type"]) == ("linear", "Gemm", "aten.linear"), loc
+
+
+class ConvBN(torch.nn.Module):
+    """conv -> batch norm -> tanh -> linear -> softmax on (3, 5, 5) images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 5 * 5, 6)
+
+    def forward(self, x):
+        return torch.softmax(self.fc(torch.tanh(self.bn(self.conv(x))).flatten(1)), -1)
+
+
+def test_locate_through_a_batch_norm_folded_into_its_convolution(models, tmp_path):
+    """A program's batch norm is folded into the convolution before it (torch_export), whose
+    output is then the batch norm's: it is not compared with the tensor an unoptimised ONNX
+    export names conv2d (the convolution's alone), so the same weights locate nothing, and a
+    changed linear layer is located there, after the agreeing tanh."""
+    torch.manual_seed(1)
+    net = ConvBN().eval()
+    with torch.no_grad():
+        net.bn.running_mean.normal_(), net.bn.running_var.uniform_(0.5, 2), net.bn.weight.normal_()
+    changed = ConvBN().eval()
+    changed.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        changed.fc.weight[2, 7] += 0.05
+    x = torch.from_numpy(models["x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, str(tmp_path / "net.pt2"))
+        for name, module in (("same", net), ("changed", changed)):  # not optimised: Conv and BatchNormalization apart
+            torch.onnx.export(module, (x,), str(tmp_path / f"{name}.onnx"), dynamo=True, optimize=False,
+                              input_names=["x"], output_names=["y"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    a, data = tmp_path / "net.pt2", models["dir"] / "x.npy"
+    doc = _json(run_jacli("diff", a, tmp_path / "same.onnx", data, "--locate", "--json"))
+    assert doc["passed"] and doc["locate"]["found"] is False and doc["locate"]["checked"] >= 1, doc["locate"]
+    loc = _json(run_jacli("diff", a, tmp_path / "changed.onnx", data, "--locate", "--json"))["locate"]
+    assert loc["found"] and (loc["tensor"], loc["b_op_type"]) == ("linear", "Gemm"), loc
+    assert loc["agreeing_before"] == 1 and not loc["values_agree"]
+    model = jacli.load(str(a))
+    jacli.jacobian(model, models["x"])
+    assert not any("batch_norm" in str(n.target) for n in model.module.graph.nodes)

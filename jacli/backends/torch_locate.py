@@ -29,9 +29,10 @@ def probe(model, xs: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray
             out = super().run_node(node)
             if node.op == "call_function" and isinstance(out, torch.Tensor) and out.is_floating_point():
                 primal, tangent = forward_ad.unpack_dual(out)
-                order.append({"tensor": node.name, "node": node.name, "op_type": _op_name(node.target)})
-                values[node.name] = primal.detach().numpy().copy()
-                jvps[node.name] = np.zeros_like(values[node.name]) if tangent is None else tangent.numpy().copy()
+                name = model.folded_names.get(node.name, node.name)  # a convolution with its batch norm folded in
+                order.append({"tensor": name, "node": name, "op_type": _op_name(node.target)})
+                values[name] = primal.detach().numpy().copy()
+                jvps[name] = np.zeros_like(values[name]) if tangent is None else tangent.numpy().copy()
             return out
 
     with torch.no_grad(), forward_ad.dual_level():

@@ -77,7 +77,7 @@ class TorchModel(Model):
         """Run the module: (output names, output tensors)."""
         torch = _torch()
         if self.module is getattr(self, "_unfrozen", None):
-            self.module, self._unfrozen = _frozen(self.module), None
+            self.module, self._unfrozen = self._frozen(self.module), None
         try:
             # TorchScript's optimising executor re-profiles for every new batch size, and
             # its differentiable graphs are slower here than the plain interpreter
@@ -89,6 +89,10 @@ class TorchModel(Model):
 
     def _run(self, tensors):
         return self.module(*tensors)
+
+    def _frozen(self, module):
+        """The module to run from its first call on: frozen for inference (``_frozen``)."""
+        return _frozen(module)
 
     def _named(self, out):
         """Names for what ``forward`` returned: ``output``, ``output_i`` or the dict's keys."""
