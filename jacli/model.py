@@ -138,6 +138,11 @@ class Model(abc.ABC):
             return ()
         return self._map_strategies(self._vjp if kind == "vjp" else self._jvp)
 
+    def compiles(self, strategy: str, xs: Arrays, seeds: Arrays) -> bool:
+        """Whether mapping these seeds by ``strategy`` would first compile for their shapes: a
+        one-time cost of many calls, which the engine pays only once the work has earned it."""
+        return False
+
     def describe(self) -> dict:
         return {
             "model": self.path,

@@ -22,6 +22,7 @@ KERAS_FORMATS = {
     "two_io": ("keras", "h5", "export", "tfsave"),
     "custom": ("keras", "h5"),
     "mobilenet": ("keras",),
+    "convnet": ("keras", "export"),
 }
 
 
@@ -377,3 +378,39 @@ def test_a_vectorised_map_that_fails_falls_back_to_an_exact_one(keras_corpus, mo
     # pfor cannot take the loop's gradient; a SavedModel's JVPs go by forward-mode AD first,
     # which it vectorises (the result is checked above)
     assert loaded._unmappable == {("vjp", "vectorised")}
+
+
+@pytest.mark.parametrize("name, fmt", [("convnet", "keras"), ("convnet", "export"), ("attention", "export"),
+                                       ("two_io", "h5")])
+def test_xla_compiled_maps_match_tensorflow_float64(keras_corpus, name, fmt, monkeypatch):
+    """The VJP map compiled by XLA (the strategy a long loop moves to, pinned here): MobileNetV3's
+    blocks (depthwise convolutions, batch norms, hard-swish, squeeze-excite) as .keras and as an
+    inlined SavedModel, a transformer's attention half, two inputs and two outputs."""
+    from jacli.engine import strategies
+
+    model, xs, ref, paths = keras_corpus(name)
+    loaded = jacli.load(paths[fmt])
+    monkeypatch.setenv(strategies.PIN, "xla")
+    pairs = dict(_keras_pairs(model, loaded, jacli.jacobian(loaded, xs, mode="reverse")))
+    assert loaded._compiled and not loaded._unmappable  # compiled, not fallen back to another map
+    assert sorted(pairs) == sorted(ref)
+    for key, value in pairs.items():
+        _close(value, ref[key])
+
+
+def test_a_model_xla_cannot_compile_falls_back_to_a_map_it_can(keras_corpus, monkeypatch):
+    """A loaded LSTM's loop (with jacli's fold for loops turned off): pfor cannot vectorise its
+    gradient, with or without XLA; the call goes on with the exact sequential map, and the
+    next call is not offered XLA again."""
+    from jacli.backends import tf as tf_backend
+    from jacli.engine import strategies
+
+    model, xs, ref, paths = keras_corpus("lstm")
+    monkeypatch.setattr(tf_backend.TFModel, "_has_loops", lambda self: False)
+    loaded = jacli.load(paths["export"])
+    monkeypatch.setenv(strategies.PIN, "xla")
+    _close(jacli.jacobian(loaded, xs, mode="reverse"), ref[0, 0])
+    assert ("vjp", "xla") in loaded._unmappable and not loaded._compiled
+    assert "xla" not in loaded._map_strategies(loaded._vjp)
+    monkeypatch.delenv(strategies.PIN)
+    _close(jacli.jacobian(loaded, xs, mode="reverse"), ref[0, 0])

@@ -87,6 +87,44 @@ def test_a_strategy_unlucky_in_its_trials_is_re_timed_and_then_chosen():
     assert used[first:].count("other") <= 1 + (300 - first) * strategies.RETRY_SHARE
 
 
+def test_a_strategy_that_must_compile_waits_until_the_work_has_paid_for_it():
+    """XLA: its first run compiles (7 s here, where the first call traced for 5 s), then it
+    runs in 20 ms against 40. It is barred until the calls after the first have taken
+    COMPILE_PRICE x the first call; a run shorter than that never compiles."""
+    def run(tuner, calls, new_shape_at=()):
+        used, costs, compiled = [], [], False
+        for i in range(calls):
+            if i in new_shape_at:
+                compiled = False
+            compiling = set() if compiled else {"xla"}
+            shape = (2,) if new_shape_at and i >= new_shape_at[0] else (1,)
+            s = tuner.pick(1.0, compiling, shape)
+            first = s not in used
+            cost = {"vectorised": 5.0 if first else 0.04, "sequential": 2.0 if first else 0.4}.get(s)
+            if s == "xla":
+                cost, compiled = (7.0 if "xla" in compiling else 0.02), True
+            tuner.record(s, cost, 1.0, s in compiling, shape)
+            used.append(s)
+            costs.append(cost)
+        return used, costs
+
+    price = strategies.COMPILE_PRICE * 5.0
+    used, _ = run(strategies.Tuner(["vectorised", "sequential", "xla"]), 100)
+    assert "xla" not in used  # the 99 calls after the first took 4.4 s, less than the price
+    tuner = strategies.Tuner(["vectorised", "sequential", "xla"])
+    used, costs = run(tuner, 1200, new_shape_at=(600,))
+    first = used.index("xla")
+    assert price <= sum(costs[1:first]) < price + 0.4  # it compiled once the calls had paid its price
+    assert used[first + 1] == "xla" and used[first + 2:600].count("xla") >= 0.95 * (598 - first)  # it wins
+    # a new shape: the winner must compile again, so the best of the others runs until the calls
+    # of that shape have cost as much as the last compile did (7 s)
+    again = used.index("xla", 600)
+    assert 7.0 <= sum(costs[600:again]) < 7.4
+    assert used[600:again].count("vectorised") >= 0.95 * (again - 600) and used[-50:].count("xla") >= 48
+    # a compile is never a strategy's speed, nor time that buys re-timing
+    assert tuner.best["xla"] == 0.02 and tuner.spent < 0.05 * 1200
+
+
 # --- through the engine: choice, pinning, memory --------------------------------------------
 class TwoWays(jacli.model.Model):
     """y = 2x on (B, 3), with two exact map strategies for its VJP, one slow."""
@@ -263,12 +301,14 @@ def test_both_modes_and_the_tuned_auto_mode_give_the_same_jacobian(torch_models,
             np.testing.assert_allclose(J, got["reverse"], atol=STRATEGY_RTOL * scale, err_msg=f"{file.suffix} {m}")
 
 
-def test_every_tensorflow_strategy_gives_the_same_jacobian(weights, monkeypatch):
-    model = jacli.load(str(SAMPLES / "mlp.keras"))
+@pytest.mark.parametrize("file", ["mlp.keras", "mlp_savedmodel"])
+def test_every_tensorflow_strategy_gives_the_same_jacobian(weights, monkeypatch, file):
+    model = jacli.load(str(SAMPLES / file))
     x = np.random.default_rng(4).standard_normal((5, 500)).astype(np.float32)
     want = mlp_jacobian(weights, x)
     got = every_strategy(model, "vjp", x, monkeypatch)
-    assert list(got) == ["default", "vectorised", "sequential"]
+    assert list(got) == ["default", "vectorised", "sequential", "xla"]
+    assert model._compiled and not model._unmappable  # XLA compiled it (a failure would fall back unseen)
     for s, J in got.items():
         np.testing.assert_allclose(J, want, atol=2e-5 * np.abs(want).max(), err_msg=s)
         np.testing.assert_allclose(J, got["default"], atol=STRATEGY_RTOL * np.abs(want).max(), err_msg=s)

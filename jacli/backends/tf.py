@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import InputError, InternalError, JacliError, LimitationError, ModelLoadError, UnsafeModelError
-from ..model import Model, TensorSpec
+from ..model import MapUnavailable, Model, TensorSpec
 from ._common import Constants, require, short
 from .tf_inline import CALL_OPS, NotInlined, inline
 
@@ -252,6 +252,8 @@ class TFModel(Model):
         self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
         self._vjp_map_fn = tf.function(  # pfor traces the gradient once: a first-order tape (cheaper graphs)
             lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts), reduce_retracing=True)
+        self._vjp_xla_fn = tf.function(  # the same compiled by XLA (once per shape: _compiles)
+            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts), reduce_retracing=True, jit_compile=True)
         self._vjp_seq_fn = tf.function(  # the k cotangents one after another (a while loop), one forward pass
             lambda xs, cts, mask: tf.map_fn(pullback(xs, mask, persistent=True), cts, parallel_iterations=1,
                                             fn_output_signature=[x.dtype for x, on in zip(xs, mask) if on]),
@@ -274,6 +276,7 @@ class TFModel(Model):
         }
         self._tangent_route = None  # JVPs by two reverse passes (True) or forward-mode AD (False): the one that worked
         self._unmappable: set[tuple[str, str]] = set()  # (vjp|jvp, strategy) that failed on this model
+        self._compiled: set[tuple] = set()  # the shapes XLA has compiled the map for (_shapes)
         self._call_fn = tf.function(call, reduce_retracing=True)
         self._graphs = {}  # see _traced
         self._seeds = Constants(tf.constant)
@@ -404,8 +407,13 @@ class TFModel(Model):
         if self._has_loops():  # pfor through a loop's gradient traces for minutes, or fails: fold k instead
             return ()
         kind = "vjp" if prim == self._vjp else "jvp"
-        options = ("vectorised", "sequential") if kind == "vjp" else ("vectorised",)
+        options = ("vectorised", "sequential", "xla") if kind == "vjp" else ("vectorised",)
         return tuple(s for s in options if (kind, s) not in self._unmappable)
+
+    def compiles(self, strategy: str, xs, seeds) -> bool:
+        """XLA compiles its map once per shape of the inputs and seeds: 2x the time it takes
+        to trace the graph (MobileNetV3Small: 8.4 against 4.6 s), then 2.1-2.6x faster than it."""
+        return strategy == "xla" and _shapes(xs, seeds) not in self._compiled
 
     def _calls_functions(self) -> bool:
         """Whether the model's forward graph (as traced so far) calls functions: a SavedModel's
@@ -439,6 +447,16 @@ class TFModel(Model):
     def _vjp_jvp_map(self, prim, xs, seeds, names, strategy=""):
         if not strategy:  # no map of its own for this model (_map_strategies): one call per seed
             return super()._vjp_jvp_map(prim, xs, seeds, names)
+        if strategy == "xla":
+            try:
+                out = self._vjp(xs, seeds, names, fn=self._vjp_xla_fn, seed_axes=(0, 1))
+            except (InternalError, LimitationError) as e:  # an operation XLA cannot compile
+                if getattr(e, "operator", None):
+                    raise
+                self._unmappable.add(("vjp", strategy))
+                raise MapUnavailable(str(e)) from None
+            self._compiled.add(_shapes(xs, seeds))
+            return out
         if strategy == "vectorised":
             kind = "vjp" if prim == self._vjp else "jvp"
             try:
@@ -456,6 +474,10 @@ class TFModel(Model):
             # (tracing k backward passes of MobileNetV3Small, 1,076 operations, took 23 s against 7 s for the loop)
             return self._vjp(xs, seeds, names, fn=self._vjp_unrolled_fn, seed_axes=(1,))
         return self._vjp(xs, seeds, names, fn=self._vjp_seq_fn, seed_axes=(0, 1))
+
+
+def _shapes(*groups) -> tuple:
+    return tuple((k, v.shape, v.dtype.str) for g in groups for k, v in sorted(g.items()))
 
 
 @contextlib.contextmanager

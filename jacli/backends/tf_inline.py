@@ -77,6 +77,7 @@ class InlinedSignature:
         self.outputs = {k: t.name for k, t in zip(names, signature.outputs)}
         self.captures = [(p.name, value) for p, value in zip(placeholders, signature.captured_inputs)]
         self.variables = signature.graph.variables
+        self.graph_def = _unbound(graph_def, {n for n in self.inputs.values()} | {n for n, _ in self.captures})
 
     def why_called(self) -> str | None:
         """Why jacli's graphs must call the signature instead of importing it, or None: a
@@ -110,6 +111,22 @@ class InlinedSignature:
         for op in graph.get_operations()[before:]:  # in the order imported: topological
             _record(op)
         return dict(zip(self.outputs, out))
+
+
+def _unbound(graph_def, bound: set[str]):
+    """The GraphDef with each placeholder that every import binds (``input_map``) made a
+    scalar constant: imported, it is used by nothing, but a placeholder left in a graph
+    stops XLA from compiling it (no kernel), and ``input_map`` needs the name to exist."""
+    out = type(graph_def)()
+    out.CopyFrom(graph_def)
+    for node in out.node:
+        if node.op == "Placeholder" and f"{node.name}:0" in bound:
+            node.op = "Const"
+            node.ClearField("attr")
+            node.attr["dtype"].type = 1  # DT_FLOAT
+            node.attr["value"].tensor.dtype = 1
+            node.attr["value"].tensor.float_val.append(0.0)
+    return out
 
 
 def _renamed(graph_def):

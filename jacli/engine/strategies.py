@@ -33,6 +33,11 @@ PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty 
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
 HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
+# a strategy that must first compile for a shape (Model.compiles: XLA) waits until the calls
+# since the last compile have taken this many times the tuner's first call (which traced the
+# graph; jacli's first call of a Keras MobileNetV3Small took 7.5 s, XLA's first 10.4 s): a loop
+# pays at most about twice what it would have without the compile, a one-shot run never pays it
+COMPILE_PRICE = 1.5
 # --mode auto times both modes when rows and columns are within this factor of each other: one
 # VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
 MODE_SPAN = 2
@@ -55,7 +60,14 @@ class Tuner:
     once in 64 calls, one 20x slower once in 640. Each strategy's first run is left out of
     the time spent: its one-time costs (a Keras MobileNetV3Small's two map graphs traced
     for 8 s) bought the loser five re-timings in a row right after its trials, each 25-50%
-    slower than the winner's 40 ms call."""
+    slower than the winner's 40 ms call.
+
+    A strategy that must compile for this call's shapes (``compiling``: XLA, 2x the time it
+    takes to trace and then 2x faster) is a rent-or-buy choice, per
+    shape: it is barred until the calls of these shapes have cost as much as a compile is
+    expected to (``price``), so a short run never compiles (nor does the last, smaller block
+    of a long one) and a loop compiles after paying about as much again.
+    The compiling run itself is neither its strategy's speed nor time spent working."""
 
     def __init__(self, strategies: Sequence[str], warmup: bool = False):
         self.strategies = tuple(strategies)
@@ -68,31 +80,45 @@ class Tuner:
         self.opener: str | None = None  # the strategy of the tuner's first call
         self.spent = 0.0  # seconds, every call but each strategy's first
         self.retried = 0.0  # seconds, re-timing calls only
+        self.rent: dict[tuple, float] = {}  # seconds per shape of the calls' arrays, since its last compile
+        self.paid: float | None = None  # seconds, the first call, then the last compiling call
+        self.compiled_first: set[str] = set()  # strategies whose first run compiled
+        self.tried = False  # whether the last pick was a trial or re-timed a loser
 
-    def pick(self, work: float = 1.0) -> str:
-        trial = self.trial()
+    def price(self) -> float:
+        """What the next compile is expected to cost: ``COMPILE_PRICE`` x the first call, or
+        what the last one cost."""
+        if self.paid is None:
+            return math.inf
+        return self.paid if self.compiled_first else COMPILE_PRICE * self.paid
+
+    def pick(self, work: float = 1.0, compiling: frozenset[str] | set[str] = frozenset(), shape: tuple = ()) -> str:
+        barred = set(compiling) if self.rent.get(shape, 0.0) < self.price() else set()
+        trial = self.trial(barred)
+        self.tried = trial is not None
         if trial:
             return trial
-        winner = self.winner()
+        winner = self.winner(barred)
         for s in sorted(self.strategies, key=self.runs.__getitem__):
-            if s != winner and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
+            if s != winner and s not in barred and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
+                self.tried = True
                 return s
         return winner
 
-    def trial(self) -> str | None:
+    def trial(self, barred=frozenset()) -> str | None:
         """The strategy still owed a trial run, if any (the fewest runs first; with warmup,
-        in order)."""
+        in order), but none of the ``barred``."""
         order = self.strategies if self.warmup else sorted(self.strategies, key=self.runs.__getitem__)
         for s in order:
-            if self.runs[s] < TRIALS and not (self.runs[s] and self.hopeless(s)):
+            if self.runs[s] < TRIALS and s not in barred and not (self.runs[s] and self.hopeless(s)):
                 return s
         return None
 
     def hopeless(self, strategy: str) -> bool:
         """Its first run was ``HOPELESS`` times slower than another's first run, and it was
-        not the tuner's first call (never with warmup: first runs are not compared)."""
+        not the tuner's first call nor a compile (never with warmup: first runs are not compared)."""
         others = [t for o, t in self.first.items() if o != strategy]
-        return (not self.warmup and strategy != self.opener
+        return (not self.warmup and strategy != self.opener and strategy not in self.compiled_first
                 and self.first[strategy] > HOPELESS * min(others, default=math.inf))
 
     def exclude(self, strategy: str) -> None:
@@ -100,10 +126,19 @@ class Tuner:
         self.runs[strategy] = TRIALS
         self.best[strategy] = math.inf
 
-    def winner(self) -> str:
-        return min(self.strategies, key=self.best.__getitem__)
+    def winner(self, barred=frozenset()) -> str:
+        return min((s for s in self.strategies if s not in barred), key=self.best.__getitem__)
 
-    def record(self, strategy: str, seconds: float, work: float = 1.0) -> None:
+    def record(self, strategy: str, seconds: float, work: float = 1.0, compiled: bool = False,
+               shape: tuple = ()) -> None:
+        if self.paid is None or compiled:
+            self.paid, self.rent[shape] = seconds, 0.0
+        else:
+            self.rent[shape] = self.rent.get(shape, 0.0) + seconds
+        if compiled and self.runs[strategy]:  # a known strategy compiling for a new shape
+            return
+        if compiled:
+            self.compiled_first.add(strategy)
         if self.runs[strategy] >= TRIALS and strategy != self.winner():
             self.retried += seconds
         if not self.runs[strategy]:
@@ -192,12 +227,14 @@ def _mapped(model: Model, kind: str, xs, seeds, names, per_sample: bool, few: bo
     key = (kind, work.bit_length() // 4, options)  # sizes within a factor of 16 share a tuner
     engine = memo(model)
     tuner = engine.tuners.setdefault(key, Tuner(options))
-    chosen = tuner.pick(work)
-    if tuner.trial() or chosen != tuner.winner():
+    compiling = {s for s in options if model.compiles(s, xs, seeds)}
+    shape = tuple(v.shape for v in (*xs.values(), *seeds.values())) if compiling else ()
+    chosen = tuner.pick(work, compiling, shape)
+    if tuner.tried:
         engine.trials += 1
     start = time.perf_counter()
     out = call(xs, seeds, names, per_sample=per_sample, strategy=chosen)
-    tuner.record(chosen, time.perf_counter() - start, work)
+    tuner.record(chosen, time.perf_counter() - start, work, chosen in compiling, shape)
     return out
 
 
