@@ -15,13 +15,16 @@ MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a t
   torch vmap(jacrev)    ``torch.func.vmap(torch.func.jacrev(f))`` on the eager module
   torch vmap(jacfwd)    the same with ``jacfwd``
   tf batch_jacobian     ``GradientTape.batch_jacobian`` inside a ``tf.function``
+  tf batch_jacobian (XLA)  the same with ``jit_compile=True`` (compiled in its warm-up call)
   floor                 min(m, n) x one batched VJP (m <= n) or JVP on the eager module /
                         Keras model: what any method needs if one product costs as much
                         as one batched pass
 
 ONNX Runtime has no autodiff: jacli-onnx is set against the best torch idiom of the same
 architecture. Methods are timed round-robin after a warm-up call (a burst of load hits
-all alike; jacli's methods get up to TUNER_CALLS more, until one runs no tuner trial), the minimum
+all alike; jacli's methods get more, until one runs no tuner trial and none is owed: the
+steady state of a loop, where jacli buys XLA's compile once the calls have paid for it; at
+most SETTLE_S seconds), the minimum
 of the wall and of the CPU times is reported; every result is checked against ``vmap(jacrev)``
 (or ``batch_jacobian``) first.
 
@@ -183,12 +186,13 @@ def child(args) -> None:
                     row.setdefault("kink_samples", {})[label] = int((per_sample > KINK).sum())
                     ok[label] = fn
                     if hasattr(fn, "model"):
-                        settle(fn, x)
+                        row.setdefault("settle_s", {})[label] = round(settle(fn, x), 1)
                 times, cpu = time_round_robin(ok, x, args.min_time, runs=3 if args.large else RUNS)
                 row["ms"] = {k: min(v) for k, v in times.items()}
                 row["cpu_ms"] = {k: min(v) for k, v in cpu.items()}
                 row["median_ms"] = {k: float(np.median(v)) for k, v in times.items()}
                 row["floor_ms"] = 1e3 * floor_of(x)
+                row["strategy"] = {k: strategy_used(fn) for k, fn in ok.items() if hasattr(fn, "model")}
                 rows.append(row)
                 print_row(row, flush=True)
     Path(args.child).write_text(json.dumps(rows))
@@ -281,12 +285,22 @@ def keras_case(name: str, tmp: Path):
 
     methods["tf batch_jacobian"] = tf_idioms(tf, kmodel, m)["tf batch_jacobian"]
 
+    @tf.function(reduce_retracing=True, jit_compile=True)
+    def batch_jacobian_xla(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = kmodel(x, training=False)
+        return tape.batch_jacobian(y, x)
+
+    methods["tf batch_jacobian (XLA)"] = lambda x: batch_jacobian_xla(x).numpy()
+
     def floor(x):
         t = tf.constant(x)
         one_vjp(t)
         return min(m, n) * best_of(lambda: one_vjp(t).numpy())
 
-    return {"tf batch_jacobian": methods.pop("tf batch_jacobian"), **methods}, shape, floor, m, n
+    idioms = {k: methods.pop(k) for k in ("tf batch_jacobian", "tf batch_jacobian (XLA)")}
+    return {**idioms, **methods}, shape, floor, m, n
 
 
 def _jacli(model):
@@ -299,19 +313,34 @@ def _jacli(model):
     return fn
 
 
-def settle(fn, x) -> None:
+def settle(fn, x) -> float:
     """Untimed calls of a jacli method until one runs no tuner trial (a strategy on trial or a
-    loser re-timed, or a mode still owed a trial), at most TUNER_CALLS: the timed runs are then
-    the steady state of a loop. A Jacobian of many backend calls (an image network at 256
-    samples) finishes its trials within the first call; one of a single call takes several."""
+    loser re-timed, or a mode still owed a trial) and no tuner that this call used is waiting
+    to buy a compile (XLA: a trial, or the winner on a new shape, waits until the calls of
+    those shapes have cost 1.5x the tuner's first call, or the last compile),
+    for at most SETTLE_S seconds: the timed runs are then the steady state of a loop. A
+    Jacobian of many backend calls (an image network at 256 samples) finishes its trials
+    within the first call; one of a single call takes several. The seconds it took."""
     from jacli.engine import strategies
 
     engine = strategies.memo(fn.model)
-    for _ in range(TUNER_CALLS):
-        before = engine.trials
+    start = time.perf_counter()
+    while time.perf_counter() - start < SETTLE_S:
+        before, runs = engine.trials, {k: sum(t.runs.values()) for k, t in engine.tuners.items()}
         fn(x)
-        if engine.trials == before and not any(t.trial() for t in engine.modes.values()):
-            return
+        used = [t for k, t in engine.tuners.items() if sum(t.runs.values()) != runs.get(k, 0)]
+        if engine.trials == before and not any(t.waiting for t in used) and not any(
+                t.trial() for t in engine.modes.values()):
+            break
+    return time.perf_counter() - start
+
+
+def strategy_used(fn) -> str:
+    """The strategies jacli's tuners settled on (those with more than their trial runs)."""
+    from jacli.engine import strategies
+
+    tuners = strategies.memo(fn.model).tuners.values()
+    return ",".join(sorted({t.winner() for t in tuners if sum(t.runs.values()) > 2 * len(t.strategies)}))
 
 
 def _saved(path: Path, save):
@@ -359,12 +388,13 @@ def time_round_robin(methods: dict, x, min_time: float, runs: int) -> tuple[dict
     return times, cpu
 
 
-BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "torch jacrev loop", "tf batch_jacobian")
-# untimed calls of each jacli method after its first, at most (settle): the strategy tuner's
-# other trials (two runs of each of two strategies) and, where rows and columns are within 2x,
-# the mode tuner's (a timed run of the shape's mode, then a warm-up and a timed run of the
-# other), which would otherwise take up the few timed runs of a slow cell
-TUNER_CALLS = 6
+BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "torch jacrev loop", "tf batch_jacobian",
+            "tf batch_jacobian (XLA)")
+# seconds of untimed calls of each jacli method after its first, at most (settle): the strategy
+# tuner's trials and, where rows and columns are within 2x, the mode tuner's, which would
+# otherwise take up the few timed runs of a slow cell; and XLA's compile, which the tuner buys
+# once the calls have cost 1.5x the first (a Keras MobileNetV3Small at 1 sample: after ~20 s)
+SETTLE_S = 150
 # timed rounds at least (--large: 3): the minimum of 3 moved by up to 10% between runs on the
 # image networks' parity cells, where one call takes 0.2-1.5 s
 RUNS = 5
@@ -393,9 +423,15 @@ def print_row(row, flush=False) -> None:
         print(f"  {k:20s} {v:10.2f} ms  {v / best:5.2f}x the best idiom  {v / row['floor_ms']:6.2f}x the floor  "
               f"CPU {cpu:9.2f} ms {cpu / cpu_best:5.2f}x  median {row['median_ms'][k] / med_best:5.2f}x  "
               f"(max rel. difference {row['error'][k]:.1e}"
+              f"{'; ' + row['strategy'][k] if row.get('strategy', {}).get(k) else ''}"
+              f"{'; settled in %.1f s' % row['settle_s'][k] if k in row.get('settle_s', {}) else ''}"
               f"{_kinks(row, k)})", flush=flush)
     for k, why in row["skipped"].items():
         print(f"  {k:20s} n/a: {why}", flush=flush)
+
+
+def _short(label: str) -> str:
+    return label.replace("torch ", "").replace("tf ", "")
 
 
 def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
@@ -414,7 +450,7 @@ def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
                 cells.append("n/a" if c in row["skipped"] else "")
         ours = min(v for k, v in row["ms"].items() if k.startswith("jacli")) if any(
             k.startswith("jacli") for k in row["ms"]) else float("nan")
-        idiom = label.replace("torch ", "").replace("tf ", "")
+        idiom = _short(label)
         out.append(f"| {row['model']} | {row['m']}×{row['n']} | {row['batch']} | {best:.1f} {idiom} | "
                    + " | ".join(cells) + f" | {ours / row['floor_ms']:.2f} |")
     out += [f"\nCPU time of the same runs (min), as a ratio to the best idiom's: with one thread the work itself, "
@@ -424,7 +460,7 @@ def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
         label, best = best_idiom(row, "cpu_ms")
         cells = [f"{row['cpu_ms'][c] / best:.2f}×" if c in row["cpu_ms"] else "n/a" if c in row["skipped"] else ""
                  for c in cols]
-        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {label.split()[-1]} | " + " | ".join(cells) + " |")
+        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {_short(label)} | " + " | ".join(cells) + " |")
     out += ["\nMedian wall time of the same runs, as a ratio to the best idiom's median: where a method's "
             "runs take two levels (the allocator's state: memory reused, or page-faulted in again) the minimum "
             "shows the better level only\n",
@@ -435,7 +471,7 @@ def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
         label, best = best_idiom(row, "median_ms")
         cells = [f"{row['median_ms'][c] / best:.2f}×" if c in row["median_ms"] else "n/a" if c in row["skipped"]
                  else "" for c in cols]
-        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {label.split()[-1]} | " + " | ".join(cells) + " |")
+        out.append(f"| {row['model']} | {row['batch']} | {best:.1f} {_short(label)} | " + " | ".join(cells) + " |")
     skipped = {(row["model"], k): why for row in rows for k, why in row["skipped"].items()}
     for (model, k), why in skipped.items():
         out.append(f"\nn/a {model} {k}: {why}")

@@ -91,8 +91,11 @@ def test_a_strategy_that_must_compile_waits_until_the_work_has_paid_for_it():
     """XLA: its first run compiles (7 s here, where the first call traced for 5 s), then it
     runs in 20 ms against 40. It is barred until the calls after the first have taken
     COMPILE_PRICE x the first call; a run shorter than that never compiles."""
+    waiting = []  # whether the tuner said it was waiting to buy a compile (a benchmark waits too)
+
     def run(tuner, calls, new_shape_at=()):
         used, costs, compiled = [], [], False
+        waiting.clear()
         for i in range(calls):
             if i in new_shape_at:
                 compiled = False
@@ -106,6 +109,7 @@ def test_a_strategy_that_must_compile_waits_until_the_work_has_paid_for_it():
             tuner.record(s, cost, 1.0, s in compiling, shape)
             used.append(s)
             costs.append(cost)
+            waiting.append(tuner.waiting)
         return used, costs
 
     price = strategies.COMPILE_PRICE * 5.0
@@ -121,6 +125,7 @@ def test_a_strategy_that_must_compile_waits_until_the_work_has_paid_for_it():
     again = used.index("xla", 600)
     assert 7.0 <= sum(costs[600:again]) < 7.4
     assert used[600:again].count("vectorised") >= 0.95 * (again - 600) and used[-50:].count("xla") >= 48
+    assert all(waiting[3:first]) and all(waiting[600:again]) and not any(waiting[first + 1:600] + waiting[again:])
     # a compile is never a strategy's speed, nor time that buys re-timing
     assert tuner.best["xla"] == 0.02 and tuner.spent < 0.05 * 1200
 

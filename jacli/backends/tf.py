@@ -411,8 +411,8 @@ class TFModel(Model):
         return tuple(s for s in options if (kind, s) not in self._unmappable)
 
     def compiles(self, strategy: str, xs, seeds) -> bool:
-        """XLA compiles its map once per shape of the inputs and seeds: 2x the time it takes
-        to trace the graph (MobileNetV3Small: 8.4 against 4.6 s), then 2.1-2.6x faster than it."""
+        """XLA compiles its map once per shape of the inputs and seeds: a Keras MobileNetV3Small's
+        first call took 10.4 s with it, 7.5 s without, and 400 MiB more; then 2.1-2.8x faster."""
         return strategy == "xla" and _shapes(xs, seeds) not in self._compiled
 
     def _calls_functions(self) -> bool:
