@@ -236,6 +236,16 @@ def test_fuzz_keras_and_savedmodel_models(jacli, scratch, case):
     _run_damaged_model(jacli, scratch, case, "Keras/SavedModel models (in-process)")
 
 
+def test_a_savedmodel_whose_signatures_name_another_object_is_refused(jacli, scratch):
+    """One bit of map2d_savedmodel's saved_model.pb flipped (found by the fuzzer above): the
+    object graph still loads, but its "signatures" is some other object, which jacli took
+    for a mapping (exit 3, "argument of type '_UserObject' is not iterable")."""
+    with tempfile.TemporaryDirectory(dir=scratch) as d:
+        path = damaged_copy("map2d_savedmodel", "saved_model.pb", ("flip", [(0.9440894377228889, 0)]), Path(d))
+        r = jacli("compute", path, SAMPLES / "map2d_input.npy", "--json", "-q")
+    assert r.code == 2 and "has no signatures" in r.stderr, r.stderr
+
+
 def test_fuzz_in_subprocesses(scratch):
     """Damaged copies of every sample model (and damaged inputs) through the real entry
     point: a crash in native code would be a signal exit here, not a dead test run."""

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -166,10 +166,14 @@ def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
             loaded = tf.saved_model.load(local)
         except Exception as e:
             raise ModelLoadError(f"cannot load SavedModel {path}: {short(e).replace(local, path)}") from None
-    sigs = getattr(loaded, "signatures", {})
+    sigs = getattr(loaded, "signatures", None)
+    if not isinstance(sigs, Mapping):  # a damaged object graph: "signatures" names some other object
+        raise ModelLoadError(f"SavedModel {path} has no signatures (its object graph names something else there)")
     if "serving_default" not in sigs:
         raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")
     sig = sigs["serving_default"]
+    if not isinstance(getattr(sig, "structured_outputs", None), Mapping):
+        raise ModelLoadError(f"SavedModel {path}: its 'serving_default' signature does not return named tensors")
     # the signature's operations, traced into each of TFModel's graphs (tf_inline.py); where that
     # fails, the signature itself, called as one function-call op
     try:
