@@ -254,10 +254,10 @@ class TFModel(Model):
         # one cotangent/tangent per call; or k of them after one forward pass, vectorised with pfor or
         # (cotangents) one after another
         self._vjp_fn = tf.function(lambda xs, cts, mask: pullback(xs, mask)(cts), reduce_retracing=True)
-        self._vjp_map_fn = tf.function(  # pfor traces the gradient once: a first-order tape (cheaper graphs)
-            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts), reduce_retracing=True)
-        self._vjp_xla_fn = tf.function(  # the same compiled by XLA (once per shape: _compiles)
-            lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts), reduce_retracing=True, jit_compile=True)
+        vjp_map = lambda xs, cts, mask: tf.vectorized_map(pullback(xs, mask), cts)  # noqa: E731
+        # pfor traces the gradient once: a first-order tape (cheaper graphs); or the same compiled by XLA
+        self._vjp_map_fn = tf.function(vjp_map, reduce_retracing=True)
+        self._vjp_xla_fn = tf.function(vjp_map, reduce_retracing=True, jit_compile=True)  # once per shape (compiles)
         self._vjp_seq_fn = tf.function(  # the k cotangents one after another (a while loop), one forward pass
             lambda xs, cts, mask: tf.map_fn(pullback(xs, mask, persistent=True), cts, parallel_iterations=1,
                                             fn_output_signature=[x.dtype for x, on in zip(xs, mask) if on]),
