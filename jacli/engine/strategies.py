@@ -33,10 +33,11 @@ PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty 
 TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
 HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
-# a strategy that must first compile for a shape (Model.compiles: XLA) waits until the calls
-# since the last compile have taken this many times the tuner's first call (which traced the
-# graph; jacli's first call of a Keras MobileNetV3Small took 7.5 s, XLA's first 10.4 s): a loop
-# pays at most about twice what it would have without the compile, a one-shot run never pays it
+# a strategy that must first compile for a shape (Model.compiles: XLA) waits until the calls of
+# that shape have taken this many times the tuner's first call (which traced the graph; jacli's
+# first call of a Keras MobileNetV3Small took 7.5 s, XLA's first 10.4 s), or once one compile is
+# known, as long as it took: a loop pays at most about twice what it would have without the
+# compile, a one-shot run never pays it
 COMPILE_PRICE = 1.5
 # --mode auto times both modes when rows and columns are within this factor of each other: one
 # VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
