@@ -13,11 +13,14 @@ import torch
 import corpus_onnx
 import corpus_torch as corpus
 import jacli
+from jacli.backends import torch_once
 from jacli.backends.onnx import float64 as f64
 from conftest import run_jacli
 from jacli.errors import UnsupportedError
 
 TS_EVERY_ENTRY = tuple(corpus.ARCHS)  # TorchScript trace: every entry of every architecture
+# the nets with GELU or SiLU, whose derivatives jacli's torch backends take once per forward pass (torch_once)
+ONCE = {"efficientnet_b0", "vit", "gpt2", "bert", "conv1d"}
 ONNX_EVERY_ENTRY = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121", "vit", "bert", "gpt2", "conv1d")
 
 
@@ -66,6 +69,7 @@ def test_torchscript_every_entry(built, name):
     assert ("aten::batch_norm" in str(model.module.inlined_graph)) == (name == "densenet121")
     assert doc["kind"] == "columns" and doc["checked"] == ref.size
     np.testing.assert_allclose(jacli.jacobian(model, x.numpy(), mode="reverse"), ref, atol=2e-5 * np.abs(ref).max())
+    assert (model._rewritten is not None) == (name in ONCE), name
 
 
 @pytest.mark.parametrize("name", ONNX_EVERY_ENTRY)
@@ -92,6 +96,11 @@ def test_other_formats_pass(built, name, fmt):
     doc = _assert_passes(jacli.check(model, x.numpy(), directions=None if fmt.startswith("onnx") else 3), (name, fmt))
     assert doc["fd_dtype"] == "float64", doc["notes"]
     np.testing.assert_allclose(jacli.jacobian(model, x.numpy()), ref, atol=2e-5 * np.abs(ref).max())
+    if fmt == "script":
+        assert (model._rewritten is not None) == (name in ONCE), name
+    if fmt == "pt2":
+        rewritten = any(torch_once.ORIGINAL in n.meta for n in model.module.graph.nodes)
+        assert rewritten == (name in ONCE), name
     if fmt == "pt2":  # batch norms after a convolution folded into it (torch_export._fold_batch_norms)
         left = [n for n in model.module.graph.nodes if "batch_norm" in str(n.target)]
         assert bool(left) == (name == "densenet121"), left  # DenseNet's first norm of a layer follows a concat

@@ -159,9 +159,14 @@ class ExportedModel(TorchModel):
     def bind(self, xs) -> None:
         """Nothing to learn: the program records its signature."""
 
-    def _run(self, tensors):
+    def _run(self, tensors, module):
         args, kwargs = self.in_spec.unflatten(list(tensors))
-        return self.module(*args, **kwargs)
+        return module(*args, **kwargs)
+
+    def _rewrite(self, torch_once, module):
+        """The module itself, its activations rewritten in place (``torch_once.rewrite_fx``)."""
+        torch_once.rewrite_fx(module)
+        return None
 
     def _jvp(self, xs, ts, of):
         if self.no_forward_ad:  # the double-VJP fallback does not help: these have no double backward

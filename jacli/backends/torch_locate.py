@@ -20,6 +20,8 @@ def probe(model, xs: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray
     import torch
     from torch.autograd import forward_ad
 
+    from .torch_once import ORIGINAL
+
     if model.no_forward_ad:
         raise UnsupportedError(f"forward-mode AD gives no tangents through {', '.join(model.no_forward_ad)}")
     order, values, jvps = [], {}, {}
@@ -30,7 +32,7 @@ def probe(model, xs: Mapping[str, np.ndarray], tangents: Mapping[str, np.ndarray
             if node.op == "call_function" and isinstance(out, torch.Tensor) and out.is_floating_point():
                 primal, tangent = forward_ad.unpack_dual(out)
                 name = model.folded_names.get(node.name, node.name)  # a convolution with its batch norm folded in
-                order.append({"tensor": name, "node": name, "op_type": _op_name(node.target)})
+                order.append({"tensor": name, "node": name, "op_type": _op_name(node.meta.get(ORIGINAL, node.target))})
                 values[name] = primal.detach().numpy().copy()
                 jvps[name] = np.zeros_like(values[name]) if tangent is None else tangent.numpy().copy()
             return out

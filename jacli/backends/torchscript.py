@@ -73,22 +73,53 @@ class TorchModel(Model):
         ys = self._forward(xs)
         self.outputs = [TensorSpec(n, (None, *v.shape[1:]), str(v.dtype)) for n, v in ys.items()]
 
-    def _call(self, tensors):
-        """Run the module: (output names, output tensors)."""
+    def _call(self, tensors, differentiated: bool = False):
+        """Run the module: (output names, output tensors). ``differentiated``: a call whose
+        derivatives are taken, which runs the derivative graph (``_derivative``)."""
         torch = _torch()
-        if self.module is getattr(self, "_unfrozen", None):
-            self.module, self._unfrozen = self._frozen(self.module), None
+        module = self._derivative() if differentiated else self._module()
         try:
             # TorchScript's optimising executor re-profiles for every new batch size, and
             # its differentiable graphs are slower here than the plain interpreter
-            with torch.jit.optimized_execution(False):
-                out = self._run(tensors)
+            with torch.jit.optimized_execution(False), self._differentiating(differentiated):
+                out = self._run(tensors, module)
         except Exception as e:
             raise InputError(f"the model rejected the input: {short(e)}") from None
         return self._named(out)
 
-    def _run(self, tensors):
-        return self.module(*tensors)
+    def _module(self):
+        """The module, frozen on first use (``_frozen``)."""
+        if self.module is getattr(self, "_unfrozen", None):
+            self.module, self._unfrozen = self._frozen(self.module), None
+        return self.module
+
+    def _derivative(self):
+        """What differentiated calls run: the module with its GELU and SiLU activations'
+        derivatives computed once per forward pass (``torch_once``), or the module itself.
+        Built on first use, from the frozen module; not for the float64 copy (``_forward64``)."""
+        module = self._module()
+        if getattr(self, "_derivative_of", None) is not module:
+            from . import torch_once
+
+            self._derivative_of, self._rewritten = module, self._rewrite(torch_once, module)
+        return self._rewritten or module
+
+    def _differentiating(self, differentiated: bool = True):
+        from contextlib import nullcontext
+
+        from . import torch_once
+
+        return torch_once.differentiating() if differentiated else nullcontext()
+
+    def _rewrite(self, torch_once, module):
+        torch = _torch()
+        if not isinstance(module, torch.jit.ScriptModule):
+            return None
+        graph = torch_once.derivative_graph(module)
+        return None if graph is None else lambda *tensors: graph(module, *tensors)
+
+    def _run(self, tensors, module):
+        return module(*tensors)
 
     def _frozen(self, module):
         """The module to run from its first call on: frozen for inference (``_frozen``)."""
@@ -222,15 +253,17 @@ class TorchModel(Model):
         taken = [n for n in seeds] if reverse else list(names)  # the outputs differentiated
 
         def f(*primals):
-            got = dict(zip(*self._named(self._run([{**tensors, **dict(zip(varied, primals))}[n] for n in order]))))
+            got = dict(zip(*self._named(self._run([{**tensors, **dict(zip(varied, primals))}[n] for n in order],
+                                                  module))))
             return tuple(got[n] for n in taken)
 
         primals = tuple(tensors[n] for n in varied)
+        module = self._derivative()
         if reverse and not getattr(self, "_functorch_vjp", False):
             grads = self._vmapped_grad(xs, seeds, varied, taken)
             if grads is not None:
                 return grads
-        with warnings.catch_warnings(), torch.jit.optimized_execution(False):
+        with warnings.catch_warnings(), torch.jit.optimized_execution(False), self._differentiating():
             warnings.simplefilter("ignore")  # functorch's "performance drop" notes for unbatched operators
             if reverse:
                 _, pullback = torch.func.vjp(f, *primals)
@@ -253,7 +286,7 @@ class TorchModel(Model):
         torch = _torch()
         with torch.enable_grad():
             ts = self._tensors(xs, requires_grad=wrt)
-            names, outs = self._call(ts)
+            names, outs = self._call(ts, differentiated=True)
             pairs = [(o, self._seed(cts[n])) for n, o in zip(names, outs) if n in taken and o.requires_grad]
             targets = [t for s, t in zip(self.inputs, ts) if s.name in wrt]
             if not pairs:  # no output depends on the inputs: zero
@@ -279,7 +312,7 @@ class TorchModel(Model):
         lead = (next(iter(cts.values())).shape[0],) if sequential else ()
         with torch.enable_grad():
             ts = self._tensors(xs, requires_grad=wrt)
-            names, outs = self._call(ts)
+            names, outs = self._call(ts, differentiated=True)
             # outputs that do not depend on any input (detached, constant) contribute zero
             pairs = [(o, self._seed(cts[n]))
                      for n, o in zip(names, outs) if n in cts and o.requires_grad]
@@ -308,7 +341,7 @@ class TorchModel(Model):
                     fwAD.make_dual(t, self._seed(ts[s.name])) if s.name in ts else t
                     for s, t in zip(self.inputs, self._tensors(xs))
                 ]
-                names, outs = self._call(duals)
+                names, outs = self._call(duals, differentiated=True)
                 result = {}
                 for n, o in zip(names, outs):
                     if n in of:
@@ -325,7 +358,7 @@ class TorchModel(Model):
         torch = _torch()
         with torch.enable_grad():
             tx = self._tensors(xs, requires_grad=list(ts))
-            names, outs = self._call(tx)
+            names, outs = self._call(tx, differentiated=True)
             outs = {n: o for n, o in zip(names, outs) if n in of}
             us = {n: torch.zeros_like(o, requires_grad=True) for n, o in outs.items()}
             targets = [t for s, t in zip(self.inputs, tx) if s.name in ts]
