@@ -116,7 +116,11 @@ class TorchModel(Model):
         if not isinstance(module, torch.jit.ScriptModule):
             return None
         graph = torch_once.derivative_graph(module)
-        return None if graph is None else lambda *tensors: graph(module, *tensors)
+        if graph is None:
+            return None
+        # a graph function has no defaults: forward's optional arguments (after the inputs) get theirs
+        defaults = [a.default_value for a in module.forward.schema.arguments[1 + len(self.inputs):]]
+        return lambda *tensors: graph(module, *tensors, *defaults)
 
     def _run(self, tensors, module):
         return module(*tensors)
