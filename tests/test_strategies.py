@@ -41,6 +41,19 @@ def test_each_strategy_is_tried_twice_then_the_fastest_is_kept():
     assert used[4:] == ["fast"] * 36  # re-timing "slow" would cost more than 1/32 of the time spent so far
 
 
+def test_a_strategy_still_warming_up_is_tried_until_it_stops_getting_faster():
+    # the vmapped VJP whose second run still page-faulted (29 ms), fast from its third (9 ms),
+    # against k backward passes at 24 ms: two trials each would keep the slower for good
+    warm = {0: 0.5, 1: 0.029}
+    used = simulate(strategies.Tuner(["vectorised", "sequential"]),
+                    lambda s, n: 0.024 if s == "sequential" else warm.get(n, 0.009), 40)
+    assert used[:5] == ["vectorised", "sequential", "vectorised", "sequential", "vectorised"]
+    assert used[5:] == ["vectorised"] * 35
+    # a strategy that gets faster on every run is still tried at most WARM_TRIALS times
+    used = simulate(strategies.Tuner(["a", "b"]), lambda s, n: 1.0 if s == "b" else 2.0 + 100.0 * 0.5 ** n, 12)
+    assert used.count("a") == strategies.WARM_TRIALS and used[-6:] == ["b"] * 6
+
+
 def test_a_hopeless_strategy_gets_no_second_trial():
     used = simulate(strategies.Tuner(["vectorised", "sequential"]),
                     lambda s, n: 280.0 if s == "sequential" else 1.0, 100)

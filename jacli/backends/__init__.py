@@ -21,7 +21,7 @@ LOADERS = {
     "torch-pickle": "jacli.backends.torchscript:load_pickle",
     "torch-export": "jacli.backends.torch_export:load",
     "keras": "jacli.backends.tf:load_keras",
-    "savedmodel": "jacli.backends.tf:load_savedmodel",
+    "savedmodel": "jacli.backends.savedmodel:load_savedmodel",
 }
 FORMATS = ("onnx", "torchscript", "torch-export", "keras", "savedmodel")
 

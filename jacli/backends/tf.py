@@ -1,5 +1,5 @@
-"""Keras (``.keras``, ``.h5`` from Keras 3 or Keras 2/tf_keras) and TensorFlow SavedModel
-directories (Keras 3 ``model.export()``, Keras 2 ``model.save(dir)``, ``tf.saved_model.save``).
+"""Keras (``.keras``, ``.h5`` from Keras 3 or Keras 2/tf_keras) models, and the TensorFlow
+backend they share with SavedModel directories (``savedmodel.py``).
 
 Derivatives come from TensorFlow's autodiff inside ``tf.function``: VJPs with
 ``GradientTape.gradient(output_gradients=...)``, JVPs by two reverse passes (or, where a
@@ -12,14 +12,14 @@ import contextlib
 import os
 import re
 import sys
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import InputError, InternalError, JacliError, LimitationError, ModelLoadError, UnsafeModelError
 from ..model import MapUnavailable, Model, TensorSpec
 from ._common import Constants, require, short
-from .tf_inline import CALL_OPS, NotInlined, inline
+from .tf_inline import CALL_OPS
 
 UNROLL = 16  # up to this many cotangents, the sequential VJP is unrolled in the graph ...
 UNROLL_OPS = 4096  # ... while that many copies of the backward pass hold at most this many forward operations
@@ -153,44 +153,6 @@ def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
             "their code)", option="--custom-objects FILE.py (the module that defines them; its code runs), or "
             "--trust-model to let Keras import them", hint="custom_objects=['FILE.py'] (its code runs), or trust=True")
     return problems
-
-
-def load_savedmodel(path: str, trust: bool = False) -> "TFModel":
-    from .savedmodel_checks import checked_copy
-
-    tf = _tf()
-    # tf.saved_model.load runs graph code (resource initialisers, TF1 init ops): it loads a private copy,
-    # checked first unless trusted
-    with checked_copy(path, trust) as local:
-        try:
-            loaded = tf.saved_model.load(local)
-        except Exception as e:
-            raise ModelLoadError(f"cannot load SavedModel {path}: {short(e).replace(local, path)}") from None
-    sigs = getattr(loaded, "signatures", None)
-    if not isinstance(sigs, Mapping):  # a damaged object graph: "signatures" names some other object
-        raise ModelLoadError(f"SavedModel {path} has no signatures (its object graph names something else there)")
-    if "serving_default" not in sigs:
-        raise ModelLoadError(f"SavedModel {path} has no 'serving_default' signature (it has: {', '.join(sigs) or 'none'})")
-    sig = sigs["serving_default"]
-    if not isinstance(getattr(sig, "structured_outputs", None), Mapping):
-        raise ModelLoadError(f"SavedModel {path}: its 'serving_default' signature does not return named tensors")
-    # the signature's operations, traced into each of TFModel's graphs (tf_inline.py); where that
-    # fails, the signature itself, called as one function-call op
-    try:
-        inlined = inline(tf, sig, trust)
-        why = inlined.why_called()
-    except NotInlined as e:
-        inlined, why = None, str(e)
-    if why:
-        _restore_handle_data(sig)
-    _, kw = sig.structured_input_signature
-    inputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in kw.items()]
-    outputs = [TensorSpec(n, tuple(s.shape), s.dtype.name) for n, s in sig.structured_outputs.items()]
-    m = TFModel(path=path, format="savedmodel", backend="tensorflow", inputs=inputs, outputs=outputs,
-                fn=sig if why else inlined, kwargs=True, supports_float64=True)
-    m._keep = loaded  # the signature's variables live as long as the loaded object
-    m.inlined, m.not_inlined = inlined, why  # the float64 copy is made from the inlined signature
-    return m
 
 
 class TFModel(Model):
@@ -566,24 +528,6 @@ def _derivative_error(e: BaseException, what: str) -> JacliError:
                                hint="method='fd' (finite differences)")
     return InternalError(f"{what} that jacli derived from the model failed, although the model's forward pass "
                          f"runs: {cause}")
-
-
-def _restore_handle_data(fn) -> None:
-    """Loops (``While``) in a loaded SavedModel carry the variables their body reads as loop
-    variables; the loaded graphs give those outputs no handle data (the variable's dtype and
-    shape), and TensorFlow then fails to differentiate the loop a second time, or in forward
-    mode ("Tried to take gradients ... of a variable without handle data"). Each such output
-    gets the handle data of its loop input, in every function the signature calls."""
-    tf = _tf()
-    try:
-        from tensorflow.python.ops import handle_data_util
-    except ImportError:  # a TensorFlow without this module: nothing to restore
-        return
-    for op in _operations(fn.graph):
-        if op.type in _LOOP_OPS:
-            for src, dst in zip(op.inputs, op.outputs):
-                if dst.dtype == tf.resource and not handle_data_util.get_resource_handle_data(dst).is_set:
-                    handle_data_util.copy_handle_data(src, dst)
 
 
 _LOOP_OPS = ("While", "StatelessWhile")

@@ -75,7 +75,7 @@ class TorchModel(Model):
 
     def _call(self, tensors, differentiated: bool = False):
         """Run the module: (output names, output tensors). ``differentiated``: a call whose
-        derivatives are taken, which runs the derivative graph (``_derivative``)."""
+        derivatives are taken in reverse mode, which runs the derivative graph (``_derivative``)."""
         torch = _torch()
         module = self._derivative() if differentiated else self._module()
         try:
@@ -262,12 +262,15 @@ class TorchModel(Model):
             return tuple(got[n] for n in taken)
 
         primals = tuple(tensors[n] for n in varied)
-        module = self._derivative()
+        # forward mode runs the model's own graph: a rewritten activation's tangent takes three
+        # passes over the k tangents (sub, mul, add) where torch's formula takes one (the Conv1d
+        # net's JVPs 33 -> 45 ms); reverse mode's add and sub pass the cotangent through
+        module = self._derivative() if reverse else self._module()
         if reverse and not getattr(self, "_functorch_vjp", False):
             grads = self._vmapped_grad(xs, seeds, varied, taken)
             if grads is not None:
                 return grads
-        with warnings.catch_warnings(), torch.jit.optimized_execution(False), self._differentiating():
+        with warnings.catch_warnings(), torch.jit.optimized_execution(False), self._differentiating(reverse):
             warnings.simplefilter("ignore")  # functorch's "performance drop" notes for unbatched operators
             if reverse:
                 _, pullback = torch.func.vjp(f, *primals)
@@ -345,7 +348,7 @@ class TorchModel(Model):
                     fwAD.make_dual(t, self._seed(ts[s.name])) if s.name in ts else t
                     for s, t in zip(self.inputs, self._tensors(xs))
                 ]
-                names, outs = self._call(duals, differentiated=True)
+                names, outs = self._call(duals)
                 result = {}
                 for n, o in zip(names, outs):
                     if n in of:

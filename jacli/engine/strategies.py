@@ -30,7 +30,13 @@ from ..errors import InputError
 from ..model import FOLDED, Model
 
 PIN = "JACLI_STRATEGY"  # environment variable: a strategy name, or unset/empty to tune
-TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing)
+TRIALS = 2  # runs of each strategy before choosing (a first run may include tracing) ...
+# ... and more, up to WARM_TRIALS, while each run is WARMING times faster than all before it:
+# a first few runs can be slow for more than tracing (the allocator page-faulting in new blocks
+# until glibc's mmap threshold has grown: the traced Conv1d net's vmapped VJP of 8,192 rows took
+# 29 ms on its second run and 9 ms from its third, and k backward passes, 24 ms, won for good)
+WARM_TRIALS = 4
+WARMING = 0.8
 HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
 RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strategies that lost
 # a strategy that must first compile for a shape (Model.compiles: XLA) waits until the calls of
@@ -46,7 +52,8 @@ MODE_SPAN = 2
 
 class Tuner:
     """The choice among one primitive's strategies for one size of work. Each is tried
-    ``TRIALS`` times (once only if that run was ``HOPELESS``ly slower than another's first
+    ``TRIALS`` times, more (up to ``WARM_TRIALS``) while each run is ``WARMING`` times
+    faster than all before it, still warming up (once only if that run was ``HOPELESS``ly slower than another's first
     run: k backward passes are typically 5-10x slower than one vmapped one, and 280x with 2
     threads on a busy machine; a second trial of them costs more than a short run's whole
     work), then the one with the fastest run so far is used (load on a shared
@@ -84,6 +91,7 @@ class Tuner:
         self.rent: dict[tuple, float] = {}  # seconds per shape of the calls' arrays, since its last compile
         self.paid: float | None = None  # seconds, the first call, then the last compiling call
         self.compiled_first: set[str] = set()  # strategies whose first run compiled
+        self.warming: set[str] = set()  # strategies whose last run was WARMING x faster than any before
         self.tried = False  # whether the last pick was a trial or re-timed a loser
         self.waiting = False  # whether it was not the strategy owed a trial, or the fastest, only
         # because that one must compile first and these shapes have not yet paid for it
@@ -114,7 +122,8 @@ class Tuner:
         in order), but none of the ``barred``."""
         order = self.strategies if self.warmup else sorted(self.strategies, key=self.runs.__getitem__)
         for s in order:
-            if self.runs[s] < TRIALS and s not in barred and not (self.runs[s] and self.hopeless(s)):
+            owed = self.runs[s] < TRIALS or (self.runs[s] < WARM_TRIALS and s in self.warming)
+            if owed and s not in barred and not (self.runs[s] and self.hopeless(s)):
                 return s
         return None
 
@@ -127,7 +136,7 @@ class Tuner:
 
     def exclude(self, strategy: str) -> None:
         """``strategy`` turned out not to work: never pick it again."""
-        self.runs[strategy] = TRIALS
+        self.runs[strategy] = WARM_TRIALS
         self.best[strategy] = math.inf
 
     def winner(self, barred=frozenset()) -> str:
@@ -143,8 +152,12 @@ class Tuner:
             return
         if compiled:
             self.compiled_first.add(strategy)
-        if self.runs[strategy] >= TRIALS and strategy != self.winner():
+        if self.runs[strategy] >= TRIALS and strategy not in self.warming and strategy != self.winner():
             self.retried += seconds
+        if seconds / work < WARMING * self.best[strategy]:  # faster than every run before (a first run too)
+            self.warming.add(strategy)
+        else:
+            self.warming.discard(strategy)
         if not self.runs[strategy]:
             self.first[strategy] = seconds / work
             self.opener = self.opener or strategy
