@@ -34,7 +34,7 @@ TRIALS = 2  # runs of each strategy before choosing (a first run may include tra
 # ... and more, up to WARM_TRIALS, while each run is WARMING times faster than all before it:
 # a first few runs can be slow for more than tracing (the allocator page-faulting in new blocks
 # until glibc's mmap threshold has grown: the traced Conv1d net's vmapped VJP of 8,192 rows took
-# 29 ms on its second run and 9 ms from its third, and k backward passes, 24 ms, won for good)
+# 29 ms at best in its two trials and 9 ms once warm; k backward passes, 24 ms, won until re-timed)
 WARM_TRIALS = 4
 WARMING = 0.8
 HOPELESS = 4  # a strategy whose first run was this many times slower than another's first gets no second trial
