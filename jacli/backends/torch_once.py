@@ -1,23 +1,24 @@
 """Activation derivatives computed once per forward pass, not once per seed.
 
-torch's backward (and forward-mode) kernels for GELU and SiLU take the activation's input
-and recompute its derivative from it (``erf`` and ``exp``, ``tanh``, a sigmoid) for every
-element of the cotangent. Batched over k seeds (``torch.func.vmap`` of one backward pass),
-that input is expanded k times and the derivative recomputed k times, though it depends
-only on the input. In the graph that jacli differentiates, each such activation is
-rewritten (``derivative_graph``) as
+torch's backward kernels for GELU and SiLU take the activation's input and recompute its
+derivative from it (``erf`` and ``exp``, ``tanh``, a sigmoid) for every element of the
+cotangent. Batched over k seeds (``torch.func.vmap`` of one backward pass), that input is
+expanded k times and the derivative recomputed k times, though it depends only on the
+input. In what jacli differentiates in reverse mode, each such activation is rewritten
+(``derivative_graph`` for TorchScript, ``rewrite_fx`` for ``torch.export`` programs) as
 
     y = act(x).detach() + (x - x.detach()) * act'(x.detach())
 
 whose value is ``act(x)`` (plus an exact zero) and whose derivative is the multiplication
 by ``act'(x)``, computed once in the forward pass: a 256 x 256 transformer block's Jacobian
-of 16 samples 51 -> 44 ms, the Conv1d-GELU net's of 256 samples 34 -> 24 ms (traced, 1
-thread). Only reverse-mode calls (VJPs, and the double-VJP route to JVPs) run it: in
-autograd's backward pass the rewrite's add and sub hand the cotangent on untouched, while
-forward-mode AD would take three passes over the k tangents (sub, mul, add) where torch's
-formula takes one. Plain forward passes (outputs, finite differences, the float64
-reference) and forward mode run the model's own graph. Where the activation's input
-is not finite the rewritten value is NaN (inf - inf), where no derivative is defined anyway.
+of 16 samples 55 -> 46 ms as TorchScript, the Conv1d-GELU net's of 256 samples 30-41 ->
+20-22 ms (1 thread, the allocator tuned; docs/performance.md). Only reverse-mode calls
+(VJPs, and the double-VJP route to JVPs) run it: in autograd's backward pass the rewrite's
+add and sub hand the cotangent on untouched, while forward-mode AD would take three passes
+over the k tangents (sub, mul, add) where torch's formula takes one. Plain forward passes
+(outputs, finite differences, the float64 reference) and forward mode run the model's own
+graph. Where the activation's input is not finite the rewritten value is NaN (inf - inf),
+where no derivative is defined anyway.
 """
 from __future__ import annotations
 
