@@ -28,6 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from .torchscript import nodes
+
 
 # (the constants are written out: TorchScript compiles these functions and takes no globals)
 def gelu_erf(x: Tensor) -> Tensor:
@@ -60,7 +62,7 @@ def derivative_graph(module):
     its GELU and SiLU activations rewritten, or None where it has none. The graph is a copy
     (``inlined_graph``: submodules' calls inlined); its constants are the module's own tensors."""
     graph = module.inlined_graph
-    found = [n for n in _nodes(graph) if _script_key(n) in _SCRIPT]
+    found = [n for n in nodes(graph) if _script_key(n) in _SCRIPT]
     if not found:
         return None
     for node in found:
@@ -72,16 +74,6 @@ def derivative_graph(module):
         node.output().replaceAllUsesWith(value)
         node.destroy()
     return torch._C._create_function_from_graph("forward", graph)
-
-
-def _nodes(graph):
-    todo, found = list(graph.nodes()), []
-    while todo:
-        node = todo.pop()
-        found.append(node)
-        for block in node.blocks():
-            todo += list(block.nodes())
-    return found
 
 
 def _script_key(node):

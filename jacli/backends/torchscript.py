@@ -472,13 +472,21 @@ def _frozen(module):
 
 def _operator_counts(graph) -> dict[str, int]:
     """How many nodes of each kind ``graph`` holds, inside its blocks (if/loop bodies) too."""
-    counts, todo = {}, list(graph.nodes())
+    counts = {}
+    for node in nodes(graph):
+        counts[node.kind()] = counts.get(node.kind(), 0) + 1
+    return counts
+
+
+def nodes(graph) -> list:
+    """Every node of a TorchScript graph, inside its blocks (if/loop bodies) too."""
+    todo, found = list(graph.nodes()), []
     while todo:
         node = todo.pop()
-        counts[node.kind()] = counts.get(node.kind(), 0) + 1
+        found.append(node)
         for block in node.blocks():
             todo += list(block.nodes())
-    return counts
+    return found
 
 
 def _arguments(module) -> tuple[list[str], list[dict]]:
