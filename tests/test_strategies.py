@@ -52,6 +52,11 @@ def test_a_strategy_still_warming_up_is_tried_until_it_stops_getting_faster():
     # a strategy that gets faster on every run is still tried at most WARM_TRIALS times
     used = simulate(strategies.Tuner(["a", "b"]), lambda s, n: 1.0 if s == "b" else 2.0 + 100.0 * 0.5 ** n, 12)
     assert used.count("a") == strategies.WARM_TRIALS and used[-6:] == ["b"] * 6
+    # its re-timings after the trials, while it still gets faster, count against the re-timing budget
+    tuner = strategies.Tuner(["a", "b"])
+    used = simulate(tuner, lambda s, n: 1.0 if s == "b" else 2.0 + 100.0 * 0.5 ** n, 3000)
+    retimed = sum(2.0 + 100.0 * 0.5 ** n for n in range(strategies.WARM_TRIALS, used.count("a")))
+    assert tuner.retried == pytest.approx(retimed) and tuner.retried <= strategies.RETRY_SHARE * tuner.spent
 
 
 def test_a_hopeless_strategy_gets_no_second_trial():

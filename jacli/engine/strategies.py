@@ -122,10 +122,15 @@ class Tuner:
         in order), but none of the ``barred``."""
         order = self.strategies if self.warmup else sorted(self.strategies, key=self.runs.__getitem__)
         for s in order:
-            owed = self.runs[s] < TRIALS or (self.runs[s] < WARM_TRIALS and s in self.warming)
-            if owed and s not in barred and not (self.runs[s] and self.hopeless(s)):
+            if self.owed(s) and s not in barred and not (self.runs[s] and self.hopeless(s)):
                 return s
         return None
+
+    def owed(self, strategy: str) -> bool:
+        """Whether its next run is a trial: fewer than ``TRIALS`` runs, or fewer than
+        ``WARM_TRIALS`` and still warming up."""
+        runs = self.runs[strategy]
+        return runs < TRIALS or (runs < WARM_TRIALS and strategy in self.warming)
 
     def hopeless(self, strategy: str) -> bool:
         """Its first run was ``HOPELESS`` times slower than another's first run, and it was
@@ -152,7 +157,7 @@ class Tuner:
             return
         if compiled:
             self.compiled_first.add(strategy)
-        if self.runs[strategy] >= TRIALS and strategy not in self.warming and strategy != self.winner():
+        if not self.owed(strategy) and strategy != self.winner():  # a loser re-timed
             self.retried += seconds
         if seconds / work < WARMING * self.best[strategy]:  # faster than every run before (a first run too)
             self.warming.add(strategy)
