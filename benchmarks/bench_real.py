@@ -195,7 +195,8 @@ def child(args) -> None:
                     ok[label] = fn
                     if hasattr(fn, "model"):
                         row.setdefault("settle_s", {})[label] = round(settle(fn, x), 1)
-                times, cpu = time_round_robin(ok, x, args.min_time, runs=3 if args.large else RUNS)
+                times, cpu, faults = time_round_robin(ok, x, args.min_time, runs=3 if args.large else RUNS)
+                row["faults"] = {k: int(np.median(v)) for k, v in faults.items()}
                 row["ms"] = {k: min(v) for k, v in times.items()}
                 row["cpu_ms"] = {k: min(v) for k, v in cpu.items()}
                 row["median_ms"] = {k: float(np.median(v)) for k, v in times.items()}
@@ -344,11 +345,13 @@ def settle(fn, x) -> float:
 
 
 def strategy_used(fn) -> str:
-    """The strategies jacli's tuners settled on (those with more than their trial runs)."""
+    """The modes and strategies jacli's tuners settled on (those past their trial runs)."""
     from jacli.engine import strategies
 
-    tuners = strategies.memo(fn.model).tuners.values()
-    return ",".join(sorted({t.winner() for t in tuners if sum(t.runs.values()) > 2 * len(t.strategies)}))
+    engine = strategies.memo(fn.model)
+    modes = sorted({t.winner() for t in engine.modes.values() if not t.trial()})
+    tuners = engine.tuners.values()
+    return ",".join(modes + sorted({t.winner() for t in tuners if sum(t.runs.values()) > 2 * len(t.strategies)}))
 
 
 def _saved(path: Path, save):
@@ -379,21 +382,26 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def time_round_robin(methods: dict, x, min_time: float, runs: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and CPU milliseconds of each run: at least ``runs`` rounds, more while they take
-    under ``min_time`` per method (up to 100). With one thread the CPU time is the work itself,
-    which the other processes of a loaded machine inflate far less than the wall time."""
-    times, cpu = {k: [] for k in methods}, {k: [] for k in methods}
+def time_round_robin(methods: dict, x, min_time: float, runs: int) -> tuple[dict, dict, dict]:
+    """Wall and CPU milliseconds and minor page faults of each run: at least ``runs`` rounds,
+    more while they take under ``min_time`` per method (up to 100). With one thread the CPU
+    time is the work itself, which the other processes of a loaded machine inflate far less
+    than the wall time; the page faults tell a run that reused the allocator's memory from
+    one that had it handed back to the kernel and faulted in again."""
+    import resource
+
+    times, cpu, faults = {k: [] for k in methods}, {k: [] for k in methods}, {k: [] for k in methods}
     start = time.perf_counter()
     while methods:
         for k, fn in methods.items():
-            c = time.process_time()
+            c, f = time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[k].append(1e3 * _timed(lambda: fn(x)))
             cpu[k].append(1e3 * (time.process_time() - c))
+            faults[k].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
         done = len(next(iter(times.values())))
         if done >= 100 or (done >= runs and time.perf_counter() - start > min_time * len(methods)):
             break
-    return times, cpu
+    return times, cpu, faults
 
 
 BASELINE = ("torch vmap(jacrev)", "torch vmap(jacfwd)", "torch jacrev loop", "tf batch_jacobian",
@@ -431,6 +439,7 @@ def print_row(row, flush=False) -> None:
         print(f"  {k:20s} {v:10.2f} ms  {v / best:5.2f}x the best idiom  {v / row['floor_ms']:6.2f}x the floor  "
               f"CPU {cpu:9.2f} ms {cpu / cpu_best:5.2f}x  median {row['median_ms'][k] / med_best:5.2f}x  "
               f"(max rel. difference {row['error'][k]:.1e}"
+              f"{'; %d page faults a call' % row['faults'][k] if row.get('faults', {}).get(k) else ''}"
               f"{'; ' + row['strategy'][k] if row.get('strategy', {}).get(k) else ''}"
               f"{'; settled in %.1f s' % row['settle_s'][k] if k in row.get('settle_s', {}) else ''}"
               f"{_kinks(row, k)})", flush=flush)

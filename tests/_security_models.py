@@ -227,6 +227,19 @@ def keras_with_config(src: Path, dst: Path, edit) -> None:
             zout.writestr(info, data)
 
 
+def h5_with_config(src: Path, dst: Path, edit) -> None:
+    """A copy of the Keras .h5 file ``src`` whose model_config went through ``edit``."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        config = json.loads(f.attrs["model_config"])
+        edit(config)
+        f.attrs["model_config"] = json.dumps(config)
+
+
 # --- tensorflow SavedModel ------------------------------------------------------------------
 def savedmodels(d: Path, marker: str) -> dict[str, Path]:
     """TF2 SavedModels (y = x @ W) that write ``marker`` from different places, plus clean

@@ -117,8 +117,29 @@ def _convnet():
     return keras.Model(x, keras.layers.Dense(20, name="y")(h))
 
 
+def _mobilenet_v3():
+    """Keras's own MobileNetV3Small, small: its hard-sigmoid is ``keras.ops`` arithmetic on a
+    layer's output (``x + 3.0``, ``x * (1 / 6)``), which Keras 3's .h5 records without modules."""
+    import keras
+
+    return keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), alpha=0.75, weights=None, classes=4,
+                                               include_preprocessing=False, classifier_activation=None)
+
+
+def _convnext():
+    """Keras's own ConvNeXt (keras.applications' constructor, one block a stage, narrow):
+    LayerScale and StochasticDepth, layers its applications module defines; the layer scale
+    large enough (0.5) that each block's branch counts in the Jacobian."""
+    from keras.src.applications.convnext import ConvNeXt
+
+    return ConvNeXt(depths=[1, 1, 1, 1], projection_dims=[8, 16, 24, 32], drop_path_rate=0.1,
+                    layer_scale_init_value=0.5, name="convnext_mini", include_preprocessing=False,
+                    weights=None, input_shape=(32, 32, 3), classes=4, classifier_activation=None)
+
+
 BUILDERS = {"lstm": _lstm, "gru": _gru, "bilstm": _bilstm, "attention": _attention, "embedding": _embedding,
-            "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet, "convnet": _convnet}
+            "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet, "convnet": _convnet,
+            "mobilenet_v3": _mobilenet_v3, "convnext": _convnext}
 
 
 # --- Keras applications (weights=None): CI size (32x32x1, 2 logits) or full (224x224x3, 1000) ------

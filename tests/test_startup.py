@@ -46,10 +46,12 @@ def test_torch_export_run_imports_torch_and_no_other_framework(tmp_path):
     assert "torch" in mods and not mods & {"tensorflow", "keras", "tf_keras", "onnx", "onnxruntime"}
 
 
-def test_tensorflow_start_up_is_silent(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--custom-objects", str(ROOT / "tests" / "keras_custom_layers.py")]])
+def test_tensorflow_start_up_is_silent(tmp_path, extra):
+    """Also where the user's --custom-objects module is what imports Keras (and TensorFlow)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_CPP", "KERAS"))}
     r = subprocess.run([sys.executable, "-m", "jacli", "compute", str(SAMPLES / "mlp.keras"),
-                        str(SAMPLES / "mlp_input.npy"), "-q", "-o", str(tmp_path / "J.npy")],
+                        str(SAMPLES / "mlp_input.npy"), "-q", "-o", str(tmp_path / "J.npy"), *extra],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == ""
     assert (tmp_path / "J.npy").stat().st_size > 4 * 10 * 500 * 4

@@ -118,14 +118,30 @@ def keras_ops_model(d):
     return path
 
 
+@pytest.fixture(scope="module")
+def keras_ops_h5(d):
+    """The same model as Keras 3 writes it to .h5: its operations recorded by class name
+    only, no module (Keras 3 cannot read this file back: it rebuilds ``Multiply`` as the
+    merge layer; jacli maps such entries to the operations, keras_checks.hdf5_objects)."""
+    import keras
+
+    x = keras.Input((4,), name="x")
+    y = keras.ops.exp(x[:, :2]) * x[:, 2:]
+    path = d / "ops.h5"
+    keras.Model(x, y).save(path)
+    return path
+
+
 def _op_layer(config, cls):
     return next(layer for layer in config["config"]["layers"] if layer["class_name"] == cls)
 
 
-def test_keras_ops_operations_load_untrusted(jacli, keras_ops_model, tmp_path):
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_keras_ops_operations_load_untrusted(jacli, keras_ops_model, keras_ops_h5, tmp_path, fmt):
     x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    r = jacli("compute", keras_ops_model, tmp_path / "x.npy", "-o", tmp_path / "J.npy", "-q")
+    r = jacli("compute", keras_ops_model if fmt == "keras" else keras_ops_h5, tmp_path / "x.npy",
+              "-o", tmp_path / "J.npy", "-q")
     assert r.code == 0, r.stderr
     J = np.load(tmp_path / "J.npy")
     expected = np.zeros((3, 2, 4), np.float32)  # y_i = exp(x_i) x_{i+2}
@@ -133,6 +149,45 @@ def test_keras_ops_operations_load_untrusted(jacli, keras_ops_model, tmp_path):
         expected[:, i, i] = np.exp(x[:, i]) * x[:, i + 2]
         expected[:, i, i + 2] = np.exp(x[:, i])
     np.testing.assert_allclose(J, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit, words", [
+    # an HDF5 config names operations without their module: the allow-list goes by name, callables still out
+    (lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop"), ["'WhileLoop'", "outside Keras"]),
+    (lambda c: _op_layer(c, "Exp").update(class_name="Cond"), ["'Cond'", "outside Keras"]),
+    # the names jacli gives the operations it maps are its own, never taken from a file
+    (lambda c: _op_layer(c, "Exp").update(class_name="jacli.ops>Exp"), ["'jacli.ops>Exp'", "outside Keras"]),
+])
+def test_keras_h5_operations_outside_the_allow_list_are_refused(jacli, keras_ops_h5, tmp_path, edit, words):
+    path = tmp_path / "edited.h5"
+    evil.h5_with_config(keras_ops_h5, path, edit)
+    assert_refused(jacli("inspect", path), *words)
+
+
+def test_keras_h5_classes_must_be_keras_own(jacli, tmp_path):
+    """An HDF5 config records no modules: a class name that is neither a Keras layer nor an
+    operation is refused by the check (it once passed it, and only Keras's lookup failed)."""
+    path = tmp_path / "edited.h5"
+    evil.h5_with_config(SAMPLES / "mlp.h5", path, lambda c: c["config"]["layers"][1].update(class_name="NotAKerasLayer"))
+    line = assert_refused(jacli("inspect", path), "'NotAKerasLayer'", "outside Keras", "--custom-objects")
+    assert "Unknown layer" not in line  # the check's words, not Keras's
+
+
+def test_keras_application_layers_only_from_their_module(jacli, tmp_path):
+    """ConvNeXt's LayerScale is allowed as Keras's own only under the module that defines it."""
+    def edit(c):
+        layer = c["config"]["layers"][1]
+        layer.update(class_name="LayerScale", registered_name="LayerScale", module=module)
+        layer["config"].update(init_values=0.5, projection_dim=8)
+
+    for module, refused in (("keras.src.applications.vit", True), ("keras.src.applications.convnext", False)):
+        path = tmp_path / "edited.keras"
+        evil.keras_with_config(SAMPLES / "mlp.keras", path, edit)
+        r = jacli("inspect", path)
+        if refused:
+            assert_refused(r, "'LayerScale'", "not one of Keras")
+        else:  # past the check: Keras builds it (a projection of 8 where the MLP has other widths, or loads)
+            assert "refusing" not in r.stderr and "not one of Keras" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("edit, words", [

@@ -84,10 +84,11 @@ def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=
     """Load a model; ``trust`` allows formats that run code on load (see docs/security.md).
     ``custom_objects``: Python files or module names imported first (trusted code: they
     define custom Keras classes, or register output types with torch's pytree)."""
+    detected = framework_first(path, fmt) if custom_objects else None
     modules = import_modules(custom_objects)
     if fmt is not None and fmt not in FORMATS:
         raise ModelLoadError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    detected = detect_format(path) if fmt is None else fmt
+    detected = detected or (detect_format(path) if fmt is None else fmt)
     if detected == "torchscript" and _is_torch_pickle(path):  # --format torchscript on a pickle
         detected = "torch-pickle"
     if detected == "torch-pickle" and not trust:
@@ -100,6 +101,22 @@ def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=
     model = getattr(importlib.import_module(module), func)(str(path), trust=trust, **extra)
     system.note_read(str(path))  # no output may replace it
     return model
+
+
+def framework_first(path: str, fmt: str | None = None) -> str | None:
+    """Before the user's --custom-objects modules run (and perhaps import Keras): start the
+    framework ``path`` needs the way jacli starts it, TensorFlow with its C++ start-up chatter
+    silenced (imported first by the user's module, it would print to the terminal). The
+    format, or None where it cannot be told (load says why)."""
+    try:
+        detected = fmt if fmt in FORMATS else detect_format(path) if fmt is None else None
+    except ModelLoadError:
+        return None
+    if detected in ("keras", "savedmodel"):
+        from .tf import _tf
+
+        _tf()
+    return detected
 
 
 def import_modules(specs) -> list:

@@ -6,6 +6,12 @@ private copy (a new 0700 directory) that nobody else can change, and, unless tru
 checks the config in that copy the way that loader reads it. Keras (and the tf_keras
 fallback, for HDF5 only) then load the copy. What is refused, and why, is in
 docs/security.md.
+
+``hdf5_objects`` mends, in that copy, what Keras 3's own legacy HDF5 loader cannot read back
+of what its writer wrote: the config records no modules, so a ``keras.ops`` call on a layer's
+output (MobileNetV3's ``x + 3.0``, recorded as class ``Add``) is rebuilt as the merge layer of
+that name and fails, and the layers Keras's applications define (ConvNeXt's ``LayerScale``)
+are unknown.
 """
 from __future__ import annotations
 
@@ -38,6 +44,13 @@ _FUNCTION_NAMESPACES = ("activations", "losses", "metrics")
 # module that defines them, except the ones that take a Python callable.
 _OPS_MODULES = ("core", "einops", "image", "linalg", "math", "nn", "numpy")
 CALLABLE_OPS = {"Map", "Scan", "AssociativeScan", "Switch", "WhileLoop", "ForiLoop", "Cond", "VectorizedMap"}
+# Layers that Keras's own applications define, each read (no code, no files): ConvNeXt's
+# LayerScale (x times a learned vector) and StochasticDepth (the identity at inference),
+# InceptionResNetV2's CustomScaleLayer (a scaled sum). Allowed under the module that defines
+# them, and by name in an HDF5 config, which records no modules (hdf5_objects supplies them).
+APPLICATION_LAYERS = {"LayerScale": "keras.src.applications.convnext",
+                      "StochasticDepth": "keras.src.applications.convnext",
+                      "CustomScaleLayer": "keras.src.applications.inception_resnet_v2"}
 # Keras's serialization of values that are not objects (tensors, arrays, slices, ...).
 _VALUE_CLASSES = {"__keras_tensor__", "__tensor__", "__numpy__", "__bytes__", "__typespec__", "__ellipsis__",
                   "__slice__", "Functional", "Sequential", "Model", "TensorShape"}
@@ -94,7 +107,7 @@ def keras_problems(path: str, data: bytes, route: str) -> list[str]:
     vocabularies named by path. A config that cannot be read is refused too."""
     config = _zip_config(path, data) if route == "zip" else _hdf5_config(path, data)
     problems, stack = [], [config]
-    allowed = _OwnClasses()
+    allowed = _OwnClasses(hdf5=route == "hdf5")
     while stack:
         obj = stack.pop()
         if isinstance(obj, list):
@@ -139,7 +152,11 @@ def _class_problem(obj: dict, cls, name, allowed: "_OwnClasses") -> str | None:
         return f"class {cls!r} registered as {_cut(registered)}, a custom object jacli does not load untrusted"
     if cls in CALLABLE_OPS and isinstance(module, str) and module.startswith("keras.src.ops"):
         return f"operation {cls!r} ({name!r}) takes a Python function that would run on load"
+    if cls in APPLICATION_LAYERS and module in (None, APPLICATION_LAYERS[cls]):
+        return None
     if cls not in _VALUE_CLASSES and not allowed.has(cls) and not allowed.operation(cls, module):
+        if module is None:  # an HDF5 config, which records no modules: perhaps the author's own class
+            return f"class {cls!r} without a module, which is not one of Keras's own"
         return f"class {cls!r}, which is not one of Keras's own"
     return None
 
@@ -148,7 +165,8 @@ class _OwnClasses:
     """The classes and functions of the installed Keras 3 (and, when a name is not there,
     tf_keras) in the namespaces a model config may use; CODE_LAYERS excluded."""
 
-    def __init__(self):
+    def __init__(self, hdf5: bool = False):
+        self.hdf5 = hdf5  # an HDF5 config, which names operations without their module
         self.classes: set[str] | None = None
         self.functions: set[str] = set()
         self.tf_keras: set[str] | None = None
@@ -195,7 +213,14 @@ class _OwnClasses:
         return name in self.functions
 
     def operation(self, cls: str, module) -> bool:
-        """A keras.ops Operation class named under the Keras 3 module that defines it."""
+        """A keras.ops Operation class named under the Keras 3 module that defines it (in an
+        HDF5 config, by name: hdf5_objects maps it to that class)."""
+        defined = self.operations().get(cls)  # None: no such operation (never equal to an absent module)
+        return defined is not None and (defined == module or (self.hdf5 and module is None))
+
+    def operations(self) -> dict[str, str]:
+        """Class name -> the keras.src.ops module defining it, for every Operation class there
+        but those that take a Python callable (CALLABLE_OPS)."""
         if self.ops is None:
             import importlib
 
@@ -206,7 +231,47 @@ class _OwnClasses:
                 mod = importlib.import_module(f"keras.src.ops.{m}")
                 self.ops.update({n: mod.__name__ for n, v in vars(mod).items() if isinstance(v, type)
                                  and issubclass(v, Operation) and v.__module__ == mod.__name__ and n not in CALLABLE_OPS})
-        return self.ops.get(cls) == module
+        return self.ops
+
+
+def hdf5_objects(local: str) -> dict:
+    """The classes Keras 3's legacy loader needs to read the HDF5 model ``local`` (jacli's
+    private copy, after the checks), mending its config in place where Keras 3 wrote it:
+    an entry of the functional ``layers`` list that is a ``keras.ops`` Operation (its config
+    has no ``trainable``, which every layer's has) is renamed ``jacli.ops>NAME`` and mapped to
+    that Operation class, so that the merge layer ``Add`` and the operation ``Add`` of
+    ``x + 3.0`` each rebuild as what they were; the layers of APPLICATION_LAYERS are mapped
+    to Keras's classes. Nothing else is touched (and nothing for a Keras 2 file)."""
+    import importlib
+
+    import h5py
+
+    with h5py.File(local, "r") as f:
+        raw, version = f.attrs.get("model_config"), f.attrs.get("keras_version", b"")
+    version = version.decode() if isinstance(version, bytes) else str(version)
+    config = json.loads(raw)
+    objects, renamed, stack = {}, False, [config]
+    ops = _OwnClasses(hdf5=True).operations() if version.startswith("3") else {}
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack += obj
+            continue
+        if not isinstance(obj, dict):
+            continue
+        cls, inner = obj.get("class_name"), obj.get("config")
+        if (cls in ops and "inbound_nodes" in obj and "module" not in obj and isinstance(inner, dict)
+                and "trainable" not in inner):
+            name = f"jacli.ops>{cls}"
+            objects[name] = getattr(importlib.import_module(ops[cls]), cls)
+            obj["class_name"], renamed = name, True
+        elif cls in APPLICATION_LAYERS and version.startswith("3"):
+            objects[cls] = getattr(importlib.import_module(APPLICATION_LAYERS[cls]), cls)
+        stack += list(obj.values())
+    if renamed:
+        with h5py.File(local, "r+") as f:
+            f.attrs["model_config"] = json.dumps(config)
+    return objects
 
 
 def _zip_config(path: str, data: bytes):

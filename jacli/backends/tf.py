@@ -45,7 +45,7 @@ def _tf():
 def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
     """``custom_objects``: modules the user imported (``--custom-objects``) that define the
     model's own classes; those classes are given to Keras, and their layers pass the check."""
-    from .keras_checks import checked_copy
+    from .keras_checks import checked_copy, hdf5_objects
 
     provided = _custom_objects(custom_objects)
     _tf()  # TensorFlow first (its environment and logging), then Keras
@@ -53,8 +53,9 @@ def load_keras(path: str, trust: bool = False, custom_objects=()) -> "TFModel":
     # Keras loads a private copy, checked first (unless trusted); safe_mode is the second line of defence
     with checked_copy(path, trust, screen=lambda problems: _screen(path, problems, provided)) as (local, route):
         try:
+            objects = {**hdf5_objects(local), **provided} if route == "hdf5" else provided
             model = keras.saving.load_model(local, compile=False, safe_mode=not trust,
-                                            custom_objects=provided or None)
+                                            custom_objects=objects or None)
         except ValueError as e:
             if "safe_mode" in str(e) or "lambda" in str(e).lower():
                 raise UnsafeModelError(
@@ -100,7 +101,8 @@ def _load_tf_keras(path: str, local: str, route: str, trust: bool, first: Except
 
 _MISSING_CLASS = re.compile(r"(?:Could not locate|Unknown) (?:class|layer|object)[:\s]*'?([A-Za-z_][\w.>]*)'?")
 _CLASS = re.compile(r"^class '([^']+)'")  # the check's words for a class ...
-_CUSTOM_CLASS = re.compile(r"^class '([^']+)' (?:from module '([^']+)'|registered as '([^']+)')")  # ... a user's own
+_CUSTOM_CLASS = re.compile(  # ... a user's own
+    r"^class '([^']+)' (?:from module '([^']+)'|registered as '([^']+)'|without a module)")
 
 
 def _keras_load_error(path: str, reason: str, *errors: BaseException) -> ModelLoadError:
@@ -147,7 +149,8 @@ def _screen(path: str, problems: list[str], provided: dict) -> list[str]:
     problems = [p for p in problems if not (_CLASS.search(p) and _CLASS.search(p).group(1) in provided)]
     classes = [m.groups() for m in (_CUSTOM_CLASS.search(p) for p in problems) if m]
     if classes and len(classes) == len(problems):
-        named = ", ".join(f"{c!r} from module {m!r}" if m else f"{c!r} registered as {r!r}" for c, m, r in classes)
+        named = ", ".join(f"{c!r} from module {m!r}" if m else f"{c!r} registered as {r!r}" if r else repr(c)
+                          for c, m, r in classes)
         raise UnsafeModelError(
             f"{path} uses classes from outside Keras ({named}), which Keras would import or look up (running "
             "their code)", option="--custom-objects FILE.py (the module that defines them; its code runs), or "
