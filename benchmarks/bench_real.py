@@ -9,7 +9,8 @@ weights; image networks at 3x64x64 with 10 classes, as in issue 15): a 48x48 LST
 Conv1d-GELU-Conv1d-Tanh 64x64 net, a 256x256 transformer block, ResNet-18,
 MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a torch.export
 .pt2 and ONNX; and Keras' own MobileNetV3Small and ResNet50 (weights=None, 64x64x3) as
-.keras and a SavedModel. Per model and batch, in one process, on the same weights:
+.keras, .h5 (Keras 3's legacy file, which Keras itself cannot read back for MobileNetV3), a
+SavedModel and ONNX (tf2onnx, opset 17). Per model and batch, in one process, on the same weights:
 
   jacli <format>        ``jacli.jacobian(jacli.load(file), x)``
   torch vmap(jacrev)    ``torch.func.vmap(torch.func.jacrev(f))`` on the eager module
@@ -20,8 +21,8 @@ MobileNetV3-small, EfficientNet-B0, each saved as a traced TorchScript file, a t
                         Keras model: what any method needs if one product costs as much
                         as one batched pass
 
-ONNX Runtime has no autodiff: jacli-onnx is set against the best torch idiom of the same
-architecture. Methods are timed round-robin after a warm-up call (a burst of load hits
+ONNX Runtime has no autodiff: jacli-onnx is set against the best idiom of the framework the
+model came from. Methods are timed round-robin after a warm-up call (a burst of load hits
 all alike; jacli's methods get more, until one runs no tuner trial and none is owed: the
 steady state of a loop, where jacli buys XLA's compile once the calls have paid for it; at
 most SETTLE_S seconds), the minimum
@@ -264,8 +265,8 @@ def torch_case(name: str, tmp: Path):
 
 
 def keras_case(name: str, tmp: Path):
-    """A Keras application (KERAS_APPS, channels last): jacli on .keras and a SavedModel, and
-    GradientTape.batch_jacobian."""
+    """A Keras application (KERAS_APPS, channels last): jacli on .keras, .h5, a SavedModel and
+    ONNX (tf2onnx), and GradientTape.batch_jacobian."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -279,11 +280,33 @@ def keras_case(name: str, tmp: Path):
     kmodel = getattr(keras.applications, app)(input_shape=shape, weights=None, classes=10, **options)
     kmodel.save(tmp / f"{name}.keras")
     kmodel.export(str(tmp / f"{name}_savedmodel"), verbose=False)
+    files = {"jacli .keras": tmp / f"{name}.keras", "jacli savedmodel": tmp / f"{name}_savedmodel"}
+    files["jacli .h5"] = _saved(tmp / f"{name}.h5", lambda p: kmodel.save(p))
+
+    def onnx(p):
+        import logging
+
+        import onnx
+        import tf2onnx
+
+        # its transpose optimiser fails on MobileNetV3's squeeze-excite (an empty bias), logs the
+        # traceback, and converts without it: the graph keeps its NHWC transposes
+        logging.getLogger("tf2onnx").setLevel(logging.ERROR)
+
+        spec = tf.TensorSpec((None, *shape), tf.float32, name="x")
+        onnx.save(tf2onnx.convert.from_keras(kmodel, input_signature=(spec,), opset=17)[0], str(p))
+
+    files["jacli .onnx"] = _saved(tmp / f"{name}.onnx", onnx)
     m, n = 10, int(np.prod(shape))
     methods = {}
-    for label, path in (("jacli .keras", tmp / f"{name}.keras"), ("jacli savedmodel", tmp / f"{name}_savedmodel")):
-        model = jacli.load(str(path))
-        methods[label] = _jacli(model)
+    for label, path in files.items():
+        if isinstance(path, str):  # the error that prevented saving
+            methods[label] = _failing(path)
+            continue
+        try:
+            methods[label] = _jacli(jacli.load(str(path)))
+        except Exception as e:
+            methods[label] = _failing(f"{type(e).__name__}: {e}")
 
     @tf.function(reduce_retracing=True)
     def one_vjp(x):
@@ -452,7 +475,7 @@ def _short(label: str) -> str:
 
 
 def speed_table(rows, threads: int, tuned: bool = False) -> list[str]:
-    cols = ["jacli .pt", "jacli .pt2", "jacli .onnx", "jacli .keras", "jacli savedmodel"]
+    cols = ["jacli .pt", "jacli .pt2", "jacli .onnx", "jacli .keras", "jacli .h5", "jacli savedmodel"]
     how = ", allocator tuned (api.tune_allocator)" if tuned else ""
     out = [f"\n### Speed, {threads} thread{'s' if threads > 1 else ''}{how}: ms per call (ratio to the best idiom)\n",
            "| model | m×n | batch | best idiom (ms) | " + " | ".join(cols) + " | jacli best / floor |",
