@@ -137,9 +137,21 @@ def _convnext():
                     weights=None, input_shape=(32, 32, 3), classes=4, classifier_activation=None)
 
 
+def _scaled_sum():
+    """InceptionResNetV2's residual join, CustomScaleLayer (x + 0.17 * branch), on a small
+    convolutional branch: the third layer Keras's applications define."""
+    import keras
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    x = keras.Input((6, 6, 2), name="a")
+    branch = keras.layers.Conv2D(2, 3, padding="same", activation="relu")(x)
+    h = CustomScaleLayer(scale=0.17)([x, branch])
+    return keras.Model(x, keras.layers.Dense(3, name="y")(keras.layers.Flatten()(h)))
+
+
 BUILDERS = {"lstm": _lstm, "gru": _gru, "bilstm": _bilstm, "attention": _attention, "embedding": _embedding,
             "two_io": _two_in_two_out, "custom": _custom, "mobilenet": _mobilenet, "convnet": _convnet,
-            "mobilenet_v3": _mobilenet_v3, "convnext": _convnext}
+            "mobilenet_v3": _mobilenet_v3, "convnext": _convnext, "scaled_sum": _scaled_sum}
 
 
 # --- Keras applications (weights=None): CI size (32x32x1, 2 logits) or full (224x224x3, 1000) ------

@@ -27,6 +27,7 @@ KERAS_FORMATS = {
     # .h5 written by Keras 3, which Keras 3 itself cannot read back (jacli mends the config: hdf5_objects)
     "mobilenet_v3": ("keras", "h5", "export"),
     "convnext": ("keras", "h5", "export"),
+    "scaled_sum": ("keras", "h5"),
 }
 
 
