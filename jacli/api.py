@@ -26,11 +26,15 @@ def load(path: str, format: str | None = None, trust: bool = False, custom_objec
     return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
 
 
-def import_custom_objects(specs) -> list:
+def import_custom_objects(specs, model: str | None = None, format: str | None = None) -> list:
     """Import ``custom_objects`` (Python files or module names; their code runs) once, for
-    several ``load`` calls: returns the modules."""
+    several ``load`` calls: returns the modules. ``model`` (and its ``format``): the file they
+    are for, whose framework is started first, as jacli starts it (TensorFlow's C++ start-up
+    lines silenced), should the modules import it."""
     from . import backends
 
+    if model is not None:
+        backends.framework_first(str(model), format)
     return backends.import_modules(specs)
 
 

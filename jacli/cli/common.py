@@ -31,10 +31,7 @@ def load_model(model_path: str, fmt: str | None, trust_model: bool, format_flag:
     context = click.get_current_context(silent=True)
     custom = context.meta.get("jacli.custom_objects", ()) if context is not None else ()
     if custom and not all(isinstance(c, types.ModuleType) for c in custom):
-        from ..backends import framework_first
-
-        framework_first(model_path, fmt)  # TensorFlow started silently, before the modules import Keras
-        custom = context.meta["jacli.custom_objects"] = api.import_custom_objects(custom)
+        custom = context.meta["jacli.custom_objects"] = api.import_custom_objects(custom, model_path, fmt)
     try:
         return api.load(model_path, format=fmt, trust=trust_model, custom_objects=custom)
     except JacliError as e:
