@@ -151,19 +151,6 @@ def test_keras_ops_operations_load_untrusted(jacli, keras_ops_model, keras_ops_h
     np.testing.assert_allclose(J, expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("edit, words", [
-    # an HDF5 config names operations without their module: the allow-list goes by name, callables still out
-    (lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop"), ["'WhileLoop'", "outside Keras"]),
-    (lambda c: _op_layer(c, "Exp").update(class_name="Cond"), ["'Cond'", "outside Keras"]),
-    # the names jacli gives the operations it maps are its own, never taken from a file
-    (lambda c: _op_layer(c, "Exp").update(class_name="jacli.ops>Exp"), ["'jacli.ops>Exp'", "outside Keras"]),
-])
-def test_keras_h5_operations_outside_the_allow_list_are_refused(jacli, keras_ops_h5, tmp_path, edit, words):
-    path = tmp_path / "edited.h5"
-    evil.h5_with_config(keras_ops_h5, path, edit)
-    assert_refused(jacli("inspect", path), *words)
-
-
 def test_keras_h5_classes_must_be_keras_own(jacli, tmp_path):
     """An HDF5 config records no modules: a class name that is neither a Keras layer nor an
     operation is refused by the check (it once passed it, and only Keras's lookup failed)."""
@@ -190,14 +177,22 @@ def test_keras_application_layers_only_from_their_module(jacli, tmp_path):
             assert "refusing" not in r.stderr and "not one of Keras" not in r.stderr, r.stderr
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda c: _op_layer(c, "Exp").update(class_name="Cond", registered_name="Cond"), ["'Cond'", "Python function"]),
-    (lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop", registered_name="WhileLoop"), ["'WhileLoop'", "Python function"]),
-    (lambda c: _op_layer(c, "Exp").update(module="keras.src.ops.core"), ["'Exp'", "not one of Keras"]),
+@pytest.mark.parametrize("fmt, edit, words", [
+    ("keras", lambda c: _op_layer(c, "Exp").update(class_name="Cond", registered_name="Cond"), ["'Cond'", "Python function"]),
+    ("keras", lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop", registered_name="WhileLoop"),
+     ["'WhileLoop'", "Python function"]),
+    ("keras", lambda c: _op_layer(c, "Exp").update(module="keras.src.ops.core"), ["'Exp'", "not one of Keras"]),
+    # an HDF5 config names operations without their module: the allow-list goes by name, callables still out
+    ("h5", lambda c: _op_layer(c, "Exp").update(class_name="WhileLoop"), ["'WhileLoop'", "outside Keras"]),
+    ("h5", lambda c: _op_layer(c, "Exp").update(class_name="Cond"), ["'Cond'", "outside Keras"]),
+    # the names jacli gives the operations it maps are its own, never taken from a file
+    ("h5", lambda c: _op_layer(c, "Exp").update(class_name="jacli.ops>Exp"), ["'jacli.ops>Exp'", "outside Keras"]),
 ])
-def test_keras_ops_operations_outside_the_allow_list_are_refused(jacli, keras_ops_model, tmp_path, edit, words):
-    path = tmp_path / "edited.keras"
-    evil.keras_with_config(keras_ops_model, path, edit)
+def test_keras_ops_operations_outside_the_allow_list_are_refused(jacli, keras_ops_model, keras_ops_h5, tmp_path,
+                                                                  fmt, edit, words):
+    path = tmp_path / f"edited.{fmt}"
+    edited = evil.keras_with_config if fmt == "keras" else evil.h5_with_config
+    edited(keras_ops_model if fmt == "keras" else keras_ops_h5, path, edit)
     assert_refused(jacli("inspect", path), *words)
 
 

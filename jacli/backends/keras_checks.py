@@ -106,15 +106,9 @@ def keras_problems(path: str, data: bytes, route: str) -> list[str]:
     own modules, their code-carrying layers (CODE_LAYERS), serialized lambdas, and
     vocabularies named by path. A config that cannot be read is refused too."""
     config = _zip_config(path, data) if route == "zip" else _hdf5_config(path, data)
-    problems, stack = [], [config]
+    problems = []
     allowed = _OwnClasses(hdf5=route == "hdf5")
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, list):
-            stack += obj
-            continue
-        if not isinstance(obj, dict):
-            continue
+    for obj in _dicts(config, prune=CODE_LAYERS):  # a code layer's problem is said; its insides need not be
         inner = obj.get("config")
         name = inner.get("name") if isinstance(inner, dict) else None
         cls = obj.get("class_name")
@@ -122,15 +116,27 @@ def keras_problems(path: str, data: bytes, route: str) -> list[str]:
             problem = _class_problem(obj, cls, name, allowed)
             if problem:
                 problems.append(problem)
-                if cls in CODE_LAYERS:
-                    continue
         if obj.get("function_type") == "lambda":
             problems.append("a serialized Python lambda that would run on load")
         for key in ("vocabulary", "vocabulary_file"):
             if isinstance(obj.get(key), str):
                 problems.append(f"layer {name!r} reads its vocabulary from the file {obj[key]!r}")
-        stack += list(obj.values())
     return list(dict.fromkeys(problems))
+
+
+def _dicts(config, prune=frozenset()):
+    """Every dict in a config, nested ones included, depth first (each before what it holds);
+    the insides of one whose ``class_name`` is in ``prune`` are not visited."""
+    stack = [config]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list):
+            stack += obj
+        elif isinstance(obj, dict):
+            yield obj
+            cls = obj.get("class_name")
+            if not (isinstance(cls, str) and cls in prune):
+                stack += list(obj.values())
 
 
 def _class_problem(obj: dict, cls, name, allowed: "_OwnClasses") -> str | None:
@@ -250,15 +256,9 @@ def hdf5_objects(local: str) -> dict:
         raw, version = f.attrs.get("model_config"), f.attrs.get("keras_version", b"")
     version = version.decode() if isinstance(version, bytes) else str(version)
     config = json.loads(raw)
-    objects, renamed, stack = {}, False, [config]
+    objects, renamed = {}, False
     ops = _OwnClasses(hdf5=True).operations() if version.startswith("3") else {}
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, list):
-            stack += obj
-            continue
-        if not isinstance(obj, dict):
-            continue
+    for obj in _dicts(config):
         cls, inner = obj.get("class_name"), obj.get("config")
         if (cls in ops and "inbound_nodes" in obj and "module" not in obj and isinstance(inner, dict)
                 and "trainable" not in inner):
@@ -267,7 +267,6 @@ def hdf5_objects(local: str) -> dict:
             obj["class_name"], renamed = name, True
         elif cls in APPLICATION_LAYERS and version.startswith("3"):
             objects[cls] = getattr(importlib.import_module(APPLICATION_LAYERS[cls]), cls)
-        stack += list(obj.values())
     if renamed:
         with h5py.File(local, "r+") as f:
             f.attrs["model_config"] = json.dumps(config)
