@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import jacli
 import _check_models as cm
+from conftest import SAMPLES
 from jacli.cli.main import cli, main
 from jacli.engine import check as chk
 from jacli.engine.fd import estimate_columns
@@ -366,3 +367,16 @@ def test_default_tolerances_by_dtype_and_validation():
         chk.tolerance("float32", "float64", eps=2.0)
     with pytest.raises(InputError):
         chk.tolerance("float32", "float64", rtol=-1.0)
+
+
+def test_progress_moves_by_fd_columns_within_one_sample():
+    """One sample of the sample MLP's 500 inputs, its FD columns in several blocks (a small
+    budget): the progress advances in fractions of that sample, block by block, and adds up
+    to it (it moved once, at the end, when a sample's columns took minutes on an image network)."""
+    x = np.random.default_rng(0).standard_normal((1, 500)).astype(np.float32)
+    told = []
+    r = jacli.check(jacli.load(str(SAMPLES / "mlp.onnx")), x, max_memory=16 << 20,
+                    progress=told.append)
+    assert r.passed
+    assert len([t for t in told if t > 0]) >= 3, told  # more than one step for the one sample
+    assert all(0 <= t <= 1 for t in told) and abs(sum(told) - 1) < 1e-9, told
