@@ -203,9 +203,12 @@ def test_keras_config_that_cannot_be_read_is_refused(jacli, tmp_path):
     with h5py.File(tmp_path / "m.h5", "a") as f:
         f.attrs["model_config"] = b"{not json"
     assert_one_error(jacli("inspect", tmp_path / "m.h5"), "not valid JSON")
+    # trusted, unchecked: Keras's own reason, as one error line (the .h5 mend leaves such a config alone)
+    assert_one_error(jacli("inspect", tmp_path / "m.h5", "--trust-model"), "cannot load Keras model")
     with h5py.File(tmp_path / "m.h5", "a") as f:
         del f.attrs["model_config"]
     assert_one_error(jacli("inspect", tmp_path / "m.h5"), "no model_config")
+    assert_one_error(jacli("inspect", tmp_path / "m.h5", "--trust-model"), "cannot load Keras model")
     with zipfile.ZipFile(SAMPLES / "mlp.keras") as src, zipfile.ZipFile(tmp_path / "m.keras", "w") as dst:
         for info in src.infolist():
             dst.writestr(info, src.read(info) if info.filename != "config.json" else b"\xff\xfe")

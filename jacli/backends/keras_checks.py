@@ -255,7 +255,10 @@ def hdf5_objects(local: str) -> dict:
     with h5py.File(local, "r") as f:
         raw, version = f.attrs.get("model_config"), f.attrs.get("keras_version", b"")
     version = version.decode() if isinstance(version, bytes) else str(version)
-    config = json.loads(raw)
+    try:
+        config = json.loads(raw)
+    except (TypeError, ValueError, RecursionError):  # a trusted file, unchecked: Keras says what is wrong
+        return {}
     objects, renamed = {}, False
     ops = _OwnClasses(hdf5=True).operations() if version.startswith("3") else {}
     for obj in _dicts(config):
