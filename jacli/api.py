@@ -280,20 +280,22 @@ def check(
     max_memory: int = jac.DEFAULT_BUDGET,
     progress: Callable[[int], None] | None = None,
     mode: str = "auto",
+    notice: Callable[[str], None] | None = None,
 ):
     """Check the model's automatic derivatives against finite differences at ``x``, per
     sample: every Jacobian entry, or ``directions`` random directional derivatives per
     sample. Tolerances default by dtype. ``mode``: the AD the check exercises — forward
     (JVPs), reverse (VJPs) or auto (the fewer passes for every entry, JVP and VJP for
     directions; reverse alone where the model has no forward mode). Returns a
-    ``jacli.engine.check.CheckResult`` (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md."""
+    ``jacli.engine.check.CheckResult`` (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md.
+    ``notice(text)`` hears, before the work, that checking every entry will take long."""
     from .engine import check as chk
 
     if mode not in ("auto", "forward", "reverse"):
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
     p = jac.plan(model, as_inputs(model, x), _names(wrt), _names(of), mode=mode, batch=True)
     return chk.check(model, p, rtol=rtol, atol=atol, eps=eps, directions=directions, seed=seed, budget=max_memory,
-                     progress=progress, mode=mode)
+                     progress=progress, mode=mode, notice=notice)
 
 
 # --- spectra: singular values, condition numbers, determinants -------------------------

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 import jacli
 import _check_models as cm
-from conftest import SAMPLES
+from conftest import SAMPLES, run_jacli
 from jacli.cli.main import cli, main
 from jacli.engine import check as chk
 from jacli.engine.fd import estimate_columns
@@ -380,3 +380,26 @@ def test_progress_moves_by_fd_columns_within_one_sample():
     assert r.passed
     assert len([t for t in told if t > 0]) >= 3, told  # more than one step for the one sample
     assert all(0 <= t <= 1 for t in told) and abs(sum(told) - 1) < 1e-9, told
+
+
+def test_a_long_check_of_every_entry_says_so_first(monkeypatch, tmp_path):
+    """The expected seconds of FD of every entry, past ``LONG``, are said before the work
+    (one line, naming --directions); never with --directions, nor for a check that is quick."""
+    x = np.random.default_rng(0).standard_normal((2, 500)).astype(np.float32)
+    model = jacli.load(str(SAMPLES / "mlp.onnx"))
+    heard = []
+    jacli.check(model, x, notice=heard.append)
+    assert heard == []  # 2 x 500 x 4 forward evaluations of a small MLP: well under a minute
+    monkeypatch.setattr(chk, "LONG", 0.0)
+    jacli.check(model, x, notice=heard.append)
+    assert len(heard) == 1 and "500 input elements x 4 forward passes, 2 samples" in heard[0], heard
+    assert "--directions K" in heard[0]
+    jacli.check(model, x, directions=2, notice=heard.append)
+    assert len(heard) == 1
+    np.save(tmp_path / "x.npy", x)
+    r = run_jacli("check", SAMPLES / "mlp.onnx", tmp_path / "x.npy", "--fd", "--json")
+    lines = [line for line in r.stderr.splitlines() if line]
+    assert r.code == 0 and len(lines) == 1 and lines[0].startswith("Warning: checking every entry takes about"), lines
+    assert json.loads(r.out)["passed"]
+    r = run_jacli("check", SAMPLES / "mlp.onnx", tmp_path / "x.npy", "--fd", "--json", "--quiet")
+    assert r.code == 0 and r.stderr == ""

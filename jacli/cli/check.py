@@ -3,7 +3,7 @@ import click
 from .. import api
 from ..errors import InputError
 from . import options, plotting
-from .common import console, emit_json, load_input, load_model
+from .common import console, emit_json, load_input, load_model, warn
 
 SHOW = 10  # mismatches listed in the terminal view
 
@@ -38,7 +38,8 @@ def check(model_path, fmt, trust_model, input_path, random_n, seed, wrt, of, fd,
     samples = len(next(iter(xs.values())))
     with Progress(samples, enabled=not quiet) as progress:
         result = api.check(model, xs, wrt or None, of or None, rtol=rtol, atol=atol, eps=eps, directions=directions,
-                           seed=seed, max_memory=check_memory, progress=progress, mode=check_mode)
+                           seed=seed, max_memory=check_memory, progress=progress, mode=check_mode,
+                           notice=lambda text: warn(text, quiet))
     if plots:
         from ..render.plots import check_plot
 

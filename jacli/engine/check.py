@@ -50,6 +50,7 @@ RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest 
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 SAMPLED = 4096  # compared entries kept for pictures: every one up to this many, else a uniform sample
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
+LONG = 60.0  # seconds of finite differences of every entry past which ``notice`` hears of it first
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
 DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
@@ -245,6 +246,7 @@ def check(
     budget: int = jac.DEFAULT_BUDGET,
     progress=None,
     mode: str = "auto",
+    notice=None,
 ) -> CheckResult:
     """Check ``model``'s AD against FD at ``plan.xs`` (a per-sample plan from ``jacobian.plan``).
     ``mode``: the AD exercised — "forward" (JVPs), "reverse" (VJPs: every entry from VJP
@@ -252,7 +254,9 @@ def check(
     ``plan.mode``, directions by JVP and VJP; reverse alone where the model has no forward
     mode, with a note). ``budget``: bytes of working memory, the FD forward calls included,
     and what the set-up leaves resident (a float64 copy of the model, traced graphs:
-    ``fd.left``). ``progress(n)`` is called with the number of samples just finished."""
+    ``fd.left``). ``progress(n)`` is called with the number of samples just finished;
+    ``notice(text)``, before the work, where the finite differences of every entry are
+    expected to take more than ``LONG`` seconds (``--directions`` is the quicker check)."""
     if not plan.batch:
         raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
     validate(rtol, atol, eps, directions)
@@ -278,6 +282,8 @@ def check(
     room = lambda: left(budget, start)  # noqa: E731 — the budget less what is resident since the start
     one = {k: v[:1] for k, v in plan.xs.items()}
     per_sample = forward_cost(fwd, one)  # the FD forward calls are cut to fit half the budget
+    if notice is not None and not directions:
+        _warn_if_long(plan, fwd, one, notice)
     tally = _Tally(plan.samples, tol)
     try:
         if directions:
@@ -294,6 +300,26 @@ def check(
     result.entries = tally.entries
     result.adjoint = tally.adjoint
     return result
+
+
+def _warn_if_long(plan: jac.Plan, fwd, one: dict, notice) -> None:
+    """Every entry costs 4 FD forward evaluations per input element and sample (two steps,
+    central); timed here on a call of 8 copies of the first sample, as the FD calls batch
+    their points (a CI job that checks one 64x64x3 image through ResNet50 would otherwise
+    sit silent for over 10 minutes)."""
+    import time
+
+    eight = {k: np.repeat(v, 8, axis=0) for k, v in one.items()}
+    start = time.perf_counter()
+    fwd(eight)
+    seconds = (time.perf_counter() - start) / 8
+    columns = sum(int(np.prod(plan.xs[i].shape[1:])) for i in plan.wrt)
+    expected = 4 * columns * plan.samples * seconds
+    if expected > LONG:
+        took = f"{expected / 60:.0f} minutes" if expected >= 120 else f"{expected:.0f} s"
+        notice(f"checking every entry takes about {took} here ({columns:,} input elements x 4 forward passes, "
+               f"{plan.samples} sample{'s' if plan.samples != 1 else ''}); --directions K checks K random "
+               "directional derivatives per sample instead, in seconds")
 
 
 # --- set-up -------------------------------------------------------------------------------
