@@ -282,8 +282,8 @@ def check(
     room = lambda: left(budget, start)  # noqa: E731 — the budget less what is resident since the start
     one = {k: v[:1] for k, v in plan.xs.items()}
     per_sample = forward_cost(fwd, one)  # the FD forward calls are cut to fit half the budget
-    if notice is not None and not directions:
-        _warn_if_long(plan, fwd, one, notice)
+    if notice is not None and not directions:  # timed on as many copies as the FD calls may hold, up to 8
+        _warn_if_long(plan, fwd, one, max(1, min(8, (room() // 2) // per_sample)), notice)
     tally = _Tally(plan.samples, tol)
     try:
         if directions:
@@ -302,18 +302,18 @@ def check(
     return result
 
 
-def _warn_if_long(plan: jac.Plan, fwd, one: dict, notice) -> None:
+def _warn_if_long(plan: jac.Plan, fwd, one: dict, copies: int, notice) -> None:
     """Every entry costs 4 FD forward evaluations per input element and sample (two steps,
-    central); timed here on a second call of 8 copies of the first sample, as the FD calls
-    batch their points (a CI job that checks one 64x64x3 image through ResNet50 would otherwise
-    sit silent for over 10 minutes)."""
+    central); timed here on a second call of ``copies`` copies of the first sample, as the FD
+    calls batch their points (a CI job that checks one 64x64x3 image through ResNet50 would
+    otherwise sit silent for over 10 minutes)."""
     import time
 
-    eight = {k: np.repeat(v, 8, axis=0) for k, v in one.items()}
-    fwd(eight)  # a new batch size: TensorFlow may trace for it first
+    batch = {k: np.repeat(v, copies, axis=0) for k, v in one.items()}
+    fwd(batch)  # a new batch size: TensorFlow may trace for it first
     start = time.perf_counter()
-    fwd(eight)
-    seconds = (time.perf_counter() - start) / 8
+    fwd(batch)
+    seconds = (time.perf_counter() - start) / copies
     columns = sum(int(np.prod(plan.xs[i].shape[1:])) for i in plan.wrt)
     expected = 4 * columns * plan.samples * seconds
     if expected > LONG:
