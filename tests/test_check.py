@@ -18,6 +18,7 @@ import _check_models as cm
 from conftest import SAMPLES, run_jacli
 from jacli.cli.main import cli, main
 from jacli.engine import check as chk
+from jacli.engine import columns
 from jacli.engine.fd import estimate_columns
 from jacli.errors import InputError, UnsupportedError
 from jacli.model import Model, TensorSpec
@@ -390,7 +391,7 @@ def test_a_long_check_of_every_entry_says_so_first(monkeypatch, tmp_path):
     heard = []
     jacli.check(model, x, notice=heard.append)
     assert heard == []  # 2 x 500 x 4 forward evaluations of a small MLP: well under a minute
-    monkeypatch.setattr(chk, "LONG", 0.0)
+    monkeypatch.setattr(columns, "LONG", 0.0)
     jacli.check(model, x, notice=heard.append)
     assert len(heard) == 1 and "500 input elements x 4 forward passes, 2 samples" in heard[0], heard
     assert "--directions K" in heard[0]

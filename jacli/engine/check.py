@@ -2,9 +2,9 @@
 
 Two kinds of check, both per sample of a batch:
 
-* columns (the default): every entry of every sample's Jacobian, the AD Jacobian from
-  ``jacobian.run`` against FD column by column;
-* ``directions=K``: K random directional derivatives J·v per sample (the protocol's
+* columns (the default, ``columns.py``): every entry of every sample's Jacobian, the AD
+  Jacobian from ``jacobian.run`` against FD column by column;
+* ``directions=K`` (``directions.py``): K random directional derivatives J·v per sample (the protocol's
   ``jvp``) against (f(x+hv) − f(x−hv)) / 2h — four forward passes per direction, whatever
   the input size — plus the dot-product identity <J t, c> = <t, Jᵀc>, which checks the
   VJP against the JVP; in reverse mode (a model without forward mode), <Jᵀc, v> from the
@@ -41,8 +41,7 @@ import numpy as np
 from ..errors import InputError, UnsupportedError
 from ..model import Model
 from . import jacobian as jac
-from . import rejudge
-from .fd import Estimate, default_eps, estimate_columns, forward_cost, forward_fn, in_pieces, left, resident, rounding_noise
+from .fd import default_eps, forward_cost, forward_fn, in_pieces, left, resident
 
 RTOL = {2: 5e-2, 4: 2e-3, 8: 1e-6}  # by the itemsize of the AD dtype
 RTOL_FD = {2: 1e-1, 4: 1e-2, 8: 0.0}  # floor when FD has to run in a dtype of this itemsize
@@ -50,7 +49,6 @@ RESOLUTION = 16  # AD resolves entries to RESOLUTION * (eps * (sample's largest 
 LISTED = 20  # failing (and unresolved) entries kept in the report, worst first
 SAMPLED = 4096  # compared entries kept for pictures: every one up to this many, else a uniform sample
 LEAK_STEP = 0.1  # relative size of the perturbations of the leakage test
-LONG = 60.0  # seconds of finite differences of every entry past which ``notice`` hears of it first
 
 OK, KINK, NOISE, WRONG, NONFINITE = range(5)
 DIAGNOSES = ("ok", "kink", "fd-noise", "wrong-gradient", "non-finite")
@@ -256,7 +254,7 @@ def check(
     and what the set-up leaves resident (a float64 copy of the model, traced graphs:
     ``fd.left``). ``progress(n)`` is called with the number of samples just finished;
     ``notice(text)``, before the work, where the finite differences of every entry are
-    expected to take more than ``LONG`` seconds (``--directions`` is the quicker check)."""
+    expected to take more than ``columns.LONG`` seconds (``--directions`` is the quicker check)."""
     if not plan.batch:
         raise InputError("the gradient check works per sample; it needs inputs and outputs with a batch axis")
     validate(rtol, atol, eps, directions)
@@ -282,45 +280,24 @@ def check(
     room = lambda: left(budget, start)  # noqa: E731 — the budget less what is resident since the start
     one = {k: v[:1] for k, v in plan.xs.items()}
     per_sample = forward_cost(fwd, one)  # the FD forward calls are cut to fit half the budget
+    from . import columns as every_entry, directions as by_directions  # (they import this module)
+
     if notice is not None and not directions:  # timed on as many copies as the FD calls may hold, up to 8
-        _warn_if_long(plan, fwd, one, max(1, min(8, (room() // 2) // per_sample)), notice)
+        every_entry.warn_if_long(plan, fwd, one, max(1, min(8, (room() // 2) // per_sample)), notice)
     tally = _Tally(plan.samples, tol)
     try:
         if directions:
-            from . import directions as by_directions  # (it imports this module)
-
             by_directions.run(model, plan, fwd, tol, directions, seed, tally, room, progress, result.mode, per_sample)
         else:
             working = room()
-            _columns(model, plan, in_pieces(fwd, max(1, (working // 2) // per_sample)), tol, tally, working, progress,
-                     seed)
+            every_entry.run(model, plan, in_pieces(fwd, max(1, (working // 2) // per_sample)), tol, tally, working,
+                            progress, seed)
     except UnsupportedError as e:  # FD has run once already (fd_forward, leakage): this is the VJP/JVP
         raise _no_ad(e) from None
     result.samples, result.mismatches, result.unresolved = tally.samples, tally.mismatches, tally.unresolved
     result.entries = tally.entries
     result.adjoint = tally.adjoint
     return result
-
-
-def _warn_if_long(plan: jac.Plan, fwd, one: dict, copies: int, notice) -> None:
-    """Every entry costs 4 FD forward evaluations per input element and sample (two steps,
-    central); timed here on a second call of ``copies`` copies of the first sample, as the FD
-    calls batch their points (a CI job that checks one 64x64x3 image through ResNet50 would
-    otherwise sit silent for over 10 minutes)."""
-    import time
-
-    batch = {k: np.repeat(v, copies, axis=0) for k, v in one.items()}
-    fwd(batch)  # a new batch size: TensorFlow may trace for it first
-    start = time.perf_counter()
-    fwd(batch)
-    seconds = (time.perf_counter() - start) / copies
-    columns = sum(int(np.prod(plan.xs[i].shape[1:])) for i in plan.wrt)
-    expected = 4 * columns * plan.samples * seconds
-    if expected > LONG:
-        took = f"{expected / 60:.0f} minutes" if expected >= 120 else f"{expected:.0f} s"
-        notice(f"checking every entry takes about {took} here ({columns:,} input elements x 4 forward passes, "
-               f"{plan.samples} sample{'s' if plan.samples != 1 else ''}); --directions K checks K random "
-               "directional derivatives per sample instead, 4 forward passes each")
 
 
 # --- set-up -------------------------------------------------------------------------------
@@ -558,63 +535,3 @@ def _resolution(tol: Tolerance, y: np.ndarray, largest: np.ndarray) -> tuple[np.
 def _width(plan: jac.Plan) -> int:
     """Input plus output elements per sample."""
     return sum(plan.xs[i][:1].size for i in plan.xs) + sum(plan.ys[o][:1].size for o in plan.of)
-
-
-def _columns(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: int, progress, seed: int) -> None:
-    """Every entry: AD Jacobians sample block by sample block (a sink on ``jacobian.run``),
-    each block compared with FD as soon as all its (output, input) pairs are in; the entries
-    found wrong are judged again at nearby points (``rejudge.columns``)."""
-    pairs = {p.key: p for p in plan.pairs}
-    rng = np.random.default_rng([seed, 4])
-    pending: dict[str, np.ndarray] = {}
-    fd_dtype = np.dtype(tol.fd_dtype)
-    fields = [f.name for f in dataclasses.fields(Estimate)]
-
-    class Sink:
-        def write(self, key, s0, s1, block):
-            pending[key] = block.reshape(s1 - s0, pairs[key].m, pairs[key].n)
-            if len(pending) == len(pairs):
-                compare(s0, s1, dict(pending))
-                pending.clear()
-
-    columns = sum(pairs[f"d{plan.of[0]}/d{i}"].n for i in plan.wrt)
-
-    def compare(s0, s1, ad):
-        told = [0.0]
-
-        def tell(done):  # progress by FD columns, in fractions of the block's samples (one image
-            if progress:  # through ResNet50 at 64x64x3 is 4 x 12,288 float64 forward passes: minutes)
-                progress((s1 - s0) * done / columns - told[0])
-                told[0] = (s1 - s0) * done / columns
-
-        xs = {k: v[s0:s1] for k, v in plan.xs.items()}
-        f0 = {o: y.reshape(s1 - s0, -1).astype(np.float64) for o, y in fwd(xs).items() if o in plan.of}
-        k = max(1, (budget // 4) // (4 * (s1 - s0) * _width(plan) * 8 * 8))
-        noise = rounding_noise(fwd, xs, fd_dtype, plan.of, f0, s0)
-        est, before = {}, 0
-        for i in plan.wrt:
-            arrays = {o: [np.empty((s1 - s0, pairs[f"d{o}/d{i}"].m, pairs[f"d{o}/d{i}"].n)) for _ in fields] for o in plan.of}
-            for c0, c1, block in estimate_columns(fwd, xs, i, plan.of, fd_dtype, tol.eps, f0, k, noise):
-                for o, e in block.items():
-                    for dst, name in zip(arrays[o], fields):
-                        dst[:, :, c0:c1] = getattr(e, name)
-                tell(before + c1)
-            before += pairs[f"d{plan.of[0]}/d{i}"].n
-            for o in plan.of:
-                est[f"d{o}/d{i}"] = Estimate(*arrays[o])
-        largest = np.max([np.abs(e.value).max(axis=(1, 2), initial=0.0) for e in est.values()], axis=0)  # (S,)
-        judged = {}
-        for o in plan.of:
-            row = np.max([np.abs(est[f"d{o}/d{i}"].value).max(axis=2) for i in plan.wrt], axis=0)  # (S, m)
-            floor, res = _resolution(tol, plan.ys[o][s0:s1], largest)
-            for i in plan.wrt:
-                tol_abs = (tol.rtol * row + floor + res)[:, :, None] if tol.atol is None else tol.atol
-                judged[f"d{o}/d{i}"] = (ad[f"d{o}/d{i}"], est[f"d{o}/d{i}"], tol_abs)
-        switched = rejudge.columns(model, plan, fwd, tol, tally, xs, s0, judged, rng, max(1, k * (s1 - s0)),
-                                   max(1, budget // 8)) or {}
-        for key, (a, e, tol_abs) in judged.items():
-            p = pairs[key]
-            tally.add(s0, p.of, p.wrt, a, e, tol_abs, p.out_shape, p.in_shape, switched=switched.get(key))
-        tell(columns)
-
-    jac.run(model, plan, Sink(), method="ad", budget=max(1, budget // 8))
