@@ -84,11 +84,12 @@ def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=
     """Load a model; ``trust`` allows formats that run code on load (see docs/security.md).
     ``custom_objects``: Python files or module names imported first (trusted code: they
     define custom Keras classes, or register output types with torch's pytree)."""
-    detected = framework_first(path, fmt) if custom_objects else None
+    if custom_objects:
+        framework_first(path, fmt)
     modules = import_modules(custom_objects)
     if fmt is not None and fmt not in FORMATS:
         raise ModelLoadError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    detected = detected or (detect_format(path) if fmt is None else fmt)
+    detected = detect_format(path) if fmt is None else fmt
     if detected == "torchscript" and _is_torch_pickle(path):  # --format torchscript on a pickle
         detected = "torch-pickle"
     if detected == "torch-pickle" and not trust:
@@ -103,20 +104,19 @@ def load(path: str, fmt: str | None = None, trust: bool = False, custom_objects=
     return model
 
 
-def framework_first(path: str, fmt: str | None = None) -> str | None:
+def framework_first(path: str, fmt: str | None = None) -> None:
     """Before the user's --custom-objects modules run (and perhaps import Keras): start the
     framework ``path`` needs the way jacli starts it, TensorFlow with its C++ start-up chatter
-    silenced (imported first by the user's module, it would print to the terminal). The
-    format, or None where it cannot be told (load says why)."""
+    silenced (imported first by the user's module, it would print to the terminal). Nothing
+    where the format cannot be told (load then says why)."""
     try:
         detected = fmt if fmt in FORMATS else detect_format(path) if fmt is None else None
     except ModelLoadError:
-        return None
+        return
     if detected in ("keras", "savedmodel"):
         from .tf import _tf
 
         _tf()
-    return detected
 
 
 def import_modules(specs) -> list:

@@ -255,12 +255,14 @@ def hdf5_objects(local: str) -> dict:
     with h5py.File(local, "r") as f:
         raw, version = f.attrs.get("model_config"), f.attrs.get("keras_version", b"")
     version = version.decode() if isinstance(version, bytes) else str(version)
+    if not version.startswith("3"):  # Keras 2 (tf_keras) wrote it: nothing to mend
+        return {}
     try:
         config = json.loads(raw)
     except (TypeError, ValueError, RecursionError):  # a trusted file, unchecked: Keras says what is wrong
         return {}
     objects, renamed = {}, False
-    ops = _OwnClasses(hdf5=True).operations() if version.startswith("3") else {}
+    ops = _OwnClasses(hdf5=True).operations()
     for obj in _dicts(config):
         cls, inner = obj.get("class_name"), obj.get("config")
         if (cls in ops and "inbound_nodes" in obj and "module" not in obj and isinstance(inner, dict)
@@ -268,7 +270,7 @@ def hdf5_objects(local: str) -> dict:
             name = f"jacli.ops>{cls}"
             objects[name] = getattr(importlib.import_module(ops[cls]), cls)
             obj["class_name"], renamed = name, True
-        elif cls in APPLICATION_LAYERS and version.startswith("3"):
+        elif cls in APPLICATION_LAYERS:
             objects[cls] = getattr(importlib.import_module(APPLICATION_LAYERS[cls]), cls)
     if renamed:
         with h5py.File(local, "r+") as f:

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import sys
-import types
 
 import click
 import numpy as np
@@ -30,7 +29,7 @@ def load_model(model_path: str, fmt: str | None, trust_model: bool, format_flag:
     models); ``format_flag``: the option that gives this model's format (diff's B: --format-b)."""
     context = click.get_current_context(silent=True)
     custom = context.meta.get("jacli.custom_objects", ()) if context is not None else ()
-    if custom and not all(isinstance(c, types.ModuleType) for c in custom):
+    if custom:
         custom = context.meta["jacli.custom_objects"] = api.import_custom_objects(custom, model_path, fmt)
     try:
         return api.load(model_path, format=fmt, trust=trust_model, custom_objects=custom)

@@ -34,7 +34,7 @@ def run(model, plan: jac.Plan, fwd, tol: Tolerance, tally: _Tally, budget: int, 
                 compare(s0, s1, dict(pending))
                 pending.clear()
 
-    columns = sum(pairs[f"d{plan.of[0]}/d{i}"].n for i in plan.wrt)
+    columns = _columns(plan)
 
     def compare(s0, s1, ad):
         told = [0.0]
@@ -87,10 +87,15 @@ def warn_if_long(plan: jac.Plan, fwd, one: dict, copies: int, notice) -> None:
     start = time.perf_counter()
     fwd(batch)
     seconds = (time.perf_counter() - start) / copies
-    columns = sum(int(np.prod(plan.xs[i].shape[1:])) for i in plan.wrt)
+    columns = _columns(plan)
     expected = 4 * columns * plan.samples * seconds
     if expected > LONG:
         took = f"{expected / 60:.0f} minutes" if expected >= 120 else f"{expected:.0f} s"
         notice(f"checking every entry takes about {took} here ({columns:,} input elements x 4 forward passes, "
                f"{plan.samples} sample{'s' if plan.samples != 1 else ''}); --directions K checks K random "
                "directional derivatives per sample instead, 4 forward passes each")
+
+
+def _columns(plan: jac.Plan) -> int:
+    """FD columns per sample: the elements of every input the check differentiates by."""
+    return sum(plan.xs[i][:1].size for i in plan.wrt)
