@@ -218,6 +218,15 @@ LINEAR_CASES = [
                  {"group": 2, "strides": [2, 1], "pads": [1, 1, 0, 0]}, 11, id="Conv-groups"),
     pytest.param("Conv", {"x": [2, 2, 9], "w": RNG.standard_normal([3, 2, 3]).astype(np.float32)},
                  {"strides": [2], "pads": [1, 2], "dilations": [2]}, 13, id="Conv-1d"),
+    # 1x1 kernels: at any strides without pads the adjoint Conv, zeros inserted (rules/conv.py)
+    *(pytest.param("Conv", {"x": [1, 4, 7, 6], "w": RNG.standard_normal([6, 4 // attrs.get("group", 1), 1, 1])
+                            .astype(np.float32)}, attrs, 17, id=f"Conv-1x1-{i}")
+      for i, attrs in enumerate([
+          {"strides": [2, 2]}, {"strides": [2, 3]}, {"strides": [3, 1], "group": 2}, {"strides": [2, 2], "group": 2},
+          {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, {"strides": [2, 2], "pads": [0, 1, 1, 0]},
+      ])),
+    pytest.param("Conv", {"x": [2, 3, 9], "w": RNG.standard_normal([2, 3, 1]).astype(np.float32)},
+                 {"strides": [4]}, 13, id="Conv-1x1-1d"),
     *(pytest.param("ConvTranspose", {"x": [1, 2, 4, 3], "w": RNG.standard_normal([2, 3, 3, 2]).astype(np.float32),
                                      "b": F32(0.1, 0.2, 0.3)}, attrs, 17, id=f"ConvTranspose-{i}")
       for i, attrs in enumerate([

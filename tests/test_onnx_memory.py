@@ -256,6 +256,43 @@ def test_fed_weights_give_the_jacobians_of_embedded_ones(tmp_path, monkeypatch, 
                                jacli.jacobian(embedded, x, method="fd", batch=batch), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
+def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, name):
+    """With every conv kernel fed (as in a model over wire.MOVED_TOTAL: Keras' ResNet50 as
+    ONNX), the input gradient of each unit-stride or 1x1 Conv (grouped and depthwise ones
+    too) is a Conv with the adjoint kernel, fed beside the weight (wire.ADJOINT, computed
+    once), not a ConvTranspose; only the strided kernels wider than 1x1 stay ConvTranspose.
+    The Jacobians are torch's float64 ones, and export-grad embeds the adjoints."""
+    import corpus_torch
+
+    monkeypatch.setattr(wire, "MOVED_BYTES", 64)
+    monkeypatch.setenv("JACLI_CACHE_DIR", "off")
+    module, x = corpus_torch.build(name)
+    paths, failed = corpus_torch.save_all(module, x, tmp_path, formats=("onnx",))
+    m = jacli.load(str(paths["onnx"]))
+    convs = [n for n in m.graph.graph.node if n.op_type == "Conv"]
+    assert convs and all(n.input[1] in m._weights for n in convs)
+    got = jacli.jacobian(m, x.numpy())
+    want = corpus_torch.reference_jacobian(module, x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+    def attr(n, key, default):
+        return next((list(a.ints) for a in n.attribute if a.name == key), default)
+
+    wide = [n for n in convs if max(attr(n, "strides", [1])) > 1 and max(m._weights[n.input[1]].shape[2:]) > 1]
+    graph = m._derived("vjp", ["x"], ["y"], tiled=True)
+    ops = [n.op_type for n in graph.graph.node]
+    adjoints = [vi.name for vi in graph.graph.input if vi.name.startswith(wire.ADJOINT)]
+    assert ops.count("ConvTranspose") == len(wide) < len(convs)
+    assert len(adjoints) == len(convs) - len(wide)
+    assert all(m._adjoints[a] is m._weight(a) for a in adjoints)  # computed once
+    out = tmp_path / "g.onnx"
+    jacli.api.export_grad(m, str(out), mode="vjp")
+    exported = onnx.load(str(out))
+    assert {v.name for v in exported.graph.input} == {"x", "ct:y"}
+    assert set(adjoints) <= {t.name for t in exported.graph.initializer}
+
+
 def test_derived_and_cached_graphs_hold_no_weights_and_export_embeds_them(tmp_path, monkeypatch):
     model, values = mlp(sizes=(300, 1000, 1000, 5))
     path = save(model, tmp_path / "m.onnx")

@@ -181,7 +181,7 @@ def _assemble(model: onnx.ModelProto, b: Builder, extra_inputs: list, results: d
     defaults = {t.name for t in graph.initializer}
     inputs = [vi for vi in graph.input if vi.name not in defaults or vi.name in needed]
     del new.input[:]
-    new.input.extend(inputs + extra_inputs)
+    new.input.extend(inputs + extra_inputs + [vi for name, vi in b.inputs.items() if name in needed])
     new.output.extend(result_types)
     produced = {o for node in kept for o in node.output}
     new.value_info.extend(vi for vi in graph.value_info if vi.name in produced)
@@ -285,6 +285,7 @@ def _start(model: onnx.ModelProto, wrt: Sequence[str], of: Sequence[str], mode: 
     info = Info(model)
     _check_request(info, wrt, of)
     model, info = _expanded(model, info, wrt, of)
+    info.fed = frozenset(weights) & set(info.inputs)
     taken = {vi.name for vi in itertools.chain(model.graph.input, model.graph.output, model.graph.value_info)}
     taken |= {t.name for t in model.graph.initializer}
     for node in model.graph.node:

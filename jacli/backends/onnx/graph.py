@@ -107,6 +107,7 @@ class Info:
         # Split pieces when the sizes are computed): good for ranks, not for folding sizes
         self.guessed = set(self.dims) - known
         self.consts: dict[str, np.ndarray] = {}
+        self.fed: frozenset[str] = frozenset()  # graph inputs that the model feeds its own weights (derive._start)
         for init in graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
             self.types[init.name] = init.data_type
@@ -249,6 +250,7 @@ class Builder:
         self.opset = info.opset
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
+        self.inputs: dict[str, onnx.ValueInfoProto] = {}  # inputs of the derivative graph's own (fed_input)
         self.scope = "jacli"
         self._taken = taken
         self._count = itertools.count()
@@ -299,6 +301,14 @@ class Builder:
             self._consts[key] = name
             self.info.consts[name] = numpy_helper.to_array(tensor)
         return self._consts[key]
+
+    def fed_input(self, name: str, dtype: int, dims: list[int]) -> str:
+        """A graph input of the derivative graph, fed by the model (as its weights are)."""
+        if name not in self.inputs:
+            self.inputs[name] = helper.make_tensor_value_info(name, dtype, dims)
+            self._taken.add(name)
+            self.info.types[name], self.info.dims[name] = dtype, list(dims)
+        return name
 
     def scalar(self, value: float, dtype: int) -> str:
         return self.const(np.array(value, np.float64), dtype)

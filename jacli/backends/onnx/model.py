@@ -36,7 +36,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     data = limits.read_regular(path, "model", ModelLoadError)
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
-    m._cache, m._graphs, m._session = onnx_cache.entry(m.sha256), {}, None
+    m._cache, m._graphs, m._session, m._adjoints = onnx_cache.entry(m.sha256), {}, None, {}
     signature = onnx_cache.read_signature(m._cache)
     if signature is not None:  # a plain binary file that passed every check
         m.inputs, m.outputs = signature
@@ -130,12 +130,23 @@ class OnnxModel(Model):
 
         out = onnx.ModelProto()
         out.CopyFrom(graph)
-        names = [vi.name for vi in out.graph.input if vi.name in self._weights]
-        inputs = [vi for vi in out.graph.input if vi.name not in self._weights or vi.name in self._listed]
+        names = [vi.name for vi in out.graph.input if vi.name in self._weights or vi.name.startswith(wire.ADJOINT)]
+        inputs = [vi for vi in out.graph.input if vi.name not in names or vi.name in self._listed]
         del out.graph.input[:]
         out.graph.input.extend(inputs)
-        out.graph.initializer.extend(numpy_helper.from_array(np.asarray(self._weights[n]), n) for n in names)
+        out.graph.initializer.extend(numpy_helper.from_array(self._weight(n), n) for n in names)
         return out
+
+    def _weight(self, name: str) -> np.ndarray:
+        """The array fed as input ``name``: a large weight, or a derivative graph's adjoint
+        Conv kernel (rules/conv.py), computed on first use and kept (one copy each)."""
+        if name in self._weights:
+            return np.asarray(self._weights[name])
+        if name not in self._adjoints:
+            from .rules.conv import adjoint_input
+
+            self._adjoints[name] = adjoint_input(name, self._weights)
+        return self._adjoints[name]
 
     @property
     def session(self):
@@ -318,11 +329,14 @@ class OnnxModel(Model):
 
 
     def _fed(self, sess) -> dict:
-        """The weights ``sess`` takes as inputs (a float64 graph's under their ``NARROW`` names)."""
+        """The weights ``sess`` takes as inputs (a float64 graph's under their ``NARROW`` names,
+        a derivative graph's adjoint kernels under their ``ADJOINT`` names)."""
         fed = getattr(sess, "jacli_fed", None)
         if fed is None:
             names = {name: name.removeprefix(wire.NARROW) for name in sess.jacli_inputs}
-            fed = sess.jacli_fed = {name: self._weights[w] for name, w in names.items() if w in self._weights}
+            fed = {name: self._weights[w] for name, w in names.items() if w in self._weights}
+            fed.update((name, self._weight(name)) for name in sess.jacli_inputs if name.startswith(wire.ADJOINT))
+            sess.jacli_fed = fed
         return fed
 
 

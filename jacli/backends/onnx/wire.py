@@ -35,6 +35,9 @@ MOVED_BYTES = 1 << 20  # initializers of at least this many bytes are fed, not e
 # tiled VJP ran 2x slower with its 1-9 MB conv kernels fed)
 MOVED_TOTAL = 64 << 20
 NARROW = "jacli.narrow:"  # prefix of a float64 graph's inputs that take a weight in its own precision
+# prefix of a derivative graph's inputs that take a fed Conv kernel's adjoint (ADJOINT + "<group>:" + name,
+# rules/conv.py), computed once from the weight and fed beside it
+ADJOINT = "jacli.adjoint:"
 
 # ONNX element type -> numpy dtype: the floating-point weights (integer tensors, indices and
 # shapes, stay constants the derivative rules can read)
