@@ -101,7 +101,7 @@ def main() -> None:
         return child(args)
     started = time.perf_counter()
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "speed": {}}
-    md = [f"Machine: {report['machine']['cpus']} CPUs, load average {report['machine']['load_average'][0]:.1f} "
+    md = [f"Machine: {report['machine']['cpus']} CPUs ({report['machine']['cpu']}), load average {report['machine']['load_average'][0]:.1f} "
           f"at the start; {report['machine']['platform']}, Python {report['machine']['python']}\n"]
     if not args.skip_speed:
         for n in [int(t) for t in args.threads.split(",") if t]:
@@ -137,8 +137,21 @@ def main() -> None:
 
 
 def machine() -> dict:
-    return {"cpus": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    return {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(),
+            "platform": platform.platform(), "python": platform.python_version()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension (the kernels differ by them: TensorFlow's
+    plain batch_jacobian beat XLA on an AVX-512 EPYC and lost to it on the machine before)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = next((f for f in ("avx512f", "avx2", "avx", "sse4_2", "asimd") if f in flags), "")
+    return f"{name} ({isa.upper()})" if isa else name
 
 
 def thread_env(n: int) -> dict:
