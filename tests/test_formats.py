@@ -260,6 +260,54 @@ def test_torch_export_inspect_shows_the_recorded_signature(exported):
     assert "(1, 500)" in text and "softmax" in text and "torch-export" in text
 
 
+def test_torch_export_guards_hold_on_the_plain_path(tmp_path):
+    """A program is called through its own checks once per signature of the inputs, then as
+    its plain graph: the same derivatives, no pre-hook on a signature seen before, and the
+    program's shape guards (a batch range, two inputs' equal batch sizes, a fixed feature
+    size) still refuse inputs that break them, however many calls passed before."""
+    import torch
+
+    from jacli.errors import InputError
+
+    class Gated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3)
+
+        def forward(self, a, b):
+            return torch.nn.functional.gelu(self.lin(a)) * torch.tanh(b)
+
+    torch.manual_seed(0)
+    net = Gated().eval()
+    ab = (torch.randn(2, 3), torch.randn(2, 3))
+    batch = torch.export.Dim("batch", min=1, max=6)
+    torch.export.save(torch.export.export(net, ab, dynamic_shapes=({0: batch}, {0: batch})), tmp_path / "g.pt2")
+    model = jacli.load(tmp_path / "g.pt2")
+    rng = np.random.default_rng(0)
+    xs = {"a": rng.standard_normal((4, 3)).astype(np.float32), "b": rng.standard_normal((4, 3)).astype(np.float32)}
+    net.double()
+    f = lambda a, b: net(a[None], b[None])[0]  # noqa: E731
+    a64, b64 = (torch.from_numpy(xs[k]).double() for k in "ab")
+    ref = torch.func.vmap(torch.func.jacrev(f, argnums=(0, 1)))(a64, b64)
+    calls = []
+    for mode in ("reverse", "forward", "reverse"):
+        J = jacli.jacobian(model, xs, mode=mode)
+        for name, r in zip("ab", ref):
+            np.testing.assert_allclose(J[f"dmul/d{name}"], r.detach().numpy(), atol=1e-6)
+        if not calls:  # the program's own call has run for these signatures: hook it from now on
+            model.module.register_forward_pre_hook(lambda *args: calls.append(args))
+    assert calls == [] and model._checked and model._plain
+    np.testing.assert_allclose(model.forward(xs)["mul"], net(a64, b64).detach().numpy(), atol=1e-6)
+    for bad in ({"a": np.zeros((7, 3), np.float32), "b": np.zeros((7, 3), np.float32)},  # batch > 6
+                {"a": np.zeros((4, 3), np.float32), "b": np.zeros((3, 3), np.float32)},  # unequal batches
+                {"a": np.zeros((4, 5), np.float32), "b": np.zeros((4, 5), np.float32)}):  # 5 features, not 3
+        with pytest.raises(InputError):
+            model.forward(bad)
+    # each new signature, and only those, went through the program's own call
+    assert {tuple(tuple(t.shape) for t in args[1]) for args in calls} == {((7, 3), (7, 3)), ((4, 3), (3, 3)),
+                                                                         ((4, 5), (4, 5))}
+
+
 def test_torch_export_keyword_inputs_and_dict_outputs(tmp_path):
     """The program is called with its own argument structure (here a keyword argument), and
     its outputs flattened in its own order (here a dict's) take the dict's keys."""

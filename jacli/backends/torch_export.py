@@ -154,18 +154,49 @@ class ExportedModel(TorchModel):
 
     def _frozen(self, module):
         self.folded_names = _fold_batch_norms(module)
+        self._plain = {}  # the graph changed in place
         return module
 
     def bind(self, xs) -> None:
         """Nothing to learn: the program records its signature."""
 
     def _run(self, tensors, module):
+        """The program's own call (its argument structure, pre-hooks and shape guards) for each
+        new signature of the inputs; a signature that passed them runs ``_plain_module``, the
+        same graph without that wrapping (the Conv1d net of benchmarks/bench_real.py: 42 against
+        98 us a forward pass, against 30 for its TorchScript file)."""
+        key = _signature(tensors)
+        checked = self.__dict__.setdefault("_checked", set())
+        if key is not None and key in checked:
+            return self._plain_module(module)(*tensors)
         args, kwargs = self.in_spec.unflatten(list(tensors))
-        return module(*args, **kwargs)
+        out = module(*args, **kwargs)
+        if key is not None:
+            checked.add(key)
+        return out
+
+    def _plain_module(self, module):
+        """``module``'s graph called with the flat inputs, giving the flat outputs: no pytree
+        codegen, hooks or ``_guards_fn`` (their checks depend on the inputs' structure and
+        shapes only, which ``_run`` checked on the program itself). Kept per module until its
+        graph is changed in place (``_frozen``, ``_rewrite``)."""
+        import torch
+
+        plain = self.__dict__.setdefault("_plain", {})
+        held = plain.get(id(module))
+        if held is None or held[0] is not module:
+            graph = torch.fx.Graph()  # a plain CodeGen, the nodes copied (not the pytree specs)
+            out, _ = graph.graph_copy(module.graph, {}, return_output_node=True)
+            graph.output(out)
+            for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+                graph.erase_node(node)
+            held = plain[id(module)] = (module, torch.fx.GraphModule(module, graph))
+        return held[1]
 
     def _rewrite(self, torch_once, module):
         """The module itself, its activations rewritten in place (``torch_once.rewrite_fx``)."""
         torch_once.rewrite_fx(module)
+        self._plain = {}
         return None
 
     def _jvp(self, xs, ts, of):
@@ -197,6 +228,16 @@ class ExportedModel(TorchModel):
                     node.args, node.kwargs = map_aggregate(node.args, float64), map_aggregate(node.kwargs, float64)
                 graph_module.recompile()
         return module
+
+
+def _signature(tensors):
+    """What a program's guards can depend on, for flat inputs all tensors: their shapes (the
+    logical ones under vmap), dtypes and devices; else None (always the program's own call)."""
+    import torch
+
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return None
+    return tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
 
 
 def _fold_batch_norms(module) -> dict[str, str]:

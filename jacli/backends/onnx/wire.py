@@ -19,7 +19,9 @@ initializers of subgraphs and functions, stays in the skeleton as it was, for ``
 onnxruntime to judge. Nor is anything moved from a model whose movable weights hold less
 than :data:`MOVED_TOTAL` in all (a few copies of them cost little, and onnxruntime can
 pre-pack only embedded weights). A file this reader cannot walk gives None, and the
-caller parses it whole.
+caller parses it whole. Derivative graphs of a model with fed weights take a fed Conv
+kernel's adjoint under :data:`ADJOINT` too (rules/conv.py), which the model computes once
+and feeds beside the weight.
 """
 from __future__ import annotations
 
