@@ -148,6 +148,41 @@ def test_a_strategy_that_must_compile_waits_until_the_work_has_paid_for_it():
     assert tuner.best["xla"] == 0.02 and tuner.spent < 0.05 * 1200
 
 
+def test_a_bigger_work_re_times_each_strategy_once_there():
+    """Per unit of work a bigger call is cheaper, by more for one strategy than another: at
+    one sample "a" is faster, at four "b" (a batched map). Sizes within 16x share a tuner, so
+    "b" is re-timed at the bigger work on its second call there and kept, not after some 40
+    calls of "a"; a smaller work than either ran at re-times nothing."""
+    per_unit = {("a", 1): 1.0, ("b", 1): 1.1, ("a", 4): 0.9, ("b", 4): 0.5, ("a", 2): 0.95, ("b", 2): 0.8}
+    tuner, used = strategies.Tuner(["a", "b"]), []
+    for work in [1] * 50 + [4] * 200:
+        s = tuner.pick(work)
+        tuner.record(s, per_unit[s, work] * work, work)
+        used.append(s)
+    assert used[10:50].count("a") >= 38  # "a" won at one sample
+    assert used[50:52] == ["a", "b"] and used[52:].count("b") >= 0.97 * 198
+    assert tuner.at["b", 4] == 0.5 and tuner.largest == {"a": 4, "b": 4}
+    before = dict(tuner.runs)
+    assert tuner.resized(2) is None and tuner.pick(2) == "b"  # 2 < RESIZED x 4: nothing re-timed
+    assert tuner.runs == before
+
+    # XLA, which must compile for the new shape: the tuner says it waits (a benchmark waits
+    # too) until the calls at four samples have paid for the compile, then it wins there
+    tuner, used, waiting, compiled = strategies.Tuner(["plain", "xla"]), [], [], set()
+    cost = {("plain", 1): 0.0144, ("xla", 1): 0.0142, ("plain", 4): 0.049, ("xla", 4): 0.033}
+    for i, work in enumerate([1] * 1500 + [4] * 400):
+        compiling = set() if work in compiled else {"xla"}
+        s = tuner.pick(work, compiling, (work,))
+        seconds = 5.0 if i == 0 else 7.0 if s in compiling else cost[s, work]
+        tuner.record(s, seconds, work, s in compiling, (work,))
+        compiled |= {work} if s == "xla" else set()
+        used.append(s)
+        waiting.append(tuner.waiting)
+    assert 4 in compiled and used[-100:].count("xla") >= 97
+    at_four = used.index("xla", 1500)
+    assert all(waiting[1500:at_four]) and not any(waiting[at_four + 2:])
+
+
 # --- through the engine: choice, pinning, memory --------------------------------------------
 class TwoWays(jacli.model.Model):
     """y = 2x on (B, 3), with two exact map strategies for its VJP, one slow."""

@@ -45,6 +45,12 @@ RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strateg
 # known, as long as it took: a loop pays at most about twice what it would have without the
 # compile, a one-shot run never pays it
 COMPILE_PRICE = 1.5
+# sizes of work within a factor of 16 share a tuner (_mapped), but per unit of work a map gains
+# more from a bigger batch than another: each strategy is re-timed at a work at least this many
+# times the largest it ran at, once another has run there (Keras' MobileNetV3Small, 2 threads:
+# XLA 14.4 ms at one sample, as fast as the plain map, then 33 against 49 ms at four, where it
+# had never run: 1.4-1.7x slower than the XLA idiom)
+RESIZED = 2
 # --mode auto times both modes when rows and columns are within this factor of each other: one
 # VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
 MODE_SPAN = 2
@@ -68,7 +74,10 @@ class Tuner:
     once in 64 calls, one 20x slower once in 640. Each strategy's first run is left out of
     the time spent: its one-time costs (a Keras MobileNetV3Small's two map graphs traced
     for 8 s) bought the loser five re-timings in a row right after its trials, each 25-50%
-    slower than the winner's 40 ms call.
+    slower than the winner's 40 ms call. Per unit of work a bigger call is cheaper, and not
+    by the same factor for every strategy, so the winner is the fastest at this call's work
+    where it has run at it, and each strategy is re-timed once at a work ``RESIZED`` times
+    the largest it ran at, once another has run there.
 
     A strategy that must compile for this call's shapes (``compiling``: XLA, a first call 1.4x
     longer than tracing alone, then 2-3x faster) is a rent-or-buy choice, per
@@ -91,6 +100,8 @@ class Tuner:
         self.rent: dict[tuple, float] = {}  # seconds per shape of the calls' arrays, since its last compile
         self.paid: float | None = None  # seconds, the first call, then the last compiling call
         self.compiled_first: set[str] = set()  # strategies whose first run compiled
+        self.at: dict[tuple[str, float], float] = {}  # (strategy, work) -> best seconds per unit of work there
+        self.largest = {s: 0.0 for s in self.strategies}  # the largest work each has run at
         self.warming: set[str] = set()  # strategies whose last run was WARMING x faster than any before
         self.tried = False  # whether the last pick was a trial or re-timed a loser
         self.waiting = False  # whether it was not the strategy owed a trial, or the fastest, only
@@ -105,12 +116,13 @@ class Tuner:
 
     def pick(self, work: float = 1.0, compiling: frozenset[str] | set[str] = frozenset(), shape: tuple = ()) -> str:
         barred = set(compiling) if self.rent.get(shape, 0.0) < self.price() else set()
-        self.waiting = bool(barred) and (self.trial() in barred or self.winner() in barred)
-        trial = self.trial(barred)
+        owed = self.trial() or self.resized(work)
+        self.waiting = bool(barred) and (owed in barred or self.winner(work=work) in barred)
+        trial = self.trial(barred) or self.resized(work, barred)
         self.tried = trial is not None
         if trial:
             return trial
-        winner = self.winner(barred)
+        winner = self.winner(barred, work)
         for s in sorted(self.strategies, key=self.runs.__getitem__):
             if s != winner and s not in barred and self.retried + self.best[s] * work <= RETRY_SHARE * self.spent:
                 self.tried = True
@@ -123,6 +135,18 @@ class Tuner:
         order = self.strategies if self.warmup else sorted(self.strategies, key=self.runs.__getitem__)
         for s in order:
             if self.owed(s) and s not in barred and not (self.runs[s] and self.hopeless(s)):
+                return s
+        return None
+
+    def resized(self, work: float, barred=frozenset()) -> str | None:
+        """A strategy to re-time at this ``work`` (``RESIZED``), but none of the ``barred``, nor
+        one ruled out (hopeless, excluded); never in a mode tuner (``warmup``: each re-timing
+        there would be a whole Jacobian)."""
+        if self.warmup or not any((s, work) in self.at for s in self.strategies):
+            return None
+        for s in self.strategies:
+            if (s not in barred and (s, work) not in self.at and self.runs[s] and self.best[s] < math.inf
+                    and not self.hopeless(s) and work >= RESIZED * self.largest[s]):
                 return s
         return None
 
@@ -143,9 +167,13 @@ class Tuner:
         """``strategy`` turned out not to work: never pick it again."""
         self.runs[strategy] = WARM_TRIALS
         self.best[strategy] = math.inf
+        self.at = {key: t for key, t in self.at.items() if key[0] != strategy}
 
-    def winner(self, barred=frozenset()) -> str:
-        return min((s for s in self.strategies if s not in barred), key=self.best.__getitem__)
+    def winner(self, barred=frozenset(), work: float | None = None) -> str:
+        """The fastest per unit of work: at this ``work`` where a strategy has run at it, else
+        over all its runs."""
+        return min((s for s in self.strategies if s not in barred),
+                   key=lambda s: self.at.get((s, work), self.best[s]))
 
     def record(self, strategy: str, seconds: float, work: float = 1.0, compiled: bool = False,
                shape: tuple = ()) -> None:
@@ -157,7 +185,7 @@ class Tuner:
             return
         if compiled:
             self.compiled_first.add(strategy)
-        if not self.owed(strategy) and strategy != self.winner():  # a loser re-timed
+        if not self.owed(strategy) and strategy != self.winner(work=work):  # a loser re-timed
             self.retried += seconds
         if seconds / work < WARMING * self.best[strategy]:  # faster than every run before (a first run too)
             self.warming.add(strategy)
@@ -170,6 +198,8 @@ class Tuner:
             self.spent += seconds
         self.runs[strategy] += 1
         self.best[strategy] = min(self.best[strategy], seconds / work)
+        self.at[strategy, work] = min(self.at.get((strategy, work), math.inf), seconds / work)
+        self.largest[strategy] = max(self.largest[strategy], work)
 
 
 class Memo:
