@@ -218,7 +218,7 @@ LINEAR_CASES = [
                  {"group": 2, "strides": [2, 1], "pads": [1, 1, 0, 0]}, 11, id="Conv-groups"),
     pytest.param("Conv", {"x": [2, 2, 9], "w": RNG.standard_normal([3, 2, 3]).astype(np.float32)},
                  {"strides": [2], "pads": [1, 2], "dilations": [2]}, 13, id="Conv-1d"),
-    # 1x1 kernels: at any strides without pads the adjoint Conv, zeros inserted (rules/conv.py)
+    # strided 1x1 kernels (ResNet shortcuts), grouped, padded, sizes not a multiple of the strides
     *(pytest.param("Conv", {"x": [1, 4, 7, 6], "w": RNG.standard_normal([6, 4 // attrs.get("group", 1), 1, 1])
                             .astype(np.float32)}, attrs, 17, id=f"Conv-1x1-{i}")
       for i, attrs in enumerate([

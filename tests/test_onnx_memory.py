@@ -259,9 +259,9 @@ def test_fed_weights_give_the_jacobians_of_embedded_ones(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small"])
 def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, name):
     """With every conv kernel fed (as in a model over wire.MOVED_TOTAL: Keras' ResNet50 as
-    ONNX), the input gradient of each unit-stride or 1x1 Conv (grouped and depthwise ones
-    too) is a Conv with the adjoint kernel, fed beside the weight (wire.ADJOINT, computed
-    once), not a ConvTranspose; only the strided kernels wider than 1x1 stay ConvTranspose.
+    ONNX), the input gradient of each unit-stride Conv (grouped and depthwise ones too) is
+    a Conv with the adjoint kernel, fed beside the weight (wire.ADJOINT, computed once), not
+    a ConvTranspose; only the strided ones stay ConvTranspose.
     The Jacobians are torch's float64 ones, and export-grad embeds the adjoints."""
     import corpus_torch
 
@@ -279,12 +279,12 @@ def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, nam
     def attr(n, key, default):
         return next((list(a.ints) for a in n.attribute if a.name == key), default)
 
-    wide = [n for n in convs if max(attr(n, "strides", [1])) > 1 and max(m._weights[n.input[1]].shape[2:]) > 1]
+    strided = [n for n in convs if max(attr(n, "strides", [1])) > 1]
     graph = m._derived("vjp", ["x"], ["y"], tiled=True)
     ops = [n.op_type for n in graph.graph.node]
     adjoints = [vi.name for vi in graph.graph.input if vi.name.startswith(wire.ADJOINT)]
-    assert ops.count("ConvTranspose") == len(wide) < len(convs)
-    assert len(adjoints) == len(convs) - len(wide)
+    assert ops.count("ConvTranspose") == len(strided) < len(convs)
+    assert len(adjoints) == len(convs) - len(strided)
     assert all(m._adjoints[a] is m._weight(a) for a in adjoints)  # computed once
     out = tmp_path / "g.onnx"
     jacli.api.export_grad(m, str(out), mode="vjp")
