@@ -150,6 +150,7 @@ class ExportedModel(TorchModel):
         m.outputs = [_spec(name, nodes, "output", key) for name, key in zip(signature.user_outputs, keys)]
         m.no_forward_ad = sorted(_higher_order_operators(module) - _FORWARD_AD_THROUGH)
         m._unfrozen, m.folded_names = module, {}  # batch norms folded on first use (_call, _frozen)
+        m._checked, m._plain = set(), {}  # signatures that passed the program's call; plain graphs (_run)
         return m
 
     def _frozen(self, module):
@@ -166,13 +167,12 @@ class ExportedModel(TorchModel):
         same graph without that wrapping (the Conv1d net of benchmarks/bench_real.py: 42 against
         98 us a forward pass, against 30 for its TorchScript file)."""
         key = _signature(tensors)
-        checked = self.__dict__.setdefault("_checked", set())
-        if key is not None and key in checked:
+        if key is not None and key in self._checked:
             return self._plain_module(module)(*tensors)
         args, kwargs = self.in_spec.unflatten(list(tensors))
         out = module(*args, **kwargs)
         if key is not None:
-            checked.add(key)
+            self._checked.add(key)
         return out
 
     def _plain_module(self, module):
@@ -182,15 +182,14 @@ class ExportedModel(TorchModel):
         graph is changed in place (``_frozen``, ``_rewrite``)."""
         import torch
 
-        plain = self.__dict__.setdefault("_plain", {})
-        held = plain.get(id(module))
+        held = self._plain.get(id(module))
         if held is None or held[0] is not module:
             graph = torch.fx.Graph()  # a plain CodeGen, the nodes copied (not the pytree specs)
             out, _ = graph.graph_copy(module.graph, {}, return_output_node=True)
             graph.output(out)
             for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
                 graph.erase_node(node)
-            held = plain[id(module)] = (module, torch.fx.GraphModule(module, graph))
+            held = self._plain[id(module)] = (module, torch.fx.GraphModule(module, graph))
         return held[1]
 
     def _rewrite(self, torch_once, module):
