@@ -261,7 +261,8 @@ def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, nam
     """With every conv kernel fed (as in a model over wire.MOVED_TOTAL: Keras' ResNet50 as
     ONNX), the input gradient of each unit-stride Conv (grouped and depthwise ones too) is
     a Conv with the adjoint kernel, fed beside the weight (wire.ADJOINT, computed once), not
-    a ConvTranspose; only the strided ones stay ConvTranspose.
+    a ConvTranspose; a strided 1x1 one is that Conv with zeros inserted after it (Resize and
+    a 0/1 mask), and only the other strided ones stay ConvTranspose.
     The Jacobians are torch's float64 ones, and export-grad embeds the adjoints."""
     import corpus_torch
 
@@ -280,11 +281,14 @@ def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, nam
         return next((list(a.ints) for a in n.attribute if a.name == key), default)
 
     strided = [n for n in convs if max(attr(n, "strides", [1])) > 1]
+    pointwise = [n for n in strided if attr(n, "kernel_shape", None) == [1, 1]]
+    assert bool(pointwise) == (name == "resnet18")  # its downsampling shortcuts
     graph = m._derived("vjp", ["x"], ["y"], tiled=True)
     ops = [n.op_type for n in graph.graph.node]
     adjoints = [vi.name for vi in graph.graph.input if vi.name.startswith(wire.ADJOINT)]
-    assert ops.count("ConvTranspose") == len(strided) < len(convs)
-    assert len(adjoints) == len(convs) - len(strided)
+    assert ops.count("ConvTranspose") == len(strided) - len(pointwise) < len(convs)
+    assert ops.count("Resize") == len(pointwise)
+    assert len(adjoints) == len(convs) - len(strided) + len(pointwise)
     assert all(m._adjoints[a] is m._weight(a) for a in adjoints)  # computed once
     out = tmp_path / "g.onnx"
     jacli.api.export_grad(m, str(out), mode="vjp")
