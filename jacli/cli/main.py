@@ -75,10 +75,13 @@ def _one_line(text: str) -> str:
 
 def run() -> None:
     """The ``jacli`` command (and ``python -m jacli``): ``main`` in a process of jacli's own,
-    whose C allocator keeps freed memory for reuse (``api.tune_allocator``)."""
+    whose C allocator keeps freed memory for reuse (``api.tune_allocator``), as does the
+    onnxruntime arena until the process ends (``arena.keep``)."""
     from ..api import tune_allocator
+    from ..backends.onnx import arena
 
     tune_allocator()
+    arena.keep()
     main()
 
 

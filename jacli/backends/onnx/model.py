@@ -17,7 +17,7 @@ import numpy as np
 from ... import limits
 from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ...model import Model, TensorSpec, _leading, _shared_leading
-from . import cache as onnx_cache, wire
+from . import arena, cache as onnx_cache, wire
 from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
@@ -37,6 +37,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs, m._session, m._adjoints = onnx_cache.entry(m.sha256), {}, None, {}
+    arena.hold(m)
     signature = onnx_cache.read_signature(m._cache)
     if signature is not None:  # a plain binary file that passed every check
         m.inputs, m.outputs = signature
@@ -347,9 +348,11 @@ def _session(data: bytes):
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
     opts.intra_op_num_threads = threads()
-    # memory: buffers go back when a run ends (else each session keeps its own peak), and
-    # nodes run in an order that frees early (a float64 graph casts one weight at a time)
+    # memory: no arena of the session's own (it would keep the session's peak), but the one
+    # all sessions share (arena.py); nodes run in an order that frees early (a float64 graph
+    # casts one weight at a time)
     opts.enable_cpu_mem_arena = opts.enable_mem_pattern = False
+    arena.configure(opts)
     opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     # idle pool threads sleep instead of spinning: on a busy machine spinning took a 2-thread
     # transformer-block VJP from 61 to 154 ms (with one thread there is no pool)
