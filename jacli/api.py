@@ -44,9 +44,13 @@ def tune_allocator() -> dict[str, int]:
     256 MiB of free heap is kept. The ``jacli`` command does this in its own process (ONNX
     runs of many small calls 1.5x faster); the Python API leaves the caller's process alone
     unless asked. Returns the settings made (none without glibc, with ``JACLI_MALLOC=off``,
-    or where ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` are set)."""
+    or where ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` are set). The ONNX
+    sessions' arena (``backends.onnx.arena``) then keeps its memory until the process
+    ends instead of releasing it as the last ONNX model goes."""
     from . import system
+    from .backends.onnx import arena
 
+    arena.keep()
     return system.tune_allocator()
 
 

@@ -75,13 +75,11 @@ def _one_line(text: str) -> str:
 
 def run() -> None:
     """The ``jacli`` command (and ``python -m jacli``): ``main`` in a process of jacli's own,
-    whose C allocator keeps freed memory for reuse (``api.tune_allocator``), as does the
-    onnxruntime arena until the process ends (``arena.keep``)."""
+    whose C allocator and onnxruntime arena keep freed memory for reuse
+    (``api.tune_allocator``)."""
     from ..api import tune_allocator
-    from ..backends.onnx import arena
 
     tune_allocator()
-    arena.keep()
     main()
 
 
