@@ -19,7 +19,8 @@ import weakref
 
 ARENA = "JACLI_ARENA"  # environment variable: "off" gives every run its own allocations
 _LOCK = threading.Lock()
-_STATE = {"registered": None, "models": 0}  # registered: None (not tried), True or False
+# registered: None (not tried), True or False; models: those alive; kept: never released (keep)
+_STATE = {"registered": None, "models": 0, "kept": False}
 
 
 def configure(opts) -> None:
@@ -76,13 +77,14 @@ _SHRINKER: list = []  # a session of SHRINK_GRAPH and the run options that make 
 def keep() -> None:
     """The process is jacli's own (the command line) and ends when the command does: the
     arena's memory stays until then, with no release as models go."""
-    _STATE["kept"] = True
+    with _LOCK:
+        _STATE["kept"] = True
 
 
 def release() -> None:
     """Hand the arena's free chunks back to the system (onnxruntime shrinks an arena only at
     the end of a run that asks for it: a run of a one-node graph)."""
-    if not _STATE["registered"] or _STATE.get("kept"):
+    if not _STATE["registered"] or _STATE["kept"]:
         return
     import numpy as np
     import onnxruntime as ort
