@@ -41,8 +41,8 @@ def import_custom_objects(specs, model: str | None = None, format: str | None = 
 def tune_allocator() -> dict[str, int]:
     """Make this process's C allocator (glibc) keep freed memory for reuse instead of
     page-faulting it in again on every call: blocks below 32 MiB come from the heap, up to
-    256 MiB of free heap is kept. The ``jacli`` command does this in its own process (ONNX
-    runs of many small calls 1.5x faster); the Python API leaves the caller's process alone
+    256 MiB of free heap is kept. The ``jacli`` command does this in its own process (torch
+    runs of many calls up to 1.2x faster); the Python API leaves the caller's process alone
     unless asked. Returns the settings made (none without glibc, with ``JACLI_MALLOC=off``,
     or where ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` are set). The ONNX
     sessions' arena (``backends.onnx.arena``) then keeps its memory until the process

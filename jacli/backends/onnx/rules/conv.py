@@ -116,7 +116,7 @@ def _spread_out(b: Builder, a: str, s: int, outs: list[int], sizes: list[int], d
     mask[..., ::s, ::s] = 1
     up = b.op("Resize", a, "", b.const(np.array([1, 1, s, s], np.float32)), mode="nearest",
               coordinate_transformation_mode="asymmetric", nearest_mode="floor")
-    out = b.op("Mul", up, b.const(mask.astype(helper.tensor_dtype_to_np_dtype(dtype)), dtype))
+    out = b.op("Mul", up, b.const(mask, dtype))
     if list(sizes) == [s * h, s * w]:
         return out
     return b.op("Slice", out, b.ints([0, 0]), b.ints(sizes), b.ints([2, 3]))
