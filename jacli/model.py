@@ -24,6 +24,8 @@ class does folding, and chunking for models whose batch axis is fixed (e.g. to 1
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -33,6 +35,24 @@ from .errors import InputError
 
 Arrays = Mapping[str, np.ndarray]
 FOLDED = "folded"  # ``strategy=`` of vjp/jvp per sample: the k seeds folded into the batch, whatever the backend maps
+# The working-memory budget (bytes, ``--max-memory``) of the API call in progress; None outside
+# one. A backend that can buy speed with memory it keeps for the model's life spends at most
+# a share of it (ONNX: derivative sessions holding large fed weights as constants).
+_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("jacli_budget", default=None)
+
+
+def budget() -> int | None:
+    """The budget of the API call in progress (``budgeted``), None outside one."""
+    return _BUDGET.get()
+
+
+@contextlib.contextmanager
+def budgeted(nbytes: int):
+    token = _BUDGET.set(nbytes)
+    try:
+        yield
+    finally:
+        _BUDGET.reset(token)
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,90 @@ def test_fed_conv_kernels_have_their_adjoints_fed_too(tmp_path, monkeypatch, nam
     assert set(adjoints) <= {t.name for t in exported.graph.initializer}
 
 
+def test_constants_make_the_named_inputs_initializers_of_external_data():
+    """wire.constants, on a graph's bytes without onnx: each input it is given an array for
+    becomes an initializer of that type and shape, its data external at the placeholder
+    (onnxruntime is handed the arrays), so a session gives what the fed graph gives."""
+    import onnxruntime as ort
+
+    model, values = mlp(sizes=(30, 20, 4))
+    skeleton = onnx.helper.make_model(model.graph, opset_imports=model.opset_import)
+    skeleton.ir_version = 8
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(v.shape)) for n, v in (("W0", values[0]), ("W1", values[2]))]
+    kept = [t for t in skeleton.graph.initializer if t.name not in ("W0", "W1")]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    skeleton.graph.input.extend(inputs)
+    data = skeleton.SerializeToString()
+    arrays = {"W0": values[0], "W1": values[2].astype(np.float16).astype(np.float32)}
+    held, made = wire.constants(data, lambda name: arrays.get(name) if name == "W0" else None)
+    assert made == ["W0"]
+    graph = onnx.load_model_from_string(held).graph
+    assert [v.name for v in graph.input] == ["x", "W1"]
+    (w0,) = [t for t in graph.initializer if t.name == "W0"]
+    assert (list(w0.dims), w0.data_type, w0.data_location) == ([30, 20], TensorProto.FLOAT, TensorProto.EXTERNAL)
+    assert {e.key: e.value for e in w0.external_data} == {"location": wire.PLACEHOLDER} and not w0.raw_data
+    x = np.random.default_rng(3).standard_normal((5, 30)).astype(np.float32)
+    (fed,) = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"x": x, "W0": values[0], "W1": values[2]})
+    opts = ort.SessionOptions()
+    opts.add_external_initializers(["W0"], [ort.OrtValue.ortvalue_from_numpy(values[0])])
+    (got,) = ort.InferenceSession(held, opts, providers=["CPUExecutionProvider"]).run(None, {"x": x, "W1": values[2]})
+    np.testing.assert_allclose(got, fed, rtol=1e-6, atol=1e-7)
+    assert wire.constants(data, lambda name: None) == (data, [])
+    old = onnx.ModelProto()
+    old.CopyFrom(skeleton)
+    old.ir_version = 3  # every initializer an input there: nothing to make
+    assert wire.constants(old.SerializeToString(), arrays.get)[1] == []
+    twice = onnx.ModelProto()
+    twice.CopyFrom(skeleton)
+    twice.graph.input.append(inputs[0])  # an input listed twice is left to onnxruntime to judge
+    assert wire.constants(twice.SerializeToString(), arrays.get)[1] == ["W1"]
+
+
+def test_the_constant_strategy_holds_fed_weights_only_within_the_budget(tmp_path, monkeypatch):
+    """ResNet-18 with every conv kernel fed (as Keras' ResNet50 as ONNX is): the tiled VJP runs
+    with the weights fed or held as constants (strategy "constant", pinned here); both give
+    torch's float64 Jacobian, the constant session takes no weight as an input and its copies
+    count in the model's share of the budget. A budget without room for them offers no
+    strategy, builds no such session (even pinned), and still gives the Jacobian; a first
+    call with room does not build one either (the tuner waits until calls have earned it)."""
+    import corpus_torch
+
+    monkeypatch.setattr(wire, "MOVED_BYTES", 64)
+    monkeypatch.setenv("JACLI_CACHE_DIR", "off")
+    module, x = corpus_torch.build("resnet18")
+    paths, _ = corpus_torch.save_all(module, x, tmp_path, formats=("onnx",))
+    want = corpus_torch.reference_jacobian(module, x)
+    tight = 4 * wire.CONSTANT_COPIES * sum(np.asarray(w).nbytes for w in jacli.load(str(paths["onnx"]))._weights.values())
+
+    def run(budget, strategy):
+        if strategy:
+            monkeypatch.setenv("JACLI_STRATEGY", strategy)
+        else:
+            monkeypatch.delenv("JACLI_STRATEGY", raising=False)
+        m = jacli.load(str(paths["onnx"]))
+        got = jacli.jacobian(m, x.numpy(), max_memory=budget)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        return m, {key[-1]: sess for key, sess in m._graphs.items() if key[0] == "vjp-tiled"}
+
+    m, sessions = run(2 * tight, "constant")
+    assert set(sessions) == {"constant"} and m._held == tight // 4
+    assert not sessions["constant"].jacli_inputs & set(m._weights) and len(sessions["constant"].jacli_held) > len(m._weights)
+    m, sessions = run(2 * tight, "fed")
+    assert list(sessions) == [("y",)] and m._held == 0 and sessions[("y",)].jacli_inputs >= set(m._weights)
+    m, sessions = run(2 * tight, None)
+    assert list(sessions) == [("y",)] and m._held == 0  # one call: no constant session yet
+    xs = {"x": x.numpy()}
+    seeds = {"y": np.ones((10, 2, 10), np.float32)}
+    with jacli.model.budgeted(2 * tight):
+        assert m.strategies("vjp", xs, seeds) == ("fed", "constant") and m.compiles("constant", xs, seeds)
+    with jacli.model.budgeted(tight // 2):
+        assert m.strategies("vjp", xs, seeds) == ()
+    assert m.strategies("vjp", xs, seeds) == ()  # outside an API call: no budget to spend
+    m, sessions = run(tight // 2, "constant")
+    assert list(sessions) == [("y",)] and m._held == 0
+
+
 def test_derived_and_cached_graphs_hold_no_weights_and_export_embeds_them(tmp_path, monkeypatch):
     model, values = mlp(sizes=(300, 1000, 1000, 5))
     path = save(model, tmp_path / "m.onnx")

@@ -16,13 +16,14 @@ import numpy as np
 
 from ... import limits
 from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
-from ...model import Model, TensorSpec, _leading, _shared_leading
+from ...model import Model, TensorSpec, _leading, _shared_leading, budget
 from . import arena, cache as onnx_cache, wire
 from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 _NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
+FED, CONSTANT = "fed", "constant"  # the tiled graph's sessions (strategies)
 _SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
@@ -37,6 +38,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     m = OnnxModel(path=path, format="onnx", backend="onnxruntime", supports_float64=True)
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs, m._session, m._adjoints = onnx_cache.entry(m.sha256), {}, None, {}
+    m._held, m._holding = 0, False  # bytes of weights' copies held as constants (_constants_fit); strategy
     arena.hold(m)
     signature = onnx_cache.read_signature(m._cache)
     if signature is not None:  # a plain binary file that passed every check
@@ -158,6 +160,19 @@ class OnnxModel(Model):
             self._session = _session(data)
         return self._session
 
+    def _constant(self, name: str):
+        """The array a derivative graph's session holds as a constant instead of taking it as
+        an input (``wire.constants``): a fed weight or adjoint kernel; None for any other."""
+        return self._weight(name) if name in self._weights or name.startswith(wire.ADJOINT) else None
+
+    def _constants_fit(self) -> bool:
+        """Whether one more session may hold the fed weights as constants: their copies
+        (``wire.CONSTANT_COPIES`` each) and those of the sessions that already do fit in
+        ``wire.CONSTANT_SHARE`` of the call's budget (none outside an API call)."""
+        cost = wire.CONSTANT_COPIES * sum(w.nbytes for w in self._weights.values())
+        room = budget()
+        return bool(cost) and room is not None and self._held + cost <= wire.CONSTANT_SHARE * room
+
     def _forward(self, xs):
         ys = self._run(self.session, xs, [s.name for s in self.outputs])
         for spec in self.outputs:  # the derived graphs take cotangents of the declared shapes
@@ -234,14 +249,49 @@ class OnnxModel(Model):
         return {n[len(result):]: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
 
     def _tiled(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
-        """The session of the tiled graph for this selection, or None where it cannot be built."""
+        """The session of the tiled graph for this selection, or None where it cannot be built;
+        under the "constant" strategy (``_holding``) the one holding the fed weights as
+        constants, where it exists or fits (``_constants_fit``)."""
         key = (f"{kind}-tiled", tuple(wrt), tuple(of))
+        held = key + (CONSTANT,)
+        hold = self._holding and (held in self._graphs or self._constants_fit())
+        key = held if hold else key
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True)
+                self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True, hold=hold)
             except UnsupportedError:
                 self._graphs[key] = None
         return self._graphs[key]
+
+    def strategies(self, kind: str, xs, seeds) -> tuple[str, ...]:
+        """Where the model's large weights are fed (``wire``) and the call's budget has room
+        for their copies, the tiled graph runs in one of two sessions: "fed" (the weights are
+        inputs) or "constant" (they are constants, which onnxruntime transforms into its
+        blocked Conv layout: Keras' ResNet50 as ONNX ran 18-30% faster, but its session took
+        0.4-1.3 s longer to build and held 420 MB more). The engine's tuner picks the faster
+        and builds the constant one only once the calls have earned it (``compiles``)."""
+        if self._weights and self._fixed_batch() is None and _shared_leading(xs) and \
+                (self._held or self._constants_fit()):
+            return (FED, CONSTANT)
+        return ()
+
+    def compiles(self, strategy: str, xs, seeds) -> bool:
+        """The "constant" strategy's first session is the one-time cost (later selections
+        and kinds build theirs at once)."""
+        return strategy == CONSTANT and not self._held
+
+    def vjp(self, xs, cotangents, wrt, per_sample=True, strategy=None):
+        return self._under(strategy, super().vjp, xs, cotangents, wrt, per_sample)
+
+    def jvp(self, xs, tangents, of, per_sample=True, strategy=None):
+        return self._under(strategy, super().jvp, xs, tangents, of, per_sample)
+
+    def _under(self, strategy, call, *args):
+        self._holding = strategy == CONSTANT
+        try:
+            return call(*args, strategy=None if strategy in (FED, CONSTANT) else strategy)
+        finally:
+            self._holding = False
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
         """A session running the derivative graph (one per kind and selection). A graph that
@@ -276,20 +326,25 @@ class OnnxModel(Model):
     def _dynamic_dims(self) -> bool:
         return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
-    def _build_session(self, kind, wrt, of, fixed, tiled=False):
+    def _build_session(self, kind, wrt, of, fixed, tiled=False, hold=False):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
         build = lambda: self._derived(kind, wrt, of, fixed, tiled)  # noqa: E731
-        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build)
+        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build, hold)
 
-    def _cached_session(self, name: str, build):
+    def _cached_session(self, name: str, build, hold: bool = False):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
-        else ``build()`` (an onnx.ModelProto), then stored there."""
+        else ``build()`` (an onnx.ModelProto), then stored there. ``hold``: its fed weights
+        held as constants (``_constant``), their copies counted in ``_held``."""
+        constant = self._constant if hold else None
         data = onnx_cache.read_graph(self._cache, name)
-        if data is not None:
-            return _session(data)
-        data = build().SerializeToString()
-        session = _session(data)
-        onnx_cache.write_graph(self._cache, name, data)
+        cached = data is not None
+        if not cached:
+            data = build().SerializeToString()
+        session = _session(data, constant)
+        if session.jacli_held:
+            self._held += wire.CONSTANT_COPIES * sum(w.nbytes for w in self._weights.values())
+        if not cached:
+            onnx_cache.write_graph(self._cache, name, data)
         return session
 
     def _vjp(self, xs, cts, wrt: Sequence[str]):
@@ -341,7 +396,11 @@ class OnnxModel(Model):
         return fed
 
 
-def _session(data: bytes):
+def _session(data: bytes, constant=None):
+    """An onnxruntime session of the serialized graph ``data``; ``constant(name)``: the array
+    to hold as the constant for input ``name``, or None to leave it an input (wire.constants:
+    onnxruntime is handed the arrays, one copy shared by every session, and transforms and
+    pre-packs what it can)."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
@@ -357,12 +416,19 @@ def _session(data: bytes):
     # idle pool threads sleep instead of spinning: on a busy machine spinning took a 2-thread
     # transformer-block VJP from 61 to 154 ms (with one thread there is no pool)
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    held = []  # the constants' OrtValues, kept alive with the session (they share the arrays' memory)
+    if constant is not None:
+        data, names = wire.constants(data, constant)
+        held = [ort.OrtValue.ortvalue_from_numpy(np.require(constant(n), requirements="C")) for n in names]
+        if names:
+            opts.add_external_initializers(names, held)
     try:
         with _native_stderr_captured():
             sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise ModelLoadError(f"onnxruntime cannot run this model: {short(e)}") from None
     sess.jacli_inputs = frozenset(i.name for i in sess.get_inputs())  # looked up on every run
+    sess.jacli_held = held
     return sess
 
 

@@ -36,6 +36,13 @@ MOVED_BYTES = 1 << 20  # initializers of at least this many bytes are fed, not e
 # and embedded weights let onnxruntime pre-pack them (fed ones it cannot: ResNet-18's
 # tiled VJP ran 2x slower with its 1-9 MB conv kernels fed)
 MOVED_TOTAL = 64 << 20
+# A derivative graph's session may hold them as constants instead (``constants``): onnxruntime
+# then transforms and pre-packs them (its blocked Conv layout: Keras' ResNet50 as ONNX, 94 MB
+# of weights, ran its tiled VJP 18-30% faster), each session copies of its own, about this
+# many times the weights (that VJP session: 422 MB); the model's sessions do so while these
+# copies fit in CONSTANT_SHARE of the call's memory budget, and are fed beyond it
+CONSTANT_COPIES = 5
+CONSTANT_SHARE = 0.25
 NARROW = "jacli.narrow:"  # prefix of a float64 graph's inputs that take a weight in its own precision
 # prefix of a derivative graph's inputs that take a fed Conv kernel's adjoint (ADJOINT + "<group>:" + name,
 # rules/conv.py), computed once from the weight and fed beside it
@@ -44,9 +51,14 @@ ADJOINT = "jacli.adjoint:"
 # ONNX element type -> numpy dtype: the floating-point weights (integer tensors, indices and
 # shapes, stay constants the derivative rules can read)
 _DTYPES = {1: "<f4", 10: "<f2", 11: "<f8"}
+_ELEM_TYPES = {v: k for k, v in _DTYPES.items()}
 _MODEL_IR_VERSION, _MODEL_GRAPH = 1, 7
 _GRAPH_INITIALIZER, _GRAPH_INPUT = 5, 11
-_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_LOCATION = 1, 2, 8, 9, 14
+_TENSOR_DIMS, _TENSOR_TYPE, _TENSOR_NAME, _TENSOR_RAW, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 1, 2, 8, 9, 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+# where a constant's data would lie (constants): never read, since onnxruntime is handed the
+# array itself (add_external_initializers); a name no file beside any model has
+PLACEHOLDER = "jacli:fed-by-jacli"
 
 
 class Weight(NamedTuple):
@@ -112,6 +124,45 @@ def _split(buf: memoryview, moved_bytes: int):
     for number, wire, v0, v1, f0 in top:
         out += _message(_MODEL_GRAPH, bytes(graph)) if number == _MODEL_GRAPH else buf[f0:v1]
     return bytes(out), moved
+
+
+def constants(data: bytes, lookup) -> tuple[bytes, list[str]]:
+    """The serialized model ``data`` with each graph input that ``lookup(name)`` gives an
+    array for made an initializer of that array's type and shape, its data external at
+    :data:`PLACEHOLDER` (the caller hands onnxruntime the arrays: add_external_initializers),
+    and the names so made. Constant weights are what onnxruntime's optimisers can transform
+    and pre-pack (a fed Conv kernel they cannot). Nothing is changed in a model below IR
+    version 4 (every initializer an input there) or one this reader cannot walk."""
+    buf = memoryview(data)
+    try:
+        top = list(_fields(buf, 0, len(buf)))
+        graphs = [f for f in top if f[0] == _MODEL_GRAPH and f[1] == 2]
+        ir = [f for f in top if f[0] == _MODEL_IR_VERSION and f[1] == 0]
+        if len(graphs) != 1 or not ir or _varint(buf, ir[-1][2], ir[-1][3])[0] < 4:
+            return data, []
+        fields = list(_fields(buf, graphs[0][2], graphs[0][3]))
+        names = [_name(buf, f[2], f[3]) if f[0] == _GRAPH_INPUT and f[1] == 2 else None for f in fields]
+    except _Malformed:
+        return data, []
+    counts = Counter(names)
+    made, graph, tensors = [], bytearray(), bytearray()
+    for (number, wire, v0, v1, f0), name in zip(fields, names):
+        array = lookup(name) if isinstance(name, str) and counts[name] == 1 else None
+        if array is None or np.dtype(array.dtype).str not in _ELEM_TYPES:
+            graph += buf[f0:v1]
+            continue
+        made.append(name)
+        tensor = b"".join(_varint_field(_TENSOR_DIMS, d) for d in array.shape)
+        tensor += _varint_field(_TENSOR_TYPE, _ELEM_TYPES[np.dtype(array.dtype).str])
+        tensor += _message(_TENSOR_NAME, name.encode()) + _varint_field(_TENSOR_LOCATION, _EXTERNAL)
+        tensor += _message(_TENSOR_EXTERNAL, _message(1, b"location") + _message(2, PLACEHOLDER.encode()))
+        tensors += _message(_GRAPH_INITIALIZER, tensor)
+    if not made:
+        return data, []
+    out = bytearray()
+    for number, wire, v0, v1, f0 in top:
+        out += _message(_MODEL_GRAPH, bytes(graph + tensors)) if number == _MODEL_GRAPH else buf[f0:v1]
+    return bytes(out), made
 
 
 def _weight(buf, start, end, moved_bytes) -> Weight | None:
