@@ -366,6 +366,9 @@ def test_the_constant_strategy_holds_fed_weights_only_within_the_budget(tmp_path
     m, sessions = run(2 * tight, "constant")
     assert set(sessions) == {"constant"} and m._held == tight // 4
     assert not sessions["constant"].jacli_inputs & set(m._weights) and len(sessions["constant"].jacli_held) > len(m._weights)
+    forward = jacli.jacobian(m, x.numpy(), mode="forward", max_memory=4 * tight)  # the JVP's session: constant too
+    assert np.abs(forward - want).max() <= 1e-5 * np.abs(want).max()
+    assert [key[-1] for key in m._graphs if key[0] == "jvp-tiled"] == ["constant"] and m._held == tight // 2
     m, sessions = run(2 * tight, "fed")
     assert list(sessions) == [("y",)] and m._held == 0 and sessions[("y",)].jacli_inputs >= set(m._weights)
     m, sessions = run(2 * tight, None)
