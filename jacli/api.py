@@ -1,9 +1,7 @@
 """The facade the CLI and Python users call. Plain numpy in and out."""
 from __future__ import annotations
 
-import functools
 import hashlib
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -14,22 +12,7 @@ from . import __version__
 from .engine import jacobian as jac
 from .engine.stats import StatsSink, Summary
 from .errors import InputError, OutputError
-from .model import Model, budgeted
-
-
-def _budget(fn):
-    """Run ``fn`` with its ``max_memory`` (or the default budget) as the call's budget
-    (model.budget), which backends read where memory buys speed."""
-    signature = inspect.signature(fn)
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        with budgeted(bound.arguments["max_memory"] or jac.DEFAULT_BUDGET):
-            return fn(*args, **kwargs)
-
-    return run
+from .model import Model, spends_budget
 
 
 def load(path: str, format: str | None = None, trust: bool = False, custom_objects=()) -> Model:
@@ -92,7 +75,7 @@ def plan(model: Model, x, wrt=None, of=None, mode: str = "auto", batch: bool = T
     return jac.reverse_if_no_forward(model, p) if mode == "auto" else p
 
 
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def jacobian(
     model: Model,
     x,
@@ -123,7 +106,7 @@ class ComputeResult:
     output: str | None = None
 
 
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def compute(
     model: Model,
     p: jac.Plan,
@@ -290,7 +273,7 @@ def _names(v) -> list[str] | None:
     return names
 
 
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def check(
     model: Model,
     x,
@@ -323,7 +306,7 @@ def check(
 
 
 # --- spectra: singular values, condition numbers, determinants -------------------------
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def svd(
     model: Model,
     x,
@@ -361,7 +344,7 @@ def svd(
     return result
 
 
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def det(
     model: Model,
     x,
@@ -406,7 +389,7 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict):
 
 
 # --- diff: derivative parity of two models, or of a model and a baseline file --------------
-@_budget
+@spends_budget(jac.DEFAULT_BUDGET)
 def diff(
     a: Model,
     b: Model | str,

@@ -26,6 +26,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import contextvars
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -53,6 +55,24 @@ def budgeted(nbytes: int):
         yield
     finally:
         _BUDGET.reset(token)
+
+
+def spends_budget(default: int):
+    """Decorate an API function: its ``max_memory`` argument (or ``default``) is the budget
+    of each call (``budgeted``)."""
+    def decorate(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with budgeted(bound.arguments["max_memory"] or default):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 @dataclass(frozen=True)

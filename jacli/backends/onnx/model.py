@@ -169,9 +169,12 @@ class OnnxModel(Model):
         """Whether one more session may hold the fed weights as constants: their copies
         (``wire.CONSTANT_COPIES`` each) and those of the sessions that already do fit in
         ``wire.CONSTANT_SHARE`` of the call's budget (none outside an API call)."""
-        cost = wire.CONSTANT_COPIES * sum(w.nbytes for w in self._weights.values())
-        room = budget()
+        cost, room = self._constant_cost(), budget()
         return bool(cost) and room is not None and self._held + cost <= wire.CONSTANT_SHARE * room
+
+    def _constant_cost(self) -> int:
+        """Bytes one session holding the fed weights as constants is taken to keep."""
+        return wire.CONSTANT_COPIES * sum(w.nbytes for w in self._weights.values())
 
     def _forward(self, xs):
         ys = self._run(self.session, xs, [s.name for s in self.outputs])
@@ -342,7 +345,7 @@ class OnnxModel(Model):
             data = build().SerializeToString()
         session = _session(data, constant)
         if session.jacli_held:
-            self._held += wire.CONSTANT_COPIES * sum(w.nbytes for w in self._weights.values())
+            self._held += self._constant_cost()
         if not cached:
             onnx_cache.write_graph(self._cache, name, data)
         return session
