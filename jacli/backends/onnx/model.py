@@ -270,8 +270,8 @@ class OnnxModel(Model):
         """Where the model's large weights are fed (``wire``) and the call's budget has room
         for their copies, the tiled graph runs in one of two sessions: "fed" (the weights are
         inputs) or "constant" (they are constants, which onnxruntime transforms into its
-        blocked Conv layout: Keras' ResNet50 as ONNX ran 18-30% faster, but its session took
-        0.4-1.3 s longer to build and held 420 MB more). The engine's tuner picks the faster
+        blocked Conv layout: Keras' ResNet50 as ONNX ran 18-25% faster with one thread, 28-40%
+        with two, but its session took 0.4-1.3 s longer to build and held 420 MB more). The engine's tuner picks the faster
         and builds the constant one only once the calls have earned it (``compiles``)."""
         if self._weights and self._fixed_batch() is None and _shared_leading(xs) and \
                 (self._held or self._constants_fit()):

@@ -38,7 +38,7 @@ MOVED_BYTES = 1 << 20  # initializers of at least this many bytes are fed, not e
 MOVED_TOTAL = 64 << 20
 # A derivative graph's session may hold them as constants instead (``constants``): onnxruntime
 # then transforms and pre-packs them (its blocked Conv layout: Keras' ResNet50 as ONNX, 94 MB
-# of weights, ran its tiled VJP 18-30% faster), each session copies of its own, about this
+# of weights, ran its tiled VJP 18-25% faster with one thread, 28-40% with two), each session copies of its own, about this
 # many times the weights (that VJP session: 422 MB); the model's sessions do so while these
 # copies fit in CONSTANT_SHARE of the call's memory budget, and are fed beyond it
 CONSTANT_COPIES = 5
