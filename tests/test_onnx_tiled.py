@@ -154,10 +154,11 @@ def test_fixed_batch_axis_folds_instead(tmp_path):
         derive.build_vjp(m.proto, ["x"], ["y"], tiled=True)
 
 
-def test_tiled_graph_fuses_elementwise_chains_and_tiles_few_values(exported):
+def test_tiled_graph_fuses_elementwise_chains_and_broadcasts_forward_values(exported):
     """GELU written out (Div, Erf, Add, Mul, Mul) and Tanh before a Conv1d pair: the seeds
-    meet one product per chain, each with one tiled factor, and nothing of the forward pass
-    (Conv, Erf, Exp) runs on the k*B rows."""
+    meet one product per chain, each with one factor of the B samples that it broadcasts
+    over the k copies (their axis split by a Reshape and joined by another), nothing is
+    tiled, and nothing of the forward pass (Conv, Erf, Exp) runs on the k*B rows."""
     net = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.GELU(), nn.Conv1d(4, 2, 3, padding=1), nn.Tanh()).eval()
     proto = _export(net, (2, 6))
     for build, seed in ((derive.build_vjp, "ct:y"), (derive.build_jvp, "tan:x")):
@@ -167,8 +168,31 @@ def test_tiled_graph_fuses_elementwise_chains_and_tiles_few_values(exported):
             if set(node.input) & seeded and node.op_type != "Shape":  # not the row counts
                 seeded |= set(node.output)
                 ops.append(node.op_type)
-        assert sorted(ops) == ["Conv", "Conv", "Identity", "Mul", "Mul"], ops
-        assert [n.op_type for n in g.graph.node].count("Tile") == 2
+        assert sorted(op for op in ops if op != "Reshape") == ["Conv", "Conv", "Identity", "Mul", "Mul"], ops
+        assert ops.count("Reshape") == 4  # each product's seeds split, its result joined
+        assert [n.op_type for n in g.graph.node].count("Tile") == 0
+
+
+@pytest.mark.parametrize("name,kind,op,unsqueezed", [
+    ("block", "vjp", "MatMul", False),  # attention's products with forward values, over their batch axes
+    ("block", "jvp", "MatMul", False),
+    ("time_major", "vjp", "Mul", True),  # the batch on axis 1: the B samples get an axis of 1 before them
+    ("time_major", "jvp", "Mul", True),
+])
+def test_broadcast_forward_values_replace_every_tile(exported, name, kind, op, unsqueezed):
+    """The block's and the time-major net's tiled graphs tile nothing (forward values are
+    read on the B samples by broadcasting, the MatMuls' too); the Jacobians above and the
+    folded graph's results check that the result is the same."""
+    _, _, path = exported[name]
+    proto = onnx.load(path)
+    g = (derive.build_vjp if kind == "vjp" else derive.build_jvp)(proto, ["x"], ["y"], tiled=True)
+    ops = [n.op_type for n in g.graph.node]
+    assert "Tile" not in ops
+    split = {n.output[0] for n in g.graph.node if n.op_type == "Reshape"}
+    unsq = {n.output[0] for n in g.graph.node if n.op_type == "Unsqueeze"}
+    readers = [n for n in g.graph.node if n.op_type == op and set(n.input) & split]
+    assert readers  # the op reads split seeds
+    assert any(set(n.input) & unsq for n in readers) == unsqueezed
 
 
 def _export(net, shape) -> onnx.ModelProto:
