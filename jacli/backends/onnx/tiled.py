@@ -84,7 +84,7 @@ def tile(model: onnx.ModelProto, info: Info, b: Builder, results: dict[str, str]
     for vi in seeds:  # graph inputs, which inference does not list
         t = vi.type.tensor_type
         types.setdefault(vi.name, t.elem_type)
-        dims.setdefault(vi.name, [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim])
+        dims.setdefault(vi.name, _dims(t))
     names = [vi.name for vi in seeds]
     results = fuse(b, results, names, dims, types)
     return retarget(model, info, b, results, names, dims, types, weights)
@@ -267,7 +267,12 @@ def _infer(model: onnx.ModelProto, dims: dict, types: dict) -> None:
         if vi.name in dims or not vi.type.HasField("tensor_type") or not t.HasField("shape"):
             continue
         types[vi.name] = t.elem_type
-        dims[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+        dims[vi.name] = _dims(t)
+
+
+def _dims(t) -> list:
+    """A tensor type's shape: sizes, symbols, None where unnamed."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
 
 
 _LINEAR = {"Mul", "Div", "Neg", "Add", "Sub", "Identity"}
