@@ -215,12 +215,15 @@ def test_streamed_statistics_are_exact(models, budget):
     d = np.abs(Ja - Jb)
     excess = d / np.maximum(1e-4, 1e-3 * np.abs(Jb))
     assert jac.count == Ja.size
-    assert jac.max_abs == pytest.approx(d.max(), rel=1e-6)
+    # the models run in float32: a part computed by another strategy (or thread count) may round
+    # each entry differently by a few ulp of the Jacobian's scale, never more
+    ulp = 8 * np.finfo(np.float32).eps * max(np.abs(Ja).max(), np.abs(Jb).max())
+    assert jac.max_abs == pytest.approx(d.max(), rel=1e-6, abs=ulp)
     assert jac.mismatches == int((excess > 1).sum()) > 0
     worst = np.unravel_index(np.argmax(excess), Ja.shape)
     w = jac.worst[0]
     assert (w["sample"], *w["output_index"], *w["input_index"]) == tuple(int(i) for i in worst)
-    assert jac.sum_abs / jac.count == pytest.approx(d.mean(), rel=1e-6)
+    assert jac.sum_abs / jac.count == pytest.approx(d.mean(), rel=1e-6, abs=ulp)
     assert jac.median("abs") == pytest.approx(np.sort(d.ravel())[(d.size + 1) // 2 - 1], rel=0.03)
 
 
