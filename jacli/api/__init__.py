@@ -1,4 +1,5 @@
-"""The facade the CLI and Python users call. Plain numpy in and out."""
+"""The facade the CLI and Python users call. Plain numpy in and out (diff's baseline and
+--locate comparisons in ``jacli.api.parity``)."""
 from __future__ import annotations
 
 import hashlib
@@ -8,11 +9,11 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from . import __version__
-from .engine import jacobian as jac
-from .engine.stats import StatsSink, Summary
-from .errors import InputError, OutputError
-from .model import Model, spends_budget
+from .. import __version__
+from ..engine import jacobian as jac
+from ..engine.stats import StatsSink, Summary
+from ..errors import InputError, OutputError
+from ..model import Model, spends_budget
 
 
 def load(path: str, format: str | None = None, trust: bool = False, custom_objects=()) -> Model:
@@ -21,7 +22,7 @@ def load(path: str, format: str | None = None, trust: bool = False, custom_objec
     ``custom_objects``: Python files or module names to import first, which define a Keras
     model's custom layers (or register torch.export output types); their code runs. Modules
     (``import_custom_objects``'s) are taken as they are."""
-    from . import backends
+    from .. import backends
 
     return backends.load(str(path), fmt=format, trust=trust, custom_objects=custom_objects)
 
@@ -31,7 +32,7 @@ def import_custom_objects(specs, model: str | None = None, format: str | None = 
     several ``load`` calls: returns the modules. ``model`` (and its ``format``): the file they
     are for, whose framework is started first, as jacli starts it (TensorFlow's C++ start-up
     lines silenced), should the modules import it."""
-    from . import backends
+    from .. import backends
 
     if model is not None:
         backends.framework_first(str(model), format)
@@ -47,8 +48,8 @@ def tune_allocator() -> dict[str, int]:
     or where ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` are set). The ONNX
     sessions' arena (``backends.onnx.arena``) then keeps its memory until the process
     ends instead of releasing it as the last ONNX model goes."""
-    from . import system
-    from .backends.onnx import arena
+    from .. import system
+    from ..backends.onnx import arena
 
     arena.keep()
     return system.tune_allocator()
@@ -56,7 +57,7 @@ def tune_allocator() -> dict[str, int]:
 
 def as_inputs(model: Model, x) -> dict[str, np.ndarray]:
     """An array (single-input model) or a mapping name -> array, checked against the model."""
-    from .io.readers import match_inputs
+    from ..io.readers import match_inputs
 
     arrays = dict(x) if isinstance(x, Mapping) else {"": np.asarray(x)}
     xs = match_inputs(arrays, model)
@@ -128,7 +129,7 @@ def compute(
     before passing it on to ``sink`` (``render.plot_sink.PlotSink.wrap`` does). A ``.h5`` output also
     stores the input and outputs (a baseline for ``diff``), and with ``probes`` (ONNX models) the J·v
     of every intermediate tensor for one random tangent, for ``diff(..., locate=True)``."""
-    from .io.writers import open_writer
+    from ..io.writers import open_writer
 
     if method == "ad" and not model.supports_ad:
         raise model._no_ad()
@@ -147,7 +148,7 @@ def compute(
     meta = metadata(model, p, method)
     baseline = output != "-" and Path(output).suffix.lower() in (".h5", ".hdf5")  # with its input: a baseline
     if baseline:
-        from .io.readers import arrays_sha256
+        from ..io.readers import arrays_sha256
 
         meta["input_sha256"] = arrays_sha256(p.xs)
     if probes and not baseline:
@@ -176,14 +177,15 @@ def _locate_probes(model: Model, p: jac.Plan):
     """(order, {group: arrays}): values and J·v of every float intermediate tensor of an ONNX
     model or torch.export program at the plan's input, for one seeded Gaussian tangent on
     the differentiated inputs."""
-    from .errors import UnsupportedError
+    from ..errors import UnsupportedError
+    from . import parity
 
-    if model.format not in _NAMED_GRAPHS:
+    if model.format not in parity.NAMED_GRAPHS:
         raise UnsupportedError(f"--locate-probes needs an ONNX model or a torch.export program (their intermediate "
                                f"tensors have names); {model.path} is {model.format}")
     rng = np.random.default_rng(PROBE_SEED)
     tangents = {i: rng.standard_normal(p.xs[i].shape).astype(p.xs[i].dtype) for i in p.wrt}
-    order, values, jvps = _probe_intermediates(model, p.xs, tangents)
+    order, values, jvps = parity.probe_intermediates(model, p.xs, tangents)
     size = sum(v.nbytes for v in values.values()) + sum(v.nbytes for v in jvps.values())
     if size > PROBE_BYTES:
         raise OutputError(f"--locate-probes would store {jac.size_text(size)} of intermediate tensors (more than "
@@ -197,8 +199,8 @@ def _locate_probes(model: Model, p: jac.Plan):
 def export_grad(model: Model, output: str, mode: str = "vjp", wrt=None, of=None) -> dict:
     """Write an ONNX model's VJP (or JVP) graph as a standalone ONNX model; returns its
     signature (the graph's inputs and outputs)."""
-    from .errors import UnsupportedError
-    from .io.writers import write_bytes_atomic
+    from ..errors import UnsupportedError
+    from ..io.writers import write_bytes_atomic
 
     if model.format != "onnx":
         raise UnsupportedError(f"export-grad works on ONNX models; {model.path} is {model.format}")
@@ -296,7 +298,7 @@ def check(
     directions; reverse alone where the model has no forward mode). Returns a
     ``jacli.engine.check.CheckResult`` (``.passed``, ``.worst``, ``.to_json()``); see docs/check.md.
     ``notice(text)`` hears, before the work, that checking every entry will take long."""
-    from .engine import check as chk
+    from ..engine import check as chk
 
     if mode not in ("auto", "forward", "reverse"):
         raise InputError(f"--mode must be auto, forward or reverse, not {mode!r}")
@@ -329,7 +331,7 @@ def svd(
     from ``plan()``. ``k``: only the top k (and with ``smallest`` the bottom k);
     ``solver``: auto | full | matrix-free (J never formed); ``vectors``: write the top
     singular vectors to ``output`` (.npz/.h5). Returns a ``jacli.engine.spectral.SvdResult``."""
-    from .engine import spectral
+    from ..engine import spectral
 
     p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
     tol = spectral.DEFAULT_TOL if tol is None else tol
@@ -362,7 +364,7 @@ def det(
     a Jacobian that ``svd`` finds rank deficient (or, given ``singular_tol``, whose
     σ_min/σ_max is at most that) is reported singular. Returns a
     ``jacli.engine.spectral.DetResult``."""
-    from .engine import spectral
+    from ..engine import spectral
 
     p = x if isinstance(x, jac.Plan) else plan(model, x, wrt, of, batch=batch)
     meta = {**metadata(model, p, method), "command": "det", "singular_rule": spectral.singular_rule(p, singular_tol)}
@@ -378,8 +380,8 @@ def _spectral_writer(output: str | None, arrays: dict, meta: dict):
     axis, of length 1 with ``batch=False``), or nothing without ``output``."""
     import contextlib
 
-    from .errors import OutputError
-    from .io.writers import open_writer
+    from ..errors import OutputError
+    from ..io.writers import open_writer
 
     if output is None:
         return contextlib.nullcontext(None)
@@ -417,8 +419,9 @@ def diff(
     ``maps``: {A name: (B name, layout None | 'nhwc' | 'nchw')} or ``["a=b:nhwc", ...]``;
     tolerances: a number or {name or None: value}. Returns a ``jacli.engine.diff.DiffResult``
     (``.passed``, ``.to_json()``); see docs/guide.md#diff."""
-    from .engine import diff as d
-    from .engine import mapping as mp
+    from ..engine import diff as d
+    from ..engine import mapping as mp
+    from . import parity
 
     maps = mp.parse_maps(maps) if isinstance(maps, (list, tuple)) else dict(maps or {})
     tol = d.Tolerances(*(dict(v) if isinstance(v, Mapping) else ({} if v is None else {None: v})
@@ -427,12 +430,12 @@ def diff(
         d.stat_value(stat)
     d.require_ad(a, "A")
     if isinstance(b, (str, Path)):
-        return _diff_baseline(a, str(b), x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size,
+        return parity.baseline(a, str(b), x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size,
                               max_memory, progress)
     d.require_ad(b, "B")
     batch = True if batch is None else batch
     xs = as_inputs(a, x)
-    _check_maps(maps, a)
+    parity.check_maps(maps, a)
     in_links = mp.match(a.input_names(), b.input_names(), maps, "input")
     unfed = [n for n in b.input_names() if n not in {l.b for l in in_links}]
     if unfed:
@@ -456,150 +459,16 @@ def diff(
         jacobians = d.compare_jacobians(a, pa, source, tol, pb.dtype, max_memory, chunk_size, progress)
         result = d.DiffResult(outputs, jacobians, links, "jacobian")
     if locate:
-        result.locate = _locate(a, b, pa, links, result, seed)
+        result.locate = parity.locate(a, b, pa, links, result, seed)
     return result
-
-
-def _diff_baseline(a, path, x, wrt, of, maps, tol, batch, mode, directions, locate, chunk_size, max_memory, progress):
-    from .engine import diff as d
-    from .engine import mapping as mp
-    from .io.readers import Baseline
-
-    if x is not None:
-        raise InputError("a baseline brings its own input: give MODEL and BASELINE.h5 only")
-    if directions:
-        raise InputError("--directions compares two models; a baseline holds whole Jacobians: drop --directions")
-    with Baseline(path) as base:
-        batch = base.batch if batch is None else batch
-        if base.batch != batch:
-            raise InputError(f"the baseline was computed {'per sample' if base.batch else 'with --no-batch'}; "
-                             f"{'drop' if base.batch else 'add'} --no-batch")
-        _check_maps(maps, a)
-        in_links = mp.match(a.input_names(), base.input_names, maps, "input")
-        xs = {}
-        for l in in_links:
-            v = base.xs[l.b]
-            xs[l.a] = mp.permute(v, mp.to_a(l, v.ndim - 1))
-        xs = as_inputs(a, xs)
-        stored_of = sorted({j["of"] for j in base.jacobians.values()}, key=base.output_names.index)
-        stored_wrt = sorted({j["wrt"] for j in base.jacobians.values()}, key=base.input_names.index)
-        out_links = mp.match(_names(of) or a.output_names(), base.output_names, maps, "output", a.output_names())
-        back_in = {l.b: l.a for l in in_links}
-        links = {"inputs": in_links, "outputs": [l for l in out_links if l.b in stored_of]}
-        if not links["outputs"]:
-            raise InputError(f"none of A's outputs match the baseline's differentiated outputs ({', '.join(stored_of)})")
-        pa = jac.plan(a, xs, _names(wrt) or [back_in[n] for n in stored_wrt if n in back_in],
-                      [l.a for l in links["outputs"]], mode=mode, batch=batch)
-        source = d.BaselineSource(base, pa, links)
-        if set(source.ys) >= set(pa.of):
-            outputs = d.compare_outputs(pa, source.ys, tol)
-        else:
-            outputs = []
-        dtype = np.result_type(*(base.dtype(k) for k in source.keys.values()))
-        jacobians = d.compare_jacobians(a, pa, source, tol, dtype, max_memory, chunk_size, progress)
-        result = d.DiffResult(outputs, jacobians, links, "jacobian")
-        if not outputs:
-            result.notes.append("the baseline stores no outputs; only Jacobians were compared")
-        if locate:
-            result.locate = _locate_baseline(a, base, pa, links, result)
-    return result
-
-
-def _locate_baseline(a: Model, base, pa: jac.Plan, links: dict, result) -> dict:
-    """The first node of ONNX model A whose output's J·v differs from the baseline's probes."""
-    from .engine import diff as d
-
-    stored = base.probes()
-    if a.format not in _NAMED_GRAPHS:
-        return {"available": False, "reason": f"--locate needs an ONNX model or a torch.export program as A (their "
-                f"intermediate tensors have names); {a.path} is {a.format}"}
-    if stored is None:
-        return {"available": False, "reason": "the baseline holds no intermediate derivatives; write it with "
-                "jacli compute MODEL.onnx INPUT -o BASELINE.h5 --locate-probes"}
-    if any(l.layout for ls in links.values() for l in ls):
-        return {"available": False, "reason": "--locate needs the model and the baseline in the same layout"}
-    order, tangents, values_b, jvps_b = stored
-    to_a = {l.b: l.a for l in links["inputs"]}
-    tangents = {to_a[k]: v for k, v in tangents.items() if k in to_a}
-    theirs = {t["tensor"]: t for t in order}
-    mine, values_a, jvps_a = _probe_intermediates(a, pa.xs, tangents)
-    shared = [t for t in mine if t["tensor"] in theirs]
-    if not shared:
-        return {"available": False, "reason": "the model and the baseline's model have no intermediate tensor names "
-                "in common"}
-    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
-    found = d.first_difference(shared, theirs, values_a, values_b, jvps_a, jvps_b, atol, rtol, pa.dtype)
-    return {"available": True, "sample": None, **found}
-
-
-def _check_maps(maps: Mapping, a: Model) -> None:
-    names = set(a.input_names()) | set(a.output_names())
-    for name in maps:
-        if name not in names:
-            raise InputError(f"--map {name}=...: A has no input or output {name!r} "
-                             f"(inputs: {', '.join(a.input_names())}; outputs: {', '.join(a.output_names())})")
-
-
-def _locate(a: Model, b: Model, pa: jac.Plan, links: dict, result, seed: int) -> dict:
-    """The first intermediate tensor of A (in its graph's order) whose J·v differs from B's
-    tensor of the same name: ONNX models and torch.export programs name their tensors
-    (the dynamo ONNX exporter keeps a program's names); else why it is unavailable."""
-    from .engine import diff as d
-    from .errors import JacliError
-
-    def unavailable(reason: str) -> dict:
-        return {"available": False, "reason": reason}
-
-    unnamed = [m for m in (a, b) if m.format not in _NAMED_GRAPHS]
-    if unnamed:
-        return unavailable(f"--locate compares named intermediate tensors (ONNX models, torch.export programs); "
-                           f"{unnamed[0].path} is {unnamed[0].format}, whose intermediate tensors have no such names")
-    if any(l.layout for ls in links.values() for l in ls):
-        return unavailable("--locate needs both models in the same layout (a --map layout was given)")
-    failing = [w for c in result.jacobians if not c.passed for w in c.worst[:1]]
-    sample = (failing[0].get("sample") or 0) if failing and pa.batch else 0
-    xs = {k: v[sample : sample + 1] for k, v in pa.xs.items()} if pa.batch else pa.xs
-    rng = np.random.default_rng(seed)
-    tangents = {i: rng.standard_normal(xs[i].shape).astype(xs[i].dtype) for i in pa.wrt}
-    to_b = {l.a: l.b for l in links["inputs"]}
-    try:
-        mine, va, ja = _probe_intermediates(a, xs, tangents)
-        order_b, vb, jb = _probe_intermediates(b, {to_b[k]: v for k, v in xs.items()},
-                                               {to_b[k]: v for k, v in tangents.items()})
-    except JacliError as e:
-        return unavailable(f"the intermediate derivatives could not be computed: {e}")
-    theirs = {t["tensor"]: t for t in order_b}
-    shared = [t for t in mine if t["tensor"] in theirs]
-    if not shared:
-        return unavailable("the two models have no intermediate tensor names in common")
-    atol, rtol = (result.jacobians[0].atol, result.jacobians[0].rtol) if result.jacobians else (None, None)
-    found = d.first_difference(shared, theirs, va, vb, ja, jb, atol, rtol, pa.dtype)
-    return {"available": True, "sample": sample if pa.batch else None, **found}
-
-
-_NAMED_GRAPHS = ("onnx", "torch-export")  # formats whose intermediate tensors have names
-
-
-def _probe_intermediates(model: Model, xs, tangents):
-    """(order, values, J·v) of every float intermediate tensor of an ONNX model or a
-    torch.export program, for one tangent per differentiated input."""
-    if model.format == "onnx":
-        from .backends.onnx import locate as onnx_locate
-
-        order = onnx_locate.intermediates(model.proto)
-        values, jvps = onnx_locate.probe(model.proto, xs, tangents, order)
-        return [{k: t[k] for k in ("tensor", "node", "op_type")} for t in order], values, jvps
-    from .backends import torch_locate
-
-    return torch_locate.probe(model, xs, tangents)
 
 
 def onnx_ops() -> list[dict]:
     """The ONNX operators jacli differentiates, from the rule registry: one dict per operator
     and version range (see ``jacli.backends.onnx.rules.catalog.rows``)."""
-    from .backends._common import require
+    from ..backends._common import require
 
     require("onnx", "onnx", "onnx", "ONNX")
-    from .backends.onnx.rules import catalog
+    from ..backends.onnx.rules import catalog
 
     return catalog.rows()
