@@ -115,6 +115,9 @@ class Model(abc.ABC):
     # each map strategy (``strategies``) is a graph of its own, traced on first use (TensorFlow:
     # seconds, and 50-200 MB resident for a Keras application): for a few calls, folding is cheaper
     traced_maps = False
+    # the sample blocks' bytes (a block's Jacobian buffer, one call's seeds and results) the
+    # backend runs fastest at; None: the engine's ``BLOCK_BYTES``
+    block_bytes = None  # type: int | None
 
     # --- what backends implement (on one plain batch) -----------------------------------
     @abc.abstractmethod

@@ -142,6 +142,43 @@ def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_byt
     assert 85 * 2 * 12290 * 4 > jac.CALL_BYTES and 85 * 2 < jac.CALL_ROWS
 
 
+def test_a_backend_sets_its_own_sample_blocks():
+    """Model.block_bytes: TensorFlow's models run twice the engine's sample blocks (its allocator
+    does not page-fault, its pfor maps gain from batches); the block and one call's seeds
+    and results follow it, the Jacobian does not change."""
+    from jacli.backends.tf import TFModel
+    from jacli.model import Model, TensorSpec
+
+    class Wide(Model):  # an image-net shape: 2 rows of 12,288 columns
+        block_bytes = TFModel.block_bytes
+
+        def __init__(self, W):
+            super().__init__(path="-", format="test", backend="numpy",
+                             inputs=[TensorSpec("x", (None, W.shape[1]), "float32")],
+                             outputs=[TensorSpec("y", (None, W.shape[0]), "float32")])
+            self.W, self.sizes = W, []
+
+        def _forward(self, xs):
+            return {"y": xs["x"] @ self.W.T}
+
+        def _vjp(self, xs, cts, wrt):
+            self.sizes.append(len(xs["x"]))
+            return {"x": cts["y"] @ self.W}
+
+    assert TFModel.block_bytes == 2 * jac.BLOCK_BYTES and Model.block_bytes is None
+    W = np.random.default_rng(2).standard_normal((2, 12288)).astype(np.float32)
+    model, x = Wide(W), np.ones((400, 12288), np.float32)
+    p = jac.plan(model, {"x": x}, mode="reverse")
+    assert p.block_bytes == TFModel.block_bytes
+    step = jac.sample_block(p, budget=1 << 40)
+    assert step == TFModel.block_bytes // (2 * 12288 * 4) == 170  # against 85 in BLOCK_BYTES
+    assert jac.seed_block(p, step, budget=1 << 40) >= 2  # both rows in one call
+    assert jac.sample_block(p, budget=16 * MiB) == (8 * MiB) // (2 * 12288 * 4)  # still within half the budget
+    np.testing.assert_array_equal(jacli.jacobian(model, x, mode="reverse", max_memory=1 << 40),
+                                  np.broadcast_to(W, (400, 2, 12288)))
+    assert model.sizes == [2 * 170, 2 * 170, 2 * 60]
+
+
 def test_forward_mode_seeds_stay_within_a_block_on_wide_inputs(weights):
     """--mode forward on 500 inputs and 10 outputs: the tangents (k x samples x 500) are
     what grows with k, and they stay within BLOCK_BYTES, whatever the budget (a forced

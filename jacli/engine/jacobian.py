@@ -106,6 +106,7 @@ class Plan:
     notes: list[str] = field(default_factory=list, repr=False, compare=False)  # e.g. why not the mode asked for
     # the tuner that chose ``mode`` (auto, rows and columns within MODE_SPAN): ``run`` times the work for it
     modes: strategies.Tuner | None = field(default=None, repr=False, compare=False)
+    block_bytes: int = field(default=BLOCK_BYTES, repr=False, compare=False)  # the model's (Model.block_bytes)
     sample_bytes: int = field(init=False)
     elements: tuple[int, int] = field(init=False)
     _shapes: tuple[dict, dict] = field(init=False, repr=False, compare=False)
@@ -192,7 +193,8 @@ def plan(
         key = (tuple((k, v.shape, v.dtype.str) for k, v in xs.items()), tuple(wrt or ()), tuple(of or ()), mode)
         hit = strategies.memo(model).plans.get(key)
         if hit is not None:
-            return _tuned(model, Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs)), mode, tune)
+            return _tuned(model, Plan(xs, *hit, outputs=lambda: _forward_blocks(model, xs),
+                                      block_bytes=model.block_bytes or BLOCK_BYTES), mode, tune)
     known = _signature(model, xs) if batch else None
     if known is None:
         key = None  # shapes from a forward pass: they may depend on more than the input shapes
@@ -235,7 +237,8 @@ def plan(
         if len(plans) >= 64:
             plans.clear()
         plans[key] = (wrt, of, pairs, batch, samples, mode, dtype)
-    return _tuned(model, Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs), asked, tune)
+    plan = Plan(xs, wrt, of, pairs, batch, samples, mode, dtype, outputs, block_bytes=model.block_bytes or BLOCK_BYTES)
+    return _tuned(model, plan, asked, tune)
 
 
 def _tuned(model: Model, plan: Plan, asked: str, tune: bool) -> Plan:
@@ -331,13 +334,14 @@ def _choose(asked, default, available, what, flag) -> list[str]:
 
 def sample_block(plan: Plan, budget: int | None = None, chunk: int | None = None) -> int:
     """How many samples to hold at once: their Jacobian buffers fit in half the budget and
-    in BLOCK_BYTES (larger blocks only cost memory and page faults). Where one backend call
+    in the plan's block bytes (BLOCK_BYTES unless the backend has its own: larger blocks
+    only cost memory and page faults). Where one backend call
     then takes every row (reverse mode; columns in forward mode) of the block, fewer samples,
     in blocks of even size, so that its seeds and results fit in CALL_BYTES: the same
     number of calls (each still takes every row), on smaller tensors (not for calls of
     fewer than CALL_ROWS rows)."""
     per_sample = plan.sample_bytes
-    cap = min(BLOCK_BYTES, (budget or DEFAULT_BUDGET) // 2)
+    cap = min(plan.block_bytes, (budget or DEFAULT_BUDGET) // 2)
     step = int(max(1, min(plan.samples, cap // max(per_sample, 1))))
     outs, ins = plan.elements
     rows = outs if plan.mode == "reverse" else ins
@@ -352,7 +356,7 @@ def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int |
     sample of the block, times a factor for the model's own intermediates, in the half of
     the budget the Jacobian buffer leaves (a larger factor in forward mode, where every
     layer's tangent is held per column); the seeds and the results themselves each within
-    BLOCK_BYTES (a forced --mode forward on an image model has wide seeds and narrow
+    the plan's block bytes (a forced --mode forward on an image model has wide seeds and narrow
     results: its per-column intermediates grow with the seeds)."""
     if chunk:
         return int(chunk)
@@ -360,7 +364,7 @@ def seed_block(plan: Plan, samples: int, budget: int | None = None, chunk: int |
     per_seed = samples * (ins + outs) * plan.dtype.itemsize
     per_seed *= _TANGENT_INTERMEDIATES if plan.mode == "forward" else _INTERMEDIATES
     widest = samples * max(ins, outs) * plan.dtype.itemsize  # the seeds or the results
-    k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed or 1), BLOCK_BYTES // (widest or 1))
+    k = min(((budget or DEFAULT_BUDGET) // 2) // (per_seed or 1), plan.block_bytes // (widest or 1))
     return int(max(1, k))
 
 

@@ -100,6 +100,7 @@ class Mapped(Model):
         super().__init__(path=inner.path, format=inner.format, backend=inner.backend,
                          supports_ad=inner.supports_ad, ad_unavailable=inner.ad_unavailable)
         self.inner, self.links_in, self.links_out = inner, inputs, outputs
+        self.block_bytes = inner.block_bytes
         self._ranks: dict[str, int] = {}  # per-sample rank of each tensor (A's name)
         specs = {s.name: s for s in inner.inputs}
         self.inputs = [TensorSpec(l.a, None, specs[l.b].dtype) for l in inputs]
