@@ -95,10 +95,14 @@ def main() -> None:
     ap.add_argument("--allocator", action="store_true",
                     help="jacli compute with and without its allocator settings (JACLI_MALLOC=off)")
     ap.add_argument("--big", action="store_true", help="the 1000 x 150528 ResNet-18 Jacobian, once per thread count")
+    ap.add_argument("--merge", help="RUN.json,RUN.json,...: one set of speed tables from earlier runs (a full "
+                    "run and a --large one), printed and written to benchmarks/results/merged-*.md; runs nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # internal: one speed run, results to this file
     args = ap.parse_args()
     if args.child:
         return child(args)
+    if args.merge:
+        return merge(args.merge.split(","))
     started = time.perf_counter()
     report = {"when": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "speed": {}}
     md = [f"Machine: {report['machine']['cpus']} CPUs ({report['machine']['cpu']}), load average {report['machine']['load_average'][0]:.1f} "
@@ -134,6 +138,23 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1))
     stem.with_suffix(".md").write_text(text + "\n")
     print(f"\nwrote {stem.relative_to(ROOT)}.json and .md ({report['seconds']:.0f} s in all)")
+
+
+def merge(paths: list[str]) -> None:
+    """One set of speed tables from several runs' JSON (a full run and a --large one): rows
+    by model and batch, a later file's row replacing an earlier one's."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    order = list(CASES)
+    md = [f"Merged from {', '.join(Path(p).stem for p in paths)}; machine of the first: {reports[0]['machine']['cpu']}\n"]
+    for n in sorted({t for r in reports for t in r["speed"]}, key=int):
+        rows = {(row["model"], row["batch"]): row for r in reports for row in r["speed"].get(n, [])}
+        md += speed_table([rows[k] for k in sorted(rows, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1]))], int(n))
+    text = "\n".join(md)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / ("merged-" + "+".join(Path(p).stem.removeprefix("real-") for p in paths))
+    stem.with_suffix(".md").write_text(text + "\n")
+    print(f"\nwrote {stem.relative_to(ROOT)}.md")
 
 
 def machine() -> dict:
