@@ -99,14 +99,9 @@ def test_sample_blocks_and_seed_blocks_follow_the_budget(weights, monkeypatch):
     np.testing.assert_allclose(jacli.jacobian(model, x, max_memory=1 * MiB)[picks], ref, atol=2e-5)
 
 
-def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_bytes(monkeypatch):
-    """64 x 64 per sample (the Conv1d net's shape), one operator thread: one call takes all 64
-    rows of 256 samples; their seeds and results (128 floats a row) would be 8 MiB, so two
-    blocks of 128, and 200 samples in two blocks of 100 (even, not 128 + 72), whatever the
-    number of threads."""
+def _linear():
+    """A linear model y = x W^T on numpy that records the rows of each VJP call."""
     from jacli.model import Model, TensorSpec
-
-    monkeypatch.setenv("JACLI_THREADS", "1")
 
     class Linear(Model):
         def __init__(self, W):
@@ -122,6 +117,16 @@ def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_byt
             self.sizes.append(len(xs["x"]))
             return {"x": cts["y"] @ self.W}
 
+    return Linear
+
+
+def test_a_call_that_takes_every_row_keeps_its_seeds_and_results_within_call_bytes(monkeypatch):
+    """64 x 64 per sample (the Conv1d net's shape), one operator thread: one call takes all 64
+    rows of 256 samples; their seeds and results (128 floats a row) would be 8 MiB, so two
+    blocks of 128, and 200 samples in two blocks of 100 (even, not 128 + 72), whatever the
+    number of threads."""
+    monkeypatch.setenv("JACLI_THREADS", "1")
+    Linear = _linear()
     W = np.random.default_rng(1).standard_normal((64, 64)).astype(np.float32)
     model = Linear(W)
     for samples, block in ((256, 128), (200, 100), (100, 100)):
@@ -147,23 +152,10 @@ def test_a_backend_sets_its_own_sample_blocks():
     does not page-fault, its pfor maps gain from batches); the block and one call's seeds
     and results follow it, the Jacobian does not change."""
     from jacli.backends.tf import TFModel
-    from jacli.model import Model, TensorSpec
+    from jacli.model import Model
 
-    class Wide(Model):  # an image-net shape: 2 rows of 12,288 columns
+    class Wide(_linear()):  # an image-net shape: 2 rows of 12,288 columns
         block_bytes = TFModel.block_bytes
-
-        def __init__(self, W):
-            super().__init__(path="-", format="test", backend="numpy",
-                             inputs=[TensorSpec("x", (None, W.shape[1]), "float32")],
-                             outputs=[TensorSpec("y", (None, W.shape[0]), "float32")])
-            self.W, self.sizes = W, []
-
-        def _forward(self, xs):
-            return {"y": xs["x"] @ self.W.T}
-
-        def _vjp(self, xs, cts, wrt):
-            self.sizes.append(len(xs["x"]))
-            return {"x": cts["y"] @ self.W}
 
     assert TFModel.block_bytes == 2 * jac.BLOCK_BYTES and Model.block_bytes is None
     W = np.random.default_rng(2).standard_normal((2, 12288)).astype(np.float32)
