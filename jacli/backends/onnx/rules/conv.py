@@ -65,15 +65,6 @@ def _spatial(b: Builder, x: str, k: int) -> list[Dim]:
     return [b.dim(x, 2 + i) for i in range(k)]
 
 
-# onnxruntime runs a grouped ConvTranspose as one small matrix product per sample and group:
-# a strided 5x5 depthwise adjoint of 160 x 288 x 2 x 2 seeds took 9.4 ms (one thread), zeros
-# spread into the seeds and a depthwise Conv 1.5 ms; 4.5 against 1.1 ms at 4 x 4 (96
-# channels), but 3.7 against 4.6 at 8 x 8 and 2.6 against 3.2 at 16 x 16, where the Conv's
-# work on the zeros costs more (Keras' MobileNetV3Small as ONNX at 16 samples: its five such
-# ConvTransposes were 33% of the kernel time)
-SPREAD_FIRST = 16
-
-
 def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim], win: _Window,
                     group: int) -> str:
     """Adjoint (w.r.t. its input, of spatial ``sizes``) of ``Conv(., w)`` with window ``win``
@@ -82,8 +73,7 @@ def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim
     the adjoint kernel at hand (``_adjoint_weights``), the Conv with it instead (the same
     sums; onnxruntime's Conv kernels are several times faster than its ConvTranspose). A
     2-D 1x1 Conv of equal strides s and no pads: the Conv with the adjoint kernel, then
-    zeros inserted (``_spread_out``). A strided 2-D grouped (depthwise) Conv whose output
-    is at most ``SPREAD_FIRST`` pixels: zeros inserted into g first, then that Conv."""
+    zeros inserted (``_spread_out``)."""
     k = len(win.kernel)
     pads = win.begin + win.end
     if win.strides == [1] * k and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads)):
@@ -97,19 +87,6 @@ def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim
             and (adjoint := _adjoint_weights(b, w, group))):
         a = b.op("Conv", g, adjoint, group=group if group != 1 else None)
         return _spread_out(b, a, win.strides[0], outs, sizes, b.info.types[w])
-    if (k == 2 and group > 1 and len(set(win.strides)) == 1 and all(isinstance(d, int) for d in [*sizes, *outs])
-            and outs[0] * outs[1] <= SPREAD_FIRST
-            and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads))
-            and b.opset >= 13 and b.info.types.get(w) in (TensorProto.FLOAT, TensorProto.DOUBLE)
-            and (adjoint := _adjoint_weights(b, w, group))):
-        # g with s-1 zeros between its values (length (out-1)s+1), then the unit-stride Conv
-        # with the adjoint kernel: x_bar[i] = sum_j w[j] spread[i + begin - j*d]
-        s = win.strides[0]
-        lengths = [(out - 1) * s + 1 for out in outs]
-        spread = _spread_out(b, g, s, outs, lengths, b.info.types[w])
-        ends = [size - length + begin for size, length, begin in zip(sizes, lengths, win.begin)]
-        return b.op("Conv", spread, adjoint, pads=[win.extent(i) - 1 - win.begin[i] for i in range(k)] + ends,
-                    dilations=win.dilations, group=group)
     crop = []
     for i in range(k):
         size, out = sizes[i], outs[i]
