@@ -227,6 +227,16 @@ LINEAR_CASES = [
       ])),
     pytest.param("Conv", {"x": [2, 3, 9], "w": RNG.standard_normal([2, 3, 1]).astype(np.float32)},
                  {"strides": [4]}, 13, id="Conv-1x1-1d"),
+    # strided depthwise and grouped kernels on a few output pixels (MobileNet's, EfficientNet's
+    # last stages): zeros spread into the seeds, then the Conv with the adjoint kernel
+    *(pytest.param("Conv", {"x": [1, 4, 7, 6], "w": RNG.standard_normal([4, 4 // group, *kernel]).astype(np.float32)},
+                   {"group": group, **attrs}, 17, id=f"Conv-strided-grouped-{i}")
+      for i, (group, kernel, attrs) in enumerate([
+          (4, [3, 3], {"strides": [2, 2]}), (4, [3, 3], {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+          (4, [5, 5], {"strides": [2, 2], "pads": [2, 2, 2, 2]}), (4, [3, 2], {"strides": [2, 2], "pads": [2, 0, 0, 1]}),
+          (4, [3, 3], {"strides": [2, 2], "auto_pad": "SAME_UPPER"}), (2, [3, 3], {"strides": [3, 3], "pads": [1, 1, 1, 1]}),
+          (4, [3, 3], {"strides": [2, 2], "dilations": [2, 1], "pads": [1, 1, 0, 0]}),
+      ])),
     *(pytest.param("ConvTranspose", {"x": [1, 2, 4, 3], "w": RNG.standard_normal([2, 3, 3, 2]).astype(np.float32),
                                      "b": F32(0.1, 0.2, 0.3)}, attrs, 17, id=f"ConvTranspose-{i}")
       for i, attrs in enumerate([
@@ -274,6 +284,21 @@ def test_linear_window_ops_against_basis_images(op, inputs, attrs, opset, batch)
     rows, cols = jacobians(model, feeds)
     assert_close(rows, expected, 1e-5)
     assert_close(cols, expected, 1e-5)
+
+
+@pytest.mark.parametrize("op, inputs, attrs, opset", [c for c in LINEAR_CASES if "strided-grouped" in c.id])
+def test_strided_grouped_conv_adjoints_on_few_pixels_are_convs(op, inputs, attrs, opset):
+    """Their input gradients (checked above) are no ConvTranspose when the sizes are static;
+    on more output pixels than SPREAD_FIRST they are."""
+    from jacli.backends.onnx import derive
+    from jacli.backends.onnx.rules import conv
+
+    model, _ = node_model(op, inputs, attrs, opset)
+    ops = [n.op_type for n in derive.build_vjp(model, ["x"], ["y"]).graph.node]
+    assert "ConvTranspose" not in ops and ops.count("Conv") == 1 and "Pad" in ops
+    wide, _ = node_model(op, {**inputs, "x": [1, 4, 13, 11]}, attrs, opset)  # 7 x 6 output pixels or more
+    assert conv.SPREAD_FIRST < 7 * 6
+    assert "ConvTranspose" in [n.op_type for n in derive.build_vjp(wide, ["x"], ["y"]).graph.node]
 
 
 @pytest.mark.parametrize("op", ["ReduceSum", "ReduceMax", "ReduceL2"])

@@ -65,6 +65,16 @@ def _spatial(b: Builder, x: str, k: int) -> list[Dim]:
     return [b.dim(x, 2 + i) for i in range(k)]
 
 
+# onnxruntime runs a grouped ConvTranspose as one small matrix product per sample and group:
+# a strided 5x5 depthwise adjoint of 160 x 288 x 2 x 2 seeds took 9.4 ms (one thread), zeros
+# spread into the seeds and a depthwise Conv 1.5 ms; 4.5 against 1.1 ms at 4 x 4 (96
+# channels), but 3.7 against 4.6 at 8 x 8 and 2.6 against 3.2 at 16 x 16, where the Conv's
+# work on the zeros costs more (Keras' MobileNetV3Small as ONNX at 16 samples: its five such
+# ConvTransposes were 33% of the kernel time). The zeros go in by Pad (_spread_in): spread
+# by a broadcast 0/1 mask (_spread_out) instead, EfficientNet-B0 took 339 against 298 ms
+SPREAD_FIRST = 16
+
+
 def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim], win: _Window,
                     group: int) -> str:
     """Adjoint (w.r.t. its input, of spatial ``sizes``) of ``Conv(., w)`` with window ``win``
@@ -73,7 +83,8 @@ def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim
     the adjoint kernel at hand (``_adjoint_weights``), the Conv with it instead (the same
     sums; onnxruntime's Conv kernels are several times faster than its ConvTranspose). A
     2-D 1x1 Conv of equal strides s and no pads: the Conv with the adjoint kernel, then
-    zeros inserted (``_spread_out``)."""
+    zeros inserted (``_spread_out``). A strided 2-D grouped (depthwise) Conv whose output
+    is at most ``SPREAD_FIRST`` pixels: zeros inserted into g first, then that Conv."""
     k = len(win.kernel)
     pads = win.begin + win.end
     if win.strides == [1] * k and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads)):
@@ -87,6 +98,18 @@ def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim
             and (adjoint := _adjoint_weights(b, w, group))):
         a = b.op("Conv", g, adjoint, group=group if group != 1 else None)
         return _spread_out(b, a, win.strides[0], outs, sizes, b.info.types[w])
+    if (k == 2 and group > 1 and len(set(win.strides)) == 1 and all(isinstance(d, int) for d in [*sizes, *outs])
+            and outs[0] * outs[1] <= SPREAD_FIRST
+            and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads))
+            and b.opset >= 13 and (adjoint := _adjoint_weights(b, w, group))):
+        # g with s-1 zeros between its values (length (out-1)s+1), then the unit-stride Conv
+        # with the adjoint kernel: x_bar[i] = sum_j w[j] spread[i + begin - j*d]
+        s = win.strides[0]
+        lengths = [(out - 1) * s + 1 for out in outs]
+        spread = _spread_in(b, g, s, outs, lengths)
+        ends = [size - length + begin for size, length, begin in zip(sizes, lengths, win.begin)]
+        return b.op("Conv", spread, adjoint, pads=[win.extent(i) - 1 - win.begin[i] for i in range(k)] + ends,
+                    dilations=win.dilations, group=group)
     crop = []
     for i in range(k):
         size, out = sizes[i], outs[i]
@@ -120,6 +143,19 @@ def _spread_out(b: Builder, a: str, s: int, outs: list[int], sizes: list[int], d
     if list(sizes) == [s * h, s * w]:
         return out
     return b.op("Slice", out, b.ints([0, 0]), b.ints(sizes), b.ints([2, 3]))
+
+
+def _spread_in(b: Builder, g: str, s: int, outs: list[int], lengths: list[int]) -> str:
+    """``g`` (N, C, h, w) with s-1 zeros after each row and column, cropped to ``lengths``
+    (at most s*h, s*w): (N, C, h, 1, w, 1) padded to (N, C, h, s, w, s) and reshaped. A copy,
+    no broadcast (onnxruntime's Mul by a (1, 1, sh, sw) mask runs a slow path on so short an
+    inner axis: in EfficientNet-B0's graph its Muls took 597 against 363 ms)."""
+    h, w = outs
+    padded = b.op("Pad", b.unsqueeze(g, [3, 5]), b.ivec([0] * 6 + [0, 0, 0, s - 1, 0, s - 1]))
+    spread = b.op("Reshape", padded, b.ivec([0, 0, h * s, w * s]))
+    if list(lengths) == [h * s, w * s]:
+        return spread
+    return b.op("Slice", spread, b.ints([0, 0]), b.ints(lengths), b.ints([2, 3]))
 
 
 def _adjoint_weights(b: Builder, w: str, group: int) -> str | None:
