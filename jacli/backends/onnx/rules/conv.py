@@ -87,21 +87,21 @@ def _window_adjoint(b: Builder, g: str, w: str, sizes: list[Dim], outs: list[Dim
     is at most ``SPREAD_FIRST`` pixels: zeros inserted into g first, then that Conv."""
     k = len(win.kernel)
     pads = win.begin + win.end
-    if win.strides == [1] * k and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads)):
+    within = all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads))  # pads inside the window
+    static = all(isinstance(d, int) for d in [*sizes, *outs])
+    if win.strides == [1] * k and within:
         adjoint = _adjoint_weights(b, w, group)
         if adjoint:
             return b.op("Conv", g, adjoint, pads=[win.extent(i % k) - 1 - p for i, p in enumerate(pads)],
                         dilations=win.dilations, group=group if group != 1 else None)
     if (k == 2 and win.kernel == [1, 1] and len(set(win.strides)) == 1 and all(isinstance(p, int) and p == 0 for p in pads)
-            and b.opset >= 13 and all(isinstance(d, int) for d in [*sizes, *outs])
+            and b.opset >= 13 and static
             and b.info.types.get(w) in (TensorProto.FLOAT, TensorProto.DOUBLE)
             and (adjoint := _adjoint_weights(b, w, group))):
         a = b.op("Conv", g, adjoint, group=group if group != 1 else None)
         return _spread_out(b, a, win.strides[0], outs, sizes, b.info.types[w])
-    if (k == 2 and group > 1 and len(set(win.strides)) == 1 and all(isinstance(d, int) for d in [*sizes, *outs])
-            and outs[0] * outs[1] <= SPREAD_FIRST
-            and all(isinstance(p, int) and 0 <= p < win.extent(i % k) for i, p in enumerate(pads))
-            and b.opset >= 13 and (adjoint := _adjoint_weights(b, w, group))):
+    if (k == 2 and group > 1 and len(set(win.strides)) == 1 and static and outs[0] * outs[1] <= SPREAD_FIRST
+            and within and b.opset >= 13 and (adjoint := _adjoint_weights(b, w, group))):
         # g with s-1 zeros between its values (length (out-1)s+1), then the unit-stride Conv
         # with the adjoint kernel: x_bar[i] = sum_j w[j] spread[i + begin - j*d]
         s = win.strides[0]
