@@ -265,6 +265,9 @@ def test_zoo_model_with_recorded_shapes_tiles_and_equals_folding(tmp_path, monke
     from jacli.backends.onnx import wire
 
     monkeypatch.setattr(wire, "MOVED_TOTAL", 0 if fed else wire.MOVED_TOTAL)
+    # the cache's key does not hold wire's constants: a graph derived with the weight fed, read
+    # back for the embedded run of another test order, lacks its input (conv10_w_0)
+    monkeypatch.setenv("JACLI_CACHE_DIR", "off")
 
     path = corpus_onnx.save("squeezenet", tmp_path)
     m = jacli.load(str(path))
