@@ -183,6 +183,30 @@ def test_a_bigger_work_re_times_each_strategy_once_there():
     assert all(waiting[1500:at_four]) and not any(waiting[at_four + 2:])
 
 
+def test_a_strategy_re_timed_at_a_bigger_work_gets_two_runs_there(monkeypatch):
+    """Keras' MobileNetV3Small, 2 threads: XLA's first run at four samples after compiling for
+    them took 46 ms, its later ones 25, against the plain map's best of 400 runs, 45 ms. One
+    run there lost for good (the share for re-timing losers had been spent at one sample:
+    none left here); with TRIALS runs the second decides, and XLA wins."""
+    monkeypatch.setattr(strategies, "RETRY_SHARE", 0.0)
+    tuner, used, compiled = strategies.Tuner(["plain", "xla"]), [], set()
+    runs_at_four = 0
+    for i, work in enumerate([1] * 1500 + [4] * 800):
+        compiling = set() if work in compiled else {"xla"}
+        s = tuner.pick(work, compiling, (work,))
+        if s == "xla" and work == 4 and s not in compiling:
+            runs_at_four += 1
+        seconds = (5.0 if i == 0 else 7.0 if s in compiling else
+                   {("plain", 1): 0.0144, ("xla", 1): 0.0142, ("plain", 4): 0.045}.get((s, work))
+                   or (0.046 if runs_at_four == 1 else 0.025))
+        tuner.record(s, seconds, work, s in compiling, (work,))
+        compiled |= {work} if s == "xla" else set()
+        used.append(s)
+    after = used.index("xla", 1500) + 1  # the compile for four samples, then its two runs there
+    assert used[after:after + 2] == ["xla", "xla"] and used[-100:].count("xla") >= 97
+    assert tuner.at["xla", 4] == 0.025 / 4 and not any(tuner.due.values())
+
+
 # --- through the engine: choice, pinning, memory --------------------------------------------
 class TwoWays(jacli.model.Model):
     """y = 2x on (B, 3), with two exact map strategies for its VJP, one slow."""

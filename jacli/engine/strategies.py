@@ -46,10 +46,12 @@ RETRY_SHARE = 1 / 32  # at most this share of the time goes to re-timing strateg
 # compile, a one-shot run never pays it
 COMPILE_PRICE = 1.5
 # sizes of work within a factor of 16 share a tuner (_mapped), but per unit of work a map gains
-# more from a bigger batch than another: each strategy is re-timed at a work at least this many
-# times the largest it ran at, once another has run there (Keras' MobileNetV3Small, 2 threads:
-# XLA 14.4 ms at one sample, as fast as the plain map, then 33 against 49 ms at four, where it
-# had never run: 1.4-1.7x slower than the XLA idiom)
+# more from a bigger batch than another: each strategy is re-timed (TRIALS runs) at a work at
+# least this many times the largest it ran at, once another has run there (Keras'
+# MobileNetV3Small, 2 threads: XLA 14.4 ms at one sample, as fast as the plain map, then 33
+# against 49 ms at four, where it had never run: 1.4-1.7x slower than the XLA idiom). Two runs,
+# not one: XLA's first run at four samples after compiling for them took 46 ms, its later ones
+# 25, and one run against the plain map's best of 400 (45 ms) kept the plain map for good
 RESIZED = 2
 # --mode auto times both modes when rows and columns are within this factor of each other: one
 # VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
@@ -76,8 +78,8 @@ class Tuner:
     for 8 s) bought the loser five re-timings in a row right after its trials, each 25-50%
     slower than the winner's 40 ms call. Per unit of work a bigger call is cheaper, and not
     by the same factor for every strategy, so the winner is the fastest at this call's work
-    where it has run at it, and each strategy is re-timed once at a work ``RESIZED`` times
-    the largest it ran at, once another has run there.
+    where it has run at it, and each strategy is re-timed ``TRIALS`` times at a work
+    ``RESIZED`` times the largest it ran at, once another has run there (``due``).
 
     A strategy that must compile for this call's shapes (``compiling``: XLA, a first call 1.4x
     longer than tracing alone, then 2-3x faster) is a rent-or-buy choice, per
@@ -102,6 +104,7 @@ class Tuner:
         self.compiled_first: set[str] = set()  # strategies whose first run compiled
         self.at: dict[tuple[str, float], float] = {}  # (strategy, work) -> best seconds per unit of work there
         self.largest = {s: 0.0 for s in self.strategies}  # the largest work each has run at
+        self.due: dict[tuple[str, float], int] = {}  # (strategy, work) -> re-timing runs still owed there
         self.warming: set[str] = set()  # strategies whose last run was WARMING x faster than any before
         self.tried = False  # whether the last pick was a trial or re-timed a loser
         self.waiting = False  # whether it was not the strategy owed a trial, or the fastest, only
@@ -139,14 +142,18 @@ class Tuner:
         return None
 
     def resized(self, work: float, barred=frozenset()) -> str | None:
-        """A strategy to re-time at this ``work`` (``RESIZED``), but none of the ``barred``, nor
-        one ruled out (hopeless, excluded); never in a mode tuner (``warmup``: each re-timing
-        there would be a whole Jacobian)."""
+        """A strategy to re-time at this ``work`` (``RESIZED``; ``TRIALS`` runs there, the
+        first one owed as it first qualifies), but none of the ``barred``, nor one ruled out
+        (hopeless, excluded); never in a mode tuner (``warmup``: each re-timing there would be
+        a whole Jacobian)."""
         if self.warmup or not any((s, work) in self.at for s in self.strategies):
             return None
         for s in self.strategies:
-            if (s not in barred and (s, work) not in self.at and self.runs[s] and self.best[s] < math.inf
-                    and not self.hopeless(s) and work >= RESIZED * self.largest[s]):
+            if not self.runs[s] or self.best[s] == math.inf or self.hopeless(s):
+                continue
+            if (s, work) not in self.at and (s, work) not in self.due and work >= RESIZED * self.largest[s]:
+                self.due[s, work] = TRIALS
+            if s not in barred and self.due.get((s, work), 0) > 0:
                 return s
         return None
 
@@ -191,6 +198,8 @@ class Tuner:
             self.warming.add(strategy)
         else:
             self.warming.discard(strategy)
+        if self.due.get((strategy, work), 0) > 0:
+            self.due[strategy, work] -= 1
         if not self.runs[strategy]:
             self.first[strategy] = seconds / work
             self.opener = self.opener or strategy
