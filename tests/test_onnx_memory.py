@@ -351,6 +351,7 @@ def test_the_constant_strategy_holds_fed_weights_only_within_the_budget(tmp_path
 
     monkeypatch.setattr(wire, "MOVED_BYTES", 64)
     monkeypatch.setenv("JACLI_CACHE_DIR", "off")
+    monkeypatch.setenv("JACLI_THREADS", "1")  # no lanes (tests/test_onnx_lanes.py)
     module, x = corpus_torch.build("resnet18")
     paths, _ = corpus_torch.save_all(module, x, tmp_path, formats=("onnx",))
     want = corpus_torch.reference_jacobian(module, x)
@@ -385,6 +386,18 @@ def test_the_constant_strategy_holds_fed_weights_only_within_the_budget(tmp_path
     assert m.strategies("vjp", xs, seeds) == ()  # outside an API call: no budget to spend
     m, sessions = run(tight // 2, "constant")
     assert list(sessions) == [("y",)] and m._held == 0
+    # with two threads each also runs in lanes, on sessions of one thread: the constant one's
+    # copies counted as well
+    monkeypatch.setenv("JACLI_THREADS", "2")
+    with jacli.model.budgeted(2 * tight):
+        assert m.strategies("vjp", xs, seeds) == ("fed", "constant", "fed-lanes", "constant-lanes")
+    m, sessions = run(2 * tight, "constant-lanes")
+    assert set(sessions) == {"constant"} and m._held == tight // 4
+    (key,) = [key for key in m._graphs if key[0] == "vjp-tiled"]
+    assert key[-2:] == ("lanes", "constant") and m._graphs[key].get_session_options().intra_op_num_threads == 1
+    assert m.compiles("constant-lanes", xs, seeds) is False and m.compiles("constant", xs, seeds) is True
+    m, sessions = run(2 * tight, "fed-lanes")
+    assert set(sessions) == {"lanes"} and m._held == 0
 
 
 def test_derived_and_cached_graphs_hold_no_weights_and_export_embeds_them(tmp_path, monkeypatch):
@@ -516,7 +529,8 @@ def test_the_shared_arena_keeps_a_calls_memory_for_the_next_and_frees_it_with_th
     sizes = (100, 20000, 10)
     path = save(mlp(sizes=sizes)[0], tmp_path / "wide.onnx")
     work = 10 * 64 * sizes[1] * 4  # one (10 seeds x 64 samples, 20000) float32 intermediate: 51 MB
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACLI_CACHE_DIR": "off", "JACLI_ARENA": arena}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JACLI_CACHE_DIR": "off", "JACLI_ARENA": arena,
+           "JACLI_STRATEGY": "whole"}  # (not a trial in lanes, with their own sessions, on the second call)
     proc = subprocess.run([sys.executable, "-c", _ARENA, str(path)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -17,13 +17,14 @@ import numpy as np
 from ... import limits
 from ...errors import InputError, InternalError, ModelLoadError, UnsafeModelError, UnsupportedError
 from ...model import Model, TensorSpec, _leading, _shared_leading, budget
-from . import arena, cache as onnx_cache, wire
+from . import arena, cache as onnx_cache, lanes, wire
 from .._common import require, short, threads
 
 _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64"}
 _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 _NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
 FED, CONSTANT = "fed", "constant"  # the tiled graph's sessions (strategies)
+WHOLE, LANES = "whole", "lanes"  # one call on a session of threads(), or concurrent parts (lanes.py)
 _SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
@@ -39,6 +40,7 @@ def load(path: str, trust: bool = False) -> "OnnxModel":
     m.sha256 = hashlib.sha256(data).hexdigest()
     m._cache, m._graphs, m._session, m._adjoints = onnx_cache.entry(m.sha256), {}, None, {}
     m._held, m._holding = 0, False  # bytes of weights' copies held as constants (_constants_fit); strategy
+    m._lanes = 1  # the strategy's lanes (lanes.py): 1, or threads()
     arena.hold(m)
     signature = onnx_cache.read_signature(m._cache)
     if signature is not None:  # a plain binary file that passed every check
@@ -247,21 +249,26 @@ class OnnxModel(Model):
         if sess is None:
             return super()._folded(prim, xs, seeds, names)
         prefix, result = ("ct:", "grad:") if kind == "vjp" else ("tan:", "jvp:")
-        feeds = {**xs, **{prefix + n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}}
-        out = self._run(sess, feeds, [result + n for n in names], f"{kind.upper()} graph")
-        return {n[len(result):]: v.reshape(k, -1, *v.shape[1:]) for n, v in out.items()}
+
+        def one(xs, seeds):
+            feeds = {**xs, **{prefix + n: v.reshape(-1, *v.shape[2:]) for n, v in seeds.items()}}
+            out = self._run(sess, feeds, [result + n for n in names], f"{kind.upper()} graph")
+            return {n[len(result):]: v.reshape(_leading(seeds), -1, *v.shape[1:]) for n, v in out.items()}
+
+        return lanes.run(one, xs, seeds, self._lanes)
 
     def _tiled(self, kind: str, wrt: Sequence[str], of: Sequence[str]):
         """The session of the tiled graph for this selection, or None where it cannot be built;
         under the "constant" strategy (``_holding``) the one holding the fed weights as
-        constants, where it exists or fits (``_constants_fit``)."""
-        key = (f"{kind}-tiled", tuple(wrt), tuple(of))
+        constants, where it exists or fits (``_constants_fit``); in lanes, one of one thread."""
+        key = (f"{kind}-tiled", tuple(wrt), tuple(of)) + ((LANES,) if self._lanes > 1 else ())
         held = key + (CONSTANT,)
         hold = self._holding and (held in self._graphs or self._constants_fit())
         key = held if hold else key
         if key not in self._graphs:
             try:
-                self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True, hold=hold)
+                self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True, hold=hold,
+                                                        threads=1 if self._lanes > 1 else None)
             except UnsupportedError:
                 self._graphs[key] = None
         return self._graphs[key]
@@ -272,16 +279,25 @@ class OnnxModel(Model):
         inputs) or "constant" (they are constants, which onnxruntime transforms into its
         blocked Conv layout: Keras' ResNet50 as ONNX ran 18-25% faster with one thread, 28-40%
         with two, but its session took 0.4-1.3 s longer to build and held 420 MB more). The engine's tuner picks the faster
-        and builds the constant one only once the calls have earned it (``compiles``)."""
-        if self._weights and self._fixed_batch() is None and _shared_leading(xs) and \
-                (self._held or self._constants_fit()):
-            return (FED, CONSTANT)
-        return ()
+        and builds the constant one only once the calls have earned it (``compiles``).
+        With two threads or more, each of those (or the one whole call, where neither
+        applies) also runs in lanes (``lanes.py``: "fed-lanes", "constant-lanes", "lanes"),
+        where the call can be split."""
+        tiled = self._fixed_batch() is None and bool(_shared_leading(xs))
+        held = self._weights and tiled and (self._held or self._constants_fit())
+        ways = (FED, CONSTANT) if held else ()
+        if not (tiled and lanes.splits(xs, seeds, 2) and lanes.splits(xs, seeds, threads())):
+            return ways
+        return (*ways, *(f"{w}-{LANES}" for w in ways)) if ways else (WHOLE, LANES)
 
     def compiles(self, strategy: str, xs, seeds) -> bool:
         """The "constant" strategy's first session is the one-time cost (later selections
-        and kinds build theirs at once)."""
-        return strategy == CONSTANT and not self._held
+        and kinds build theirs at once); in lanes the first of one thread."""
+        if not strategy.startswith(CONSTANT):
+            return False
+        tag = (LANES, CONSTANT) if strategy.endswith(LANES) else (CONSTANT,)
+        return not any(key[0].endswith("-tiled") and key[3:] == tag for key in self._graphs
+                       if isinstance(key, tuple) and self._graphs[key] is not None)
 
     def vjp(self, xs, cotangents, wrt, per_sample=True, strategy=None):
         return self._under(strategy, super().vjp, xs, cotangents, wrt, per_sample)
@@ -290,11 +306,13 @@ class OnnxModel(Model):
         return self._under(strategy, super().jvp, xs, tangents, of, per_sample)
 
     def _under(self, strategy, call, *args):
-        self._holding = strategy == CONSTANT
+        ours = strategy in (FED, CONSTANT, WHOLE, LANES, f"{FED}-{LANES}", f"{CONSTANT}-{LANES}")
+        self._holding = ours and strategy.startswith(CONSTANT)
+        self._lanes = threads() if ours and strategy.endswith(LANES) else 1
         try:
-            return call(*args, strategy=None if strategy in (FED, CONSTANT) else strategy)
+            return call(*args, strategy=None if ours else strategy)
         finally:
-            self._holding = False
+            self._holding, self._lanes = False, 1
 
     def _derivative(self, kind: str, wrt: Sequence[str], of: Sequence[str], xs=None):
         """A session running the derivative graph (one per kind and selection). A graph that
@@ -329,21 +347,22 @@ class OnnxModel(Model):
     def _dynamic_dims(self) -> bool:
         return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
-    def _build_session(self, kind, wrt, of, fixed, tiled=False, hold=False):
+    def _build_session(self, kind, wrt, of, fixed, tiled=False, hold=False, threads=None):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
         build = lambda: self._derived(kind, wrt, of, fixed, tiled)  # noqa: E731
-        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build, hold)
+        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build, hold, threads)
 
-    def _cached_session(self, name: str, build, hold: bool = False):
+    def _cached_session(self, name: str, build, hold: bool = False, threads=None):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
         else ``build()`` (an onnx.ModelProto), then stored there. ``hold``: its fed weights
-        held as constants (``_constant``), their copies counted in ``_held``."""
+        held as constants (``_constant``), their copies counted in ``_held``; ``threads``:
+        its intra-op threads (default ``threads()``)."""
         constant = self._constant if hold else None
         data = onnx_cache.read_graph(self._cache, name)
         cached = data is not None
         if not cached:
             data = build().SerializeToString()
-        session = _session(data, constant)
+        session = _session(data, constant, threads)
         if session.jacli_held:
             self._held += self._constant_cost()
         if not cached:
@@ -399,7 +418,7 @@ class OnnxModel(Model):
         return fed
 
 
-def _session(data: bytes, constant=None):
+def _session(data: bytes, constant=None, intra: int | None = None):
     """An onnxruntime session of the serialized graph ``data``; ``constant(name)``: the array
     to hold as the constant for input ``name``, or None to leave it an input (wire.constants:
     onnxruntime is handed the arrays, one copy shared by every session, and transforms and
@@ -409,7 +428,7 @@ def _session(data: bytes, constant=None):
     ort.set_default_logger_severity(4)  # errors come back as exceptions; nothing else is for the user
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
-    opts.intra_op_num_threads = threads()
+    opts.intra_op_num_threads = intra or threads()
     # memory: no arena of the session's own (it would keep the session's peak), but the one
     # all sessions share (arena.py); nodes run in an order that frees early (a float64 graph
     # casts one weight at a time)
