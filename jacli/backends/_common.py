@@ -28,11 +28,19 @@ def require(module: str, package: str, extra: str, fmt: str):
 
 
 def threads() -> int:
-    """Threads per framework (``system.thread_count``); a bad JACLI_THREADS is bad input."""
-    try:
-        return thread_count()
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    """Threads per framework (``system.thread_count``); a bad JACLI_THREADS is bad input.
+    Counted once per value of JACLI_THREADS (reading the cgroup's quota took 54 us, and
+    ONNX models ask on every derivative call: lanes.py)."""
+    asked = os.environ.get(THREADS, "")
+    if asked not in _counted:
+        try:
+            _counted[asked] = thread_count()
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    return _counted[asked]
+
+
+_counted: dict[str, int] = {}
 
 
 def _torch_threads(torch) -> None:
