@@ -163,3 +163,18 @@ def test_a_cache_that_cannot_be_created_is_skipped_silently(jacli, tmp_path, mon
         assert r.code == 0 and r.stderr == "", r.stderr
         np.testing.assert_allclose(np.load(tmp_path / "J.npy"), mlp_jacobian(weights, np.load(X)), atol=1e-5)
     assert (tmp_path / "file").read_text() == "not a directory"
+
+
+def test_other_wire_sizes_start_another_entry(tmp_path, monkeypatch):
+    """Which weights are fed (wire's sizes) decides a derived graph's inputs: a graph derived
+    with a weight fed, read back where that weight is embedded, would lack an input. The
+    entry's tag holds the sizes."""
+    from jacli.backends.onnx import cache, wire
+
+    monkeypatch.setenv("JACLI_CACHE_DIR", str(tmp_path / "cache"))
+    tags = {cache.entry("0" * 64)}
+    monkeypatch.setattr(wire, "MOVED_BYTES", 64)
+    tags.add(cache.entry("0" * 64))
+    monkeypatch.setattr(wire, "MOVED_TOTAL", 1 << 10)
+    tags.add(cache.entry("0" * 64))
+    assert len(tags) == 3 and len({t.parent for t in tags}) == 1

@@ -207,6 +207,25 @@ def test_a_strategy_re_timed_at_a_bigger_work_gets_two_runs_there(monkeypatch):
     assert tuner.at["xla", 4] == 0.025 / 4 and not any(tuner.due.values())
 
 
+def test_re_timing_at_a_bigger_work_goes_on_while_it_gets_faster_there(monkeypatch):
+    """Two runs at the new work, and one more after each that was WARMING times faster than
+    the best before it there (up to WARM_TRIALS): 50, 30, 25 ms, then none."""
+    monkeypatch.setattr(strategies, "RETRY_SHARE", 0.0)
+    tuner = strategies.Tuner(["a", "b"])
+    for _ in range(40):
+        s = tuner.pick(1.0)
+        tuner.record(s, 0.010 if s == "a" else 0.012, 1.0)
+    slow = iter([0.050, 0.030, 0.025] + [0.024] * 40)
+    used = []
+    for _ in range(40):
+        s = tuner.pick(4.0)
+        tuner.record(s, 4 * 0.0095 if s == "a" else next(slow), 4.0)
+        used.append(s)
+    assert used[:4] == ["a", "b", "b", "b"] and "a" not in used[4:]  # then the winner there
+    assert tuner.redone["b", 4.0] == 3  # (0.025 > 0.8 x 0.030: no fourth re-timing)
+    assert tuner.at["b", 4.0] == 0.024 / 4 and tuner.winner(work=4.0) == "b"
+
+
 # --- through the engine: choice, pinning, memory --------------------------------------------
 class TwoWays(jacli.model.Model):
     """y = 2x on (B, 3), with two exact map strategies for its VJP, one slow."""

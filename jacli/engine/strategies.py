@@ -50,8 +50,9 @@ COMPILE_PRICE = 1.5
 # least this many times the largest it ran at, once another has run there (Keras'
 # MobileNetV3Small, 2 threads: XLA 14.4 ms at one sample, as fast as the plain map, then 33
 # against 49 ms at four, where it had never run: 1.4-1.7x slower than the XLA idiom). Two runs,
-# not one: XLA's first run at four samples after compiling for them took 46 ms, its later ones
-# 25, and one run against the plain map's best of 400 (45 ms) kept the plain map for good
+# not one, and more (up to WARM_TRIALS) while each is WARMING times faster than the one before:
+# XLA's first run at four samples after compiling for them took 46-50 ms, its later ones 25,
+# and one run against the plain map's best of 400 (45 ms) kept the plain map for good
 RESIZED = 2
 # --mode auto times both modes when rows and columns are within this factor of each other: one
 # VJP costs 1.5-4 forward passes, one JVP 1.5-3, so beyond 2x the mode with fewer products wins
@@ -105,6 +106,7 @@ class Tuner:
         self.at: dict[tuple[str, float], float] = {}  # (strategy, work) -> best seconds per unit of work there
         self.largest = {s: 0.0 for s in self.strategies}  # the largest work each has run at
         self.due: dict[tuple[str, float], int] = {}  # (strategy, work) -> re-timing runs still owed there
+        self.redone: dict[tuple[str, float], int] = {}  # (strategy, work) -> re-timing runs there so far
         self.warming: set[str] = set()  # strategies whose last run was WARMING x faster than any before
         self.tried = False  # whether the last pick was a trial or re-timed a loser
         self.waiting = False  # whether it was not the strategy owed a trial, or the fastest, only
@@ -198,8 +200,12 @@ class Tuner:
             self.warming.add(strategy)
         else:
             self.warming.discard(strategy)
-        if self.due.get((strategy, work), 0) > 0:
-            self.due[strategy, work] -= 1
+        key = (strategy, work)
+        if self.due.get(key, 0) > 0:  # re-timed at this work: once more while still warming up there
+            self.due[key] -= 1
+            self.redone[key] = self.redone.get(key, 0) + 1
+            if not self.due[key] and self.redone[key] < WARM_TRIALS and seconds / work < WARMING * self.at.get(key, math.inf):
+                self.due[key] = 1
         if not self.runs[strategy]:
             self.first[strategy] = seconds / work
             self.opener = self.opener or strategy

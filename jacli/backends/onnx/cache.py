@@ -4,7 +4,8 @@ seen before runs on onnxruntime alone (``import onnx`` costs more than the runti
 An entry is a folder ``onnx/<sha256 of the model file>/<tag>/`` under the cache directory:
 ``$JACLI_CACHE_DIR`` (``off`` disables the cache), else ``$XDG_CACHE_HOME/jacli``, else
 ``~/.cache/jacli``. The tag names jacli's and onnxruntime's versions and fingerprints the
-loader, cache and graph-builder sources, so an upgrade or an edited checkout starts a new
+loader, cache and graph-builder sources and ``wire``'s sizes (which weights are fed decides
+the derived graphs' inputs), so an upgrade, an edited checkout or other sizes start a new
 entry. It holds ``meta.json`` (the signature; written only for models that pass every check
 ``--trust-model`` could skip) and derived graphs named ``<name>-<sha256 prefix of the
 file>.onnx``, so a damaged file is noticed before onnxruntime sees it. The graphs hold
@@ -40,7 +41,10 @@ def entry(model_sha256: str) -> Path | None:
         stats = [(str(f.relative_to(_PACKAGE)), f.stat()) for f in sorted(_PACKAGE.rglob("*.py"))]
     except OSError:  # not installed as files
         return None
-    sources = hashlib.sha256(repr([(name, s.st_size, s.st_mtime_ns) for name, s in stats]).encode()).hexdigest()[:12]
+    from . import wire
+
+    sizes = (wire.MOVED_BYTES, wire.MOVED_TOTAL)
+    sources = hashlib.sha256(repr([sizes, *((name, s.st_size, s.st_mtime_ns) for name, s in stats)]).encode()).hexdigest()[:12]
     return root / "onnx" / model_sha256 / f"jacli{__version__}-ort{onnxruntime.__version__}-{sources}"
 
 

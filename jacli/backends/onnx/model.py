@@ -242,8 +242,9 @@ class OnnxModel(Model):
     def _folded(self, prim, xs, seeds, names):
         """k seeds per sample in one call of the tiled derivative graph (the forward part run
         once, not k times), where the model has one; else folded as every backend is. One
-        seed too (as fast as the plain graph: no second graph and session to build)."""
-        k, kind = _leading(seeds), ("vjp" if prim == self._vjp else "jvp")
+        seed too (as fast as the plain graph: no second graph and session to build). In lanes
+        (``_lanes`` > 1) the call runs in concurrent parts (lanes.py)."""
+        kind = "vjp" if prim == self._vjp else "jvp"
         wrt, of = (names, list(seeds)) if kind == "vjp" else (list(seeds), names)
         sess = self._tiled(kind, wrt, of) if self._fixed_batch() is None and _shared_leading(xs) else None
         if sess is None:
