@@ -25,6 +25,7 @@ _STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 _NO_DOUBLE_KERNEL = {"LSTM", "GRU", "RNN"}
 FED, CONSTANT = "fed", "constant"  # the tiled graph's sessions (strategies)
 WHOLE, LANES = "whole", "lanes"  # one call on a session of threads(), or concurrent parts (lanes.py)
+_STRATEGIES = {FED, CONSTANT, WHOLE, LANES, f"{FED}-{LANES}", f"{CONSTANT}-{LANES}"}
 _SIZE_AT_RUN_TIME = "known only at run time"  # how rules refuse a size that pinning input shapes can fix  # onnxruntime (CPU) fails at run time; their decomposition runs
 
 
@@ -269,7 +270,7 @@ class OnnxModel(Model):
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._build_session(kind, wrt, of, None, tiled=True, hold=hold,
-                                                        threads=1 if self._lanes > 1 else None)
+                                                        intra=1 if self._lanes > 1 else None)
             except UnsupportedError:
                 self._graphs[key] = None
         return self._graphs[key]
@@ -287,7 +288,7 @@ class OnnxModel(Model):
         tiled = self._fixed_batch() is None and bool(_shared_leading(xs))
         held = self._weights and tiled and (self._held or self._constants_fit())
         ways = (FED, CONSTANT) if held else ()
-        if not (tiled and lanes.splits(xs, seeds, 2) and lanes.splits(xs, seeds, threads())):
+        if not (tiled and lanes.splits(xs, seeds, threads())):
             return ways
         return (*ways, *(f"{w}-{LANES}" for w in ways)) if ways else (WHOLE, LANES)
 
@@ -307,7 +308,7 @@ class OnnxModel(Model):
         return self._under(strategy, super().jvp, xs, tangents, of, per_sample)
 
     def _under(self, strategy, call, *args):
-        ours = strategy in (FED, CONSTANT, WHOLE, LANES, f"{FED}-{LANES}", f"{CONSTANT}-{LANES}")
+        ours = strategy in _STRATEGIES
         self._holding = ours and strategy.startswith(CONSTANT)
         self._lanes = threads() if ours and strategy.endswith(LANES) else 1
         try:
@@ -348,22 +349,22 @@ class OnnxModel(Model):
     def _dynamic_dims(self) -> bool:
         return any(s.shape and any(d is None for d in s.shape) for s in self.inputs)
 
-    def _build_session(self, kind, wrt, of, fixed, tiled=False, hold=False, threads=None):
+    def _build_session(self, kind, wrt, of, fixed, tiled=False, hold=False, intra=None):
         selection = hashlib.sha256(json.dumps([list(wrt), list(of), fixed]).encode()).hexdigest()[:16]
         build = lambda: self._derived(kind, wrt, of, fixed, tiled)  # noqa: E731
-        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build, hold, threads)
+        return self._cached_session(f"{kind}{'-tiled' if tiled else ''}-{selection}", build, hold, intra)
 
-    def _cached_session(self, name: str, build, hold: bool = False, threads=None):
+    def _cached_session(self, name: str, build, hold: bool = False, intra=None):
         """A session for the derived graph ``name``: from the cache entry if it holds one,
         else ``build()`` (an onnx.ModelProto), then stored there. ``hold``: its fed weights
-        held as constants (``_constant``), their copies counted in ``_held``; ``threads``:
+        held as constants (``_constant``), their copies counted in ``_held``; ``intra``:
         its intra-op threads (default ``threads()``)."""
         constant = self._constant if hold else None
         data = onnx_cache.read_graph(self._cache, name)
         cached = data is not None
         if not cached:
             data = build().SerializeToString()
-        session = _session(data, constant, threads)
+        session = _session(data, constant, intra)
         if session.jacli_held:
             self._held += self._constant_cost()
         if not cached:
